@@ -1,0 +1,726 @@
+//! Configuration from the environment: read once, validated as a whole before
+//! anything is touched, every problem reported at once.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::obscure;
+use crate::secret::Secret;
+
+/// The environment as given; every field a string so that a bad value becomes
+/// a reported problem instead of the first and only error from the parser.
+#[derive(Deserialize, Default)]
+struct RawEnv {
+    s3_bucket: Option<String>,
+    s3_endpoint: Option<String>,
+    aws_access_key_id: Option<String>,
+    aws_secret_access_key: Option<String>,
+    rclone_crypt_password: Option<String>,
+    rclone_crypt_password2: Option<String>,
+    master_key: Option<String>,
+    s3_provider: Option<String>,
+    s3_prefix: Option<String>,
+    s3_region: Option<String>,
+    openclaw_state_dir: Option<String>,
+    cvm_local_dir: Option<String>,
+    cvm_run_dir: Option<String>,
+    cvm_gateway_cmd: Option<String>,
+    rclone_bin: Option<String>,
+    openclaw_gateway_restart_delay: Option<String>,
+    openclaw_gateway_restart_max_delay: Option<String>,
+    openclaw_gateway_reset_after: Option<String>,
+    cvm_stop_timeout: Option<String>,
+    cvm_mount_timeout: Option<String>,
+}
+
+pub const DEFAULT_STATE_DIR: &str = "/data/openclaw";
+pub const DEFAULT_LOCAL_DIR: &str = "/data/openclaw-local";
+pub const DEFAULT_RUN_DIR: &str = "/run/cvm-init";
+pub const DEFAULT_GATEWAY_CMD: &str = "openclaw gateway run --bind lan --port 18789";
+
+/// Everything cvm-init needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The directory the gateway sees; the FUSE mountpoint in S3 mode.
+    pub state_dir: PathBuf,
+    /// Local disk for what must not live on FUSE (rclone's VFS cache).
+    pub local_dir: PathBuf,
+    /// Rendered rclone config, rc socket, notify socket.
+    pub run_dir: PathBuf,
+    pub gateway_cmd: Vec<String>,
+    pub rclone_bin: String,
+    pub restart: RestartPolicy,
+    /// The whole shutdown, gateway stop to unmount, fits in this.
+    pub stop_timeout: Duration,
+    /// How long the mount may take to become live at boot.
+    pub mount_timeout: Duration,
+    /// `None` is local mode: no rclone, no S3.
+    pub s3: Option<S3Config>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    pub delay: Duration,
+    pub max_delay: Duration,
+    pub reset_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub bucket: String,
+    pub endpoint: String,
+    pub provider: String,
+    pub prefix: String,
+    pub region: String,
+    pub access_key_id: Secret,
+    pub secret_access_key: Secret,
+    pub crypt: CryptKeys,
+}
+
+/// Crypt passwords, already in rclone's obscured form.
+#[derive(Debug, Clone)]
+pub struct CryptKeys {
+    pub password: Secret,
+    pub password2: Option<Secret>,
+    pub source: KeySource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    /// `RCLONE_CRYPT_PASSWORD` (and maybe `RCLONE_CRYPT_PASSWORD2`) as given.
+    Explicit,
+    /// Derived from `MASTER_KEY` as the shell entrypoint did.
+    MasterKey,
+}
+
+/// One thing wrong with one variable. The message never contains a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub var: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.var, self.message)
+    }
+}
+
+/// Every problem found in the environment.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid configuration ({} problem(s))",
+            self.problems.len()
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Non-fatal observations made while reading the environment, logged once
+/// logging is up.
+pub type Warnings = Vec<String>;
+
+impl Config {
+    pub fn from_env() -> Result<(Config, Warnings), ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, Warnings), ConfigError> {
+        // envy matches names case-insensitively; keep only the exact
+        // upper-case spellings so `s3_bucket=x` cannot switch modes.
+        let vars: HashMap<String, String> = vars
+            .into_iter()
+            .filter(|(k, _)| k.chars().all(|c| !c.is_ascii_lowercase()))
+            .collect();
+        let raw: RawEnv = envy::from_iter(vars).unwrap_or_default();
+        Validator::default().validate(raw)
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+    warnings: Warnings,
+}
+
+/// Empty values count as unset: compose files often pass `VAR=` for unset vars.
+fn given(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.is_empty())
+}
+
+impl Validator {
+    fn problem(&mut self, var: &'static str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            var,
+            message: message.into(),
+        });
+    }
+
+    fn abs_dir(&mut self, var: &'static str, v: Option<String>, default: &str) -> PathBuf {
+        let v = given(v).unwrap_or_else(|| default.to_owned());
+        let p = PathBuf::from(&v);
+        if !p.is_absolute() {
+            self.problem(
+                var,
+                format!("{v:?} is not an absolute path; give a path starting with /"),
+            );
+        } else if p.components().any(|c| c == std::path::Component::ParentDir) {
+            self.problem(
+                var,
+                format!("{v:?} contains '..'; give a plain absolute path"),
+            );
+        }
+        p
+    }
+
+    fn duration(&mut self, var: &'static str, v: Option<String>, default: Duration) -> Duration {
+        match given(v) {
+            None => default,
+            Some(s) => match parse_duration(&s) {
+                Some(d) => d,
+                None => {
+                    self.problem(
+                        var,
+                        format!("{s:?} is not a duration; use seconds (\"5\") or a unit (\"500ms\", \"5s\", \"2m\")"),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    /// A value that goes into the rclone config file: one line, no control characters.
+    fn config_line(&mut self, var: &'static str, v: &str, secret: bool) {
+        if v.chars().any(char::is_control) || v.trim() != v {
+            let what = if secret { "the value" } else { v };
+            self.problem(
+                var,
+                format!("{what:?} contains control characters or surrounding spaces; rclone's config cannot hold it"),
+            );
+        }
+    }
+
+    fn required(&mut self, var: &'static str, v: Option<String>, hint: &str) -> String {
+        match given(v) {
+            Some(v) => v,
+            None => {
+                self.problem(
+                    var,
+                    format!("required in S3 mode (S3_BUCKET is set); {hint}"),
+                );
+                String::new()
+            }
+        }
+    }
+
+    fn validate(mut self, raw: RawEnv) -> Result<(Config, Warnings), ConfigError> {
+        let state_dir = self.abs_dir(
+            "OPENCLAW_STATE_DIR",
+            raw.openclaw_state_dir,
+            DEFAULT_STATE_DIR,
+        );
+        let local_dir = self.abs_dir("CVM_LOCAL_DIR", raw.cvm_local_dir, DEFAULT_LOCAL_DIR);
+        let run_dir = self.abs_dir("CVM_RUN_DIR", raw.cvm_run_dir, DEFAULT_RUN_DIR);
+        for (var, dir) in [("CVM_LOCAL_DIR", &local_dir), ("CVM_RUN_DIR", &run_dir)] {
+            if dir.starts_with(&state_dir) || state_dir.starts_with(dir) {
+                self.problem(
+                    var,
+                    format!(
+                        "{} overlaps OPENCLAW_STATE_DIR {}; they must be separate directories",
+                        dir.display(),
+                        state_dir.display()
+                    ),
+                );
+            }
+        }
+
+        let cmd = given(raw.cvm_gateway_cmd).unwrap_or_else(|| DEFAULT_GATEWAY_CMD.to_owned());
+        let gateway_cmd = match shell_words::split(&cmd) {
+            Ok(words) if words.is_empty() => {
+                self.problem(
+                    "CVM_GATEWAY_CMD",
+                    "is empty; give the command that runs the app",
+                );
+                words
+            }
+            Ok(words) => words,
+            Err(e) => {
+                self.problem(
+                    "CVM_GATEWAY_CMD",
+                    format!("{cmd:?} cannot be split into words: {e}"),
+                );
+                Vec::new()
+            }
+        };
+        let rclone_bin = given(raw.rclone_bin).unwrap_or_else(|| "rclone".to_owned());
+
+        let restart = RestartPolicy {
+            delay: self.duration(
+                "OPENCLAW_GATEWAY_RESTART_DELAY",
+                raw.openclaw_gateway_restart_delay,
+                Duration::from_secs(5),
+            ),
+            max_delay: self.duration(
+                "OPENCLAW_GATEWAY_RESTART_MAX_DELAY",
+                raw.openclaw_gateway_restart_max_delay,
+                Duration::from_secs(60),
+            ),
+            reset_after: self.duration(
+                "OPENCLAW_GATEWAY_RESET_AFTER",
+                raw.openclaw_gateway_reset_after,
+                Duration::from_secs(600),
+            ),
+        };
+        if restart.max_delay < restart.delay {
+            self.problem(
+                "OPENCLAW_GATEWAY_RESTART_MAX_DELAY",
+                format!(
+                    "{:?} is shorter than OPENCLAW_GATEWAY_RESTART_DELAY {:?}",
+                    restart.max_delay, restart.delay
+                ),
+            );
+        }
+        let stop_timeout = self.duration(
+            "CVM_STOP_TIMEOUT",
+            raw.cvm_stop_timeout,
+            Duration::from_secs(9),
+        );
+        if stop_timeout.is_zero() {
+            self.problem(
+                "CVM_STOP_TIMEOUT",
+                "must be more than zero: a stop needs time to flush",
+            );
+        }
+        let mount_timeout = self.duration(
+            "CVM_MOUNT_TIMEOUT",
+            raw.cvm_mount_timeout,
+            Duration::from_secs(30),
+        );
+        if mount_timeout.is_zero() {
+            self.problem("CVM_MOUNT_TIMEOUT", "must be more than zero");
+        }
+
+        let s3 = match raw.s3_bucket.as_deref() {
+            None => None,
+            Some("") => {
+                self.warnings.push(
+                    "S3_BUCKET is set but empty: running in local mode, state is NOT stored on S3"
+                        .to_owned(),
+                );
+                None
+            }
+            Some(_) => Some(self.s3(RawS3 {
+                bucket: raw.s3_bucket.unwrap_or_default(),
+                endpoint: raw.s3_endpoint,
+                access_key_id: raw.aws_access_key_id,
+                secret_access_key: raw.aws_secret_access_key,
+                password: raw.rclone_crypt_password,
+                password2: raw.rclone_crypt_password2,
+                master_key: raw.master_key,
+                provider: raw.s3_provider,
+                prefix: raw.s3_prefix,
+                region: raw.s3_region,
+            })),
+        };
+
+        if self.problems.is_empty() {
+            Ok((
+                Config {
+                    state_dir,
+                    local_dir,
+                    run_dir,
+                    gateway_cmd,
+                    rclone_bin,
+                    restart,
+                    stop_timeout,
+                    mount_timeout,
+                    s3,
+                },
+                self.warnings,
+            ))
+        } else {
+            Err(ConfigError {
+                problems: self.problems,
+            })
+        }
+    }
+
+    fn s3(&mut self, raw: RawS3) -> S3Config {
+        let bucket = raw.bucket;
+        if bucket.contains('/') || bucket.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            self.problem(
+                "S3_BUCKET",
+                format!("{bucket:?} is not a bucket name (no '/', spaces or control characters)"),
+            );
+        }
+
+        let endpoint = self.required("S3_ENDPOINT", raw.endpoint, "set it to the provider's endpoint URL, e.g. https://<account>.r2.cloudflarestorage.com");
+        if !endpoint.is_empty() {
+            match url::Url::parse(&endpoint) {
+                Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {}
+                _ => self.problem(
+                    "S3_ENDPOINT",
+                    format!("{endpoint:?} is not an http(s) URL; give e.g. https://s3.example.com"),
+                ),
+            }
+            self.config_line("S3_ENDPOINT", &endpoint, false);
+        }
+
+        let access_key_id = self.required(
+            "AWS_ACCESS_KEY_ID",
+            raw.access_key_id,
+            "set it to the S3 access key",
+        );
+        self.config_line("AWS_ACCESS_KEY_ID", &access_key_id, true);
+        let secret_access_key = self.required(
+            "AWS_SECRET_ACCESS_KEY",
+            raw.secret_access_key,
+            "set it to the S3 secret key",
+        );
+        self.config_line("AWS_SECRET_ACCESS_KEY", &secret_access_key, true);
+
+        let crypt = self.crypt(raw.password, raw.password2, raw.master_key);
+
+        let provider = given(raw.provider).unwrap_or_else(|| "Other".to_owned());
+        self.config_line("S3_PROVIDER", &provider, false);
+        let region = given(raw.region).unwrap_or_else(|| "us-east-1".to_owned());
+        self.config_line("S3_REGION", &region, false);
+        let prefix = given(raw.prefix).unwrap_or_else(|| "openclaw-state".to_owned());
+        let prefix = prefix.trim_matches('/').to_owned();
+        if prefix.is_empty()
+            || prefix.contains("//")
+            || prefix.split('/').any(|s| s == "." || s == "..")
+        {
+            self.problem(
+                "S3_PREFIX",
+                format!("{prefix:?} is not a usable key prefix; give e.g. openclaw-state"),
+            );
+        }
+        self.config_line("S3_PREFIX", &prefix, false);
+
+        S3Config {
+            bucket,
+            endpoint,
+            provider,
+            prefix,
+            region,
+            access_key_id: Secret::new(access_key_id),
+            secret_access_key: Secret::new(secret_access_key),
+            crypt,
+        }
+    }
+
+    fn obscured(&mut self, var: &'static str, v: &str) {
+        if let Err(e) = obscure::reveal(v) {
+            self.problem(
+                var,
+                format!("the value {e}; pass the output of `rclone obscure <password>`, not the password itself"),
+            );
+        }
+    }
+
+    fn crypt(
+        &mut self,
+        password: Option<String>,
+        password2: Option<String>,
+        master_key: Option<String>,
+    ) -> CryptKeys {
+        let (password, password2, master_key) =
+            (given(password), given(password2), given(master_key));
+        match (password, master_key) {
+            (Some(password), master_key) => {
+                if master_key.is_some() {
+                    self.warnings
+                        .push("both RCLONE_CRYPT_PASSWORD and MASTER_KEY are set: RCLONE_CRYPT_PASSWORD wins, MASTER_KEY is ignored".to_owned());
+                }
+                self.obscured("RCLONE_CRYPT_PASSWORD", &password);
+                if let Some(p2) = &password2 {
+                    self.obscured("RCLONE_CRYPT_PASSWORD2", p2);
+                }
+                CryptKeys {
+                    password: Secret::new(password),
+                    password2: password2.map(Secret::new),
+                    source: KeySource::Explicit,
+                }
+            }
+            (None, Some(master_key)) => {
+                if password2.is_some() {
+                    self.problem(
+                        "RCLONE_CRYPT_PASSWORD2",
+                        "is set while the keys come from MASTER_KEY (RCLONE_CRYPT_PASSWORD is unset); \
+                         MASTER_KEY derives both, so unset RCLONE_CRYPT_PASSWORD2 or set RCLONE_CRYPT_PASSWORD too",
+                    );
+                }
+                CryptKeys {
+                    password: Secret::new(obscure::obscure(&obscure::derive_from_master_key(
+                        &master_key,
+                        obscure::INFO_PASSWORD,
+                    ))),
+                    password2: Some(Secret::new(obscure::obscure(
+                        &obscure::derive_from_master_key(&master_key, obscure::INFO_SALT),
+                    ))),
+                    source: KeySource::MasterKey,
+                }
+            }
+            (None, None) => {
+                self.problem(
+                    "RCLONE_CRYPT_PASSWORD",
+                    "required in S3 mode (S3_BUCKET is set); set it to the output of `rclone obscure <password>`, or set MASTER_KEY",
+                );
+                CryptKeys {
+                    password: Secret::new(""),
+                    password2: None,
+                    source: KeySource::Explicit,
+                }
+            }
+        }
+    }
+}
+
+struct RawS3 {
+    bucket: String,
+    endpoint: Option<String>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    password: Option<String>,
+    password2: Option<String>,
+    master_key: Option<String>,
+    provider: Option<String>,
+    prefix: Option<String>,
+    region: Option<String>,
+}
+
+/// Seconds (`"5"`, `"0.5"`) or a number with a unit: `ms`, `s`, `m`, `h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PW: &str = "ubtafWYbU0c8NpC9CUBaxEr8xvy76Q"; // rclone obscure potato
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn s3_env() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("S3_BUCKET", "b"),
+            ("S3_ENDPOINT", "http://127.0.0.1:3900"),
+            ("AWS_ACCESS_KEY_ID", "GKabc"),
+            ("AWS_SECRET_ACCESS_KEY", "topsecretvalue"),
+            ("RCLONE_CRYPT_PASSWORD", PW),
+        ]
+    }
+
+    fn problems(pairs: &[(&str, &str)]) -> Vec<Problem> {
+        Config::from_vars(env(pairs))
+            .expect_err("config should be rejected")
+            .problems
+    }
+
+    #[test]
+    fn defaults_are_the_spec_defaults() {
+        let (c, w) = Config::from_vars(env(&[])).unwrap();
+        assert!(w.is_empty());
+        assert!(c.s3.is_none());
+        assert_eq!(c.state_dir, PathBuf::from("/data/openclaw"));
+        assert_eq!(c.local_dir, PathBuf::from("/data/openclaw-local"));
+        assert_eq!(c.run_dir, PathBuf::from("/run/cvm-init"));
+        assert_eq!(
+            c.gateway_cmd,
+            ["openclaw", "gateway", "run", "--bind", "lan", "--port", "18789"]
+        );
+        assert_eq!(c.stop_timeout, Duration::from_secs(9));
+        assert_eq!(
+            c.restart,
+            RestartPolicy {
+                delay: Duration::from_secs(5),
+                max_delay: Duration::from_secs(60),
+                reset_after: Duration::from_secs(600)
+            }
+        );
+
+        let (c, _) = Config::from_vars(env(&s3_env())).unwrap();
+        let s3 = c.s3.unwrap();
+        assert_eq!(
+            (s3.provider.as_str(), s3.prefix.as_str(), s3.region.as_str()),
+            ("Other", "openclaw-state", "us-east-1")
+        );
+        assert_eq!(s3.crypt.source, KeySource::Explicit);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let p = problems(&[
+            ("S3_BUCKET", "b"),
+            ("S3_ENDPOINT", "not a url"),
+            ("OPENCLAW_STATE_DIR", "relative/dir"),
+            ("CVM_GATEWAY_CMD", "   "),
+            ("CVM_STOP_TIMEOUT", "soon"),
+        ]);
+        let vars: Vec<_> = p.iter().map(|p| p.var).collect();
+        for v in [
+            "OPENCLAW_STATE_DIR",
+            "CVM_GATEWAY_CMD",
+            "CVM_STOP_TIMEOUT",
+            "S3_ENDPOINT",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "RCLONE_CRYPT_PASSWORD",
+        ] {
+            assert!(vars.contains(&v), "{v} missing from {p:?}");
+        }
+    }
+
+    #[test]
+    fn plaintext_crypt_password_is_rejected_without_echoing_it() {
+        let mut e = s3_env();
+        e.retain(|(k, _)| *k != "RCLONE_CRYPT_PASSWORD");
+        e.push(("RCLONE_CRYPT_PASSWORD", "my plain password"));
+        e.push(("RCLONE_CRYPT_PASSWORD2", "anotherPlainOne123456789"));
+        let p = problems(&e);
+        assert_eq!(p.len(), 2, "{p:?}");
+        let text = format!("{}", ConfigError { problems: p });
+        assert!(!text.contains("my plain password"));
+        assert!(!text.contains("anotherPlainOne"));
+        assert!(text.contains("rclone obscure"));
+    }
+
+    #[test]
+    fn secrets_never_appear_in_problems_or_debug() {
+        let mut e = s3_env();
+        e.retain(|(k, _)| *k != "AWS_SECRET_ACCESS_KEY");
+        e.push(("AWS_SECRET_ACCESS_KEY", "bad\nsecret"));
+        let p = problems(&e);
+        assert!(!format!("{p:?}").contains("secret"), "{p:?}");
+        let (c, _) = Config::from_vars(env(&s3_env())).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("topsecretvalue") && !dbg.contains(PW) && !dbg.contains("GKabc"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn master_key_derives_both_passwords_and_explicit_wins() {
+        let mut e = s3_env();
+        e.retain(|(k, _)| *k != "RCLONE_CRYPT_PASSWORD");
+        e.push(("MASTER_KEY", "correct horse battery staple"));
+        let (c, _) = Config::from_vars(env(&e)).unwrap();
+        let k = c.s3.unwrap().crypt;
+        assert_eq!(k.source, KeySource::MasterKey);
+        assert_eq!(
+            obscure::reveal(k.password.expose()).unwrap(),
+            "fWxyhzuLSQizHmoLLNCIFuPKNGAgWm3D5LziNPZ2UdM="
+        );
+        assert_eq!(
+            obscure::reveal(k.password2.unwrap().expose()).unwrap(),
+            "H4BgUUYEIHkdwOCdLFt/MPbFWIl/8cxJmZmD5D/fVwU="
+        );
+
+        e.push(("RCLONE_CRYPT_PASSWORD", PW));
+        let (c, w) = Config::from_vars(env(&e)).unwrap();
+        assert_eq!(c.s3.unwrap().crypt.source, KeySource::Explicit);
+        assert_eq!(w.len(), 1);
+
+        let mut e2: Vec<_> = e
+            .into_iter()
+            .filter(|(k, _)| *k != "RCLONE_CRYPT_PASSWORD")
+            .collect();
+        e2.push(("RCLONE_CRYPT_PASSWORD2", PW));
+        assert_eq!(problems(&e2)[0].var, "RCLONE_CRYPT_PASSWORD2");
+    }
+
+    #[test]
+    fn empty_means_unset() {
+        let (c, w) =
+            Config::from_vars(env(&[("S3_BUCKET", ""), ("CVM_STOP_TIMEOUT", "")])).unwrap();
+        assert!(c.s3.is_none());
+        assert_eq!(w.len(), 1, "an empty S3_BUCKET must be called out");
+        assert_eq!(c.stop_timeout, Duration::from_secs(9));
+    }
+
+    #[test]
+    fn lower_case_names_are_ignored() {
+        let (c, _) = Config::from_vars(env(&[("s3_bucket", "b")])).unwrap();
+        assert!(c.s3.is_none());
+    }
+
+    #[test]
+    fn overlapping_dirs_are_rejected() {
+        let p = problems(&[
+            ("OPENCLAW_STATE_DIR", "/data"),
+            ("CVM_LOCAL_DIR", "/data/local"),
+        ]);
+        assert_eq!(p[0].var, "CVM_LOCAL_DIR");
+    }
+
+    #[test]
+    fn gateway_cmd_is_split_like_a_shell_without_one() {
+        let (c, _) =
+            Config::from_vars(env(&[("CVM_GATEWAY_CMD", "sh -c 'echo hi; exit 3'")])).unwrap();
+        assert_eq!(c.gateway_cmd, ["sh", "-c", "echo hi; exit 3"]);
+        assert_eq!(
+            problems(&[("CVM_GATEWAY_CMD", "sh -c 'unterminated")])[0].var,
+            "CVM_GATEWAY_CMD"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        let table = [
+            ("5", Some(5000)),
+            ("0.5", Some(500)),
+            ("250ms", Some(250)),
+            ("2s", Some(2000)),
+            ("1m", Some(60_000)),
+            ("1h", Some(3_600_000)),
+            ("", None),
+            ("5 days", None),
+            ("-1", None),
+            ("s", None),
+        ];
+        for (s, want) in table {
+            assert_eq!(
+                parse_duration(s).map(|d| d.as_millis() as u64),
+                want,
+                "{s:?}"
+            );
+        }
+    }
+}

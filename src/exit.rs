@@ -1,0 +1,32 @@
+//! The one mapping from how a run ended to the process exit code. README's
+//! exit-code table mirrors this enum.
+
+use std::process::ExitCode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Stopped on a signal; everything was flushed and unmounted.
+    Clean = 0,
+    /// An unexpected internal error.
+    Failure = 1,
+    /// Unknown command-line arguments.
+    Usage = 64,
+    /// Storage could not be set up at boot, or died while running.
+    StorageUnavailable = 69,
+    /// A PID-1 duty failed: /proc or /dev/fuse.
+    Os = 71,
+    /// The stop budget ran out before everything reached S3 (or rclone had to be killed).
+    NotFlushed = 74,
+    /// The configuration is invalid; nothing was touched.
+    Config = 78,
+    /// The gateway command exists but cannot be executed.
+    GatewayNotExecutable = 126,
+    /// The gateway command does not exist.
+    GatewayNotFound = 127,
+}
+
+impl From<Status> for ExitCode {
+    fn from(s: Status) -> ExitCode {
+        ExitCode::from(s as u8)
+    }
+}

@@ -1,0 +1,110 @@
+//! The supervised app: how it is spawned, stopped, and how long to wait
+//! before restarting it.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::time::timeout;
+
+use crate::config::RestartPolicy;
+use crate::process::{Child, Exit, Reaper};
+use crate::rclone::is_secret_env;
+
+/// Spawning failed in a way a restart cannot fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("CVM_GATEWAY_CMD: program {program:?} not found; install it or fix the command")]
+    NotFound { program: String },
+    #[error("CVM_GATEWAY_CMD: program {program:?} is not executable: {source}")]
+    NotExecutable { program: String, source: io::Error },
+    #[error("cannot start the gateway {program:?}: {source}")]
+    Other { program: String, source: io::Error },
+}
+
+/// Starts the gateway in its own process group, so stopping it reaches every
+/// process it started, without the secrets in our environment.
+pub fn spawn(reaper: &Reaper, argv: &[String], state_dir: &Path) -> Result<Child, SpawnError> {
+    let program = argv[0].clone();
+    let mut cmd = Command::new(&program);
+    cmd.args(&argv[1..])
+        .env("OPENCLAW_STATE_DIR", state_dir)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .process_group(0);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_secret_env) {
+            cmd.env_remove(&name);
+        }
+    }
+    reaper
+        .spawn(&mut cmd)
+        .map(|(child, _)| child)
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => SpawnError::NotFound { program },
+            io::ErrorKind::PermissionDenied => SpawnError::NotExecutable { program, source },
+            _ => SpawnError::Other { program, source },
+        })
+}
+
+/// Stops the gateway's whole process group: SIGTERM, then SIGKILL once
+/// `grace` has passed. Whatever is left in the group after the leader exits
+/// is killed too, so nothing keeps writing while storage flushes.
+pub async fn stop(child: &mut Child, grace: Duration) -> (Exit, bool) {
+    if let Err(e) = child.signal_group(Signal::SIGTERM) {
+        tracing::warn!(error = %e, "cannot signal the gateway's process group");
+    }
+    let (exit, killed) = match timeout(grace, child.wait()).await {
+        Ok(exit) => (exit, false),
+        Err(_) => {
+            tracing::warn!(?grace, "gateway ignored SIGTERM; killing its process group");
+            let _ = child.signal_group(Signal::SIGKILL);
+            (child.wait().await, true)
+        }
+    };
+    let _ = child.signal_group(Signal::SIGKILL);
+    (exit, killed)
+}
+
+/// The delay before the next start: the base delay after a run longer than
+/// `reset_after`, else double the previous delay, capped at `max_delay`.
+pub fn next_delay(
+    policy: &RestartPolicy,
+    previous: Option<Duration>,
+    ran_for: Duration,
+) -> Duration {
+    match previous {
+        Some(prev) if ran_for < policy.reset_after => (prev * 2).min(policy.max_delay),
+        _ => policy.delay.min(policy.max_delay),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_resets() {
+        let p = RestartPolicy {
+            delay: Duration::from_secs(5),
+            max_delay: Duration::from_secs(60),
+            reset_after: Duration::from_secs(600),
+        };
+        let s = Duration::from_secs;
+        let table = [
+            (None, s(1), s(5)),
+            (Some(s(5)), s(1), s(10)),
+            (Some(s(10)), s(1), s(20)),
+            (Some(s(40)), s(1), s(60)),
+            (Some(s(60)), s(599), s(60)),
+            (Some(s(60)), s(600), s(5)),
+            (None, s(10_000), s(5)),
+        ];
+        for (prev, ran, want) in table {
+            assert_eq!(next_delay(&p, prev, ran), want, "prev {prev:?} ran {ran:?}");
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! Logs go to journald when its socket exists, else to stderr. `CVM_LOG`
+//! takes a tracing filter (default `info`).
+
+use std::path::Path;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
+
+pub fn init() {
+    let filter = EnvFilter::try_from_env("CVM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    if Path::new(JOURNALD_SOCKET).exists() {
+        if let Ok(journald) = tracing_journald::layer() {
+            registry
+                .with(journald.with_syslog_identifier("cvm-init".into()))
+                .init();
+            return;
+        }
+    }
+    registry
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_target(false),
+        )
+        .init();
+}

@@ -1,0 +1,233 @@
+//! Everything that speaks rclone: the rendered config, the command lines
+//! (which never carry a secret), and the rc client in [`rc`].
+
+pub mod rc;
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::config::S3Config;
+
+/// The crypt remote everything goes through; the name the spec and the shell
+/// entrypoint use, so their configs and ours read the same bucket.
+pub const CRYPT_REMOTE: &str = "s3-crypt";
+
+/// The spec's VFS cache settings (encrypted-s3-storage.md, "VFS cache settings").
+pub const VFS_FLAGS: [&str; 8] = [
+    "--vfs-cache-mode",
+    "writes",
+    "--vfs-write-back",
+    "5s",
+    "--dir-cache-time",
+    "30s",
+    "--vfs-cache-max-size",
+    "500M",
+];
+
+/// Environment variables a child must never inherit: credentials, keys, and
+/// rclone's own `RCLONE_*` overrides, which would silently replace what the
+/// rendered config says.
+pub fn is_secret_env(name: &str) -> bool {
+    name.starts_with("AWS_") && name != "AWS_CA_BUNDLE"
+        || name.starts_with("RCLONE_")
+        || name == "MASTER_KEY"
+}
+
+/// The rclone config: remote `s3` and the crypt overlay `s3-crypt` over
+/// `s3:<bucket>/<prefix>`, as in the spec and facts.md §6.
+pub fn render_config(s3: &S3Config) -> String {
+    let mut out = String::new();
+    out.push_str("[s3]\ntype = s3\n");
+    out.push_str(&format!("provider = {}\n", s3.provider));
+    out.push_str("env_auth = false\n");
+    out.push_str(&format!("access_key_id = {}\n", s3.access_key_id.expose()));
+    out.push_str(&format!(
+        "secret_access_key = {}\n",
+        s3.secret_access_key.expose()
+    ));
+    out.push_str(&format!("endpoint = {}\n", s3.endpoint));
+    out.push_str(&format!("region = {}\n", s3.region));
+    out.push_str("no_check_bucket = true\n\n");
+    out.push_str(&format!("[{CRYPT_REMOTE}]\ntype = crypt\n"));
+    out.push_str(&format!("remote = s3:{}/{}\n", s3.bucket, s3.prefix));
+    out.push_str("filename_encryption = standard\n");
+    out.push_str("directory_name_encryption = true\n");
+    out.push_str(&format!("password = {}\n", s3.crypt.password.expose()));
+    if let Some(p2) = &s3.crypt.password2 {
+        out.push_str(&format!("password2 = {}\n", p2.expose()));
+    }
+    out
+}
+
+/// Creates `dir` (and parents) and makes it 0700, whatever it was before.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Writes the config with mode 0600 from the first byte: a temp file created
+/// 0600, then renamed over the old one, so no reader ever sees a partial or
+/// world-readable config.
+pub fn write_config(path: &Path, s3: &S3Config) -> io::Result<()> {
+    let tmp = path.with_extension("conf.tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(render_config(s3).as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+/// Paths of one rclone mount's run-time files.
+#[derive(Debug, Clone)]
+pub struct MountPaths {
+    pub config: PathBuf,
+    /// Directory (0700) holding the rc socket, so `--rc-no-auth` serves root only.
+    pub rc_dir: PathBuf,
+    pub rc_socket: PathBuf,
+    pub notify_socket: PathBuf,
+    pub cache_dir: PathBuf,
+}
+
+impl MountPaths {
+    pub fn new(run_dir: &Path, local_dir: &Path) -> Self {
+        let rc_dir = run_dir.join("rc");
+        Self {
+            config: run_dir.join("rclone.conf"),
+            rc_socket: rc_dir.join("rclone.sock"),
+            rc_dir,
+            notify_socket: run_dir.join("rclone-notify.sock"),
+            // Dirty files wait here for upload: local disk, and kept across
+            // restarts so rclone can resume uploads it had queued.
+            cache_dir: local_dir.join("rclone-cache"),
+        }
+    }
+}
+
+/// `rclone mount` of the crypt remote at `mountpoint`. No secrets: they are in the config file.
+pub fn mount_args(paths: &MountPaths, mountpoint: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--config".into(),
+        paths.config.clone().into(),
+        "mount".into(),
+        format!("{CRYPT_REMOTE}:").into(),
+        mountpoint.into(),
+    ];
+    args.extend(VFS_FLAGS.iter().map(OsString::from));
+    args.extend(["--cache-dir".into(), paths.cache_dir.clone().into()]);
+    let mut rc_addr = OsString::from("unix://");
+    rc_addr.push(&paths.rc_socket);
+    args.extend([
+        "--rc".into(),
+        "--rc-addr".into(),
+        rc_addr,
+        "--rc-no-auth".into(),
+    ]);
+    args
+}
+
+/// A `Command` for rclone with the secret-bearing environment removed.
+pub fn command(rclone_bin: &str, args: &[OsString]) -> Command {
+    let mut cmd = Command::new(rclone_bin);
+    cmd.args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_secret_env) {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn s3() -> S3Config {
+        let (c, _) = Config::from_vars(
+            [
+                ("S3_BUCKET", "bkt"),
+                ("S3_ENDPOINT", "http://127.0.0.1:3900"),
+                ("AWS_ACCESS_KEY_ID", "GKaccess"),
+                ("AWS_SECRET_ACCESS_KEY", "sekrit"),
+                ("RCLONE_CRYPT_PASSWORD", "ubtafWYbU0c8NpC9CUBaxEr8xvy76Q"),
+                ("S3_PREFIX", "/team/state/"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        )
+        .unwrap();
+        c.s3.unwrap()
+    }
+
+    #[test]
+    fn config_has_both_remotes_as_the_spec_names_them() {
+        let text = render_config(&s3());
+        assert!(
+            text.contains("[s3]\ntype = s3\nprovider = Other\n"),
+            "{text}"
+        );
+        assert!(text.contains("no_check_bucket = true"));
+        assert!(
+            text.contains("[s3-crypt]\ntype = crypt\nremote = s3:bkt/team/state\n"),
+            "{text}"
+        );
+        assert!(text.contains("filename_encryption = standard\ndirectory_name_encryption = true\n"));
+        assert!(text.contains("password = ubtafWYbU0c8NpC9CUBaxEr8xvy76Q\n"));
+        assert!(!text.contains("password2"));
+    }
+
+    #[test]
+    fn config_file_is_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rclone.conf");
+        write_config(&path, &s3()).unwrap();
+        write_config(&path, &s3()).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn command_line_carries_no_secret() {
+        let paths = MountPaths::new(Path::new("/run/cvm-init"), Path::new("/data/local"));
+        let args = mount_args(&paths, Path::new("/data/openclaw"));
+        let line = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert_eq!(
+            line,
+            "--config /run/cvm-init/rclone.conf mount s3-crypt: /data/openclaw --vfs-cache-mode writes \
+             --vfs-write-back 5s --dir-cache-time 30s --vfs-cache-max-size 500M \
+             --cache-dir /data/local/rclone-cache --rc --rc-addr unix:///run/cvm-init/rc/rclone.sock --rc-no-auth"
+        );
+    }
+
+    #[test]
+    fn secret_env_names() {
+        for n in [
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_ACCESS_KEY_ID",
+            "RCLONE_CRYPT_PASSWORD",
+            "RCLONE_CONFIG_S3_TYPE",
+            "MASTER_KEY",
+        ] {
+            assert!(is_secret_env(n), "{n}");
+        }
+        for n in ["AWS_CA_BUNDLE", "PATH", "HOME", "S3_BUCKET", "MASTER_KEYS"] {
+            assert!(!is_secret_env(n), "{n}");
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! A minimal client for rclone's remote-control API over its unix socket.
+//!
+//! HTTP/1.0 with `Connection: close` keeps the exchange trivial: rclone's Go
+//! server then answers without chunking and closes the connection, so the
+//! body is simply everything after the header.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RcError {
+    #[error("rclone rc socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("rclone rc {method} answered HTTP {status}: {body}")]
+    Status {
+        method: String,
+        status: u16,
+        body: String,
+    },
+    #[error("rclone rc {method} answered something that is not HTTP/JSON: {detail}")]
+    Malformed { method: String, detail: String },
+}
+
+/// Calls `method` (e.g. `vfs/stats`) with `params` and returns the JSON answer.
+pub async fn call(socket: &Path, method: &str, params: &Value) -> Result<Value, RcError> {
+    let io = |source| RcError::Io {
+        path: socket.to_owned(),
+        source,
+    };
+    let body = params.to_string();
+    let request = format!(
+        "POST /{method} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = UnixStream::connect(socket).await.map_err(io)?;
+    stream.write_all(request.as_bytes()).await.map_err(io)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.map_err(io)?;
+    parse_response(method, &response)
+}
+
+fn parse_response(method: &str, response: &[u8]) -> Result<Value, RcError> {
+    let malformed = |detail: &str| RcError::Malformed {
+        method: method.to_owned(),
+        detail: detail.to_owned(),
+    };
+    let text = std::str::from_utf8(response).map_err(|_| malformed("not UTF-8"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| malformed("no header end"))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| malformed("no status code"))?;
+    if status != 200 {
+        return Err(RcError::Status {
+            method: method.to_owned(),
+            status,
+            body: body.trim().to_owned(),
+        });
+    }
+    serde_json::from_str(body).map_err(|e| malformed(&e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ok_and_error_answers() {
+        let ok = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"a\":1}\n";
+        assert_eq!(parse_response("x", ok).unwrap()["a"], 1);
+        let err = b"HTTP/1.0 500 Internal Server Error\r\n\r\n{\"error\":\"boom\"}";
+        match parse_response("vfs/x", err) {
+            Err(RcError::Status {
+                status: 500, body, ..
+            }) => assert!(body.contains("boom")),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_response("x", b"garbage"),
+            Err(RcError::Malformed { .. })
+        ));
+    }
+}

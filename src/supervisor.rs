@@ -1,0 +1,178 @@
+//! Boot and supervision: storage first, then the gateway, restarted with
+//! backoff while storage serves; signals decide when to stop.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::signal::unix::{signal, Signal as SignalStream, SignalKind};
+use tokio::time::{sleep_until, Instant};
+
+use crate::config::Config;
+use crate::exit::Status;
+use crate::gateway::{self, SpawnError};
+use crate::notify;
+use crate::process::{Child, Reaper};
+use crate::shutdown;
+use crate::storage::Storage;
+
+/// What a signal means to PID 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SignalAction {
+    /// Stop everything, in data-safe order.
+    Shutdown(Signal),
+    /// Pass it on to the gateway's process group.
+    Forward(Signal),
+}
+
+/// PID 1 gets no default signal actions (facts.md §4): everything it obeys is listed here.
+const SIGNALS: [SignalAction; 6] = [
+    SignalAction::Shutdown(Signal::SIGTERM),
+    SignalAction::Shutdown(Signal::SIGINT),
+    SignalAction::Shutdown(Signal::SIGQUIT),
+    SignalAction::Forward(Signal::SIGHUP),
+    SignalAction::Forward(Signal::SIGUSR1),
+    SignalAction::Forward(Signal::SIGUSR2),
+];
+
+struct Signals {
+    streams: Vec<(SignalAction, SignalStream)>,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        let streams = SIGNALS
+            .iter()
+            .map(|&a| {
+                let (SignalAction::Shutdown(s) | SignalAction::Forward(s)) = a;
+                signal(SignalKind::from_raw(s as i32)).map(|st| (a, st))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { streams })
+    }
+
+    /// The next signal received. Cancel-safe.
+    async fn recv(&mut self) -> SignalAction {
+        std::future::poll_fn(|cx| {
+            for (action, stream) in &mut self.streams {
+                if stream.poll_recv(cx).is_ready() {
+                    return std::task::Poll::Ready(*action);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
+/// The gateway is either running or waiting out its restart delay.
+enum Gateway {
+    Running { child: Child, since: Instant },
+    Backoff { until: Instant },
+}
+
+/// Boots storage and the gateway and supervises them until a shutdown
+/// signal or a failure; returns the exit status.
+pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
+    let mut signals = Signals::install()?;
+    tokio::spawn(reaper.clone().run(signal(SignalKind::child())?));
+
+    let t = Instant::now();
+    notify::status("starting storage");
+    let mut storage = match Storage::launch(&cfg, &reaper) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("storage could not start: {e}");
+            return Ok(Status::StorageUnavailable);
+        }
+    };
+    tokio::select! {
+        r = storage.ready(cfg.mount_timeout) => {
+            if let Err(e) = r {
+                tracing::error!("storage could not start: {e}");
+                shutdown::run(None, storage, cfg.stop_timeout).await;
+                return Ok(Status::StorageUnavailable);
+            }
+        }
+        action = signals.recv() => {
+            tracing::info!(?action, "signal during boot");
+            return Ok(shutdown::run(None, storage, cfg.stop_timeout).await);
+        }
+    }
+    tracing::info!(storage = storage.describe(), dir = %cfg.state_dir.display(), took = ?t.elapsed(), "storage ready");
+
+    let mut delay: Option<Duration> = None;
+    let mut announced = false;
+    let mut state = Gateway::Backoff {
+        until: Instant::now(),
+    };
+    loop {
+        if let Gateway::Backoff { until } = state {
+            if Instant::now() >= until {
+                match gateway::spawn(&reaper, &cfg.gateway_cmd, &cfg.state_dir) {
+                    Ok(child) => {
+                        tracing::info!(pid = child.pid().as_raw(), cmd = ?cfg.gateway_cmd, "gateway started");
+                        if !announced {
+                            tracing::info!(took = ?t.elapsed(), "ready");
+                            notify::ready();
+                            announced = true;
+                        }
+                        state = Gateway::Running {
+                            child,
+                            since: Instant::now(),
+                        };
+                    }
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        let status = match e {
+                            SpawnError::NotFound { .. } => Status::GatewayNotFound,
+                            SpawnError::NotExecutable { .. } => Status::GatewayNotExecutable,
+                            SpawnError::Other { .. } => Status::Failure,
+                        };
+                        shutdown::run(None, storage, cfg.stop_timeout).await;
+                        return Ok(status);
+                    }
+                }
+            }
+        }
+
+        tokio::select! {
+            action = signals.recv() => match (action, &mut state) {
+                (SignalAction::Shutdown(sig), _) => {
+                    tracing::info!(signal = %sig, "shutting down");
+                    let gw = match state { Gateway::Running { child, .. } => Some(child), Gateway::Backoff { .. } => None };
+                    return Ok(shutdown::run(gw, storage, cfg.stop_timeout).await);
+                }
+                (SignalAction::Forward(sig), Gateway::Running { child, .. }) => {
+                    tracing::info!(signal = %sig, "forwarding to the gateway");
+                    if let Err(e) = child.signal_group(sig) {
+                        tracing::warn!(signal = %sig, error = %e, "cannot forward");
+                    }
+                }
+                (SignalAction::Forward(sig), Gateway::Backoff { .. }) => {
+                    tracing::info!(signal = %sig, "gateway not running; signal dropped");
+                }
+            },
+            event = async {
+                match &mut state {
+                    Gateway::Running { child, since } => Some((child.wait().await, since.elapsed())),
+                    Gateway::Backoff { until } => { sleep_until(*until).await; None }
+                }
+            } => {
+                // `None`: the backoff is over and the loop head starts the gateway.
+                if let Some((exit, ran_for)) = event {
+                    let next = gateway::next_delay(&cfg.restart, delay, ran_for);
+                    delay = Some(next);
+                    tracing::warn!(%exit, ?ran_for, restart_in = ?next, "gateway exited; restarting");
+                    notify::status(&format!("gateway exited ({exit}); restarting in {next:?}"));
+                    state = Gateway::Backoff { until: Instant::now() + next };
+                }
+            }
+            failure = storage.failed() => {
+                tracing::error!("{failure}; stopping the gateway so it cannot write to the bare directory");
+                let gw = match state { Gateway::Running { child, .. } => Some(child), Gateway::Backoff { .. } => None };
+                shutdown::run(gw, storage, cfg.stop_timeout).await;
+                return Ok(Status::StorageUnavailable);
+            }
+        }
+    }
+}
