@@ -1,0 +1,481 @@
+//! Test harness: a real Garage S3 server per test, the real cvm-init binary,
+//! real rclone and FUSE. Everything a test starts is killed and unmounted
+//! when its guard drops, also when the test fails.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::kill;
+pub use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cvm-init");
+/// `rclone obscure potato`: a valid crypt password for tests.
+pub const PASSWORD: &str = "ubtafWYbU0c8NpC9CUBaxEr8xvy76Q";
+
+/// Polls `cond` until it holds or `timeout` passes; panics with `what` then.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn find_program(name: &str, env: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        return p.into();
+    }
+    let home_cargo = Path::new(&std::env::var("HOME").unwrap_or_default())
+        .join(".cargo/bin")
+        .join(name);
+    std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .chain([home_cargo])
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} not found on PATH or in ~/.cargo/bin (set {env}); .ci/run installs it")
+        })
+}
+
+pub fn rclone_bin() -> PathBuf {
+    find_program("rclone", "RCLONE_BIN")
+}
+
+fn hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .unwrap();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A single-node Garage with one bucket and one key, on its own ports and directory.
+pub struct Garage {
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+    config: PathBuf,
+    server: Option<Child>,
+    pub endpoint: String,
+    pub bucket: String,
+    pub key_id: String,
+    pub secret: String,
+}
+
+pub const REGION: &str = "garage";
+
+impl Garage {
+    pub fn start(dir: &Path) -> Garage {
+        let dir = dir.join("garage");
+        fs::create_dir_all(&dir).unwrap();
+        let (s3_port, rpc_port) = (free_port(), free_port());
+        let config = dir.join("garage.toml");
+        fs::write(
+            &config,
+            format!(
+                "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+                 replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc_port}\"\n\
+                 rpc_public_addr = \"127.0.0.1:{rpc_port}\"\nrpc_secret = \"{secret}\"\n\
+                 [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{s3_port}\"\n\
+                 root_domain = \".s3.garage.localhost\"\n",
+                d = dir.display(),
+                secret = hex(32)
+            ),
+        )
+        .unwrap();
+        let mut g = Garage {
+            bin: find_program("garage", "GARAGE_BIN"),
+            dir,
+            config,
+            server: None,
+            endpoint: format!("http://127.0.0.1:{s3_port}"),
+            bucket: "cvm-test".into(),
+            key_id: format!("GK{}", hex(12)),
+            secret: hex(32),
+        };
+        g.run_server();
+        let out = g.cli(&["node", "id", "-q"]);
+        let node = out.split('@').next().unwrap().trim().to_owned();
+        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
+        g.cli(&["layout", "apply", "--version", "1"]);
+        g.cli(&["bucket", "create", &g.bucket.clone()]);
+        g.cli(&[
+            "key",
+            "import",
+            "--yes",
+            "-n",
+            "test",
+            &g.key_id.clone(),
+            &g.secret.clone(),
+        ]);
+        g.cli(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            &g.bucket.clone(),
+            "--key",
+            &g.key_id.clone(),
+        ]);
+        g
+    }
+
+    fn run_server(&mut self) {
+        let log = fs::File::create(self.dir.join("server.log")).unwrap();
+        let child = Command::new(&self.bin)
+            .args(["-c".as_ref(), self.config.as_os_str(), "server".as_ref()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start garage");
+        self.server = Some(child);
+        wait_until(Duration::from_secs(20), "garage to answer", || {
+            self.try_cli(&["status"]).is_ok()
+        });
+        let port = self.endpoint.rsplit(':').next().unwrap().to_owned();
+        wait_until(Duration::from_secs(20), "garage's S3 port", || {
+            std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok()
+        });
+    }
+
+    fn try_cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.try_cli(args)
+            .unwrap_or_else(|e| panic!("garage {args:?}: {e}"))
+    }
+
+    /// Stops the server (S3 becomes unreachable); data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run_server();
+    }
+
+    /// The env that puts cvm-init in S3 mode against this Garage.
+    pub fn s3_env(&self) -> Vec<(String, String)> {
+        [
+            ("S3_BUCKET", self.bucket.as_str()),
+            ("S3_ENDPOINT", self.endpoint.as_str()),
+            ("S3_REGION", REGION),
+            ("AWS_ACCESS_KEY_ID", self.key_id.as_str()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    /// An rclone config for stock rclone: the plain remote `s3`, and `crypt`
+    /// over `s3:<bucket>/<prefix>` with the given (already obscured) passwords.
+    pub fn rclone_config(
+        &self,
+        dir: &Path,
+        prefix: &str,
+        password: &str,
+        password2: Option<&str>,
+    ) -> PathBuf {
+        let path = dir.join("stock-rclone.conf");
+        let mut text = format!(
+            "[s3]\ntype = s3\nprovider = Other\naccess_key_id = {}\nsecret_access_key = {}\n\
+             endpoint = {}\nregion = {REGION}\nno_check_bucket = true\n\n\
+             [crypt]\ntype = crypt\nremote = s3:{}/{prefix}\nfilename_encryption = standard\n\
+             directory_name_encryption = true\npassword = {password}\n",
+            self.key_id, self.secret, self.endpoint, self.bucket
+        );
+        if let Some(p2) = password2 {
+            text.push_str(&format!("password2 = {p2}\n"));
+        }
+        fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs stock rclone with `config`; returns stdout or panics with stderr.
+pub fn rclone(config: &Path, args: &[&str]) -> Vec<u8> {
+    let out = Command::new(rclone_bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rclone {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+pub fn obscure(plain: &str) -> String {
+    let out = Command::new(rclone_bin())
+        .args(["obscure", plain])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// One run of the real cvm-init binary with its own directories.
+pub struct Appliance {
+    child: Option<Child>,
+    pid: i32,
+    pub log: PathBuf,
+    notify: UnixDatagram,
+    pub state_dir: PathBuf,
+    pub local_dir: PathBuf,
+    pub run_dir: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+/// Fresh per-boot directories under `root`, as a new container would have.
+pub struct Dirs {
+    pub state: PathBuf,
+    pub local: PathBuf,
+    pub run: PathBuf,
+}
+
+impl Dirs {
+    pub fn new(root: &Path, name: &str) -> Dirs {
+        let base = root.join(name);
+        fs::create_dir_all(&base).unwrap();
+        Dirs {
+            state: base.join("state"),
+            local: base.join("local"),
+            run: base.join("run"),
+        }
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "OPENCLAW_STATE_DIR".into(),
+                self.state.display().to_string(),
+            ),
+            ("CVM_LOCAL_DIR".into(), self.local.display().to_string()),
+            ("CVM_RUN_DIR".into(), self.run.display().to_string()),
+            ("RCLONE_BIN".into(), rclone_bin().display().to_string()),
+        ]
+    }
+}
+
+/// Writes an executable shell script to stand in for the gateway.
+pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(name);
+    let mut f = fs::File::create(&path).unwrap();
+    writeln!(f, "#!/bin/sh\n{body}").unwrap();
+    drop(f);
+    fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path
+}
+
+impl Appliance {
+    /// Starts cvm-init with exactly `env` (plus PATH and HOME), logging to `dirs`' parent.
+    pub fn start(dirs: &Dirs, env: &[(String, String)]) -> Appliance {
+        let parent = dirs.state.parent().unwrap();
+        let log = parent.join("cvm-init.log");
+        let notify_path = parent.join("notify.sock");
+        let _ = fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("CVM_LOG", "debug")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(parent.join("cvm-init.stdout")).unwrap())
+            .stderr(fs::File::create(&log).unwrap())
+            .process_group(0);
+        let child = cmd.spawn().unwrap();
+        Appliance {
+            pid: child.id() as i32,
+            child: Some(child),
+            log,
+            notify,
+            state_dir: dirs.state.clone(),
+            local_dir: dirs.local.clone(),
+            run_dir: dirs.run.clone(),
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for sd-notify READY=1 (the gateway runs on live storage).
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                if String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1")
+                {
+                    return;
+                }
+            }
+            if let Some(st) = self.try_status() {
+                panic!(
+                    "cvm-init exited ({st}) before READY=1; log:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no READY=1 within {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+        }
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.pid), sig);
+    }
+
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.as_mut().unwrap().try_wait().unwrap();
+        }
+        self.status
+    }
+
+    /// Waits for cvm-init to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        wait_until(timeout, "cvm-init to exit", || self.try_status().is_some());
+        let st = self.status.unwrap();
+        st.code()
+            .unwrap_or_else(|| panic!("cvm-init died by a signal: {st}; log:\n{}", self.log_text()))
+    }
+
+    /// SIGTERM, then the exit code.
+    pub fn stop(&mut self, timeout: Duration) -> i32 {
+        self.signal(Signal::SIGTERM);
+        self.wait_exit(timeout)
+    }
+}
+
+/// Every live process whose parent chain leads to `root` (not `root` itself).
+pub fn descendants(root: i32) -> Vec<i32> {
+    let mut parent = std::collections::HashMap::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Some((ppid, _)) = proc_stat(pid) {
+            parent.insert(pid, ppid);
+        }
+    }
+    let mut out = Vec::new();
+    for &pid in parent.keys() {
+        let mut p = pid;
+        while let Some(&pp) = parent.get(&p) {
+            if pp == root {
+                out.push(pid);
+                break;
+            }
+            p = pp;
+        }
+    }
+    out
+}
+
+/// (ppid, state) of `pid` from /proc/<pid>/stat.
+pub fn proc_stat(pid: i32) -> Option<(i32, char)> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let mut it = rest.split_whitespace();
+    let state = it.next()?.chars().next()?;
+    let ppid = it.next()?.parse().ok()?;
+    Some((ppid, state))
+}
+
+/// Lazily unmounts every mount at or below `root`.
+pub fn unmount_below(root: &Path) {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in info.lines() {
+        if let Some(mp) = line.split(' ').nth(4) {
+            if Path::new(mp).starts_with(root) {
+                let _ = Command::new("umount").args(["-l", mp]).status();
+            }
+        }
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if self.try_status().is_none() {
+            for pid in descendants(self.pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+            let _ = self.child.as_mut().unwrap().wait();
+        }
+        unmount_below(self.state_dir.parent().unwrap());
+        if std::thread::panicking() {
+            eprintln!(
+                "--- cvm-init log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}

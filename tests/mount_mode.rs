@@ -1,0 +1,355 @@
+//! S3 mode with the spec's layout: real Garage, real rclone, real FUSE.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{
+    descendants, obscure, rclone, script, wait_until, Appliance, Dirs, Garage, Signal, PASSWORD,
+};
+
+const T: Duration = Duration::from_secs(30);
+const MASTER_KEY: &str = "correct horse battery staple";
+/// facts.md §6: what the shell entrypoint derived from MASTER_KEY.
+const DERIVED_PASSWORD: &str = "fWxyhzuLSQizHmoLLNCIFuPKNGAgWm3D5LziNPZ2UdM=";
+const DERIVED_SALT: &str = "H4BgUUYEIHkdwOCdLFt/MPbFWIl/8cxJmZmD5D/fVwU=";
+/// Plaintext that must never appear in the bucket.
+const CANARY: &str = "plaintext-canary-4f1d";
+
+fn env(g: &Garage, dirs: &Dirs, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut e = g.s3_env();
+    e.extend(dirs.env());
+    e.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    e
+}
+
+/// Every regular file below `root`, relative path → bytes.
+fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(
+                    p.strip_prefix(root).unwrap().display().to_string(),
+                    fs::read(&p).unwrap(),
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// A stand-in gateway that writes a small state tree, then idles.
+const WRITER: &str = r#"cd "$OPENCLAW_STATE_DIR"
+mkdir -p agents/main/agent workspace/notes memory
+echo '{"gateway":{"mode":"local"},"note":"plaintext-canary-4f1d"}' > openclaw.json
+head -c 300000 /dev/urandom > agents/main/agent/blob.bin
+echo "plaintext-canary-4f1d in a note" > workspace/notes/today.md
+: > memory/empty
+umask 077; echo private > agents/main/agent/auth.json
+touch .done
+exec sleep 100000"#;
+
+#[test]
+fn state_round_trips_through_the_encrypted_bucket() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start(tmp.path());
+    let gw = script(tmp.path(), "writer.sh", WRITER);
+    let idle = script(tmp.path(), "idle.sh", "exec sleep 100000");
+
+    // Boot 1: empty bucket, keys from MASTER_KEY (the shell entrypoint's scheme).
+    let first = Dirs::new(tmp.path(), "first");
+    let mut app = Appliance::start(
+        &first,
+        &env(
+            &g,
+            &first,
+            &[
+                ("MASTER_KEY", MASTER_KEY),
+                ("CVM_GATEWAY_CMD", gw.to_str().unwrap()),
+            ],
+        ),
+    );
+    app.wait_ready(T);
+    wait_until(T, "the gateway's writes", || {
+        first.state.join(".done").exists()
+    });
+    let written = tree(&first.state);
+    assert_eq!(written.len(), 6);
+    // Stop at once: everything is still inside rclone's 5 s write-back window.
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    assert!(
+        !app.log_text().contains("NOT everything"),
+        "{}",
+        app.log_text()
+    );
+    assert!(descendants(app.pid()).is_empty());
+    assert!(!fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(first.state.to_str().unwrap()));
+    assert!(
+        !first.run.join("rclone.conf").exists(),
+        "the config with keys is removed on stop"
+    );
+
+    // The bucket holds only ciphertext: no plaintext names, no plaintext content.
+    let stock = g.rclone_config(
+        tmp.path(),
+        "openclaw-state",
+        &obscure(DERIVED_PASSWORD),
+        Some(&obscure(DERIVED_SALT)),
+    );
+    let top = String::from_utf8(rclone(&stock, &["lsf", &format!("s3:{}", g.bucket)])).unwrap();
+    assert_eq!(top, "openclaw-state/\n", "everything lives under S3_PREFIX");
+    let raw_names = String::from_utf8(rclone(
+        &stock,
+        &["lsf", "-R", &format!("s3:{}/openclaw-state", g.bucket)],
+    ))
+    .unwrap();
+    assert!(raw_names.lines().count() >= 6, "{raw_names}");
+    for name in [
+        "openclaw",
+        "agents",
+        "workspace",
+        "memory",
+        "blob",
+        "auth",
+        "notes",
+    ] {
+        assert!(
+            !raw_names.contains(name),
+            "plaintext name {name:?} in the bucket:\n{raw_names}"
+        );
+    }
+    for obj in raw_names.lines().filter(|l| !l.ends_with('/')) {
+        let bytes = rclone(
+            &stock,
+            &["cat", &format!("s3:{}/openclaw-state/{obj}", g.bucket)],
+        );
+        assert!(
+            bytes.starts_with(b"RCLONE\0\0"),
+            "{obj} is not rclone crypt"
+        );
+        assert!(
+            !bytes.windows(CANARY.len()).any(|w| w == CANARY.as_bytes()),
+            "{obj} holds plaintext"
+        );
+    }
+    // Stock rclone with the shell entrypoint's derived keys reads it back.
+    assert_eq!(
+        rclone(&stock, &["cat", "crypt:workspace/notes/today.md"]),
+        written["workspace/notes/today.md"]
+    );
+
+    // Boot 2: a new container (fresh local dirs), same env: every file is back.
+    let second = Dirs::new(tmp.path(), "second");
+    let mut app = Appliance::start(
+        &second,
+        &env(
+            &g,
+            &second,
+            &[
+                ("MASTER_KEY", MASTER_KEY),
+                ("CVM_GATEWAY_CMD", idle.to_str().unwrap()),
+            ],
+        ),
+    );
+    app.wait_ready(T);
+    assert_eq!(tree(&second.state), written, "restored tree differs");
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}
+
+#[test]
+fn uploads_that_cannot_finish_are_named_and_exit_74_then_resume_on_next_boot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = Garage::start(tmp.path());
+    let gw = script(tmp.path(), "writer.sh", WRITER);
+    let idle = script(tmp.path(), "idle.sh", "exec sleep 100000");
+    let dirs = Dirs::new(tmp.path(), "box");
+    let mut app = Appliance::start(
+        &dirs,
+        &env(
+            &g,
+            &dirs,
+            &[
+                ("RCLONE_CRYPT_PASSWORD", PASSWORD),
+                ("CVM_GATEWAY_CMD", gw.to_str().unwrap()),
+                ("CVM_STOP_TIMEOUT", "3"),
+            ],
+        ),
+    );
+    app.wait_ready(T);
+    wait_until(T, "the gateway's writes", || {
+        dirs.state.join(".done").exists()
+    });
+    let written = tree(&dirs.state);
+    g.stop();
+    assert_eq!(app.stop(T), 74, "{}", app.log_text());
+    let log = app.log_text();
+    assert!(
+        log.contains("shutdown: NOT everything was flushed"),
+        "{log}"
+    );
+    assert!(
+        log.contains("openclaw.json"),
+        "the unflushed files are named:\n{log}"
+    );
+    assert!(!fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(dirs.state.to_str().unwrap()));
+
+    // S3 is back; the same container boots again: rclone's cache on
+    // CVM_LOCAL_DIR still holds the files and uploads them.
+    g.restart();
+    let mut app = Appliance::start(
+        &dirs,
+        &env(
+            &g,
+            &dirs,
+            &[
+                ("RCLONE_CRYPT_PASSWORD", PASSWORD),
+                ("CVM_GATEWAY_CMD", idle.to_str().unwrap()),
+            ],
+        ),
+    );
+    app.wait_ready(T);
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let fresh = Dirs::new(tmp.path(), "fresh");
+    let mut app = Appliance::start(
+        &fresh,
+        &env(
+            &g,
+            &fresh,
+            &[
+                ("RCLONE_CRYPT_PASSWORD", PASSWORD),
+                ("CVM_GATEWAY_CMD", idle.to_str().unwrap()),
+            ],
+        ),
+    );
+    app.wait_ready(T);
+    assert_eq!(tree(&fresh.state), written);
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}
+
+#[test]
+fn rclone_dying_stops_the_gateway_and_exits_69() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start(tmp.path());
+    let dirs = Dirs::new(tmp.path(), "box");
+    let gw = script(tmp.path(), "gw.sh", "exec sleep 100000");
+    let mut app = Appliance::start(
+        &dirs,
+        &env(
+            &g,
+            &dirs,
+            &[
+                ("RCLONE_CRYPT_PASSWORD", PASSWORD),
+                ("CVM_GATEWAY_CMD", gw.to_str().unwrap()),
+            ],
+        ),
+    );
+    app.wait_ready(T);
+    let rclone_pid = descendants(app.pid())
+        .into_iter()
+        .find(|p| {
+            fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .contains("mount")
+        })
+        .expect("rclone mount runs under cvm-init");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(rclone_pid), Signal::SIGKILL).unwrap();
+    assert_eq!(app.wait_exit(T), 69, "{}", app.log_text());
+    let log = app.log_text();
+    assert!(
+        log.contains("rclone mount exited unexpectedly (signal SIGKILL)"),
+        "{log}"
+    );
+    assert!(log.contains("shutdown: gateway stopped"), "{log}");
+    assert!(
+        !fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(dirs.state.to_str().unwrap()),
+        "dead mount left behind"
+    );
+}
+
+#[test]
+fn a_missing_rclone_is_a_clear_boot_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start(tmp.path());
+    let dirs = Dirs::new(tmp.path(), "box");
+    let mut app = Appliance::start(
+        &dirs,
+        &env(
+            &g,
+            &dirs,
+            &[
+                ("RCLONE_CRYPT_PASSWORD", PASSWORD),
+                ("CVM_GATEWAY_CMD", "true"),
+                ("RCLONE_BIN", "/nonexistent/rclone"),
+            ],
+        ),
+    );
+    assert_eq!(app.wait_exit(T), 69, "{}", app.log_text());
+    assert!(
+        app.log_text()
+            .contains("cannot start rclone (/nonexistent/rclone)"),
+        "{}",
+        app.log_text()
+    );
+}
+
+#[test]
+fn secrets_stay_out_of_command_lines_and_logs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start(tmp.path());
+    let dirs = Dirs::new(tmp.path(), "box");
+    let gw = script(tmp.path(), "gw.sh", "exec sleep 100000");
+    let mut app = Appliance::start(
+        &dirs,
+        &env(
+            &g,
+            &dirs,
+            &[
+                ("RCLONE_CRYPT_PASSWORD", PASSWORD),
+                ("CVM_GATEWAY_CMD", gw.to_str().unwrap()),
+            ],
+        ),
+    );
+    app.wait_ready(T);
+    let secrets = [g.secret.as_str(), g.key_id.as_str(), PASSWORD];
+    let mut procs = descendants(app.pid());
+    procs.push(app.pid());
+    for pid in procs {
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        for s in secrets {
+            assert!(
+                !cmdline.contains(s),
+                "pid {pid} command line holds a secret: {cmdline}"
+            );
+        }
+    }
+    let conf = dirs.run.join("rclone.conf");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&conf).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        fs::metadata(&dirs.run).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    assert_eq!(app.stop(T), 0);
+    let log = app.log_text();
+    for s in secrets {
+        assert!(!log.contains(s), "log holds a secret");
+    }
+}
