@@ -12,11 +12,16 @@ struct Run {
     stderr: String,
 }
 
+/// Runs cvm-init with the harness's directories, overridden by `env`.
 fn run(dirs: &Dirs, env: &[(&str, &str)]) -> Run {
     let out = Command::new(BIN)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(dirs.env())
+        .envs(
+            dirs.env()
+                .into_iter()
+                .filter(|(k, _)| !env.iter().any(|(e, _)| e == k)),
+        )
         .envs(env.iter().copied())
         .output()
         .unwrap();
@@ -49,7 +54,8 @@ fn with(
 #[test]
 fn each_bad_variable_is_named_and_nothing_is_touched() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, Vec<(&str, &str)>, &str, &str)> = vec![
+    type Env = Vec<(&'static str, &'static str)>;
+    let cases: Vec<(&str, Env, &str, &str)> = vec![
         (
             "no endpoint",
             with(&[], &["S3_ENDPOINT"]),
@@ -137,27 +143,7 @@ fn each_bad_variable_is_named_and_nothing_is_touched() {
     ];
     for (i, (name, env, var, fragment)) in cases.into_iter().enumerate() {
         let dirs = Dirs::new(tmp.path(), &format!("case{i}"));
-        let mut env = env;
-        // A relative OPENCLAW_STATE_DIR must replace the harness's absolute one.
-        let harness: Vec<(String, String)> = dirs.env();
-        let r = {
-            let mut all: Vec<(&str, &str)> = harness
-                .iter()
-                .filter(|(k, _)| !env.iter().any(|(e, _)| e == k))
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            all.append(&mut env);
-            let out = Command::new(BIN)
-                .env_clear()
-                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-                .envs(all)
-                .output()
-                .unwrap();
-            Run {
-                code: out.status.code().unwrap(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            }
-        };
+        let r = run(&dirs, &env);
         assert_eq!(r.code, 78, "{name}: {}", r.stderr);
         let line = format!("configuration: {var}: ");
         assert!(

@@ -19,7 +19,7 @@ pub enum Storage {
     /// No S3: the state dir is a plain local directory.
     Local(local::Local),
     /// The spec's layout: the crypt remote mounted at the state dir by rclone.
-    Mount(mount::Mount),
+    Mount(Box<mount::Mount>),
 }
 
 /// Why storage stopped serving while the gateway ran.
@@ -57,7 +57,9 @@ impl Storage {
                     source: e,
                 })?,
             )),
-            Some(s3) => Ok(Storage::Mount(mount::Mount::launch(cfg, s3, reaper)?)),
+            Some(s3) => Ok(Storage::Mount(Box::new(mount::Mount::launch(
+                cfg, s3, reaper,
+            )?))),
         }
     }
 
