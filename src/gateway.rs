@@ -66,7 +66,30 @@ pub async fn stop(child: &mut Child, grace: Duration) -> (Exit, bool) {
         }
     };
     let _ = child.signal_group(Signal::SIGKILL);
+    // Files the group held open are released to FUSE only when its last
+    // process is gone; the flush that follows must not start before that.
+    let gone = wait_group_gone(child, GROUP_EXIT_WAIT).await;
+    if !gone {
+        tracing::warn!(
+            pgid = child.pid().as_raw(),
+            "gateway process group still present after SIGKILL"
+        );
+    }
     (exit, killed)
+}
+
+/// How long SIGKILLed group members get to disappear (and be reaped).
+const GROUP_EXIT_WAIT: Duration = Duration::from_secs(1);
+
+async fn wait_group_gone(child: &Child, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while child.group_alive() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
 }
 
 /// The delay before the next start: the base delay after a run longer than

@@ -163,6 +163,11 @@ impl Child {
         kill(self.pid, sig)
     }
 
+    /// Whether any process (a zombie included) is left in the child's process group.
+    pub fn group_alive(&self) -> bool {
+        kill(Pid::from_raw(-self.pid.as_raw()), None) != Err(Errno::ESRCH)
+    }
+
     /// Sends `sig` to the child's process group (the child must lead one).
     pub fn signal_group(&self, sig: Signal) -> nix::Result<()> {
         match kill(Pid::from_raw(-self.pid.as_raw()), sig) {

@@ -54,6 +54,9 @@ head -c 300000 /dev/urandom > agents/main/agent/blob.bin
 echo "plaintext-canary-4f1d in a note" > workspace/notes/today.md
 : > memory/empty
 umask 077; echo private > agents/main/agent/auth.json
+# Still open (and written) when the stop comes: closed only by the gateway's death.
+exec 3> memory/open-at-stop.log
+echo "last words" >&3
 touch .done
 exec sleep 100000"#;
 
@@ -82,7 +85,7 @@ fn state_round_trips_through_the_encrypted_bucket() {
         first.state.join(".done").exists()
     });
     let written = tree(&first.state);
-    assert_eq!(written.len(), 6);
+    assert_eq!(written.len(), 7);
     // Stop at once: everything is still inside rclone's 5 s write-back window.
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
     assert!(
@@ -113,7 +116,7 @@ fn state_round_trips_through_the_encrypted_bucket() {
         &["lsf", "-R", &format!("s3:{}/openclaw-state", g.bucket)],
     ))
     .unwrap();
-    assert!(raw_names.lines().count() >= 6, "{raw_names}");
+    assert!(raw_names.lines().count() >= 7, "{raw_names}");
     for name in [
         "openclaw",
         "agents",

@@ -193,6 +193,11 @@ impl Mount {
     /// Uploads every file rclone holds in its write-back queue now, and waits
     /// until nothing is queued or uploading (facts.md §2).
     pub async fn flush(&mut self, deadline: Instant) -> Result<(), FlushError> {
+        // rclone learns that a file was closed from an asynchronous FUSE
+        // release; until it has processed it, the file is neither queued nor
+        // uploading. An empty queue therefore counts only when seen twice,
+        // one poll apart.
+        let mut quiet_polls = 0;
         loop {
             let queue = self.rc("vfs/queue", json!({})).await?;
             let items = queue["queue"].as_array().cloned().unwrap_or_default();
@@ -214,7 +219,12 @@ impl Mount {
                 .unwrap_or(0);
             let queued = stats["diskCache"]["uploadsQueued"].as_u64().unwrap_or(0);
             if in_progress + queued == 0 {
-                return Ok(());
+                quiet_polls += 1;
+                if quiet_polls == 2 {
+                    return Ok(());
+                }
+            } else {
+                quiet_polls = 0;
             }
             if Instant::now() + FLUSH_POLL >= deadline {
                 let files = items
