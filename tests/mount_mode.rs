@@ -356,3 +356,56 @@ fn secrets_stay_out_of_command_lines_and_logs() {
         assert!(!log.contains(s), "log holds a secret");
     }
 }
+
+#[test]
+fn after_a_crash_the_dead_mount_is_replaced_and_cached_writes_are_uploaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start(tmp.path());
+    let gw = script(tmp.path(), "writer.sh", WRITER);
+    let idle = script(tmp.path(), "idle.sh", "exec sleep 100000");
+    let dirs = Dirs::new(tmp.path(), "box");
+    let boot = |cmd: &Path, dirs: &Dirs| {
+        Appliance::start(
+            dirs,
+            &env(
+                &g,
+                dirs,
+                &[
+                    ("RCLONE_CRYPT_PASSWORD", PASSWORD),
+                    ("CVM_GATEWAY_CMD", cmd.to_str().unwrap()),
+                ],
+            ),
+        )
+    };
+    let mut crashed = boot(&gw, &dirs);
+    crashed.wait_ready(T);
+    wait_until(T, "the gateway's writes", || {
+        dirs.state.join(".done").exists()
+    });
+    // Everything is still in rclone's write-back window when all dies at once.
+    let written = tree(&dirs.state);
+    crashed.kill_all();
+    let dead = fs::metadata(&dirs.state).unwrap_err();
+    assert!(
+        cvm_init::storage::mount::is_dead_mount_error(&dead),
+        "a dead FUSE mount is left behind: {dead}"
+    );
+
+    // The same container restarts: the dead mount is detached, rclone finds
+    // the unuploaded files in its cache on CVM_LOCAL_DIR and uploads them.
+    let mut app = boot(&idle, &dirs);
+    app.wait_ready(T);
+    assert!(
+        app.log_text()
+            .contains("detaching a mount left by a previous run"),
+        "{}",
+        app.log_text()
+    );
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    let fresh = Dirs::new(tmp.path(), "fresh");
+    let mut app = boot(&idle, &fresh);
+    app.wait_ready(T);
+    assert_eq!(tree(&fresh.state), written);
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}

@@ -73,13 +73,23 @@ fn prepare_err(path: &Path) -> impl FnOnce(io::Error) -> MountError + '_ {
     }
 }
 
+/// What the kernel answers for a FUSE mount whose daemon is gone: ENOTCONN,
+/// or ECONNABORTED when the connection was aborted as the daemon died.
+pub fn is_dead_mount_error(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::ENOTCONN | Errno::ECONNABORTED)
+    )
+}
+
 /// A mount left behind by a previous run (rclone killed with the container's
 /// namespace alive, or a crashed rclone) makes every access fail with
 /// ENOTCONN; detach it so the new mount can take its place.
 fn detach_stale(mountpoint: &Path) -> Result<(), MountError> {
     let listed =
         mountinfo::rclone_mounted_at(Path::new(PROC_MOUNTINFO), mountpoint).unwrap_or(false);
-    let dead = matches!(std::fs::metadata(mountpoint), Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOTCONN as i32));
+    let dead = matches!(std::fs::metadata(mountpoint), Err(e) if is_dead_mount_error(&e));
     if listed || dead {
         tracing::warn!(mountpoint = %mountpoint.display(), "detaching a mount left by a previous run");
         umount2(mountpoint, MntFlags::MNT_DETACH).map_err(|source| MountError::Unmount {

@@ -320,6 +320,12 @@ pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 impl Appliance {
     /// Starts cvm-init with exactly `env` (plus PATH and HOME), logging to `dirs`' parent.
     pub fn start(dirs: &Dirs, env: &[(String, String)]) -> Appliance {
+        Self::start_wrapped(dirs, env, &[])
+    }
+
+    /// Like [`Appliance::start`], through `wrapper` (e.g. `unshare …`); cvm-init
+    /// is then exec'd by the wrapper, the binary path being its last argument.
+    pub fn start_wrapped(dirs: &Dirs, env: &[(String, String)], wrapper: &[&str]) -> Appliance {
         let parent = dirs.state.parent().unwrap();
         let log = parent.join("cvm-init.log");
         let notify_path = parent.join("notify.sock");
@@ -328,7 +334,14 @@ impl Appliance {
         notify
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match wrapper {
+            [] => Command::new(BIN),
+            [program, args @ ..] => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+        };
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", std::env::var_os("HOME").unwrap_or_default())
@@ -404,6 +417,33 @@ impl Appliance {
         let st = self.status.unwrap();
         st.code()
             .unwrap_or_else(|| panic!("cvm-init died by a signal: {st}; log:\n{}", self.log_text()))
+    }
+
+    /// The pid (in our namespace) of the cvm-init process itself, which a
+    /// wrapper may have started as its child.
+    pub fn init_pid(&self) -> i32 {
+        let is_init =
+            |p: i32| fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == Path::new(BIN));
+        if is_init(self.pid) {
+            return self.pid;
+        }
+        descendants(self.pid)
+            .into_iter()
+            .find(|&p| is_init(p))
+            .expect("cvm-init is running")
+    }
+
+    /// SIGKILLs cvm-init and everything under it at once, as a crash or an
+    /// OOM kill of the container would, and waits for cvm-init to be gone.
+    pub fn kill_all(&mut self) {
+        let mut all = descendants(self.pid);
+        all.push(self.pid);
+        for p in all {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+        wait_until(Duration::from_secs(10), "cvm-init to die", || {
+            self.try_status().is_some()
+        });
     }
 
     /// SIGTERM, then the exit code.
