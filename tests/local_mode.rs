@@ -42,6 +42,19 @@ exec sleep 1000"#,
         assert_eq!(log.lines().count(), boot, "every boot's line is kept");
         assert!(!dirs.run.exists(), "local mode renders no rclone config");
         assert!(!app.log_text().contains("rclone"), "{}", app.log_text());
+        let notified = app.notified().join("\n");
+        for line in [
+            "STATUS=starting storage",
+            "READY=1",
+            "STATUS=running",
+            "STOPPING=1",
+            "STATUS=stopping: flushing state to storage",
+        ] {
+            assert!(
+                notified.contains(line),
+                "sd-notify lacks {line:?}:\n{notified}"
+            );
+        }
     }
 }
 

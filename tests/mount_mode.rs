@@ -276,6 +276,10 @@ fn rclone_dying_stops_the_gateway_and_exits_69() {
     );
     assert!(log.contains("shutdown: gateway stopped"), "{log}");
     assert!(
+        log.contains("rclone exited (signal SIGKILL) before its upload queue could be drained"),
+        "{log}"
+    );
+    assert!(
         !fs::read_to_string("/proc/self/mountinfo")
             .unwrap()
             .contains(dirs.state.to_str().unwrap()),
@@ -306,6 +310,41 @@ fn a_missing_rclone_is_a_clear_boot_error() {
             .contains("cannot start rclone (/nonexistent/rclone)"),
         "{}",
         app.log_text()
+    );
+}
+
+#[test]
+fn a_non_empty_bare_mountpoint_stops_the_boot_with_rclones_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start(tmp.path());
+    let dirs = Dirs::new(tmp.path(), "box");
+    // What a write lands as when the mount is down: a file on the container's own disk.
+    fs::create_dir_all(&dirs.state).unwrap();
+    fs::write(dirs.state.join("stray.txt"), "written while unmounted").unwrap();
+    let mut app = Appliance::start(
+        &dirs,
+        &env(
+            &g,
+            &dirs,
+            &[
+                ("RCLONE_CRYPT_PASSWORD", PASSWORD),
+                ("CVM_GATEWAY_CMD", "true"),
+            ],
+        ),
+    );
+    assert_eq!(app.wait_exit(T), 69, "{}", app.log_text());
+    let log = app.log_text();
+    assert!(
+        log.contains("before") && log.contains("was mounted") && log.contains("is not empty"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("NOT everything was flushed"),
+        "nothing was served, nothing to flush:\n{log}"
+    );
+    assert_eq!(
+        fs::read_to_string(dirs.state.join("stray.txt")).unwrap(),
+        "written while unmounted"
     );
 }
 

@@ -41,6 +41,11 @@ pub enum FlushError {
         queued: u64,
         files: Vec<String>,
     },
+    #[error(
+        "rclone exited ({0}) before its upload queue could be drained; files written since their \
+         last upload stay in rclone's cache under CVM_LOCAL_DIR and upload on the next boot"
+    )]
+    RcloneGone(Exit),
     #[error("cannot ask rclone for its upload queue: {0}")]
     Rc(#[from] crate::rclone::rc::RcError),
     #[error("syncing the state dir failed: {0}")]

@@ -64,6 +64,8 @@ pub struct Mount {
     mountpoint: PathBuf,
     notify: notify::Listener,
     stderr: Arc<Mutex<VecDeque<String>>>,
+    /// The mount was live, so the gateway may have written through it.
+    served: bool,
 }
 
 fn prepare_err(path: &Path) -> impl FnOnce(io::Error) -> MountError + '_ {
@@ -148,6 +150,7 @@ impl Mount {
             mountpoint: cfg.state_dir.clone(),
             notify,
             stderr: tail,
+            served: false,
         })
     }
 
@@ -182,6 +185,7 @@ impl Mount {
             _ = sleep_until(deadline) => {}
         }
         if self.is_mounted() {
+            self.served = true;
             return Ok(());
         }
         Err(MountError::Timeout {
@@ -209,6 +213,13 @@ impl Mount {
         // one poll apart.
         let mut quiet_polls = 0;
         loop {
+            if let Some(exit) = self.rclone.try_exit() {
+                return match self.served {
+                    // Never mounted: nothing can have been written through it.
+                    false => Ok(()),
+                    true => Err(FlushError::RcloneGone(exit)),
+                };
+            }
             let queue = self.rc("vfs/queue", json!({})).await?;
             let items = queue["queue"].as_array().cloned().unwrap_or_default();
             for item in &items {

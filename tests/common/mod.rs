@@ -270,6 +270,8 @@ pub struct Appliance {
     pid: i32,
     pub log: PathBuf,
     notify: UnixDatagram,
+    /// Every sd-notify line received so far.
+    notified: Vec<String>,
     pub state_dir: PathBuf,
     pub local_dir: PathBuf,
     pub run_dir: PathBuf,
@@ -358,6 +360,7 @@ impl Appliance {
             child: Some(child),
             log,
             notify,
+            notified: Vec::new(),
             state_dir: dirs.state.clone(),
             local_dir: dirs.local.clone(),
             run_dir: dirs.run.clone(),
@@ -373,18 +376,31 @@ impl Appliance {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Receives one sd-notify message (waiting up to the socket's read timeout).
+    fn recv_notify(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        match self.notify.recv(&mut buf) {
+            Ok(n) => {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                self.notified.extend(msg.lines().map(str::to_owned));
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Every sd-notify line cvm-init has sent so far.
+    pub fn notified(&mut self) -> &[String] {
+        while self.recv_notify() {}
+        &self.notified
+    }
+
     /// Waits for sd-notify READY=1 (the gateway runs on live storage).
     pub fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        let mut buf = [0u8; 4096];
         loop {
-            if let Ok(n) = self.notify.recv(&mut buf) {
-                if String::from_utf8_lossy(&buf[..n])
-                    .lines()
-                    .any(|l| l == "READY=1")
-                {
-                    return;
-                }
+            if self.recv_notify() && self.notified.iter().any(|l| l == "READY=1") {
+                return;
             }
             if let Some(st) = self.try_status() {
                 panic!(
