@@ -26,6 +26,16 @@ fn env(g: &Garage, dirs: &Dirs, extra: &[(&str, &str)]) -> Vec<(String, String)>
     e
 }
 
+/// Boots cvm-init against `g` with the test password and `gateway` as the app.
+fn boot(g: &Garage, dirs: &Dirs, gateway: &str, extra: &[(&str, &str)]) -> Appliance {
+    let mut e = vec![
+        ("RCLONE_CRYPT_PASSWORD", PASSWORD),
+        ("CVM_GATEWAY_CMD", gateway),
+    ];
+    e.extend_from_slice(extra);
+    Appliance::start(dirs, &env(g, dirs, &e))
+}
+
 /// Every regular file below `root`, relative path → bytes.
 fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
@@ -176,17 +186,11 @@ fn uploads_that_cannot_finish_are_named_and_exit_74_then_resume_on_next_boot() {
     let gw = script(tmp.path(), "writer.sh", WRITER);
     let idle = script(tmp.path(), "idle.sh", "exec sleep 100000");
     let dirs = Dirs::new(tmp.path(), "box");
-    let mut app = Appliance::start(
+    let mut app = boot(
+        &g,
         &dirs,
-        &env(
-            &g,
-            &dirs,
-            &[
-                ("RCLONE_CRYPT_PASSWORD", PASSWORD),
-                ("CVM_GATEWAY_CMD", gw.to_str().unwrap()),
-                ("CVM_STOP_TIMEOUT", "3"),
-            ],
-        ),
+        gw.to_str().unwrap(),
+        &[("CVM_STOP_TIMEOUT", "3")],
     );
     app.wait_ready(T);
     wait_until(T, "the gateway's writes", || {
@@ -211,31 +215,11 @@ fn uploads_that_cannot_finish_are_named_and_exit_74_then_resume_on_next_boot() {
     // S3 is back; the same container boots again: rclone's cache on
     // CVM_LOCAL_DIR still holds the files and uploads them.
     g.restart();
-    let mut app = Appliance::start(
-        &dirs,
-        &env(
-            &g,
-            &dirs,
-            &[
-                ("RCLONE_CRYPT_PASSWORD", PASSWORD),
-                ("CVM_GATEWAY_CMD", idle.to_str().unwrap()),
-            ],
-        ),
-    );
+    let mut app = boot(&g, &dirs, idle.to_str().unwrap(), &[]);
     app.wait_ready(T);
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
     let fresh = Dirs::new(tmp.path(), "fresh");
-    let mut app = Appliance::start(
-        &fresh,
-        &env(
-            &g,
-            &fresh,
-            &[
-                ("RCLONE_CRYPT_PASSWORD", PASSWORD),
-                ("CVM_GATEWAY_CMD", idle.to_str().unwrap()),
-            ],
-        ),
-    );
+    let mut app = boot(&g, &fresh, idle.to_str().unwrap(), &[]);
     app.wait_ready(T);
     assert_eq!(tree(&fresh.state), written);
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
@@ -247,17 +231,7 @@ fn rclone_dying_stops_the_gateway_and_exits_69() {
     let g = Garage::start(tmp.path());
     let dirs = Dirs::new(tmp.path(), "box");
     let gw = script(tmp.path(), "gw.sh", "exec sleep 100000");
-    let mut app = Appliance::start(
-        &dirs,
-        &env(
-            &g,
-            &dirs,
-            &[
-                ("RCLONE_CRYPT_PASSWORD", PASSWORD),
-                ("CVM_GATEWAY_CMD", gw.to_str().unwrap()),
-            ],
-        ),
-    );
+    let mut app = boot(&g, &dirs, gw.to_str().unwrap(), &[]);
     app.wait_ready(T);
     let rclone_pid = descendants(app.pid())
         .into_iter()
@@ -292,18 +266,7 @@ fn a_missing_rclone_is_a_clear_boot_error() {
     let tmp = tempfile::tempdir().unwrap();
     let g = Garage::start(tmp.path());
     let dirs = Dirs::new(tmp.path(), "box");
-    let mut app = Appliance::start(
-        &dirs,
-        &env(
-            &g,
-            &dirs,
-            &[
-                ("RCLONE_CRYPT_PASSWORD", PASSWORD),
-                ("CVM_GATEWAY_CMD", "true"),
-                ("RCLONE_BIN", "/nonexistent/rclone"),
-            ],
-        ),
-    );
+    let mut app = boot(&g, &dirs, "true", &[("RCLONE_BIN", "/nonexistent/rclone")]);
     assert_eq!(app.wait_exit(T), 69, "{}", app.log_text());
     assert!(
         app.log_text()
@@ -321,17 +284,7 @@ fn a_non_empty_bare_mountpoint_stops_the_boot_with_rclones_reason() {
     // What a write lands as when the mount is down: a file on the container's own disk.
     fs::create_dir_all(&dirs.state).unwrap();
     fs::write(dirs.state.join("stray.txt"), "written while unmounted").unwrap();
-    let mut app = Appliance::start(
-        &dirs,
-        &env(
-            &g,
-            &dirs,
-            &[
-                ("RCLONE_CRYPT_PASSWORD", PASSWORD),
-                ("CVM_GATEWAY_CMD", "true"),
-            ],
-        ),
-    );
+    let mut app = boot(&g, &dirs, "true", &[]);
     assert_eq!(app.wait_exit(T), 69, "{}", app.log_text());
     let log = app.log_text();
     assert!(
@@ -354,17 +307,7 @@ fn secrets_stay_out_of_command_lines_and_logs() {
     let g = Garage::start(tmp.path());
     let dirs = Dirs::new(tmp.path(), "box");
     let gw = script(tmp.path(), "gw.sh", "exec sleep 100000");
-    let mut app = Appliance::start(
-        &dirs,
-        &env(
-            &g,
-            &dirs,
-            &[
-                ("RCLONE_CRYPT_PASSWORD", PASSWORD),
-                ("CVM_GATEWAY_CMD", gw.to_str().unwrap()),
-            ],
-        ),
-    );
+    let mut app = boot(&g, &dirs, gw.to_str().unwrap(), &[]);
     app.wait_ready(T);
     let secrets = [g.secret.as_str(), g.key_id.as_str(), PASSWORD];
     let mut procs = descendants(app.pid());
@@ -403,20 +346,7 @@ fn after_a_crash_the_dead_mount_is_replaced_and_cached_writes_are_uploaded() {
     let gw = script(tmp.path(), "writer.sh", WRITER);
     let idle = script(tmp.path(), "idle.sh", "exec sleep 100000");
     let dirs = Dirs::new(tmp.path(), "box");
-    let boot = |cmd: &Path, dirs: &Dirs| {
-        Appliance::start(
-            dirs,
-            &env(
-                &g,
-                dirs,
-                &[
-                    ("RCLONE_CRYPT_PASSWORD", PASSWORD),
-                    ("CVM_GATEWAY_CMD", cmd.to_str().unwrap()),
-                ],
-            ),
-        )
-    };
-    let mut crashed = boot(&gw, &dirs);
+    let mut crashed = boot(&g, &dirs, gw.to_str().unwrap(), &[]);
     crashed.wait_ready(T);
     wait_until(T, "the gateway's writes", || {
         dirs.state.join(".done").exists()
@@ -432,7 +362,7 @@ fn after_a_crash_the_dead_mount_is_replaced_and_cached_writes_are_uploaded() {
 
     // The same container restarts: the dead mount is detached, rclone finds
     // the unuploaded files in its cache on CVM_LOCAL_DIR and uploads them.
-    let mut app = boot(&idle, &dirs);
+    let mut app = boot(&g, &dirs, idle.to_str().unwrap(), &[]);
     app.wait_ready(T);
     assert!(
         app.log_text()
@@ -443,7 +373,7 @@ fn after_a_crash_the_dead_mount_is_replaced_and_cached_writes_are_uploaded() {
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
 
     let fresh = Dirs::new(tmp.path(), "fresh");
-    let mut app = boot(&idle, &fresh);
+    let mut app = boot(&g, &fresh, idle.to_str().unwrap(), &[]);
     app.wait_ready(T);
     assert_eq!(tree(&fresh.state), written);
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
