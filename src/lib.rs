@@ -7,6 +7,7 @@
 //! (boot and supervision), `shutdown` (the data-safe stop order), `exit`
 //! (exit codes).
 
+pub mod backup;
 pub mod config;
 pub mod exit;
 pub mod gateway;
@@ -17,8 +18,10 @@ pub mod obscure;
 pub mod pid1;
 pub mod process;
 pub mod rclone;
+pub mod restore;
 pub mod secret;
 pub mod shutdown;
+pub mod sqlite;
 pub mod storage;
 pub mod supervisor;
 

@@ -13,7 +13,7 @@ use crate::gateway::{self, SpawnError};
 use crate::notify;
 use crate::process::{Child, Reaper};
 use crate::shutdown;
-use crate::storage::Storage;
+use crate::storage::{Event as StorageEvent, Storage};
 
 /// What a signal means to PID 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +78,7 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
 
     let t = Instant::now();
     notify::status("starting storage");
-    let mut storage = match Storage::launch(&cfg, &reaper) {
+    let mut storage = match Storage::new(&cfg) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("storage could not start: {e}");
@@ -86,7 +86,7 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
         }
     };
     tokio::select! {
-        r = storage.ready(cfg.mount_timeout) => {
+        r = storage.boot(&reaper, cfg.mount_timeout) => {
             if let Err(e) = r {
                 tracing::error!("storage could not start: {e}");
                 shutdown::run(None, storage, cfg.stop_timeout).await;
@@ -108,6 +108,11 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
     loop {
         if let Gateway::Backoff { until } = state {
             if Instant::now() >= until {
+                if let Err(e) = storage.before_gateway() {
+                    tracing::error!("cannot prepare the state dir for the gateway: {e}");
+                    shutdown::run(None, storage, cfg.stop_timeout).await;
+                    return Ok(Status::StorageUnavailable);
+                }
                 match gateway::spawn(&reaper, &cfg.gateway_cmd, &cfg.state_dir) {
                     Ok(child) => {
                         tracing::info!(pid = child.pid().as_raw(), cmd = ?cfg.gateway_cmd, "gateway started");
@@ -167,12 +172,24 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
                     state = Gateway::Backoff { until: Instant::now() + next };
                 }
             }
-            failure = storage.failed() => {
-                tracing::error!("{failure}; stopping the gateway so it cannot write to the bare directory");
-                let gw = match state { Gateway::Running { child, .. } => Some(child), Gateway::Backoff { .. } => None };
-                shutdown::run(gw, storage, cfg.stop_timeout).await;
-                return Ok(Status::StorageUnavailable);
-            }
+            event = storage.next_event() => match event {
+                StorageEvent::Pause(dbs) => {
+                    // Only a running gateway can have put them there; moving a
+                    // database it has open would lose writes, so stop it first.
+                    if let Gateway::Running { child, .. } = &mut state {
+                        tracing::warn!(?dbs, "databases appeared on the mount; restarting the gateway to move them to local disk");
+                        let (exit, _) = gateway::stop(child, cfg.stop_timeout / 2).await;
+                        tracing::info!(%exit, "gateway stopped for the move");
+                    }
+                    state = Gateway::Backoff { until: Instant::now() };
+                }
+                StorageEvent::Failed(failure) => {
+                    tracing::error!("{failure}; stopping the gateway so it cannot write to the bare directory");
+                    let gw = match state { Gateway::Running { child, .. } => Some(child), Gateway::Backoff { .. } => None };
+                    shutdown::run(gw, storage, cfg.stop_timeout).await;
+                    return Ok(Status::StorageUnavailable);
+                }
+            },
         }
     }
 }

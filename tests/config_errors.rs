@@ -132,6 +132,21 @@ fn each_bad_variable_is_named_and_nothing_is_touched() {
             "not a duration",
         ),
         (
+            "bad sqlite pattern",
+            vec![("CVM_SQLITE_PATHS", "/abs/*.db")],
+            "CVM_SQLITE_PATHS",
+            "is absolute",
+        ),
+        (
+            "debounce beyond interval",
+            vec![
+                ("CVM_BACKUP_DEBOUNCE", "2m"),
+                ("CVM_BACKUP_INTERVAL", "60s"),
+            ],
+            "CVM_BACKUP_DEBOUNCE",
+            "longer than CVM_BACKUP_INTERVAL",
+        ),
+        (
             "backoff cap below base",
             vec![
                 ("OPENCLAW_GATEWAY_RESTART_DELAY", "10s"),

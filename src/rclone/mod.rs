@@ -3,14 +3,17 @@
 
 pub mod rc;
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 use crate::config::S3Config;
+use crate::process::{Child, Reaper};
 
 /// The crypt remote everything goes through; the name the spec and the shell
 /// entrypoint use, so their configs and ours read the same bucket.
@@ -125,6 +128,9 @@ pub fn mount_args(paths: &MountPaths, mountpoint: &Path) -> Vec<OsString> {
     ];
     args.extend(VFS_FLAGS.iter().map(OsString::from));
     args.extend(["--cache-dir".into(), paths.cache_dir.clone().into()]);
+    // Symlinks (how databases are redirected to local disk) are stored as
+    // `.rclonelink` objects; without this, creating one fails with EIO.
+    args.push("--links".into());
     let mut rc_addr = OsString::from("unix://");
     rc_addr.push(&paths.rc_socket);
     args.extend([
@@ -146,6 +152,62 @@ pub fn command(rclone_bin: &str, args: &[OsString]) -> Command {
         }
     }
     cmd
+}
+
+/// rclone lines kept for error messages.
+const STDERR_TAIL: usize = 20;
+
+/// The last lines a running rclone printed.
+#[derive(Clone, Default)]
+pub struct StderrTail(Arc<Mutex<VecDeque<String>>>);
+
+impl StderrTail {
+    pub fn text(&self) -> String {
+        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if t.is_empty() {
+            "(nothing)".to_owned()
+        } else {
+            t.iter().cloned().collect::<Vec<_>>().join("\n")
+        }
+    }
+
+    fn push(&self, line: String) {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if t.len() == STDERR_TAIL {
+            t.pop_front();
+        }
+        t.push_back(line);
+    }
+}
+
+/// Spawns rclone with `args` (secret-free environment, stdin and stdout
+/// closed) and forwards its stderr to our log, keeping the last lines.
+pub fn spawn(
+    reaper: &Reaper,
+    rclone_bin: &str,
+    args: &[OsString],
+    env: &[(&str, &Path)],
+) -> io::Result<(Child, StderrTail)> {
+    let mut cmd = command(rclone_bin, args);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let (child, stderr) = reaper.spawn(&mut cmd)?;
+    let tail = StderrTail::default();
+    if let Some(stderr) = stderr {
+        let tail = tail.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                tracing::info!(target: "rclone", "rclone: {line}");
+                tail.push(line);
+            }
+        });
+    }
+    Ok((child, tail))
 }
 
 #[cfg(test)]
@@ -211,7 +273,7 @@ mod tests {
             line,
             "--config /run/cvm-init/rclone.conf mount s3-crypt: /data/openclaw --vfs-cache-mode writes \
              --vfs-write-back 5s --dir-cache-time 30s --vfs-cache-max-size 500M \
-             --cache-dir /data/local/rclone-cache --rc --rc-addr unix:///run/cvm-init/rc/rclone.sock --rc-no-auth"
+             --cache-dir /data/local/rclone-cache --links --rc --rc-addr unix:///run/cvm-init/rc/rclone.sock --rc-no-auth"
         );
     }
 

@@ -4,7 +4,9 @@
 
 pub mod local;
 pub mod mount;
+pub mod redirect;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -20,6 +22,15 @@ pub enum Storage {
     Local(local::Local),
     /// The spec's layout: the crypt remote mounted at the state dir by rclone.
     Mount(Box<mount::Mount>),
+}
+
+/// What storage needs from the supervisor while the gateway runs.
+#[derive(Debug)]
+pub enum Event {
+    Failed(StorageFailure),
+    /// Databases sit on the mount as regular files: stop the gateway, then
+    /// the next start moves them to local disk.
+    Pause(Vec<PathBuf>),
 }
 
 /// Why storage stopped serving while the gateway ran.
@@ -46,6 +57,8 @@ pub enum FlushError {
          last upload stay in rclone's cache under CVM_LOCAL_DIR and upload on the next boot"
     )]
     RcloneGone(Exit),
+    #[error("{0}")]
+    Databases(crate::backup::FinalPassError),
     #[error("cannot ask rclone for its upload queue: {0}")]
     Rc(#[from] crate::rclone::rc::RcError),
     #[error("syncing the state dir failed: {0}")]
@@ -53,34 +66,42 @@ pub enum FlushError {
 }
 
 impl Storage {
-    /// Prepares the layout and starts whatever serves it; [`Storage::ready`] waits until it is live.
-    pub fn launch(cfg: &Config, reaper: &Reaper) -> Result<Self, MountError> {
+    /// Prepares the layout (directories, config); starts nothing.
+    pub fn new(cfg: &Config) -> Result<Self, MountError> {
         match &cfg.s3 {
-            None => Ok(Storage::Local(
-                local::Local::prepare(&cfg.state_dir).map_err(|e| MountError::Prepare {
+            None => local::Local::prepare(&cfg.state_dir)
+                .map(Storage::Local)
+                .map_err(|source| MountError::Prepare {
                     path: cfg.state_dir.clone(),
-                    source: e,
-                })?,
-            )),
-            Some(s3) => Ok(Storage::Mount(Box::new(mount::Mount::launch(
-                cfg, s3, reaper,
-            )?))),
+                    source,
+                }),
+            Some(s3) => Ok(Storage::Mount(Box::new(mount::Mount::new(cfg, s3)?))),
         }
     }
 
-    /// Waits until the state dir is served. Cancel-safe.
-    pub async fn ready(&mut self, timeout: Duration) -> Result<(), MountError> {
+    /// Restores and starts serving the state dir. Cancel-safe: what was
+    /// started is stopped by [`Storage::stop`].
+    pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
         match self {
             Storage::Local(_) => Ok(()),
-            Storage::Mount(m) => m.ready(timeout).await,
+            Storage::Mount(m) => m.boot(reaper, timeout).await,
         }
     }
 
-    /// Resolves when storage stops serving on its own; never for local storage. Cancel-safe.
-    pub async fn failed(&mut self) -> StorageFailure {
+    /// Called before every gateway start, with the gateway stopped.
+    pub fn before_gateway(&mut self) -> Result<(), MountError> {
+        match self {
+            Storage::Local(_) => Ok(()),
+            Storage::Mount(m) => m.before_gateway(),
+        }
+    }
+
+    /// Resolves when storage needs attention: it failed, or it needs the
+    /// gateway stopped for a moment. Never for local storage. Cancel-safe.
+    pub async fn next_event(&mut self) -> Event {
         match self {
             Storage::Local(_) => std::future::pending().await,
-            Storage::Mount(m) => StorageFailure::RcloneExited(m.exited().await),
+            Storage::Mount(m) => m.next_event().await,
         }
     }
 

@@ -1,12 +1,12 @@
 //! The spec's layout: `rclone mount s3-crypt: $OPENCLAW_STATE_DIR`, with an rc
 //! socket so shutdown can drain rclone's upload queue (rclone itself cancels
-//! queued uploads on SIGTERM: facts.md §2).
+//! queued uploads on SIGTERM: facts.md §2). Live SQLite databases stay on
+//! local disk (`redirect`), restored before the mount and backed up as
+//! snapshots (`backup`).
 
-use std::collections::VecDeque;
-use std::io::{self, BufRead, BufReader};
+use std::collections::BTreeMap;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::mount::{umount2, MntFlags};
@@ -14,17 +14,21 @@ use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use tokio::time::{sleep, sleep_until, timeout_at, Instant};
 
-use super::FlushError;
-use crate::config::{Config, S3Config};
+use super::redirect::{self, RedirectError};
+use super::{Event, FlushError, StorageFailure};
+use crate::backup::{Backup, BackupSpec, REMOTE_DIR};
+use crate::config::{Config, S3Config, SqliteConfig};
 use crate::mountinfo::{self, PROC_MOUNTINFO};
 use crate::notify;
 use crate::process::{Child, Exit, Reaper};
-use crate::rclone::{self, rc, MountPaths};
+use crate::rclone::{self, rc, MountPaths, StderrTail, CRYPT_REMOTE};
+use crate::restore::{self, RestoreError};
 
 /// How often the flush loop asks rclone for its queue while waiting for it to drain.
 const FLUSH_POLL: Duration = Duration::from_millis(100);
-/// rclone lines kept for error messages.
-const STDERR_TAIL: usize = 20;
+/// How often known database paths on the mount are checked for files that
+/// replaced their symlinks (served from rclone's metadata, no S3 request).
+const LINK_CHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -56,16 +60,25 @@ pub enum MountError {
     },
     #[error("rclone did not stop in time and was killed")]
     Killed,
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error(transparent)]
+    Redirect(#[from] RedirectError),
 }
 
 pub struct Mount {
-    rclone: Child,
+    rclone_bin: String,
     paths: MountPaths,
     mountpoint: PathBuf,
-    notify: notify::Listener,
-    stderr: Arc<Mutex<VecDeque<String>>>,
+    /// Live databases: `CVM_LOCAL_DIR/sqlite`.
+    db_root: PathBuf,
+    sqlite: SqliteConfig,
+    rclone: Option<(Child, StderrTail)>,
     /// The mount was live, so the gateway may have written through it.
     served: bool,
+    backup: Option<Backup>,
+    restored: BTreeMap<PathBuf, [u8; 32]>,
+    next_full_scan: Instant,
 }
 
 fn prepare_err(path: &Path) -> impl FnOnce(io::Error) -> MountError + '_ {
@@ -86,8 +99,8 @@ pub fn is_dead_mount_error(e: &io::Error) -> bool {
 }
 
 /// A mount left behind by a previous run (rclone killed with the container's
-/// namespace alive, or a crashed rclone) makes every access fail with
-/// ENOTCONN; detach it so the new mount can take its place.
+/// namespace alive, or a crashed rclone) makes every access fail; detach it
+/// so the new mount can take its place.
 fn detach_stale(mountpoint: &Path) -> Result<(), MountError> {
     let listed =
         mountinfo::rclone_mounted_at(Path::new(PROC_MOUNTINFO), mountpoint).unwrap_or(false);
@@ -102,123 +115,194 @@ fn detach_stale(mountpoint: &Path) -> Result<(), MountError> {
     Ok(())
 }
 
-/// Forwards rclone's stderr to our log, keeping the last lines for error messages.
-fn forward_stderr(stderr: std::process::ChildStderr, tail: Arc<Mutex<VecDeque<String>>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            tracing::info!(target: "rclone", "rclone: {line}");
-            let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
-            if t.len() == STDERR_TAIL {
-                t.pop_front();
-            }
-            t.push_back(line);
-        }
-    });
+fn rclone_mounted(mountpoint: &Path) -> bool {
+    mountinfo::rclone_mounted_at(Path::new(PROC_MOUNTINFO), mountpoint).unwrap_or(false)
 }
 
 impl Mount {
-    pub fn launch(cfg: &Config, s3: &S3Config, reaper: &Reaper) -> Result<Self, MountError> {
+    /// Prepares directories and the rclone config; starts nothing.
+    pub fn new(cfg: &Config, s3: &S3Config) -> Result<Self, MountError> {
         let paths = MountPaths::new(&cfg.run_dir, &cfg.local_dir);
+        let db_root = cfg.local_dir.join("sqlite");
         rclone::private_dir(&cfg.run_dir).map_err(prepare_err(&cfg.run_dir))?;
         rclone::private_dir(&paths.rc_dir).map_err(prepare_err(&paths.rc_dir))?;
-        std::fs::create_dir_all(&paths.cache_dir).map_err(prepare_err(&paths.cache_dir))?;
-        rclone::write_config(&paths.config, s3).map_err(prepare_err(&paths.config))?;
-        detach_stale(&cfg.state_dir)?;
-        std::fs::create_dir_all(&cfg.state_dir).map_err(prepare_err(&cfg.state_dir))?;
-        let _ = std::fs::remove_file(&paths.rc_socket);
-        let notify = notify::Listener::bind(&paths.notify_socket)
-            .map_err(prepare_err(&paths.notify_socket))?;
-
-        let mut cmd = rclone::command(&cfg.rclone_bin, &rclone::mount_args(&paths, &cfg.state_dir));
-        cmd.env("NOTIFY_SOCKET", notify.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let (rclone, stderr) = reaper.spawn(&mut cmd).map_err(|source| MountError::Spawn {
-            bin: cfg.rclone_bin.clone(),
-            source,
-        })?;
-        tracing::info!(pid = rclone.pid().as_raw(), mountpoint = %cfg.state_dir.display(), "started rclone mount");
-        let tail = Arc::new(Mutex::new(VecDeque::new()));
-        if let Some(stderr) = stderr {
-            forward_stderr(stderr, tail.clone());
+        for dir in [&paths.cache_dir, &db_root] {
+            std::fs::create_dir_all(dir).map_err(prepare_err(dir))?;
         }
+        rclone::write_config(&paths.config, s3).map_err(prepare_err(&paths.config))?;
         Ok(Self {
-            rclone,
+            rclone_bin: cfg.rclone_bin.clone(),
             paths,
             mountpoint: cfg.state_dir.clone(),
-            notify,
-            stderr: tail,
+            db_root,
+            sqlite: cfg.sqlite.clone(),
+            rclone: None,
             served: false,
+            backup: None,
+            restored: BTreeMap::new(),
+            next_full_scan: Instant::now(),
         })
     }
 
-    fn stderr_tail(&self) -> String {
-        let t = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
-        if t.is_empty() {
-            "(nothing)".to_owned()
-        } else {
-            t.iter().cloned().collect::<Vec<_>>().join("\n")
-        }
-    }
+    /// Restores databases, mounts, moves databases to local disk and starts
+    /// the backup loop. Cancel-safe: whatever was started is in `self` and
+    /// [`Mount::stop`] ends it.
+    pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+        let t = Instant::now();
+        notify::status("restoring databases");
+        self.restored =
+            restore::restore_databases(reaper, &self.rclone_bin, &self.paths.config, &self.db_root)
+                .await?;
+        tracing::info!(took = ?t.elapsed(), databases = self.restored.len(), "boot: databases restored");
 
-    fn is_mounted(&self) -> bool {
-        mountinfo::rclone_mounted_at(Path::new(PROC_MOUNTINFO), &self.mountpoint).unwrap_or(false)
+        let t = Instant::now();
+        notify::status("mounting");
+        detach_stale(&self.mountpoint)?;
+        std::fs::create_dir_all(&self.mountpoint).map_err(prepare_err(&self.mountpoint))?;
+        let _ = std::fs::remove_file(&self.paths.rc_socket);
+        let listener = notify::Listener::bind(&self.paths.notify_socket)
+            .map_err(prepare_err(&self.paths.notify_socket))?;
+        let args = rclone::mount_args(&self.paths, &self.mountpoint);
+        let spawned = rclone::spawn(
+            reaper,
+            &self.rclone_bin,
+            &args,
+            &[("NOTIFY_SOCKET", listener.path())],
+        );
+        let (child, tail) = spawned.map_err(|source| MountError::Spawn {
+            bin: self.rclone_bin.clone(),
+            source,
+        })?;
+        tracing::info!(pid = child.pid().as_raw(), mountpoint = %self.mountpoint.display(), "started rclone mount");
+        self.rclone = Some((child, tail));
+        self.wait_mounted(&listener, timeout).await?;
+        self.served = true;
+        tracing::info!(took = ?t.elapsed(), "boot: mounted");
+
+        let spec = BackupSpec::new(
+            self.db_root.clone(),
+            self.paths
+                .cache_dir
+                .parent()
+                .unwrap_or(&self.db_root)
+                .join("snapshots"),
+            self.paths.rc_socket.clone(),
+            format!("{CRYPT_REMOTE}:{REMOTE_DIR}"),
+            &self.sqlite,
+        );
+        self.backup = Some(Backup::start(spec, std::mem::take(&mut self.restored)));
+        Ok(())
     }
 
     /// Waits for rclone's `READY=1`, then confirms the mount in mountinfo.
-    pub async fn ready(&mut self, timeout: Duration) -> Result<(), MountError> {
+    async fn wait_mounted(
+        &mut self,
+        listener: &notify::Listener,
+        timeout: Duration,
+    ) -> Result<(), MountError> {
         let deadline = Instant::now() + timeout;
+        let (child, tail) = self.rclone.as_mut().expect("rclone was just started");
         tokio::select! {
-            r = self.notify.ready() => {
+            r = listener.ready() => {
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "rclone's notify socket failed; watching mountinfo instead");
                     sleep_until(deadline).await;
                 }
             }
-            exit = self.rclone.wait() => {
+            exit = child.wait() => {
                 // rclone may still be printing why; its stderr closes when it exits.
                 sleep(Duration::from_millis(50)).await;
-                return Err(MountError::Exited { exit, mountpoint: self.mountpoint.clone(), stderr: self.stderr_tail() });
+                return Err(MountError::Exited { exit, mountpoint: self.mountpoint.clone(), stderr: tail.text() });
             }
             _ = sleep_until(deadline) => {}
         }
-        if self.is_mounted() {
-            self.served = true;
+        if rclone_mounted(&self.mountpoint) {
             return Ok(());
         }
         Err(MountError::Timeout {
             mountpoint: self.mountpoint.clone(),
             timeout,
-            stderr: self.stderr_tail(),
+            stderr: tail.text(),
         })
     }
 
-    /// Resolves when rclone exits. Cancel-safe.
-    pub async fn exited(&mut self) -> Exit {
-        self.rclone.wait().await
+    /// Before each gateway start: every database local, every link in place.
+    pub fn before_gateway(&mut self) -> Result<(), MountError> {
+        let moved = redirect::redirect_all(&self.mountpoint, &self.db_root, &self.sqlite.patterns)?;
+        if !moved.is_empty() {
+            tracing::info!(?moved, "databases moved off the mount");
+        }
+        Ok(())
+    }
+
+    /// Resolves when rclone exits, or when databases sit on the mount as
+    /// regular files (created there, or renamed over their link) and need the
+    /// gateway stopped to be moved. Cancel-safe.
+    pub async fn next_event(&mut self) -> Event {
+        loop {
+            let exited = async {
+                match &mut self.rclone {
+                    Some((child, _)) => child.wait().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                exit = exited => return Event::Failed(StorageFailure::RcloneExited(exit)),
+                _ = sleep(LINK_CHECK) => {}
+            }
+            let files = self.databases_on_mount();
+            if !files.is_empty() {
+                return Event::Pause(files);
+            }
+        }
+    }
+
+    fn databases_on_mount(&mut self) -> Vec<PathBuf> {
+        let candidates = if Instant::now() >= self.next_full_scan {
+            // Reads pattern directories through FUSE: at most one S3 listing
+            // per directory per CVM_BACKUP_INTERVAL.
+            self.next_full_scan = Instant::now() + self.sqlite.interval;
+            self.sqlite
+                .patterns
+                .find(&self.mountpoint)
+                .unwrap_or_default()
+        } else {
+            self.sqlite.patterns.find(&self.db_root).unwrap_or_default()
+        };
+        redirect::files_on_mount(&self.mountpoint, &self.db_root, &candidates)
     }
 
     async fn rc(&self, method: &str, params: Value) -> Result<Value, rc::RcError> {
         rc::call(&self.paths.rc_socket, method, &params).await
     }
 
-    /// Uploads every file rclone holds in its write-back queue now, and waits
-    /// until nothing is queued or uploading (facts.md §2).
+    /// Final SQLite snapshots, then every file rclone holds in its write-back
+    /// queue uploaded now; waits until nothing is queued or uploading.
     pub async fn flush(&mut self, deadline: Instant) -> Result<(), FlushError> {
+        let mut result = Ok(());
+        if let Some(backup) = self.backup.take() {
+            if let Err(e) = backup.final_pass(deadline).await {
+                result = Err(FlushError::Databases(e));
+            }
+        }
+        let queue = self.drain_queue(deadline).await;
+        result.and(queue)
+    }
+
+    async fn drain_queue(&mut self, deadline: Instant) -> Result<(), FlushError> {
         // rclone learns that a file was closed from an asynchronous FUSE
         // release; until it has processed it, the file is neither queued nor
         // uploading. An empty queue therefore counts only when seen twice,
         // one poll apart.
         let mut quiet_polls = 0;
         loop {
-            if let Some(exit) = self.rclone.try_exit() {
-                return match self.served {
-                    // Never mounted: nothing can have been written through it.
-                    false => Ok(()),
-                    true => Err(FlushError::RcloneGone(exit)),
-                };
+            let exited = self.rclone.as_mut().map(|(c, _)| c.try_exit());
+            match exited {
+                // Never started, or never mounted: nothing was written through it.
+                None => return Ok(()),
+                Some(Some(_)) if !self.served => return Ok(()),
+                Some(Some(exit)) => return Err(FlushError::RcloneGone(exit)),
+                Some(None) => {}
             }
             let queue = self.rc("vfs/queue", json!({})).await?;
             let items = queue["queue"].as_array().cloned().unwrap_or_default();
@@ -266,22 +350,24 @@ impl Mount {
     /// Stops rclone (it unmounts on SIGTERM), kills it at `deadline`, and
     /// detaches the mount if it is still there.
     pub async fn stop(mut self, deadline: Instant) -> Result<(), MountError> {
-        let _ = self.rclone.signal(Signal::SIGTERM);
         let mut result = Ok(());
-        match timeout_at(deadline, self.rclone.wait()).await {
-            Ok(exit) => tracing::info!(%exit, "rclone stopped"),
-            Err(_) => {
-                let _ = self.rclone.signal(Signal::SIGKILL);
-                let exit = self.rclone.wait().await;
-                tracing::error!(%exit, "rclone did not stop in time and was killed");
-                result = Err(MountError::Killed);
+        if let Some((mut child, _)) = self.rclone.take() {
+            let _ = child.signal(Signal::SIGTERM);
+            match timeout_at(deadline, child.wait()).await {
+                Ok(exit) => tracing::info!(%exit, "rclone stopped"),
+                Err(_) => {
+                    let _ = child.signal(Signal::SIGKILL);
+                    let exit = child.wait().await;
+                    tracing::error!(%exit, "rclone did not stop in time and was killed");
+                    result = Err(MountError::Killed);
+                }
             }
         }
         // The config holds the S3 keys; nothing needs it once rclone is gone.
         if let Err(e) = std::fs::remove_file(&self.paths.config) {
             tracing::warn!(path = %self.paths.config.display(), error = %e, "cannot remove the rclone config");
         }
-        if self.is_mounted() {
+        if rclone_mounted(&self.mountpoint) {
             tracing::warn!(mountpoint = %self.mountpoint.display(), "mount still present after rclone exited; detaching");
             umount2(&self.mountpoint, MntFlags::MNT_DETACH).map_err(|source| {
                 MountError::Unmount {

@@ -1,0 +1,304 @@
+//! SQLite backups: consistent snapshots of every live database, uploaded
+//! through the crypt remote soon after a change, and a final pass at stop.
+//!
+//! The loop polls cheap fingerprints (two `stat`s per database). A database
+//! whose fingerprint moved is snapshotted `debounce` after its first unsaved
+//! change, however busy it stays; a snapshot whose content hash equals the
+//! last uploaded one is not uploaded. An idle database costs no S3 request.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, Instant};
+
+use crate::config::SqliteConfig;
+use crate::rclone::rc;
+use crate::sqlite::{self, Fingerprint, Patterns, Snapshot, SqliteError};
+
+/// How often fingerprints are compared.
+const POLL: Duration = Duration::from_millis(250);
+/// How often the database directory is searched for new databases (local disk, cheap).
+const RESCAN: Duration = Duration::from_secs(1);
+/// Retry delays after a failed snapshot or upload.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The remote directory (inside the crypt remote) that holds the snapshots.
+pub const REMOTE_DIR: &str = "sqlite";
+
+#[derive(Debug, Clone)]
+pub struct BackupSpec {
+    /// Where the live databases are; patterns are relative to it.
+    pub root: PathBuf,
+    /// Local scratch space for snapshots before upload.
+    pub scratch: PathBuf,
+    /// rclone rc socket that performs uploads.
+    pub rc_socket: PathBuf,
+    /// rclone fs string of the snapshot directory, e.g. `s3-crypt:sqlite`.
+    pub remote: String,
+    pub patterns: Patterns,
+    pub debounce: Duration,
+}
+
+impl BackupSpec {
+    pub fn new(
+        root: PathBuf,
+        scratch: PathBuf,
+        rc_socket: PathBuf,
+        remote: String,
+        cfg: &SqliteConfig,
+    ) -> Self {
+        Self {
+            root,
+            scratch,
+            rc_socket,
+            remote,
+            patterns: cfg.patterns.clone(),
+            debounce: cfg.debounce,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("snapshot of {db} failed (not uploaded): {source}")]
+    Snapshot { db: PathBuf, source: SqliteError },
+    #[error("upload of {db}'s snapshot failed: {source}")]
+    Upload { db: PathBuf, source: rc::RcError },
+    #[error("snapshot task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// What the final pass could not save.
+#[derive(Debug, thiserror::Error)]
+#[error("databases not saved to S3: {}", .unsaved.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+pub struct FinalPassError {
+    pub unsaved: Vec<PathBuf>,
+}
+
+#[derive(Debug, Default)]
+struct DbState {
+    /// Fingerprint when the last saved snapshot was taken.
+    saved: Option<Fingerprint>,
+    /// Content hash of what S3 holds for this database, when known.
+    remote_hash: Option<[u8; 32]>,
+    /// First change not yet saved.
+    dirty_since: Option<Instant>,
+    retry_at: Option<Instant>,
+    failures: u32,
+}
+
+struct Engine {
+    spec: BackupSpec,
+    dbs: BTreeMap<PathBuf, DbState>,
+    last_scan: Option<Instant>,
+}
+
+enum Command {
+    Final {
+        deadline: Instant,
+        reply: oneshot::Sender<Result<(), FinalPassError>>,
+    },
+}
+
+/// The running backup loop.
+pub struct Backup {
+    tx: mpsc::Sender<Command>,
+    task: JoinHandle<()>,
+}
+
+impl Backup {
+    /// Starts the loop. `known` maps databases just restored from S3 to the
+    /// content hash S3 holds, so they are not uploaded again unchanged.
+    pub fn start(spec: BackupSpec, known: BTreeMap<PathBuf, [u8; 32]>) -> Backup {
+        let mut engine = Engine {
+            spec,
+            dbs: BTreeMap::new(),
+            last_scan: None,
+        };
+        for (rel, hash) in known {
+            engine.dbs.insert(
+                rel,
+                DbState {
+                    remote_hash: Some(hash),
+                    ..DbState::default()
+                },
+            );
+        }
+        let (tx, rx) = mpsc::channel(1);
+        let task = tokio::spawn(engine.run(rx));
+        Backup { tx, task }
+    }
+
+    /// Snapshots and uploads every database changed since its last upload,
+    /// now, before `deadline`; then stops the loop. Call once the gateway is stopped.
+    pub async fn final_pass(self, deadline: Instant) -> Result<(), FinalPassError> {
+        let (reply, rx) = oneshot::channel();
+        let sent = self
+            .tx
+            .send(Command::Final { deadline, reply })
+            .await
+            .is_ok();
+        let result = match sent {
+            true => rx
+                .await
+                .unwrap_or_else(|_| Err(FinalPassError { unsaved: vec![] })),
+            false => Err(FinalPassError { unsaved: vec![] }),
+        };
+        self.task.abort();
+        result
+    }
+}
+
+impl Engine {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        loop {
+            self.tick(false).await;
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(Command::Final { deadline, reply }) => {
+                        let r = self.final_pass(deadline).await;
+                        let _ = reply.send(r);
+                        return;
+                    }
+                    None => return,
+                },
+                _ = sleep(POLL) => {}
+            }
+        }
+    }
+
+    fn rescan(&mut self) {
+        match self.spec.patterns.find(&self.spec.root) {
+            Ok(found) => {
+                for rel in &found {
+                    if !self.dbs.contains_key(rel) {
+                        tracing::info!(db = %rel.display(), "sqlite: watching database");
+                        self.dbs.insert(rel.clone(), DbState::default());
+                    }
+                }
+                self.dbs.retain(|rel, _| found.contains(rel));
+            }
+            Err(e) => {
+                tracing::warn!(root = %self.spec.root.display(), error = %e, "sqlite: cannot search for databases")
+            }
+        }
+    }
+
+    /// One round: find databases, note changes, save those that are due
+    /// (all changed ones when `force`). Returns the databases left unsaved.
+    async fn tick(&mut self, force: bool) -> Vec<PathBuf> {
+        let now = Instant::now();
+        if force
+            || self
+                .last_scan
+                .is_none_or(|t| now.duration_since(t) >= RESCAN)
+        {
+            self.rescan();
+            self.last_scan = Some(now);
+        }
+        let mut unsaved = Vec::new();
+        let rels: Vec<PathBuf> = self.dbs.keys().cloned().collect();
+        for rel in rels {
+            let fp = Fingerprint::of(&self.spec.root.join(&rel));
+            let state = self.dbs.get_mut(&rel).expect("listed above");
+            if !fp.exists() || state.saved == Some(fp) {
+                continue;
+            }
+            let since = *state.dirty_since.get_or_insert(now);
+            let due = force
+                || (now.duration_since(since) >= self.spec.debounce
+                    && state.retry_at.is_none_or(|t| now >= t));
+            if !due {
+                continue;
+            }
+            if let Err(e) = self.save(&rel, fp).await {
+                let state = self.dbs.get_mut(&rel).expect("listed above");
+                state.failures += 1;
+                let delay = (RETRY_MIN * 2u32.saturating_pow(state.failures - 1)).min(RETRY_MAX);
+                state.retry_at = Some(Instant::now() + delay);
+                tracing::error!(retry_in = ?delay, "sqlite: {e}");
+                unsaved.push(rel);
+            }
+        }
+        unsaved
+    }
+
+    /// Snapshots `rel` and uploads the snapshot unless S3 already holds that content.
+    async fn save(&mut self, rel: &Path, fp_before: Fingerprint) -> Result<(), BackupError> {
+        let started = Instant::now();
+        let live = self.spec.root.join(rel);
+        let dst = self.spec.scratch.join(rel);
+        let snap: Snapshot = {
+            let (live, dst) = (live.clone(), dst.clone());
+            tokio::task::spawn_blocking(move || sqlite::snapshot(&live, &dst)).await?
+        }
+        .map_err(|source| BackupError::Snapshot {
+            db: rel.to_owned(),
+            source,
+        })?;
+        let state = self.dbs.get(rel).expect("saved databases are listed");
+        let uploaded = if state.remote_hash == Some(snap.sha256) {
+            false
+        } else {
+            self.upload(rel, &snap).await?;
+            true
+        };
+        let _ = std::fs::remove_file(&snap.path);
+        if uploaded {
+            tracing::info!(db = %rel.display(), bytes = snap.bytes, took = ?started.elapsed(), "sqlite: snapshot uploaded");
+        } else {
+            tracing::debug!(db = %rel.display(), "sqlite: unchanged content, nothing uploaded");
+        }
+        let state = self.dbs.get_mut(rel).expect("saved databases are listed");
+        state.saved = Some(fp_before);
+        state.remote_hash = Some(snap.sha256);
+        state.dirty_since = None;
+        state.retry_at = None;
+        state.failures = 0;
+        Ok(())
+    }
+
+    async fn upload(&self, rel: &Path, snap: &Snapshot) -> Result<(), BackupError> {
+        let rel_str = rel.to_string_lossy();
+        let params = json!({
+            "srcFs": self.spec.scratch.to_string_lossy(),
+            "srcRemote": rel_str,
+            "dstFs": self.spec.remote,
+            "dstRemote": rel_str,
+            // Upload without asking S3 first: the snapshot is known to differ.
+            "_config": { "NoCheckDest": true },
+        });
+        rc::call(&self.spec.rc_socket, "operations/copyfile", &params)
+            .await
+            .map(drop)
+            .map_err(|source| BackupError::Upload {
+                db: snap.path.clone(),
+                source,
+            })
+    }
+
+    async fn final_pass(&mut self, deadline: Instant) -> Result<(), FinalPassError> {
+        let started = Instant::now();
+        let save = self.tick(true);
+        let unsaved = match tokio::time::timeout_at(deadline, save).await {
+            Ok(unsaved) => unsaved,
+            Err(_) => self
+                .dbs
+                .iter()
+                .filter(|(rel, st)| st.saved != Some(Fingerprint::of(&self.spec.root.join(rel))))
+                .map(|(rel, _)| rel.clone())
+                .collect(),
+        };
+        tracing::info!(databases = self.dbs.len(), unsaved = unsaved.len(), took = ?started.elapsed(), "sqlite: final pass");
+        if unsaved.is_empty() {
+            Ok(())
+        } else {
+            Err(FinalPassError { unsaved })
+        }
+    }
+}

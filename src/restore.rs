@@ -1,0 +1,132 @@
+//! Boot-time restore of SQLite snapshots from the crypt remote, before the
+//! gateway can open anything: only where no local copy exists, and every
+//! restored file must pass `PRAGMA quick_check`. The gateway never starts on
+//! an empty database while a remote one exists.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use tokio::time::Instant;
+
+use crate::backup::REMOTE_DIR;
+use crate::process::{Exit, Reaper};
+use crate::rclone::{self, CRYPT_REMOTE};
+use crate::sqlite::{self, SqliteError};
+
+/// rclone's exit code for "directory not found": the bucket has no snapshots yet.
+const RCLONE_DIR_NOT_FOUND: i32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("cannot start rclone ({bin}) to restore databases: {source}")]
+    Spawn { bin: String, source: io::Error },
+    #[error(
+        "restoring databases from {CRYPT_REMOTE}:{REMOTE_DIR} failed ({exit}); the gateway is not started \
+         on empty databases while remote ones exist. rclone said:\n{stderr}"
+    )]
+    Fetch { exit: Exit, stderr: String },
+    #[error(
+        "restored database {db} fails its check ({source}); it was moved aside to {aside} and the gateway \
+         is not started. Restore an older copy by hand (see README) or remove the remote one"
+    )]
+    Corrupt {
+        db: PathBuf,
+        aside: PathBuf,
+        source: SqliteError,
+    },
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn files_below(root: &Path) -> Result<BTreeSet<PathBuf>, RestoreError> {
+    fn walk(root: &Path, rel: &Path, out: &mut BTreeSet<PathBuf>) -> io::Result<()> {
+        let dir = root.join(rel);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for e in entries {
+            let e = e?;
+            let child = rel.join(e.file_name());
+            if e.file_type()?.is_dir() {
+                walk(root, &child, out)?;
+            } else {
+                out.insert(child);
+            }
+        }
+        Ok(())
+    }
+    let mut out = BTreeSet::new();
+    walk(root, Path::new(""), &mut out).map_err(|source| RestoreError::Io {
+        path: root.to_owned(),
+        source,
+    })?;
+    Ok(out)
+}
+
+/// Copies every snapshot S3 holds under `sqlite/` into `root` where no file
+/// of that name exists yet, and checks each one. Returns the restored
+/// databases (relative to `root`) with their content hashes.
+pub async fn restore_databases(
+    reaper: &Reaper,
+    rclone_bin: &str,
+    config: &Path,
+    root: &Path,
+) -> Result<BTreeMap<PathBuf, [u8; 32]>, RestoreError> {
+    let started = Instant::now();
+    let before = files_below(root)?;
+    let args: Vec<OsString> = vec![
+        "--config".into(),
+        config.into(),
+        "copy".into(),
+        format!("{CRYPT_REMOTE}:{REMOTE_DIR}").into(),
+        root.into(),
+        "--ignore-existing".into(),
+    ];
+    let (mut child, tail) =
+        rclone::spawn(reaper, rclone_bin, &args, &[]).map_err(|source| RestoreError::Spawn {
+            bin: rclone_bin.to_owned(),
+            source,
+        })?;
+    match child.wait().await {
+        Exit::Code(0) | Exit::Code(RCLONE_DIR_NOT_FOUND) => {}
+        exit => {
+            return Err(RestoreError::Fetch {
+                exit,
+                stderr: tail.text(),
+            })
+        }
+    }
+    let mut restored = BTreeMap::new();
+    for rel in files_below(root)?.difference(&before) {
+        let path = root.join(rel);
+        let checked = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                sqlite::quick_check(&path).and_then(|()| sqlite::content_hash(&path))
+            })
+            .await
+            .expect("quick_check does not panic")
+        };
+        match checked {
+            Ok((hash, _)) => {
+                restored.insert(rel.clone(), hash);
+            }
+            Err(source) => {
+                let aside = sqlite::sidecar(&path, ".corrupt");
+                let _ = fs::rename(&path, &aside);
+                return Err(RestoreError::Corrupt {
+                    db: rel.clone(),
+                    aside,
+                    source,
+                });
+            }
+        }
+    }
+    tracing::info!(databases = restored.len(), took = ?started.elapsed(), "sqlite: restore done");
+    Ok(restored)
+}
