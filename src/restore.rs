@@ -35,7 +35,7 @@ pub enum RestoreError {
     Corrupt {
         db: PathBuf,
         aside: PathBuf,
-        source: SqliteError,
+        source: Box<SqliteError>,
     },
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -122,7 +122,7 @@ pub async fn restore_databases(
                 return Err(RestoreError::Corrupt {
                     db: rel.clone(),
                     aside,
-                    source,
+                    source: Box::new(source),
                 });
             }
         }

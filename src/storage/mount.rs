@@ -74,6 +74,8 @@ pub struct Mount {
     db_root: PathBuf,
     sqlite: SqliteConfig,
     rclone: Option<(Child, StderrTail)>,
+    /// rclone's `NOTIFY_SOCKET`, kept bound while it runs (it reports `STOPPING=1` there).
+    notify: Option<notify::Listener>,
     /// The mount was live, so the gateway may have written through it.
     served: bool,
     backup: Option<Backup>,
@@ -137,6 +139,7 @@ impl Mount {
             db_root,
             sqlite: cfg.sqlite.clone(),
             rclone: None,
+            notify: None,
             served: false,
             backup: None,
             restored: BTreeMap::new(),
@@ -175,7 +178,9 @@ impl Mount {
         })?;
         tracing::info!(pid = child.pid().as_raw(), mountpoint = %self.mountpoint.display(), "started rclone mount");
         self.rclone = Some((child, tail));
-        self.wait_mounted(&listener, timeout).await?;
+        let mounted = self.wait_mounted(&listener, timeout).await;
+        self.notify = Some(listener);
+        mounted?;
         self.served = true;
         tracing::info!(took = ?t.elapsed(), "boot: mounted");
 
@@ -191,6 +196,19 @@ impl Mount {
             &self.sqlite,
         );
         self.backup = Some(Backup::start(spec, std::mem::take(&mut self.restored)));
+
+        // Reads through FUSE, so it runs beside the gateway instead of delaying it.
+        let (mountpoint, patterns) = (self.mountpoint.clone(), self.sqlite.patterns.clone());
+        tokio::task::spawn_blocking(move || {
+            for db in redirect::unmatched_databases(&mountpoint, &patterns) {
+                tracing::warn!(
+                    db = %db.display(),
+                    patterns = patterns.as_str(),
+                    "an SQLite database on the mount is not covered by CVM_SQLITE_PATHS: it stays on FUSE \
+                     (where SQLite can corrupt) and is not snapshotted; add a pattern for it"
+                );
+            }
+        });
         Ok(())
     }
 
@@ -269,7 +287,7 @@ impl Mount {
         } else {
             self.sqlite.patterns.find(&self.db_root).unwrap_or_default()
         };
-        redirect::files_on_mount(&self.mountpoint, &self.db_root, &candidates)
+        redirect::files_on_mount(&self.mountpoint, &candidates)
     }
 
     async fn rc(&self, method: &str, params: Value) -> Result<Value, rc::RcError> {

@@ -56,9 +56,13 @@ pub fn state_of(mount_path: &Path, local_path: &Path) -> OnMount {
 
 /// Databases on the mount that are regular files and need the gateway
 /// stopped to be moved. `rels` are the candidate paths to look at.
-pub fn files_on_mount(mount: &Path, local_root: &Path, rels: &[PathBuf]) -> Vec<PathBuf> {
+///
+/// Only `lstat`s: reading a link through rclone's VFS counts as an access
+/// and pushes the link's own pending upload back by the write-back delay, so
+/// a check every second would keep it from ever reaching S3.
+pub fn files_on_mount(mount: &Path, rels: &[PathBuf]) -> Vec<PathBuf> {
     rels.iter()
-        .filter(|rel| state_of(&mount.join(rel), &local_root.join(rel)) == OnMount::File)
+        .filter(|rel| fs::symlink_metadata(mount.join(rel)).is_ok_and(|m| m.is_file()))
         .cloned()
         .collect()
 }
@@ -142,6 +146,39 @@ fn move_off_mount(m: &Path, l: &Path) -> Result<(), RedirectError> {
     Ok(())
 }
 
+/// File name endings under which SQLite databases are usually found; only
+/// these are opened to read their header, since on the mount every read of
+/// an uncached file is an S3 request.
+const DB_ENDINGS: [&str; 4] = [".sqlite", ".sqlite3", ".db", ".db3"];
+
+/// SQLite databases below `root` (by header) that no pattern covers:
+/// they are neither kept off FUSE nor snapshotted.
+pub fn unmatched_databases(root: &Path, patterns: &Patterns) -> Vec<PathBuf> {
+    fn walk(root: &Path, rel: &Path, patterns: &Patterns, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = fs::read_dir(root.join(rel)) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let child = rel.join(e.file_name());
+            let Ok(ft) = e.file_type() else { continue };
+            let name = e.file_name().to_string_lossy().into_owned();
+            if ft.is_dir() {
+                walk(root, &child, patterns, out);
+            } else if ft.is_file()
+                && DB_ENDINGS.iter().any(|end| name.ends_with(end))
+                && !patterns.matches(&child)
+                && sqlite::is_sqlite(&root.join(&child)).unwrap_or(false)
+            {
+                out.push(child);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, Path::new(""), patterns, &mut out);
+    out.sort();
+    out
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -197,6 +234,18 @@ mod tests {
     }
 
     #[test]
+    fn databases_outside_the_patterns_are_found_by_header() {
+        let dir = tempfile::tempdir().unwrap();
+        db(&dir.path().join("workspace/extra.db"), 1);
+        db(&dir.path().join("state/openclaw.sqlite"), 1);
+        fs::write(dir.path().join("notes.db"), "not sqlite").unwrap();
+        assert_eq!(
+            unmatched_databases(dir.path(), &Patterns::default()),
+            [PathBuf::from("workspace/extra.db")]
+        );
+    }
+
+    #[test]
     fn a_file_renamed_over_the_link_wins_and_the_old_copy_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let (mount, local) = (dir.path().join("mount"), dir.path().join("local"));
@@ -206,7 +255,7 @@ mod tests {
         db(&tmp, 7);
         fs::rename(&tmp, mount.join("state/openclaw.sqlite")).unwrap();
         let rels = [PathBuf::from("state/openclaw.sqlite")];
-        assert_eq!(files_on_mount(&mount, &local, &rels), rels);
+        assert_eq!(files_on_mount(&mount, &rels), rels);
 
         redirect_all(&mount, &local, &Patterns::default()).unwrap();
         assert_eq!(rows(&mount.join("state/openclaw.sqlite")), 7);

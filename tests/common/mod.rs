@@ -81,6 +81,7 @@ pub struct Garage {
     config: PathBuf,
     server: Option<Child>,
     pub endpoint: String,
+    admin_port: u16,
     pub bucket: String,
     pub key_id: String,
     pub secret: String,
@@ -92,7 +93,7 @@ impl Garage {
     pub fn start(dir: &Path) -> Garage {
         let dir = dir.join("garage");
         fs::create_dir_all(&dir).unwrap();
-        let (s3_port, rpc_port) = (free_port(), free_port());
+        let (s3_port, rpc_port, admin_port) = (free_port(), free_port(), free_port());
         let config = dir.join("garage.toml");
         fs::write(
             &config,
@@ -101,7 +102,8 @@ impl Garage {
                  replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc_port}\"\n\
                  rpc_public_addr = \"127.0.0.1:{rpc_port}\"\nrpc_secret = \"{secret}\"\n\
                  [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{s3_port}\"\n\
-                 root_domain = \".s3.garage.localhost\"\n",
+                 root_domain = \".s3.garage.localhost\"\n\
+                 [admin]\napi_bind_addr = \"127.0.0.1:{admin_port}\"\n",
                 d = dir.display(),
                 secret = hex(32)
             ),
@@ -113,6 +115,7 @@ impl Garage {
             config,
             server: None,
             endpoint: format!("http://127.0.0.1:{s3_port}"),
+            admin_port,
             bucket: "cvm-test".into(),
             key_id: format!("GK{}", hex(12)),
             secret: hex(32),
@@ -182,6 +185,24 @@ impl Garage {
             .unwrap_or_else(|e| panic!("garage {args:?}: {e}"))
     }
 
+    /// S3 requests Garage has served, by API endpoint (`PutObject`, `ListObjects`, …),
+    /// read from its metrics: the server's own count of what clients asked.
+    pub fn s3_requests(&self) -> std::collections::BTreeMap<String, u64> {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).unwrap();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("api_s3_request_counter{api_endpoint=\""))
+            .filter_map(|l| {
+                let (name, rest) = l.split_once("\"}")?;
+                Some((name.to_owned(), rest.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
     /// Stops the server (S3 becomes unreachable); data stays.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.server.take() {
@@ -238,6 +259,11 @@ impl Drop for Garage {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A stock rclone config for `g`'s bucket with the test password at the default prefix.
+pub fn obscure_free_rclone_config(g: &Garage, dir: &Path) -> PathBuf {
+    g.rclone_config(dir, "openclaw-state", PASSWORD, None)
 }
 
 /// Runs stock rclone with `config`; returns stdout or panics with stderr.

@@ -1,0 +1,445 @@
+//! SQLite durability in the mount layout, against real Garage, rclone, FUSE
+//! and SQLite: live databases on local disk, snapshots to S3, restore.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{
+    obscure_free_rclone_config as stock_config, rclone, script, wait_until, Appliance, Dirs,
+    Garage, PASSWORD,
+};
+use rusqlite::{Connection, OpenFlags};
+
+const T: Duration = Duration::from_secs(40);
+const DB: &str = "state/openclaw.sqlite";
+/// The crash RPO this design claims at CVM_BACKUP_DEBOUNCE=1s (README):
+/// debounce + snapshot + upload, with room for a loaded CI machine.
+const RPO_BOUND: f64 = 3.0;
+
+/// A stand-in gateway that commits numbered transactions (2 KB each) into a
+/// WAL database and logs each commit, with its time, after it returns.
+const WRITER: &str = r#"
+import os, sqlite3, time
+state, out = os.environ["OPENCLAW_STATE_DIR"], os.environ["OUT"]
+path = os.path.join(state, "state", "openclaw.sqlite")
+os.makedirs(os.path.dirname(path), exist_ok=True)
+db = sqlite3.connect(path, isolation_level=None)
+db.execute("pragma journal_mode=wal")
+db.execute("create table if not exists tx(i integer primary key, ts real, pad blob)")
+i = db.execute("select coalesce(max(i), 0) from tx").fetchone()[0]
+limit, every = int(os.environ.get("LIMIT", "0")), float(os.environ.get("EVERY", "0.02"))
+log = open(os.path.join(out, "commits"), "a", buffering=1)
+n = 0
+while True:
+    if limit and n >= limit:
+        time.sleep(3600)
+        continue
+    i += 1
+    db.execute("insert into tx values (?, ?, ?)", (i, time.time(), os.urandom(2000)))
+    log.write(f"{i} {time.time()}\n")
+    n += 1
+    time.sleep(every)
+"#;
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    g: Garage,
+    writer: PathBuf,
+    idle: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let g = Garage::start(tmp.path());
+        let writer = tmp.path().join("writer.py");
+        fs::write(&writer, WRITER).unwrap();
+        let idle = script(tmp.path(), "idle.sh", "exec sleep 100000");
+        Setup {
+            tmp,
+            g,
+            writer,
+            idle,
+        }
+    }
+
+    fn out_dir(&self, name: &str) -> PathBuf {
+        let d = self.tmp.path().join(name);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Boots a fresh "container" named `name` running `cmd`.
+    fn boot(&self, name: &str, cmd: &str, extra: &[(&str, &str)]) -> (Appliance, Dirs) {
+        let dirs = Dirs::new(self.tmp.path(), name);
+        let mut env = self.g.s3_env();
+        env.extend(dirs.env());
+        env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
+        env.push(("CVM_GATEWAY_CMD".into(), cmd.into()));
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut app = Appliance::start(&dirs, &env);
+        app.wait_ready(T);
+        (app, dirs)
+    }
+
+    fn writer_cmd(&self) -> String {
+        format!("python3 {}", self.writer.display())
+    }
+}
+
+/// Commits the writer logged: (number, unix time).
+fn commits(out: &Path) -> Vec<(i64, f64)> {
+    fs::read_to_string(out.join("commits"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (i, ts) = l.split_once(' ')?;
+            Some((i.parse().ok()?, ts.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Opens the database the gateway sees, checks it, and returns (max i, count, ts of max).
+fn inspect(state_dir: &Path) -> (i64, i64, f64) {
+    let c =
+        Connection::open_with_flags(state_dir.join(DB), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let ok: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    c.query_row(
+        "SELECT coalesce(max(i),0), count(*), coalesce(max(ts),0) FROM tx",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_database_created_on_the_mount_is_moved_and_a_graceful_stop_keeps_every_commit() {
+    let s = Setup::new();
+    let out = s.out_dir("out");
+    let out_s = out.display().to_string();
+    let (mut app, _) = s.boot("first", &s.writer_cmd(), &[("OUT", &out_s)]);
+    // The first start creates the database on the mount; cvm-init stops the
+    // gateway, moves the database (with its WAL) to local disk and restarts it.
+    wait_until(T, "the database to move off the mount", || {
+        app.log_text().contains("moved a database off the mount")
+    });
+    let moved_at = commits(&out).len();
+    wait_until(T, "commits after the move", || {
+        commits(&out).len() >= moved_at + 100
+    });
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let log = app.log_text();
+    assert!(
+        log.contains("sqlite: final pass databases=1 unsaved=0"),
+        "{log}"
+    );
+
+    let done = commits(&out);
+    let numbers: Vec<i64> = done.iter().map(|c| c.0).collect();
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "a commit was lost in the move (numbers repeat or skip)"
+    );
+
+    // A new container: the database comes back with every commit.
+    let (mut app, fresh) = s.boot("second", s.idle.to_str().unwrap(), &[]);
+    let link = fs::read_link(fresh.state.join(DB)).unwrap();
+    assert_eq!(
+        link,
+        fresh.local.join("sqlite").join(DB),
+        "the gateway's path is a link to local disk"
+    );
+    let (max, count, _) = inspect(&fresh.state);
+    assert_eq!(
+        (max, count),
+        (*numbers.last().unwrap(), *numbers.last().unwrap())
+    );
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    // The snapshot is plain rclone crypt under sqlite/, readable by stock rclone.
+    let conf = stock_config(&s.g, s.tmp.path());
+    let listed = String::from_utf8(rclone(&conf, &["lsf", "-R", "crypt:sqlite"])).unwrap();
+    assert!(listed.lines().any(|l| l == DB), "{listed}");
+    assert!(
+        !listed.contains("-wal") && !listed.contains("-shm"),
+        "sidecars are never uploaded: {listed}"
+    );
+}
+
+#[test]
+fn crashes_lose_at_most_the_stated_rpo_over_20_rounds() {
+    let s = Setup::new();
+    let base = s.out_dir("round-0");
+    let base_s = base.display().to_string();
+    // Round 0 creates the database and stops cleanly, so every later round
+    // starts from a restored database on local disk.
+    let (mut app, _) = s.boot("round-0", &s.writer_cmd(), &[("OUT", &base_s)]);
+    wait_until(T, "the first move", || {
+        app.log_text().contains("moved a database off the mount")
+    });
+    wait_until(T, "first commits", || commits(&base).len() >= 50);
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    let mut seed = (now() * 1e6) as u64 | 1;
+    eprintln!("crash rounds seed: {seed}");
+    let mut lags = Vec::new();
+    let mut last_committed: Option<(i64, f64, f64)> = None; // (i, ts, kill time) of the previous round
+    for round in 1..=20 {
+        let out = s.out_dir(&format!("round-{round}"));
+        let out_s = out.display().to_string();
+        let (mut app, dirs) = s.boot(
+            &format!("round-{round}"),
+            &s.writer_cmd(),
+            &[("OUT", &out_s)],
+        );
+
+        // What survived the previous crash.
+        let (max, count, max_ts) = {
+            wait_until(T, "the restored database", || dirs.state.join(DB).exists());
+            inspect(&dirs.state)
+        };
+        assert_eq!(max, count, "round {round}: restored rows have gaps");
+        if let Some((prev_i, prev_ts, killed_at)) = last_committed {
+            assert!(
+                max <= prev_i,
+                "round {round}: restored more than was committed"
+            );
+            let lag = killed_at - max_ts;
+            lags.push(lag);
+            // Every commit older than the bound at kill time is there.
+            let required = commits(&s.tmp.path().join(format!("round-{}", round - 1)))
+                .into_iter()
+                .filter(|&(_, ts)| ts < killed_at - RPO_BOUND)
+                .map(|(i, _)| i)
+                .max();
+            if let Some(required) = required {
+                assert!(max >= required, "round {round}: lost commit {required} older than {RPO_BOUND}s (restored up to {max}); lag {lag:.2}s, last committed {prev_i} at {prev_ts}");
+            }
+        }
+
+        wait_until(T, "the writer", || !commits(&out).is_empty());
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let wait = Duration::from_millis(300 + (seed >> 33) % 1700);
+        let until = Instant::now() + wait;
+        // An observation window, not synchronisation: the kill moment is random by design.
+        wait_until(wait + T, "the random kill moment", || {
+            Instant::now() >= until
+        });
+        let killed_at = now();
+        app.kill_all();
+        let last = *commits(&out).last().unwrap();
+        last_committed = Some((last.0, last.1, killed_at));
+    }
+    lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    eprintln!(
+        "crash RPO over {} rounds: median {:.2}s, worst {:.2}s (bound {RPO_BOUND}s)",
+        lags.len(),
+        lags[lags.len() / 2],
+        lags[lags.len() - 1]
+    );
+    assert_eq!(lags.len(), 19);
+}
+
+#[test]
+fn idle_databases_cost_no_uploads() {
+    let s = Setup::new();
+    let out = s.out_dir("out");
+    let out_s = out.display().to_string();
+    let (mut app, _) = s.boot(
+        "box",
+        &s.writer_cmd(),
+        &[
+            ("OUT", &out_s),
+            ("LIMIT", "20"),
+            ("CVM_BACKUP_DEBOUNCE", "200ms"),
+            ("CVM_BACKUP_INTERVAL", "1s"),
+        ],
+    );
+    wait_until(T, "the move and 20 commits", || {
+        app.log_text().contains("moved a database off the mount") && commits(&out).len() >= 20
+    });
+    wait_until(T, "the snapshot of the last commit", || {
+        app.log_text().matches("sqlite: snapshot uploaded").count() >= 1
+            && commits(&out)
+                .last()
+                .is_some_and(|&(_, ts)| ts + 1.5 < now())
+    });
+    // The link the move left on the mount is a file rclone uploads after its
+    // 5 s write-back: one PutObject for it, one for the snapshot.
+    wait_until(T, "the link and the snapshots on S3", || {
+        let snapshots = app.log_text().matches("sqlite: snapshot uploaded").count() as u64;
+        snapshots >= 1 && s.g.s3_requests().get("PutObject").copied().unwrap_or(0) == snapshots + 1
+    });
+    let uploads_before = app.log_text().matches("sqlite: snapshot uploaded").count();
+    let puts_before = s.g.s3_requests().get("PutObject").copied().unwrap_or(0);
+    // Four backup intervals with nothing written.
+    let until = Instant::now() + Duration::from_secs(4);
+    wait_until(T, "the idle window", || Instant::now() >= until);
+    let puts_after = s.g.s3_requests().get("PutObject").copied().unwrap_or(0);
+    assert_eq!(
+        app.log_text().matches("sqlite: snapshot uploaded").count(),
+        uploads_before
+    );
+    assert_eq!(
+        puts_after,
+        puts_before,
+        "S3 PutObject requests while idle: {:?}",
+        s.g.s3_requests()
+    );
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let log = app.log_text();
+    assert!(
+        log.contains("sqlite: final pass databases=1 unsaved=0"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("sqlite: snapshot uploaded").count(),
+        uploads_before,
+        "an unchanged database is not uploaded at stop either"
+    );
+    assert_eq!(
+        s.g.s3_requests().get("PutObject").copied().unwrap_or(0),
+        puts_before,
+        "{:?}",
+        s.g.s3_requests()
+    );
+}
+
+#[test]
+fn a_database_renamed_over_its_link_is_moved_back_without_loss() {
+    let s = Setup::new();
+    let out = s.out_dir("out");
+    let out_s = out.display().to_string();
+    let (mut app, _) = s.boot("seed", &s.writer_cmd(), &[("OUT", &out_s), ("LIMIT", "3")]);
+    wait_until(T, "a local database", || {
+        app.log_text().contains("moved a database off the mount")
+    });
+    wait_until(T, "three commits", || commits(&out).len() >= 3);
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    // The gateway rewrites its database the atomic way: a temp file renamed
+    // over the old name, which replaces cvm-init's link with a file on FUSE.
+    let renamer = s.tmp.path().join("renamer.py");
+    fs::write(
+        &renamer,
+        r#"
+import os, sqlite3, time
+state, out = os.environ["OPENCLAW_STATE_DIR"], os.environ["OUT"]
+marker = os.path.join(out, "renamed")
+if not os.path.exists(marker):
+    tmp = os.path.join(state, "state", "openclaw.sqlite.tmp")
+    db = sqlite3.connect(tmp)
+    db.execute("create table tx(i integer primary key, ts real, pad blob)")
+    db.executemany("insert into tx values (?, ?, x'')", [(n, time.time()) for n in range(1, 8)])
+    db.commit()
+    db.close()
+    os.rename(tmp, os.path.join(state, "state", "openclaw.sqlite"))
+    open(marker, "w").close()
+    extra = sqlite3.connect(os.path.join(state, "workspace-extra.db"))
+    extra.execute("create table x(a)")
+    extra.commit()
+    extra.close()
+time.sleep(3600)
+"#,
+    )
+    .unwrap();
+    let cmd = format!("python3 {}", renamer.display());
+    let (mut app, dirs) = s.boot("rename", &cmd, &[("OUT", &out_s)]);
+    wait_until(T, "the renamed database to move back", || {
+        app.log_text()
+            .contains("restarting the gateway to move them to local disk")
+            && app
+                .log_text()
+                .matches("moved a database off the mount")
+                .count()
+                >= 1
+    });
+    let (max, count, _) = inspect(&dirs.state);
+    assert_eq!(
+        (max, count),
+        (7, 7),
+        "the renamed-in database is the live one"
+    );
+    let kept: Vec<_> = fs::read_dir(dirs.local.join("sqlite/state"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".replaced-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "the replaced copy is kept, not deleted");
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    let (mut app, fresh) = s.boot("after", s.idle.to_str().unwrap(), &[]);
+    assert_eq!(inspect(&fresh.state).0, 7);
+    wait_until(T, "the scan for uncovered databases", || {
+        app.log_text().contains("not covered by CVM_SQLITE_PATHS")
+    });
+    assert!(
+        app.log_text().contains("db=workspace-extra.db"),
+        "{}",
+        app.log_text()
+    );
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}
+
+#[test]
+fn a_remote_snapshot_that_fails_its_check_stops_the_boot() {
+    let s = Setup::new();
+    let conf = stock_config(&s.g, s.tmp.path());
+    let junk = s.tmp.path().join("junk");
+    let mut bytes = b"SQLite format 3\0".to_vec();
+    bytes.extend(std::iter::repeat_n(0xabu8, 8192));
+    fs::write(&junk, &bytes).unwrap();
+    rclone(
+        &conf,
+        &[
+            "copyto",
+            junk.to_str().unwrap(),
+            "crypt:sqlite/state/openclaw.sqlite",
+        ],
+    );
+
+    let dirs = Dirs::new(s.tmp.path(), "box");
+    let started = s.tmp.path().join("gateway-started");
+    let gw = script(
+        s.tmp.path(),
+        "gw.sh",
+        &format!("touch {}\nexec sleep 100000", started.display()),
+    );
+    let mut env = s.g.s3_env();
+    env.extend(dirs.env());
+    env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
+    env.push(("CVM_GATEWAY_CMD".into(), gw.display().to_string()));
+    let mut app = Appliance::start(&dirs, &env);
+    assert_eq!(app.wait_exit(T), 69, "{}", app.log_text());
+    let log = app.log_text();
+    assert!(
+        log.contains("restored database state/openclaw.sqlite fails its check"),
+        "{log}"
+    );
+    assert!(!started.exists(), "the gateway must not start");
+    assert!(
+        dirs.local
+            .join("sqlite/state/openclaw.sqlite.corrupt")
+            .exists(),
+        "the bad copy is kept aside"
+    );
+    assert!(
+        !dirs.local.join("sqlite/state/openclaw.sqlite").exists(),
+        "no database for a later boot to trust"
+    );
+}
