@@ -2,8 +2,8 @@
 //! `CVM_STOP_TIMEOUT` and logs how long it took:
 //!
 //! 1. gateway: SIGTERM to its process group, SIGKILL at half the budget;
-//! 2. flush: storage makes every write durable (rclone's queue drained to S3),
-//!    until 85% of the budget;
+//! 2. flush: storage makes every write durable, until 85% of the budget: the
+//!    final SQLite snapshots uploaded, then rclone's queue drained to S3;
 //! 3. storage stop: rclone stopped and the mount released, by the deadline;
 //! 4. `sync()`.
 
