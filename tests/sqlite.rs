@@ -5,51 +5,15 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::{
-    obscure_free_rclone_config as stock_config, rclone, script, wait_until, Appliance, Dirs,
-    Garage, PASSWORD,
-};
-use rusqlite::{Connection, OpenFlags};
+use common::load::{commits, inspect, lost_seconds, now, DB, WRITER};
+use common::{rclone, script, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD};
 
 const T: Duration = Duration::from_secs(40);
-const DB: &str = "state/openclaw.sqlite";
 /// The crash RPO this design claims at CVM_BACKUP_DEBOUNCE=1s (README):
 /// debounce + snapshot + upload, with room for a loaded CI machine.
 const RPO_BOUND: f64 = 3.0;
-
-/// A stand-in gateway that commits numbered transactions (2 KB each) into a
-/// WAL database and logs each commit, with its time, after it returns.
-const WRITER: &str = r#"
-import os, sqlite3, time
-state, out = os.environ["OPENCLAW_STATE_DIR"], os.environ["OUT"]
-path = os.path.join(state, "state", "openclaw.sqlite")
-os.makedirs(os.path.dirname(path), exist_ok=True)
-db = sqlite3.connect(path, isolation_level=None)
-db.execute("pragma journal_mode=wal")
-db.execute("create table if not exists tx(i integer primary key, ts real, pad blob)")
-i = db.execute("select coalesce(max(i), 0) from tx").fetchone()[0]
-limit, every = int(os.environ.get("LIMIT", "0")), float(os.environ.get("EVERY", "0.02"))
-log = open(os.path.join(out, "commits"), "a", buffering=1)
-n = 0
-while True:
-    if limit and n >= limit:
-        time.sleep(3600)
-        continue
-    i += 1
-    db.execute("insert into tx values (?, ?, ?)", (i, time.time(), os.urandom(2000)))
-    log.write(f"{i} {time.time()}\n")
-    n += 1
-    time.sleep(every)
-"#;
-
-fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
 
 struct Setup {
     tmp: tempfile::TempDir,
@@ -97,32 +61,9 @@ impl Setup {
     }
 }
 
-/// Commits the writer logged: (number, unix time).
-fn commits(out: &Path) -> Vec<(i64, f64)> {
-    fs::read_to_string(out.join("commits"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (i, ts) = l.split_once(' ')?;
-            Some((i.parse().ok()?, ts.parse().ok()?))
-        })
-        .collect()
-}
-
-/// Opens the database the gateway sees, checks it, and returns (max i, count, ts of max).
-fn inspect(state_dir: &Path) -> (i64, i64, f64) {
-    let c =
-        Connection::open_with_flags(state_dir.join(DB), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-    let ok: String = c
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(ok, "ok");
-    c.query_row(
-        "SELECT coalesce(max(i),0), count(*), coalesce(max(ts),0) FROM tx",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )
-    .unwrap()
+/// Opens the database the gateway sees and checks it: (max i, count).
+fn checked(state_dir: &Path) -> (i64, i64) {
+    inspect(&state_dir.join(DB)).expect("the database passes integrity_check")
 }
 
 #[test]
@@ -162,7 +103,7 @@ fn a_database_created_on_the_mount_is_moved_and_a_graceful_stop_keeps_every_comm
         fresh.local.join("sqlite").join(DB),
         "the gateway's path is a link to local disk"
     );
-    let (max, count, _) = inspect(&fresh.state);
+    let (max, count) = checked(&fresh.state);
     assert_eq!(
         (max, count),
         (*numbers.last().unwrap(), *numbers.last().unwrap())
@@ -207,10 +148,8 @@ fn crashes_lose_at_most_the_stated_rpo_over_20_rounds() {
         );
 
         // What survived the previous crash.
-        let (max, count, _) = {
-            wait_until(T, "the restored database", || dirs.state.join(DB).exists());
-            inspect(&dirs.state)
-        };
+        wait_until(T, "the restored database", || dirs.state.join(DB).exists());
+        let (max, count) = checked(&dirs.state);
         assert_eq!(max, count, "round {round}: restored rows have gaps");
         if let Some((prev_i, killed_at)) = last_committed {
             assert!(
@@ -219,10 +158,7 @@ fn crashes_lose_at_most_the_stated_rpo_over_20_rounds() {
             );
             let prev = commits(&s.tmp.path().join(format!("round-{}", round - 1)));
             // The data lost: from the oldest lost commit to the kill.
-            let lost = prev
-                .iter()
-                .find(|&&(i, _)| i > max)
-                .map_or(0.0, |&(_, ts)| killed_at - ts);
+            let lost = lost_seconds(&prev, max, killed_at);
             lags.push(lost);
             assert!(
                 lost <= RPO_BOUND,
@@ -367,7 +303,7 @@ time.sleep(3600)
                 .count()
                 >= 1
     });
-    let (max, count, _) = inspect(&dirs.state);
+    let (max, count) = checked(&dirs.state);
     assert_eq!(
         (max, count),
         (7, 7),
@@ -382,7 +318,7 @@ time.sleep(3600)
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
 
     let (mut app, fresh) = s.boot("after", s.idle.to_str().unwrap(), &[]);
-    assert_eq!(inspect(&fresh.state).0, 7);
+    assert_eq!(checked(&fresh.state).0, 7);
     wait_until(T, "the scan for uncovered databases", || {
         app.log_text().contains("not covered by CVM_SQLITE_PATHS")
     });

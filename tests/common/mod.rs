@@ -3,6 +3,8 @@
 //! when its guard drops, also when the test fails.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod load;
+
 use std::fs;
 use std::io::Write;
 use std::net::TcpListener;
@@ -99,7 +101,7 @@ impl Garage {
             &config,
             format!(
                 "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
-                 replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc_port}\"\n\
+                 replication_factor = 1\ncompression_level = \"none\"\nrpc_bind_addr = \"127.0.0.1:{rpc_port}\"\n\
                  rpc_public_addr = \"127.0.0.1:{rpc_port}\"\nrpc_secret = \"{secret}\"\n\
                  [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{s3_port}\"\n\
                  root_domain = \".s3.garage.localhost\"\n\
@@ -185,22 +187,37 @@ impl Garage {
             .unwrap_or_else(|e| panic!("garage {args:?}: {e}"))
     }
 
-    /// S3 requests Garage has served, by API endpoint (`PutObject`, `ListObjects`, …),
-    /// read from its metrics: the server's own count of what clients asked.
-    pub fn s3_requests(&self) -> std::collections::BTreeMap<String, u64> {
+    fn metrics(&self) -> String {
         use std::io::{Read, Write};
         let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).unwrap();
         conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
             .unwrap();
         let mut text = String::new();
         conn.read_to_string(&mut text).unwrap();
-        text.lines()
+        text
+    }
+
+    /// S3 requests Garage has served, by API endpoint (`PutObject`, `ListObjects`, …),
+    /// read from its metrics: the server's own count of what clients asked.
+    pub fn s3_requests(&self) -> std::collections::BTreeMap<String, u64> {
+        self.metrics()
+            .lines()
             .filter_map(|l| l.strip_prefix("api_s3_request_counter{api_endpoint=\""))
             .filter_map(|l| {
                 let (name, rest) = l.split_once("\"}")?;
                 Some((name.to_owned(), rest.trim().parse().ok()?))
             })
             .collect()
+    }
+
+    /// Object bytes Garage has written to its block store (compression is
+    /// off, so this is what clients uploaded, less deduplicated blocks).
+    pub fn bytes_written(&self) -> u64 {
+        self.metrics()
+            .lines()
+            .filter_map(|l| l.strip_prefix("block_bytes_written"))
+            .filter_map(|rest| rest.split_whitespace().last()?.parse::<u64>().ok())
+            .sum()
     }
 
     /// Stops the server (S3 becomes unreachable); data stays.
@@ -262,7 +279,7 @@ impl Drop for Garage {
 }
 
 /// A stock rclone config for `g`'s bucket with the test password at the default prefix.
-pub fn obscure_free_rclone_config(g: &Garage, dir: &Path) -> PathBuf {
+pub fn stock_config(g: &Garage, dir: &Path) -> PathBuf {
     g.rclone_config(dir, "openclaw-state", PASSWORD, None)
 }
 

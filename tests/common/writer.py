@@ -1,0 +1,25 @@
+# Stand-in gateway for the SQLite tests and benchmark: commits numbered
+# transactions (2 KB each) into a WAL database under OPENCLAW_STATE_DIR and
+# logs each commit with its time to $OUT/commits after it returns.
+# LIMIT stops after that many commits; the file $OUT/pause pauses writing.
+import os, sqlite3, time
+state, out = os.environ["OPENCLAW_STATE_DIR"], os.environ["OUT"]
+path = os.path.join(state, "state", "openclaw.sqlite")
+os.makedirs(os.path.dirname(path), exist_ok=True)
+db = sqlite3.connect(path, isolation_level=None)
+db.execute("pragma journal_mode=wal")
+db.execute("create table if not exists tx(i integer primary key, ts real, pad blob)")
+i = db.execute("select coalesce(max(i), 0) from tx").fetchone()[0]
+limit, every = int(os.environ.get("LIMIT", "0")), float(os.environ.get("EVERY", "0.02"))
+log = open(os.path.join(out, "commits"), "a", buffering=1)
+n = 0
+pause = os.path.join(out, "pause")
+while True:
+    if (limit and n >= limit) or os.path.exists(pause):
+        time.sleep(0.05)
+        continue
+    i += 1
+    db.execute("insert into tx values (?, ?, ?)", (i, time.time(), os.urandom(2000)))
+    log.write(f"{i} {time.time()}\n")
+    n += 1
+    time.sleep(every)
