@@ -366,7 +366,7 @@ fn litestream(root: &Path, writer: &Path, load: Duration, idle: Duration) -> Opt
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .ok()?;
+        .expect("start litestream");
     let mut stats = Stats {
         name: "Litestream 0.5 (sync-interval 1s)".into(),
         ..Stats::default()
