@@ -173,6 +173,7 @@ fn boot(
     env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
     env.push(("CVM_GATEWAY_CMD".into(), cmd.into()));
     env.push(("CVM_LOG".into(), "info".into()));
+    env.push(("CVM_STORAGE".into(), "mount".into()));
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let mut app = Appliance::start(&dirs, &env);
     app.wait_ready(T);

@@ -39,6 +39,9 @@ struct RawEnv {
     cvm_sqlite_paths: Option<String>,
     cvm_backup_debounce: Option<String>,
     cvm_backup_interval: Option<String>,
+    cvm_storage: Option<String>,
+    cvm_exclude: Option<String>,
+    cvm_trash_days: Option<String>,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/data/openclaw";
@@ -69,7 +72,25 @@ pub struct Config {
     /// `None` is local mode: no rclone, no S3.
     pub s3: Option<S3Config>,
     pub sqlite: SqliteConfig,
+    /// How the state dir is backed in S3 mode.
+    pub layout: Layout,
+    /// rclone filter patterns never replicated (replicate layout).
+    pub exclude: Vec<String>,
+    /// How long deleted and overwritten files are kept in the remote trash.
+    pub trash_days: u32,
 }
+
+/// The storage layout in S3 mode (`CVM_STORAGE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// The state dir on local disk, replicated through the crypt remote.
+    Replicate,
+    /// The spec's layout: the crypt remote mounted at the state dir with FUSE.
+    Mount,
+}
+
+/// OpenClaw's scratch space, caches and lock files: rebuilt by the gateway, never worth S3.
+pub const DEFAULT_EXCLUDE: &str = "/tmp/**,/cache/**,*.lock";
 
 /// Where databases are and how soon their snapshots go to S3.
 #[derive(Debug, Clone)]
@@ -372,6 +393,43 @@ impl Validator {
             interval,
         };
 
+        let layout = match given(raw.cvm_storage).as_deref() {
+            None | Some("replicate") => Layout::Replicate,
+            Some("mount") => Layout::Mount,
+            Some(other) => {
+                self.problem(
+                    "CVM_STORAGE",
+                    format!("{other:?} is not a layout; use replicate (the default) or mount"),
+                );
+                Layout::Replicate
+            }
+        };
+        let exclude_text = given(raw.cvm_exclude).unwrap_or_else(|| DEFAULT_EXCLUDE.to_owned());
+        let exclude: Vec<String> = exclude_text
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for p in &exclude {
+            if p.chars().any(char::is_control) || p.contains("..") {
+                self.problem(
+                    "CVM_EXCLUDE",
+                    format!("{p:?} is not a usable rclone filter pattern"),
+                );
+            }
+        }
+        let trash_days = match given(raw.cvm_trash_days) {
+            None => 7,
+            Some(d) => d.parse().unwrap_or_else(|_| {
+                self.problem(
+                    "CVM_TRASH_DAYS",
+                    format!("{d:?} is not a whole number of days"),
+                );
+                7
+            }),
+        };
+
         let s3 = match raw.s3_bucket.as_deref() {
             None => None,
             Some("") => {
@@ -408,6 +466,9 @@ impl Validator {
                     mount_timeout,
                     s3,
                     sqlite,
+                    layout,
+                    exclude,
+                    trash_days,
                 },
                 self.warnings,
             ))

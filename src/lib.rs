@@ -18,6 +18,7 @@ pub mod obscure;
 pub mod pid1;
 pub mod process;
 pub mod rclone;
+pub mod replication;
 pub mod restore;
 pub mod secret;
 pub mod shutdown;
@@ -95,7 +96,7 @@ pub fn main(args: &[String]) -> Status {
             return Status::Os;
         }
     }
-    if cfg.s3.is_some() {
+    if cfg.s3.is_some() && cfg.layout == config::Layout::Mount {
         if let Err(e) = pid1::ensure_fuse(Path::new("/dev/fuse")) {
             tracing::error!("{e}");
             return Status::Os;

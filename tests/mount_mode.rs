@@ -22,6 +22,7 @@ const CANARY: &str = "plaintext-canary-4f1d";
 fn env(g: &Garage, dirs: &Dirs, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut e = g.s3_env();
     e.extend(dirs.env());
+    e.push(("CVM_STORAGE".into(), "mount".into()));
     e.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     e
 }

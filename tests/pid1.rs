@@ -95,6 +95,7 @@ fn s3_mode_without_a_usable_fuse_device_exits_71_with_what_to_do() {
         ("AWS_ACCESS_KEY_ID".into(), "GKx".into()),
         ("AWS_SECRET_ACCESS_KEY".into(), "y".into()),
         ("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()),
+        ("CVM_STORAGE".into(), "mount".into()),
     ]);
     // A /dev where device nodes may be created but not opened, as in a
     // container without `--device /dev/fuse`.
@@ -123,6 +124,7 @@ fn a_missing_fuse_device_is_created_when_allowed() {
     let mut env = g.s3_env();
     env.extend(local_env(&dirs, "sleep 100000"));
     env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
+    env.push(("CVM_STORAGE".into(), "mount".into()));
     let mut app = start(
         &dirs,
         &env,

@@ -50,6 +50,7 @@ impl Setup {
         env.extend(dirs.env());
         env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
         env.push(("CVM_GATEWAY_CMD".into(), cmd.into()));
+        env.push(("CVM_STORAGE".into(), "mount".into()));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut app = Appliance::start(&dirs, &env);
         app.wait_ready(T);
@@ -358,6 +359,7 @@ fn a_remote_snapshot_that_fails_its_check_stops_the_boot() {
     env.extend(dirs.env());
     env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
     env.push(("CVM_GATEWAY_CMD".into(), gw.display().to_string()));
+    env.push(("CVM_STORAGE".into(), "mount".into()));
     let mut app = Appliance::start(&dirs, &env);
     assert_eq!(app.wait_exit(T), 69, "{}", app.log_text());
     let log = app.log_text();

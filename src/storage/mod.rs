@@ -5,13 +5,14 @@
 pub mod local;
 pub mod mount;
 pub mod redirect;
+pub mod replicate;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::{Config, Layout};
 use crate::process::{Exit, Reaper};
 
 pub use mount::MountError;
@@ -22,6 +23,8 @@ pub enum Storage {
     Local(local::Local),
     /// The spec's layout: the crypt remote mounted at the state dir by rclone.
     Mount(Box<mount::Mount>),
+    /// The default: a local state dir replicated through the crypt remote.
+    Replicate(Box<replicate::Replicate>),
 }
 
 /// What storage needs from the supervisor while the gateway runs.
@@ -59,6 +62,8 @@ pub enum FlushError {
     RcloneGone(Exit),
     #[error("{0}")]
     Databases(crate::backup::FinalPassError),
+    #[error("{0}")]
+    Files(crate::replication::Unreplicated),
     #[error("cannot ask rclone for its upload queue: {0}")]
     Rc(#[from] crate::rclone::rc::RcError),
     #[error("syncing the state dir failed: {0}")]
@@ -75,7 +80,12 @@ impl Storage {
                     path: cfg.state_dir.clone(),
                     source,
                 }),
-            Some(s3) => Ok(Storage::Mount(Box::new(mount::Mount::new(cfg, s3)?))),
+            Some(s3) => match cfg.layout {
+                Layout::Mount => Ok(Storage::Mount(Box::new(mount::Mount::new(cfg, s3)?))),
+                Layout::Replicate => Ok(Storage::Replicate(Box::new(replicate::Replicate::new(
+                    cfg, s3,
+                )?))),
+            },
         }
     }
 
@@ -85,6 +95,7 @@ impl Storage {
         match self {
             Storage::Local(_) => Ok(()),
             Storage::Mount(m) => m.boot(reaper, timeout).await,
+            Storage::Replicate(r) => r.boot(reaper, timeout).await,
         }
     }
 
@@ -93,6 +104,7 @@ impl Storage {
         match self {
             Storage::Local(_) => Ok(()),
             Storage::Mount(m) => m.before_gateway(),
+            Storage::Replicate(_) => Ok(()),
         }
     }
 
@@ -102,6 +114,7 @@ impl Storage {
         match self {
             Storage::Local(_) => std::future::pending().await,
             Storage::Mount(m) => m.next_event().await,
+            Storage::Replicate(r) => r.next_event().await,
         }
     }
 
@@ -110,6 +123,7 @@ impl Storage {
         match self {
             Storage::Local(l) => l.flush().map_err(FlushError::Sync),
             Storage::Mount(m) => m.flush(deadline).await,
+            Storage::Replicate(r) => r.flush(deadline).await,
         }
     }
 
@@ -118,6 +132,7 @@ impl Storage {
         match self {
             Storage::Local(_) => Ok(()),
             Storage::Mount(m) => m.stop(deadline).await,
+            Storage::Replicate(r) => r.stop(deadline).await,
         }
     }
 
@@ -125,6 +140,7 @@ impl Storage {
         match self {
             Storage::Local(_) => "local directory",
             Storage::Mount(_) => "rclone crypt mount",
+            Storage::Replicate(_) => "local dir replicated to the crypt remote",
         }
     }
 }

@@ -64,6 +64,8 @@ pub enum MountError {
     Restore(#[from] RestoreError),
     #[error(transparent)]
     Redirect(#[from] RedirectError),
+    #[error(transparent)]
+    Replicate(#[from] super::replicate::ReplicateError),
 }
 
 pub struct Mount {

@@ -1,0 +1,428 @@
+//! The replicate layout (the default): the state dir is a plain local
+//! directory, restored from the crypt remote at boot and replicated to it
+//! while the gateway runs (`replication`), databases as snapshots (`backup`).
+//! One long-lived `rclone rcd` serves every transfer. No FUSE, no privileges.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+use tokio::time::{sleep, timeout_at, Instant};
+
+use super::{Event, FlushError, MountError, StorageFailure};
+use crate::backup::{Backup, BackupSpec, REMOTE_DIR};
+use crate::config::{Config, S3Config, SqliteConfig};
+use crate::notify;
+use crate::process::{Child, Exit, Reaper};
+use crate::rclone::{self, rc, StderrTail, CRYPT_REMOTE};
+use crate::replication::{
+    self, Excludes, Manifest, Replication, ReplicationSpec, DIR_MODES, META_DIR, TRASH_DIR,
+};
+use crate::restore;
+
+/// How often restore progress is logged while it runs.
+const PROGRESS_EVERY: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicateError {
+    #[error("rclone rcd did not answer on {socket} within {timeout:?}. rclone said:\n{stderr}")]
+    RcdTimeout {
+        socket: PathBuf,
+        timeout: Duration,
+        stderr: String,
+    },
+    #[error("rclone rcd exited ({exit}) at boot. rclone said:\n{stderr}")]
+    RcdExited { exit: Exit, stderr: String },
+    #[error(
+        "restoring the state dir from {CRYPT_REMOTE}: failed: {detail}. The gateway is not started; the next boot \
+         starts the restore over"
+    )]
+    Restore { detail: String },
+    #[error("cannot list what S3 holds: {0}")]
+    List(rc::RcError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+pub struct Replicate {
+    rclone_bin: String,
+    config_path: PathBuf,
+    rc_socket: PathBuf,
+    state_dir: PathBuf,
+    local_dir: PathBuf,
+    sqlite: SqliteConfig,
+    excludes: Excludes,
+    trash_days: u32,
+    rcd: Option<(Child, StderrTail)>,
+    backup: Option<Backup>,
+    replication: Option<Replication>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReplicateError + '_ {
+    move |source| ReplicateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Replicate {
+    pub fn new(cfg: &Config, s3: &S3Config) -> Result<Self, MountError> {
+        let prep = |path: &Path| {
+            let path = path.to_owned();
+            move |source| MountError::Prepare { path, source }
+        };
+        let rc_dir = cfg.run_dir.join("rc");
+        let config_path = cfg.run_dir.join("rclone.conf");
+        rclone::private_dir(&cfg.run_dir).map_err(prep(&cfg.run_dir))?;
+        rclone::private_dir(&rc_dir).map_err(prep(&rc_dir))?;
+        fs::create_dir_all(&cfg.state_dir).map_err(prep(&cfg.state_dir))?;
+        fs::create_dir_all(&cfg.local_dir).map_err(prep(&cfg.local_dir))?;
+        rclone::write_config(&config_path, s3).map_err(prep(&config_path))?;
+        Ok(Self {
+            rclone_bin: cfg.rclone_bin.clone(),
+            config_path,
+            rc_socket: rc_dir.join("rclone.sock"),
+            state_dir: cfg.state_dir.clone(),
+            local_dir: cfg.local_dir.clone(),
+            sqlite: cfg.sqlite.clone(),
+            excludes: Excludes::new(&cfg.exclude, &cfg.sqlite.patterns),
+            trash_days: cfg.trash_days,
+            rcd: None,
+            backup: None,
+            replication: None,
+        })
+    }
+
+    /// Marks a restore in progress; a boot that finds it starts over.
+    fn restore_marker(&self) -> PathBuf {
+        self.local_dir.join("restore-incomplete")
+    }
+
+    async fn rc(&self, method: &str, params: Value) -> Result<Value, rc::RcError> {
+        rc::call(&self.rc_socket, method, &params).await
+    }
+
+    async fn start_rcd(
+        &mut self,
+        reaper: &Reaper,
+        timeout: Duration,
+    ) -> Result<(), ReplicateError> {
+        let _ = fs::remove_file(&self.rc_socket);
+        let mut addr = OsString::from("unix://");
+        addr.push(&self.rc_socket);
+        let args: Vec<OsString> = vec![
+            "--config".into(),
+            self.config_path.clone().into(),
+            "rcd".into(),
+            "--rc-addr".into(),
+            addr,
+            "--rc-no-auth".into(),
+        ];
+        let (child, tail) =
+            rclone::spawn(reaper, &self.rclone_bin, &args, &[]).map_err(|source| {
+                ReplicateError::Io {
+                    path: PathBuf::from(&self.rclone_bin),
+                    source,
+                }
+            })?;
+        tracing::info!(pid = child.pid().as_raw(), "started rclone rcd");
+        self.rcd = Some((child, tail));
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.rc("core/version", json!({})).await.is_ok() {
+                return Ok(());
+            }
+            let (child, tail) = self.rcd.as_mut().expect("just started");
+            if let Some(exit) = child.try_exit() {
+                return Err(ReplicateError::RcdExited {
+                    exit,
+                    stderr: tail.text(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(ReplicateError::RcdTimeout {
+                    socket: self.rc_socket.clone(),
+                    timeout,
+                    stderr: tail.text(),
+                });
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn filter(&self) -> Value {
+        json!({ "ExcludeRule": self.excludes.rules() })
+    }
+
+    /// Copies the whole tree from the remote, logging progress; runs as an rc job.
+    async fn restore_tree(&self) -> Result<(), ReplicateError> {
+        let fail = |detail: String| ReplicateError::Restore { detail };
+        let job = self
+            .rc(
+                "sync/copy",
+                json!({
+                    "srcFs": format!("{CRYPT_REMOTE}:"), "dstFs": self.state_dir.to_string_lossy(),
+                    "_async": true, "_filter": self.filter(),
+                    "_config": { "Metadata": true, "Links": true, "Transfers": 8, "Checkers": 16 },
+                }),
+            )
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let id = job["jobid"]
+            .as_i64()
+            .ok_or_else(|| fail(format!("no job id in {job}")))?;
+        let started = Instant::now();
+        let mut next_log = started + PROGRESS_EVERY;
+        loop {
+            let st = self
+                .rc("job/status", json!({ "jobid": id }))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            if st["finished"].as_bool() == Some(true) {
+                if st["success"].as_bool() == Some(true) {
+                    return Ok(());
+                }
+                let err = st["error"].as_str().unwrap_or("unknown error");
+                // A bucket prefix that holds nothing yet is a first boot, not a failure.
+                if err.contains("directory not found") {
+                    return Ok(());
+                }
+                return Err(fail(err.to_owned()));
+            }
+            if Instant::now() >= next_log {
+                next_log += PROGRESS_EVERY;
+                if let Ok(stats) = self
+                    .rc("core/stats", json!({ "group": format!("job/{id}") }))
+                    .await
+                {
+                    tracing::info!(
+                        bytes = stats["bytes"].as_u64().unwrap_or(0),
+                        files = stats["transfers"].as_u64().unwrap_or(0),
+                        elapsed = ?started.elapsed(),
+                        "restore: in progress"
+                    );
+                }
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Restores directory modes from `.cvm/dirs.json`, if the remote has it.
+    async fn restore_dir_modes(&self) -> Result<(), ReplicateError> {
+        let scratch = self.local_dir.join("scratch");
+        fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
+        let target = scratch.join(DIR_MODES);
+        let _ = fs::remove_file(&target);
+        let fetched = self
+            .rc(
+                "operations/copyfile",
+                json!({
+                    "srcFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "srcRemote": DIR_MODES,
+                    "dstFs": scratch.to_string_lossy(), "dstRemote": DIR_MODES,
+                }),
+            )
+            .await;
+        if fetched.is_ok() {
+            let n =
+                replication::apply_dir_modes(&self.state_dir, &target).map_err(io_err(&target))?;
+            tracing::debug!(dirs = n, "restore: directory modes applied");
+        }
+        Ok(())
+    }
+
+    /// What the remote holds, as a manifest, for a state dir kept from a previous run.
+    async fn remote_manifest(&self) -> Result<Manifest, ReplicateError> {
+        let listing = self
+            .rc(
+                "operations/list",
+                json!({
+                    "fs": format!("{CRYPT_REMOTE}:"), "remote": "",
+                    "opt": { "recurse": true, "filesOnly": true, "noMimeType": true },
+                    "_filter": self.filter(),
+                }),
+            )
+            .await;
+        let listing = match listing {
+            Ok(l) => l,
+            Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {
+                return Ok(Manifest::new())
+            }
+            Err(e) => return Err(ReplicateError::List(e)),
+        };
+        // Sizes only: a stamp that cannot match makes the first full pass
+        // compare by uploading; after that the manifest is exact.
+        Ok(listing["list"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| {
+                        Some((
+                            i["Path"].as_str()?.to_owned(),
+                            (i["Size"].as_u64()?, i64::MIN),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn purge_old_trash(&self) {
+        let Ok(listing) = self
+            .rc(
+                "operations/list",
+                json!({ "fs": format!("{CRYPT_REMOTE}:{TRASH_DIR}"), "remote": "", "opt": { "dirsOnly": true } }),
+            )
+            .await
+        else {
+            return;
+        };
+        let cutoff = replication::trash_day(
+            std::time::SystemTime::now() - Duration::from_secs(86_400 * u64::from(self.trash_days)),
+        );
+        for day in listing["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["Path"].as_str())
+        {
+            if day < cutoff.as_str() {
+                let r = self
+                    .rc(
+                        "operations/purge",
+                        json!({ "fs": format!("{CRYPT_REMOTE}:{TRASH_DIR}"), "remote": day }),
+                    )
+                    .await;
+                tracing::info!(
+                    day,
+                    ok = r.is_ok(),
+                    "trash: purged a day older than CVM_TRASH_DAYS"
+                );
+            }
+        }
+    }
+
+    pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+        let t = Instant::now();
+        self.start_rcd(reaper, timeout)
+            .await
+            .map_err(MountError::from)?;
+
+        let marker = self.restore_marker();
+        if marker.exists() {
+            tracing::warn!(dir = %self.state_dir.display(), "an earlier restore was interrupted; starting it over");
+            clear_dir(&self.state_dir).map_err(|e| MountError::from(io_err(&self.state_dir)(e)))?;
+        }
+        let fresh = fs::read_dir(&self.state_dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true);
+        let mut restored_dbs = BTreeMap::new();
+        let (remote, dir_modes) = if fresh {
+            notify::status("restoring state");
+            fs::write(&marker, b"").map_err(|e| MountError::from(io_err(&marker)(e)))?;
+            self.restore_tree().await?;
+            restored_dbs = restore::restore_databases(
+                reaper,
+                &self.rclone_bin,
+                &self.config_path,
+                &self.state_dir,
+            )
+            .await?;
+            self.restore_dir_modes().await?;
+            nix::unistd::sync();
+            fs::remove_file(&marker).map_err(|e| MountError::from(io_err(&marker)(e)))?;
+            let (files, dirs) = replication::scan(&self.state_dir, &self.excludes);
+            let bytes: u64 = files.values().map(|s| s.0).sum();
+            tracing::info!(files = files.len(), bytes, databases = restored_dbs.len(), took = ?t.elapsed(), "boot: state restored");
+            (files, dirs)
+        } else {
+            tracing::info!(dir = %self.state_dir.display(), "boot: keeping the local state dir (it is newer than S3)");
+            (self.remote_manifest().await?, BTreeMap::new())
+        };
+        self.purge_old_trash().await;
+
+        let scratch = self.local_dir.join("scratch");
+        self.backup = Some(Backup::start(
+            BackupSpec::new(
+                self.state_dir.clone(),
+                self.local_dir.join("snapshots"),
+                self.rc_socket.clone(),
+                format!("{CRYPT_REMOTE}:{REMOTE_DIR}"),
+                &self.sqlite,
+            ),
+            restored_dbs,
+        ));
+        self.replication = Some(Replication::start(
+            ReplicationSpec {
+                root: self.state_dir.clone(),
+                rc_socket: self.rc_socket.clone(),
+                excludes: self.excludes.clone(),
+                debounce: self.sqlite.debounce,
+                interval: self.sqlite.interval,
+                scratch,
+            },
+            remote,
+            dir_modes,
+        ));
+        Ok(())
+    }
+
+    pub async fn next_event(&mut self) -> Event {
+        match &mut self.rcd {
+            Some((child, _)) => Event::Failed(StorageFailure::RcloneExited(child.wait().await)),
+            None => std::future::pending().await,
+        }
+    }
+
+    pub async fn flush(&mut self, deadline: Instant) -> Result<(), FlushError> {
+        let mut result = Ok(());
+        if let Some(b) = self.backup.take() {
+            if let Err(e) = b.final_pass(deadline).await {
+                result = Err(FlushError::Databases(e));
+            }
+        }
+        if let Some(r) = self.replication.take() {
+            if let Err(e) = r.final_pass(deadline).await {
+                result = result.and(Err(FlushError::Files(e)));
+            }
+        }
+        result
+    }
+
+    pub async fn stop(mut self, deadline: Instant) -> Result<(), MountError> {
+        let mut result = Ok(());
+        if let Some((mut child, _)) = self.rcd.take() {
+            let _ = child.signal(Signal::SIGTERM);
+            match timeout_at(deadline, child.wait()).await {
+                Ok(exit) => tracing::info!(%exit, "rclone rcd stopped"),
+                Err(_) => {
+                    let _ = child.signal(Signal::SIGKILL);
+                    child.wait().await;
+                    result = Err(MountError::Killed);
+                }
+            }
+        }
+        if let Err(e) = fs::remove_file(&self.config_path) {
+            tracing::warn!(path = %self.config_path.display(), error = %e, "cannot remove the rclone config");
+        }
+        result
+    }
+}
+
+/// Removes everything inside `dir`, keeping `dir` itself (it may be a volume mountpoint).
+fn clear_dir(dir: &Path) -> io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.symlink_metadata()?.is_dir() {
+            fs::remove_dir_all(&p)?;
+        } else {
+            fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
