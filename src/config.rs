@@ -42,6 +42,7 @@ struct RawEnv {
     cvm_storage: Option<String>,
     cvm_exclude: Option<String>,
     cvm_trash_days: Option<String>,
+    cvm_gateway_max_failed_starts: Option<String>,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/data/openclaw";
@@ -109,6 +110,9 @@ pub struct RestartPolicy {
     pub delay: Duration,
     pub max_delay: Duration,
     pub reset_after: Duration,
+    /// Give up after this many starts in a row that each ended within
+    /// [`crate::gateway::FAILED_START`]; 0 never gives up.
+    pub max_failed_starts: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -328,6 +332,16 @@ impl Validator {
                 raw.openclaw_gateway_reset_after,
                 Duration::from_secs(600),
             ),
+            max_failed_starts: match given(raw.cvm_gateway_max_failed_starts) {
+                None => 5,
+                Some(n) => n.parse().unwrap_or_else(|_| {
+                    self.problem(
+                        "CVM_GATEWAY_MAX_FAILED_STARTS",
+                        format!("{n:?} is not a whole number (0 = never give up)"),
+                    );
+                    5
+                }),
+            },
         };
         if restart.max_delay < restart.delay {
             self.problem(
@@ -689,7 +703,8 @@ mod tests {
             RestartPolicy {
                 delay: Duration::from_secs(5),
                 max_delay: Duration::from_secs(60),
-                reset_after: Duration::from_secs(600)
+                reset_after: Duration::from_secs(600),
+                max_failed_starts: 5,
             }
         );
 

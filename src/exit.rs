@@ -9,6 +9,8 @@ pub enum Status {
     Clean = 0,
     /// An unexpected internal error.
     Failure = 1,
+    /// The gateway failed `CVM_GATEWAY_MAX_FAILED_STARTS` starts in a row.
+    GatewayFailing = 70,
     /// Unknown command-line arguments.
     Usage = 64,
     /// Storage could not be set up at boot, or died while running.

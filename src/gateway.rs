@@ -92,6 +92,9 @@ async fn wait_group_gone(child: &Child, limit: Duration) -> bool {
     true
 }
 
+/// A run shorter than this counts as a failed start.
+pub const FAILED_START: Duration = Duration::from_secs(10);
+
 /// The delay before the next start: the base delay after a run longer than
 /// `reset_after`, else double the previous delay, capped at `max_delay`.
 pub fn next_delay(
@@ -115,6 +118,7 @@ mod tests {
             delay: Duration::from_secs(5),
             max_delay: Duration::from_secs(60),
             reset_after: Duration::from_secs(600),
+            max_failed_starts: 5,
         };
         let s = Duration::from_secs;
         let table = [

@@ -77,10 +77,10 @@ pub fn main(args: &[String]) -> Status {
             return Status::Config;
         }
     };
-    let mode = if cfg.s3.is_some() {
-        "s3 (rclone crypt mount)"
-    } else {
-        "local (no S3_BUCKET)"
+    let mode = match (&cfg.s3, cfg.layout) {
+        (None, _) => "local (no S3_BUCKET)",
+        (Some(_), config::Layout::Replicate) => "s3, replicate layout (local state dir replicated)",
+        (Some(_), config::Layout::Mount) => "s3, mount layout (rclone crypt mount)",
     };
     tracing::info!(mode, state_dir = %cfg.state_dir.display(), "configuration ok");
 

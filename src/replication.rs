@@ -199,11 +199,14 @@ struct Engine {
 }
 
 impl Replication {
-    /// Starts watching `spec.root`. `remote` is what S3 holds now.
+    /// Starts watching `spec.root`. `remote` is what S3 holds now; with
+    /// `reconcile`, a full pass runs at once (local changes made while
+    /// cvm-init was down have no inotify event).
     pub fn start(
         spec: ReplicationSpec,
         remote: Manifest,
         dir_modes: BTreeMap<String, u32>,
+        reconcile: bool,
     ) -> Replication {
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let root = spec.root.clone();
@@ -219,7 +222,12 @@ impl Replication {
             }
         };
         let engine = Engine {
-            next_full: Instant::now() + spec.interval,
+            next_full: Instant::now()
+                + if reconcile {
+                    Duration::ZERO
+                } else {
+                    spec.interval
+                },
             spec,
             remote,
             dir_modes,

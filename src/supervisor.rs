@@ -101,6 +101,7 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
     tracing::info!(storage = storage.describe(), dir = %cfg.state_dir.display(), took = ?t.elapsed(), "storage ready");
 
     let mut delay: Option<Duration> = None;
+    let mut failed_starts = 0u32;
     let mut announced = false;
     let mut state = Gateway::Backoff {
         until: Instant::now(),
@@ -165,6 +166,18 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
             } => {
                 // `None`: the backoff is over and the loop head starts the gateway.
                 if let Some((exit, ran_for)) = event {
+                    failed_starts = if ran_for < gateway::FAILED_START { failed_starts + 1 } else { 0 };
+                    let limit = cfg.restart.max_failed_starts;
+                    if limit > 0 && failed_starts >= limit {
+                        tracing::error!(
+                            %exit, failed_starts,
+                            "the gateway failed {failed_starts} starts in a row (each ended within {:?}); giving up \
+                             instead of looping: its own output above says why",
+                            gateway::FAILED_START
+                        );
+                        shutdown::run(None, storage, cfg.stop_timeout).await;
+                        return Ok(Status::GatewayFailing);
+                    }
                     let next = gateway::next_delay(&cfg.restart, delay, ran_for);
                     delay = Some(next);
                     tracing::warn!(%exit, ?ran_for, restart_in = ?next, "gateway exited; restarting");

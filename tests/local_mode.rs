@@ -168,6 +168,7 @@ exit 3"#,
                 ("OUT", &out_s),
                 ("OPENCLAW_GATEWAY_RESTART_DELAY", "100ms"),
                 ("OPENCLAW_GATEWAY_RESTART_MAX_DELAY", "400ms"),
+                ("CVM_GATEWAY_MAX_FAILED_STARTS", "0"),
             ],
         ),
     );
@@ -194,6 +195,35 @@ exit 3"#,
             .all(|p| proc_stat(p).map(|(_, s)| s) != Some('Z'))
     });
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}
+
+#[test]
+fn a_gateway_that_keeps_failing_at_start_ends_the_appliance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = script(
+        tmp.path(),
+        "gw.sh",
+        "echo 'fatal: cannot start' >&2\nexit 1",
+    );
+    let dirs = Dirs::new(tmp.path(), "box");
+    let mut app = Appliance::start(
+        &dirs,
+        &env(
+            &dirs,
+            &[
+                ("CVM_GATEWAY_CMD", gw.to_str().unwrap()),
+                ("OPENCLAW_GATEWAY_RESTART_DELAY", "50ms"),
+                ("CVM_GATEWAY_MAX_FAILED_STARTS", "3"),
+            ],
+        ),
+    );
+    assert_eq!(app.wait_exit(T), 70, "{}", app.log_text());
+    let log = app.log_text();
+    assert_eq!(log.matches("fatal: cannot start").count(), 3, "{log}");
+    assert!(
+        log.contains("the gateway failed 3 starts in a row"),
+        "{log}"
+    );
 }
 
 #[test]

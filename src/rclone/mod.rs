@@ -145,7 +145,8 @@ pub fn mount_args(paths: &MountPaths, mountpoint: &Path) -> Vec<OsString> {
 /// A `Command` for rclone with the secret-bearing environment removed.
 pub fn command(rclone_bin: &str, args: &[OsString]) -> Command {
     let mut cmd = Command::new(rclone_bin);
-    cmd.args(args);
+    // rclone speaks sd-notify itself; only the mount gets a (private) socket.
+    cmd.args(args).env_remove("NOTIFY_SOCKET");
     for (name, _) in std::env::vars_os() {
         if name.to_str().is_some_and(is_secret_env) {
             cmd.env_remove(&name);

@@ -318,9 +318,12 @@ impl Replicate {
             tracing::warn!(dir = %self.state_dir.display(), "an earlier restore was interrupted; starting it over");
             clear_dir(&self.state_dir).map_err(|e| MountError::from(io_err(&self.state_dir)(e)))?;
         }
-        let fresh = fs::read_dir(&self.state_dir)
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(true);
+        let first_entry = fs::read_dir(&self.state_dir)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned());
+        let fresh = first_entry.is_none();
         let mut restored_dbs = BTreeMap::new();
         let (remote, dir_modes) = if fresh {
             notify::status("restoring state");
@@ -341,7 +344,11 @@ impl Replicate {
             tracing::info!(files = files.len(), bytes, databases = restored_dbs.len(), took = ?t.elapsed(), "boot: state restored");
             (files, dirs)
         } else {
-            tracing::info!(dir = %self.state_dir.display(), "boot: keeping the local state dir (it is newer than S3)");
+            tracing::info!(
+                dir = %self.state_dir.display(),
+                holds = first_entry.as_deref().unwrap_or_default(),
+                "boot: keeping the local state dir (not empty, so newer than S3)"
+            );
             (self.remote_manifest().await?, BTreeMap::new())
         };
         self.purge_old_trash().await;
@@ -368,6 +375,7 @@ impl Replicate {
             },
             remote,
             dir_modes,
+            !fresh,
         ));
         Ok(())
     }

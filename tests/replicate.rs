@@ -1,0 +1,318 @@
+//! The replicate layout (the default), against real Garage and rclone: the
+//! state dir on local disk, replicated through the crypt remote.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::load::now;
+use common::{rclone, script, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD};
+
+const T: Duration = Duration::from_secs(40);
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    g: Garage,
+    idle: String,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let g = Garage::start(tmp.path());
+        let idle = script(tmp.path(), "idle.sh", "exec sleep 100000")
+            .display()
+            .to_string();
+        Setup { tmp, g, idle }
+    }
+
+    fn boot(&self, name: &str, extra: &[(&str, &str)]) -> (Appliance, Dirs) {
+        let dirs = Dirs::new(self.tmp.path(), name);
+        let mut app = self.start(&dirs, extra);
+        app.wait_ready(T);
+        (app, dirs)
+    }
+
+    fn start(&self, dirs: &Dirs, extra: &[(&str, &str)]) -> Appliance {
+        let mut env = self.g.s3_env();
+        env.extend(dirs.env());
+        env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
+        env.push(("CVM_GATEWAY_CMD".into(), self.idle.clone()));
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Appliance::start(dirs, &env)
+    }
+
+    /// Remote names under `dir` of the crypt remote, as stock rclone sees them.
+    fn remote(&self, dir: &str) -> Vec<String> {
+        let conf = stock_config(&self.g, self.tmp.path());
+        String::from_utf8(rclone(
+            &conf,
+            &["lsf", "-R", "--files-only", &format!("crypt:{dir}")],
+        ))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+    }
+}
+
+/// Path → (content, mode, mtime in µs) for files; path → mode for dirs.
+fn snapshot(root: &Path) -> BTreeMap<String, (Vec<u8>, u32, i64)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (Vec<u8>, u32, i64)>) {
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            let m = p.symlink_metadata().unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            if m.is_dir() {
+                out.insert(format!("{rel}/"), (vec![], m.mode() & 0o7777, 0));
+                walk(root, &p, out);
+            } else {
+                let mtime = m.mtime() * 1_000_000 + m.mtime_nsec() / 1000;
+                out.insert(rel, (fs::read(&p).unwrap(), m.mode() & 0o7777, mtime));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn write(root: &Path, rel: &str, content: &str) {
+    let p = root.join(rel);
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, content).unwrap();
+}
+
+fn uploaded(app: &Appliance) -> usize {
+    app.log_text()
+        .lines()
+        .filter(|l| l.contains("replicate: pass"))
+        .filter_map(|l| {
+            l.split("uploaded=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum()
+}
+
+#[test]
+fn changes_replicate_and_a_new_container_gets_the_same_tree() {
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", &[]);
+    assert!(
+        app.log_text().contains("replicate layout"),
+        "{}",
+        app.log_text()
+    );
+    let st = &a.state;
+    // Phase 1: a tree with nested dirs, a private dir, empty and hard-linked files.
+    write(st, "openclaw.json", "{\"v\":1}");
+    write(st, "agents/main/agent/auth.json", "secret-ish");
+    fs::set_permissions(
+        st.join("agents/main/agent/auth.json"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    fs::set_permissions(
+        st.join("agents/main/agent"),
+        fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    write(st, "workspace/notes/a.md", "note a");
+    write(st, "workspace/notes/gone.md", "to be deleted");
+    write(st, "workspace/old-name.md", "renamed later");
+    write(st, "empty", "");
+    fs::hard_link(
+        st.join("workspace/notes/a.md"),
+        st.join("workspace/hardlink.md"),
+    )
+    .unwrap();
+    write(st, "tmp/openclaw-0/x.lock", "excluded");
+    write(st, "cache/blob", "excluded");
+    wait_until(T, "phase 1 on S3", || uploaded(&app) >= 7);
+
+    // Phase 2: modify, append, rename, delete; then stop at once.
+    write(st, "openclaw.json", "{\"v\":2}");
+    fs::OpenOptions::new()
+        .append(true)
+        .open(st.join("workspace/notes/a.md"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b" + more"))
+        .unwrap();
+    fs::rename(
+        st.join("workspace/old-name.md"),
+        st.join("workspace/new-name.md"),
+    )
+    .unwrap();
+    fs::remove_file(st.join("workspace/notes/gone.md")).unwrap();
+    let before = snapshot(st);
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    assert!(
+        app.log_text().contains("replicate: final pass"),
+        "{}",
+        app.log_text()
+    );
+
+    let remote = s.remote("");
+    for excluded in ["tmp/", "cache/"] {
+        assert!(
+            !remote.iter().any(|r| r.starts_with(excluded)),
+            "{excluded} must not be replicated: {remote:?}"
+        );
+    }
+    // Deleted and overwritten files are kept in the trash, not restored.
+    let trash = s.remote(".cvm-trash");
+    for kept in [
+        "workspace/notes/gone.md",
+        "workspace/old-name.md",
+        "openclaw.json",
+    ] {
+        assert!(
+            trash.iter().any(|t| t.ends_with(kept)),
+            "{kept} not in trash: {trash:?}"
+        );
+    }
+
+    let (mut app, b) = s.boot("b", &[]);
+    let mut after = snapshot(&b.state);
+    let mut expected = before;
+    for local_only in [
+        "tmp/",
+        "tmp/openclaw-0/",
+        "tmp/openclaw-0/x.lock",
+        "cache/",
+        "cache/blob",
+    ] {
+        expected.remove(local_only);
+        after.remove(local_only);
+    }
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &expected {
+        assert_eq!(&after[k], v, "{k} differs (content, mode, mtime)");
+    }
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}
+
+#[test]
+fn a_crash_loses_at_most_the_debounce_plus_one_upload() {
+    let s = Setup::new();
+    let mut seed = (now() * 1e6) as u64 | 1;
+    let bound = 3.0;
+    let mut lost_worst: f64 = 0.0;
+    for round in 0..4 {
+        let (mut app, d) = s.boot(&format!("r{round}"), &[]);
+        // A file a tenth of a second, each named by the time it was written.
+        let end = Instant::now() + Duration::from_millis(1500 + (seed >> 33) % 2000);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut written = Vec::new();
+        while Instant::now() < end {
+            let t = now();
+            write(&d.state, &format!("log/{round}-{t:.3}"), "x");
+            written.push(t);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let killed_at = now();
+        app.kill_all();
+        let (mut check, c) = s.boot(&format!("r{round}-check"), &[]);
+        for t in &written {
+            let present = c.state.join(format!("log/{round}-{t:.3}")).exists();
+            if !present {
+                lost_worst = lost_worst.max(killed_at - t);
+            }
+            assert!(
+                present || killed_at - t <= bound,
+                "round {round}: a file written {:.2}s before the kill is lost",
+                killed_at - t
+            );
+        }
+        assert_eq!(check.stop(T), 0);
+    }
+    eprintln!("replicate crash: worst file loss {lost_worst:.2}s before the kill (bound {bound}s)");
+}
+
+#[test]
+fn an_interrupted_restore_is_started_over() {
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", &[]);
+    write(&a.state, "keep.txt", "from S3");
+    wait_until(T, "the upload", || uploaded(&app) >= 1);
+    assert_eq!(app.stop(T), 0);
+
+    // A container whose restore died half-way: a marker and a partial tree.
+    let b = Dirs::new(s.tmp.path(), "b");
+    write(&b.state, "partial.txt", "half-restored junk");
+    fs::create_dir_all(&b.local).unwrap();
+    fs::write(b.local.join("restore-incomplete"), "").unwrap();
+    let mut app = s.start(&b, &[]);
+    app.wait_ready(T);
+    assert!(
+        app.log_text()
+            .contains("an earlier restore was interrupted"),
+        "{}",
+        app.log_text()
+    );
+    assert!(!b.state.join("partial.txt").exists());
+    assert_eq!(
+        fs::read_to_string(b.state.join("keep.txt")).unwrap(),
+        "from S3"
+    );
+    assert!(!b.local.join("restore-incomplete").exists());
+    assert_eq!(app.stop(T), 0);
+}
+
+#[test]
+fn a_wiped_state_dir_does_not_wipe_the_bucket() {
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", &[("CVM_BACKUP_INTERVAL", "1s")]);
+    for i in 0..30 {
+        write(&a.state, &format!("files/{i}.txt"), "data");
+    }
+    wait_until(T, "30 uploads", || uploaded(&app) >= 30);
+    for e in fs::read_dir(a.state.join("files")).unwrap() {
+        fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    wait_until(T, "the refusal", || {
+        app.log_text()
+            .contains("refusing to delete more than half of the remote tree")
+    });
+    assert_eq!(s.remote("files").len(), 30, "nothing deleted on S3");
+    assert_eq!(app.stop(T), 0);
+}
+
+#[test]
+fn replicate_needs_no_fuse_and_keeps_a_restarted_containers_local_state() {
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", &[]);
+    assert!(!app.log_text().contains("FUSE"));
+    write(&a.state, "one.txt", "1");
+    assert_eq!(app.stop(T), 0);
+    // The same container restarts: its local state is newer than S3 and kept.
+    write(
+        &a.state,
+        "offline-edit.txt",
+        "written while cvm-init was down",
+    );
+    let mut app = s.start(&a, &[]);
+    app.wait_ready(T);
+    assert!(
+        app.log_text()
+            .contains("keeping the local state dir (not empty"),
+        "{}",
+        app.log_text()
+    );
+    wait_until(T, "the offline edit on S3", || {
+        s.remote("").contains(&"offline-edit.txt".to_owned())
+    });
+    assert_eq!(app.stop(T), 0);
+}
