@@ -1,5 +1,6 @@
 //! Logs go to journald when its socket exists, else to stderr. `CVM_LOG`
-//! takes a tracing filter (default `info`).
+//! takes a tracing filter (default `info`, with the notify crate's chatter about
+//! vanished inotify watches kept to warnings).
 
 use std::path::Path;
 
@@ -10,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
 
 pub fn init() {
-    let filter = EnvFilter::try_from_env("CVM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("CVM_LOG").unwrap_or_else(|_| EnvFilter::new("info,notify=warn"));
     let registry = tracing_subscriber::registry().with(filter);
     if Path::new(JOURNALD_SOCKET).exists() {
         if let Ok(journald) = tracing_journald::layer() {
