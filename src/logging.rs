@@ -11,7 +11,8 @@ use tracing_subscriber::EnvFilter;
 const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
 
 pub fn init() {
-    let filter = EnvFilter::try_from_env("CVM_LOG").unwrap_or_else(|_| EnvFilter::new("info,notify=warn"));
+    let filter =
+        EnvFilter::try_from_env("CVM_LOG").unwrap_or_else(|_| EnvFilter::new("info,notify=warn"));
     let registry = tracing_subscriber::registry().with(filter);
     if Path::new(JOURNALD_SOCKET).exists() {
         if let Ok(journald) = tracing_journald::layer() {

@@ -316,3 +316,61 @@ fn replicate_needs_no_fuse_and_keeps_a_restarted_containers_local_state() {
     });
     assert_eq!(app.stop(T), 0);
 }
+
+#[test]
+fn idle_costs_no_s3_request_and_a_busy_file_is_uploaded_once_per_debounce() {
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", &[("CVM_BACKUP_INTERVAL", "1s")]);
+    // Twenty writes within 400 ms: one debounce window, one upload.
+    for i in 0..20 {
+        write(&a.state, "busy.json", &format!("{{\"n\":{i}}}"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_until(T, "the upload", || uploaded(&app) >= 1);
+    let settle = Instant::now() + Duration::from_secs(2);
+    wait_until(T, "the debounce window to pass", || {
+        Instant::now() >= settle
+    });
+    assert_eq!(uploaded(&app), 1, "{}", app.log_text());
+    assert!(s.g.s3_requests().get("PutObject").copied().unwrap_or(0) > 0);
+
+    // Idle over three full scans (CVM_BACKUP_INTERVAL=1s): no S3 request at all.
+    let before = s.g.s3_requests();
+    let until = Instant::now() + Duration::from_secs(3);
+    wait_until(T, "the idle window", || Instant::now() >= until);
+    assert_eq!(s.g.s3_requests(), before, "S3 requests while idle");
+    assert_eq!(app.stop(T), 0);
+}
+
+#[test]
+fn trash_older_than_cvm_trash_days_is_purged_at_boot() {
+    let s = Setup::new();
+    let conf = stock_config(&s.g, s.tmp.path());
+    let f = s.tmp.path().join("old");
+    fs::write(&f, "old version").unwrap();
+    rclone(
+        &conf,
+        &[
+            "copyto",
+            f.to_str().unwrap(),
+            "crypt:.cvm-trash/2001-01-01/notes.md",
+        ],
+    );
+    let today = format!(
+        "crypt:.cvm-trash/{}/recent.md",
+        cvm_init::replication::trash_day(std::time::SystemTime::now())
+    );
+    rclone(&conf, &["copyto", f.to_str().unwrap(), &today]);
+    let (mut app, _) = s.boot("a", &[("CVM_TRASH_DAYS", "7")]);
+    wait_until(T, "the purge", || {
+        app.log_text()
+            .contains("trash: purged a day older than CVM_TRASH_DAYS")
+    });
+    let trash = s.remote(".cvm-trash");
+    assert!(
+        !trash.iter().any(|t| t.starts_with("2001-01-01")),
+        "{trash:?}"
+    );
+    assert!(trash.iter().any(|t| t.ends_with("recent.md")), "{trash:?}");
+    assert_eq!(app.stop(T), 0);
+}
