@@ -123,14 +123,24 @@ fn a_database_created_on_the_mount_is_moved_and_a_graceful_stop_keeps_every_comm
 
 #[test]
 fn crashes_lose_at_most_the_stated_rpo_over_20_rounds() {
+    crash_rounds("mount", 20);
+}
+
+#[test]
+fn crashes_in_the_replicate_layout_lose_at_most_the_stated_rpo() {
+    crash_rounds("replicate", 10);
+}
+
+fn crash_rounds(layout: &str, rounds: usize) {
     let s = Setup::new();
     let base = s.out_dir("round-0");
     let base_s = base.display().to_string();
+    let layout_env = ("CVM_STORAGE", layout);
     // Round 0 creates the database and stops cleanly, so every later round
     // starts from a restored database on local disk.
-    let (mut app, _) = s.boot("round-0", &s.writer_cmd(), &[("OUT", &base_s)]);
-    wait_until(T, "the first move", || {
-        app.log_text().contains("moved a database off the mount")
+    let (mut app, _) = s.boot("round-0", &s.writer_cmd(), &[("OUT", &base_s), layout_env]);
+    wait_until(T, "the first snapshot", || {
+        app.log_text().contains("sqlite: snapshot uploaded")
     });
     wait_until(T, "first commits", || commits(&base).len() >= 50);
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
@@ -139,13 +149,13 @@ fn crashes_lose_at_most_the_stated_rpo_over_20_rounds() {
     eprintln!("crash rounds seed: {seed}");
     let mut lags = Vec::new();
     let mut last_committed: Option<(i64, f64)> = None; // (last i, kill time) of the previous round
-    for round in 1..=20 {
+    for round in 1..=rounds {
         let out = s.out_dir(&format!("round-{round}"));
         let out_s = out.display().to_string();
         let (mut app, dirs) = s.boot(
             &format!("round-{round}"),
             &s.writer_cmd(),
-            &[("OUT", &out_s)],
+            &[("OUT", &out_s), layout_env],
         );
 
         // What survived the previous crash.
@@ -182,12 +192,12 @@ fn crashes_lose_at_most_the_stated_rpo_over_20_rounds() {
     }
     lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
     eprintln!(
-        "crash RPO (seconds of commits lost) over {} rounds: median {:.2}s, worst {:.2}s (bound {RPO_BOUND}s)",
+        "{layout}: crash RPO (seconds of commits lost) over {} rounds: median {:.2}s, worst {:.2}s (bound {RPO_BOUND}s)",
         lags.len(),
         lags[lags.len() / 2],
         lags[lags.len() - 1]
     );
-    assert_eq!(lags.len(), 19);
+    assert_eq!(lags.len(), rounds - 1);
 }
 
 #[test]
