@@ -7,6 +7,7 @@
 //! (boot and supervision), `shutdown` (the data-safe stop order), `exit`
 //! (exit codes).
 
+pub mod attest;
 pub mod backup;
 pub mod config;
 pub mod exit;
@@ -35,6 +36,30 @@ const USAGE: &str =
     "usage: cvm-init            run the appliance (configured by environment variables; see README)
        cvm-init --version";
 
+fn attest_cmd(file: &str, digest: &str) -> Status {
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("cvm-init attest: cannot read {file}: {e}");
+            return Status::Usage;
+        }
+    };
+    match attest::attest(&bytes, digest) {
+        Ok(report) => {
+            attest::print(&report, digest);
+            if report.ok() {
+                Status::Clean
+            } else {
+                Status::Failure
+            }
+        }
+        Err(e) => {
+            eprintln!("cvm-init attest: {e}");
+            Status::Usage
+        }
+    }
+}
+
 /// Runs cvm-init with `args` (without the program name) and returns the exit status.
 pub fn main(args: &[String]) -> Status {
     match args {
@@ -43,6 +68,7 @@ pub fn main(args: &[String]) -> Status {
             println!("cvm-init {}", env!("CARGO_PKG_VERSION"));
             return Status::Clean;
         }
+        [cmd, file, digest] if cmd == "attest" => return attest_cmd(file, digest),
         [a] if a == "--help" || a == "-h" => {
             println!("{USAGE}");
             return Status::Clean;
