@@ -132,6 +132,19 @@ impl<'a> Meter<'a> {
     }
 }
 
+/// Copies what S3 holds of the database to `dst` with stock rclone.
+fn fetch_snapshot(conf: &Path, dst: &Path) -> bool {
+    Command::new(rclone_bin())
+        .arg("--config")
+        .arg(conf)
+        .arg("copyto")
+        .arg(format!("crypt:sqlite/{DB}"))
+        .arg(dst)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Pauses the writer, lets the last change settle, and meters S3 over `idle`.
 fn measure_idle(g: &Garage, out: &Path, idle: Duration) -> Option<(f64, f64, f64)> {
     fs::write(out.join("pause"), "").unwrap();
@@ -219,18 +232,7 @@ fn cvm_init(
     let (mut app, _) = boot(&g, root, "load", &cmd, &e);
     wait_until(T, "the writer", || !commits(&out).is_empty());
     let conf = stock_config(&g, root);
-    let fetch = |dst: &Path| {
-        Command::new(rclone_bin())
-            .args([
-                "--config".as_ref(),
-                conf.as_os_str(),
-                "copyto".as_ref(),
-                format!("crypt:sqlite/{DB}").as_ref(),
-                dst.as_os_str(),
-            ])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
+    let fetch = |dst: &Path| fetch_snapshot(&conf, dst);
     let meter = Meter::start(&g);
     sample_lags(&out, load, root, &fetch, &mut stats);
     stats.load_bytes_per_hour = meter.per_hour().0;
@@ -308,19 +310,7 @@ fn spec_procedure(root: &Path, writer: &Path, load: Duration, idle: Duration) ->
         name: "spec procedure (copy every 60 s)".into(),
         ..Stats::default()
     };
-    let fetch = |dst: &Path| {
-        Command::new(rclone_bin())
-            .args([
-                "--config".as_ref(),
-                conf.as_os_str(),
-                "copyto".as_ref(),
-                format!("crypt:sqlite/{DB}").as_ref(),
-                dst.as_os_str(),
-            ])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
+    let fetch = |dst: &Path| fetch_snapshot(&conf, dst);
     let meter = Meter::start(&g);
     sample_lags(&out, load, root, &fetch, &mut stats);
     stats.load_bytes_per_hour = meter.per_hour().0;

@@ -163,6 +163,19 @@ impl Child {
         kill(self.pid, sig)
     }
 
+    /// SIGTERM, then SIGKILL if it has not exited by `deadline`. Returns the
+    /// exit and whether the kill was needed.
+    pub async fn terminate(&mut self, deadline: tokio::time::Instant) -> (Exit, bool) {
+        let _ = self.signal(Signal::SIGTERM);
+        match tokio::time::timeout_at(deadline, self.wait()).await {
+            Ok(exit) => (exit, false),
+            Err(_) => {
+                let _ = self.signal(Signal::SIGKILL);
+                (self.wait().await, true)
+            }
+        }
+    }
+
     /// Whether any process (a zombie included) is left in the child's process group.
     pub fn group_alive(&self) -> bool {
         kill(Pid::from_raw(-self.pid.as_raw()), None) != Err(Errno::ESRCH)

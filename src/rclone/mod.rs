@@ -91,6 +91,13 @@ pub fn write_config(path: &Path, s3: &S3Config) -> io::Result<()> {
     fs::rename(&tmp, path)
 }
 
+/// Removes the rendered config once rclone is gone: it holds the S3 keys.
+pub fn remove_config(path: &Path) {
+    if let Err(e) = fs::remove_file(path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove the rclone config");
+    }
+}
+
 /// Paths of one rclone mount's run-time files.
 #[derive(Debug, Clone)]
 pub struct MountPaths {

@@ -10,9 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::mount::{umount2, MntFlags};
-use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-use tokio::time::{sleep, sleep_until, timeout_at, Instant};
+use tokio::time::{sleep, sleep_until, Instant};
 
 use super::redirect::{self, RedirectError};
 use super::{Event, FlushError, StorageFailure};
@@ -372,21 +371,15 @@ impl Mount {
     pub async fn stop(mut self, deadline: Instant) -> Result<(), MountError> {
         let mut result = Ok(());
         if let Some((mut child, _)) = self.rclone.take() {
-            let _ = child.signal(Signal::SIGTERM);
-            match timeout_at(deadline, child.wait()).await {
-                Ok(exit) => tracing::info!(%exit, "rclone stopped"),
-                Err(_) => {
-                    let _ = child.signal(Signal::SIGKILL);
-                    let exit = child.wait().await;
+            match child.terminate(deadline).await {
+                (exit, false) => tracing::info!(%exit, "rclone stopped"),
+                (exit, true) => {
                     tracing::error!(%exit, "rclone did not stop in time and was killed");
                     result = Err(MountError::Killed);
                 }
             }
         }
-        // The config holds the S3 keys; nothing needs it once rclone is gone.
-        if let Err(e) = std::fs::remove_file(&self.paths.config) {
-            tracing::warn!(path = %self.paths.config.display(), error = %e, "cannot remove the rclone config");
-        }
+        rclone::remove_config(&self.paths.config);
         if rclone_mounted(&self.mountpoint) {
             tracing::warn!(mountpoint = %self.mountpoint.display(), "mount still present after rclone exited; detaching");
             umount2(&self.mountpoint, MntFlags::MNT_DETACH).map_err(|source| {

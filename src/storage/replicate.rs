@@ -10,9 +10,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-use tokio::time::{sleep, timeout_at, Instant};
+use tokio::time::{sleep, Instant};
 
 use super::{Event, FlushError, MountError, StorageFailure};
 use crate::backup::{Backup, BackupSpec, REMOTE_DIR};
@@ -405,19 +404,15 @@ impl Replicate {
     pub async fn stop(mut self, deadline: Instant) -> Result<(), MountError> {
         let mut result = Ok(());
         if let Some((mut child, _)) = self.rcd.take() {
-            let _ = child.signal(Signal::SIGTERM);
-            match timeout_at(deadline, child.wait()).await {
-                Ok(exit) => tracing::info!(%exit, "rclone rcd stopped"),
-                Err(_) => {
-                    let _ = child.signal(Signal::SIGKILL);
-                    child.wait().await;
+            match child.terminate(deadline).await {
+                (exit, false) => tracing::info!(%exit, "rclone rcd stopped"),
+                (exit, true) => {
+                    tracing::error!(%exit, "rclone rcd did not stop in time and was killed");
                     result = Err(MountError::Killed);
                 }
             }
         }
-        if let Err(e) = fs::remove_file(&self.config_path) {
-            tracing::warn!(path = %self.config_path.display(), error = %e, "cannot remove the rclone config");
-        }
+        rclone::remove_config(&self.config_path);
         result
     }
 }
