@@ -43,6 +43,7 @@
       apps = forAllSystems (pkgs: {
         dev = {
           type = "app";
+          meta.description = "cvm-init against a throwaway local MinIO";
           program = lib.getExe self.packages.${pkgs.stdenv.hostPlatform.system}.dev;
         };
       });

@@ -6,7 +6,7 @@
 //! compared with the writer's commit log: the seconds of commits a crash at
 //! that moment would lose. cvm-init is also measured by real crash rounds
 //! (SIGKILL of everything, then a fresh container). Bytes are what Garage
-//! wrote to its block store (compression off). Results: bench/results.md.
+//! wrote to its block store (compression off). Results: bench/sqlite.md.
 //!
 //! Run with `./scripts/bench` (installs Litestream with pip).
 
@@ -511,7 +511,7 @@ fn main() {
         );
     }
     print!("{md}");
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results.md");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/sqlite.md");
     fs::write(&path, md).unwrap();
     eprintln!("bench: wrote {}", path.display());
 }

@@ -9,6 +9,9 @@
 , openclaw
 , coreutils
 , curl
+, fuse3
+, gnugrep
+, util-linux
 ,
 }:
 
@@ -21,6 +24,10 @@ writeShellApplication {
     openclaw
     coreutils
     curl
+    # fusermount3 for cvm-init's mount layout, grep and umount for the cleanup.
+    (lib.getBin fuse3)
+    gnugrep
+    util-linux
   ];
   # cleanup only runs from the EXIT trap, which older shellchecks call unreachable.
   excludeShellChecks = [ "SC2317" ];

@@ -48,7 +48,7 @@ struct RawEnv {
 pub const DEFAULT_STATE_DIR: &str = "/data/openclaw";
 pub const DEFAULT_LOCAL_DIR: &str = "/data/openclaw-local";
 pub const DEFAULT_RUN_DIR: &str = "/run/cvm-init";
-/// From bench/results.md: at 1 s a busy database loses a median 0.6 s and at
+/// From bench/sqlite.md: at 1 s a busy database loses a median 0.6 s and at
 /// worst 1.3 s of commits in a crash (Litestream's measured figure is 0.95 s);
 /// 2 s doubles that and cuts snapshot bytes about 3x. Durability first: 1 s.
 pub const DEFAULT_BACKUP_DEBOUNCE: Duration = Duration::from_secs(1);

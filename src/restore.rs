@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::backup::REMOTE_DIR;
 use crate::process::{Exit, Reaper};
-use crate::rclone::{self, CRYPT_REMOTE};
+use crate::rclone::{self, rc, CRYPT_REMOTE};
 use crate::sqlite::{self, SqliteError};
 
 /// rclone's exit code for "directory not found": the bucket has no snapshots yet.
@@ -27,7 +27,7 @@ pub enum RestoreError {
         "restoring databases from {CRYPT_REMOTE}:{REMOTE_DIR} failed ({exit}); the gateway is not started \
          on empty databases while remote ones exist. rclone said:\n{stderr}"
     )]
-    Fetch { exit: Exit, stderr: String },
+    Fetch { exit: String, stderr: String },
     #[error(
         "restored database {db} fails its check ({source}); it was moved aside to {aside} and the gateway \
          is not started. Restore an older copy by hand (see README) or remove the remote one"
@@ -68,39 +68,73 @@ fn files_below(root: &Path) -> Result<BTreeSet<PathBuf>, RestoreError> {
     Ok(out)
 }
 
+/// How the snapshots are fetched: a one-shot rclone (before any rclone runs,
+/// as in the mount layout) or a running `rclone rcd`.
+pub enum Fetch<'a> {
+    Spawn {
+        reaper: &'a Reaper,
+        rclone_bin: &'a str,
+        config: &'a Path,
+    },
+    Rc {
+        socket: &'a Path,
+    },
+}
+
+async fn fetch(how: Fetch<'_>, root: &Path) -> Result<(), RestoreError> {
+    let remote = format!("{CRYPT_REMOTE}:{REMOTE_DIR}");
+    match how {
+        Fetch::Spawn {
+            reaper,
+            rclone_bin,
+            config,
+        } => {
+            let args: Vec<OsString> = vec![
+                "--config".into(),
+                config.into(),
+                "copy".into(),
+                remote.into(),
+                root.into(),
+                "--ignore-existing".into(),
+            ];
+            let (mut child, tail) =
+                rclone::spawn(reaper, rclone_bin, &args, &[]).map_err(|source| RestoreError::Spawn {
+                    bin: rclone_bin.to_owned(),
+                    source,
+                })?;
+            match child.wait().await {
+                Exit::Code(0) | Exit::Code(RCLONE_DIR_NOT_FOUND) => Ok(()),
+                exit => Err(RestoreError::Fetch {
+                    exit: exit.to_string(),
+                    stderr: tail.text(),
+                }),
+            }
+        }
+        Fetch::Rc { socket } => {
+            let params = serde_json::json!({
+                "srcFs": remote, "dstFs": root.to_string_lossy(),
+                "_config": { "IgnoreExisting": true, "Transfers": 8 },
+            });
+            match rc::call(socket, "sync/copy", &params).await {
+                Ok(_) => Ok(()),
+                // A bucket prefix without snapshots yet.
+                Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => Ok(()),
+                Err(e) => Err(RestoreError::Fetch {
+                    exit: "rc sync/copy".to_owned(),
+                    stderr: e.to_string(),
+                }),
+            }
+        }
+    }
+}
+
 /// Copies every snapshot S3 holds under `sqlite/` into `root` where no file
 /// of that name exists yet, and checks each one. Returns the restored
 /// databases (relative to `root`) with their content hashes.
-pub async fn restore_databases(
-    reaper: &Reaper,
-    rclone_bin: &str,
-    config: &Path,
-    root: &Path,
-) -> Result<BTreeMap<PathBuf, [u8; 32]>, RestoreError> {
+pub async fn restore_databases(how: Fetch<'_>, root: &Path) -> Result<BTreeMap<PathBuf, [u8; 32]>, RestoreError> {
     let started = Instant::now();
     let before = files_below(root)?;
-    let args: Vec<OsString> = vec![
-        "--config".into(),
-        config.into(),
-        "copy".into(),
-        format!("{CRYPT_REMOTE}:{REMOTE_DIR}").into(),
-        root.into(),
-        "--ignore-existing".into(),
-    ];
-    let (mut child, tail) =
-        rclone::spawn(reaper, rclone_bin, &args, &[]).map_err(|source| RestoreError::Spawn {
-            bin: rclone_bin.to_owned(),
-            source,
-        })?;
-    match child.wait().await {
-        Exit::Code(0) | Exit::Code(RCLONE_DIR_NOT_FOUND) => {}
-        exit => {
-            return Err(RestoreError::Fetch {
-                exit,
-                stderr: tail.text(),
-            })
-        }
-    }
+    fetch(how, root).await?;
     let mut restored = BTreeMap::new();
     for rel in files_below(root)?.difference(&before) {
         let path = root.join(rel);

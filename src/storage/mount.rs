@@ -155,7 +155,14 @@ impl Mount {
         let t = Instant::now();
         notify::status("restoring databases");
         self.restored =
-            restore::restore_databases(reaper, &self.rclone_bin, &self.paths.config, &self.db_root)
+            restore::restore_databases(
+            restore::Fetch::Spawn {
+                reaper,
+                rclone_bin: &self.rclone_bin,
+                config: &self.paths.config,
+            },
+            &self.db_root,
+        )
                 .await?;
         tracing::info!(took = ?t.elapsed(), databases = self.restored.len(), "boot: databases restored");
 

@@ -327,14 +327,21 @@ impl Replicate {
         let (remote, dir_modes) = if fresh {
             notify::status("restoring state");
             fs::write(&marker, b"").map_err(|e| MountError::from(io_err(&marker)(e)))?;
-            self.restore_tree().await?;
-            restored_dbs = restore::restore_databases(
-                reaper,
-                &self.rclone_bin,
-                &self.config_path,
-                &self.state_dir,
-            )
-            .await?;
+            // The tree and the databases do not depend on each other: fetch both at
+            // once, the databases into a staging dir so their check sees only them.
+            let staging = self.local_dir.join("restore-sqlite");
+            let _ = fs::remove_dir_all(&staging);
+            fs::create_dir_all(&staging).map_err(|e| MountError::from(io_err(&staging)(e)))?;
+            let (tree, dbs) = tokio::join!(
+                self.restore_tree(),
+                restore::restore_databases(restore::Fetch::Rc { socket: &self.rc_socket }, &staging)
+            );
+            tree?;
+            restored_dbs = dbs?;
+            for rel in restored_dbs.keys() {
+                move_file(&staging.join(rel), &self.state_dir.join(rel)).map_err(|e| MountError::from(io_err(rel)(e)))?;
+            }
+            let _ = fs::remove_dir_all(&staging);
             self.restore_dir_modes().await?;
             nix::unistd::sync();
             fs::remove_file(&marker).map_err(|e| MountError::from(io_err(&marker)(e)))?;
@@ -414,6 +421,22 @@ impl Replicate {
         }
         rclone::remove_config(&self.config_path);
         result
+    }
+}
+
+/// Renames `from` to `to`, or copies and syncs it when they are on different
+/// file systems (the local and state dirs may be different volumes).
+fn move_file(from: &Path, to: &Path) -> io::Result<()> {
+    if let Some(parent) = to.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    match fs::rename(from, to) {
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EXDEV as i32) => {
+            fs::copy(from, to)?;
+            fs::File::open(to)?.sync_all()?;
+            fs::remove_file(from)
+        }
+        r => r,
     }
 }
 
