@@ -284,9 +284,11 @@ fn durable(g: &Garage, root: &Path, prefix: &str) -> (usize, i64) {
 }
 
 /// A gateway that, once, writes 10 files of 1 MB and commits 100
-/// transactions over about 2 s, then idles. `DB` is where the database lives.
+/// transactions over about 2 s, then idles; like OpenClaw it exits at once on
+/// SIGTERM. `DB` is where the database lives.
 const STOP_GATEWAY: &str = r#"
-import os, sqlite3, time
+import os, signal, sqlite3, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 state, db = os.environ["OPENCLAW_STATE_DIR"], os.environ["DB"]
 os.makedirs(os.path.join(state, "out"), exist_ok=True)
 os.makedirs(os.path.dirname(db), exist_ok=True)

@@ -62,6 +62,9 @@ impl Excludes {
         {
             rules.push(format!("/{p}"));
             rules.extend(SIDECARS.iter().map(|s| format!("/{p}{s}")));
+            // The mount layout keeps a link where each database was: on a bucket
+            // that switches layouts it must not come back in place of the database.
+            rules.push(format!("/{p}{LINK_SUFFIX}"));
         }
         let mut b = GlobSetBuilder::new();
         for r in &rules {
@@ -548,6 +551,7 @@ mod tests {
             assert!(!ex.excluded(Path::new(no)), "{no}");
         }
         assert!(ex.rules().contains(&"/state/*.sqlite-wal".to_owned()));
+        assert!(ex.excluded(Path::new("state/openclaw.sqlite.rclonelink")));
     }
 
     #[test]

@@ -98,9 +98,11 @@ async fn fetch(how: Fetch<'_>, root: &Path) -> Result<(), RestoreError> {
                 "--ignore-existing".into(),
             ];
             let (mut child, tail) =
-                rclone::spawn(reaper, rclone_bin, &args, &[]).map_err(|source| RestoreError::Spawn {
-                    bin: rclone_bin.to_owned(),
-                    source,
+                rclone::spawn(reaper, rclone_bin, &args, &[]).map_err(|source| {
+                    RestoreError::Spawn {
+                        bin: rclone_bin.to_owned(),
+                        source,
+                    }
                 })?;
             match child.wait().await {
                 Exit::Code(0) | Exit::Code(RCLONE_DIR_NOT_FOUND) => Ok(()),
@@ -118,7 +120,9 @@ async fn fetch(how: Fetch<'_>, root: &Path) -> Result<(), RestoreError> {
             match rc::call(socket, "sync/copy", &params).await {
                 Ok(_) => Ok(()),
                 // A bucket prefix without snapshots yet.
-                Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => Ok(()),
+                Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {
+                    Ok(())
+                }
                 Err(e) => Err(RestoreError::Fetch {
                     exit: "rc sync/copy".to_owned(),
                     stderr: e.to_string(),
@@ -131,7 +135,10 @@ async fn fetch(how: Fetch<'_>, root: &Path) -> Result<(), RestoreError> {
 /// Copies every snapshot S3 holds under `sqlite/` into `root` where no file
 /// of that name exists yet, and checks each one. Returns the restored
 /// databases (relative to `root`) with their content hashes.
-pub async fn restore_databases(how: Fetch<'_>, root: &Path) -> Result<BTreeMap<PathBuf, [u8; 32]>, RestoreError> {
+pub async fn restore_databases(
+    how: Fetch<'_>,
+    root: &Path,
+) -> Result<BTreeMap<PathBuf, [u8; 32]>, RestoreError> {
     let started = Instant::now();
     let before = files_below(root)?;
     fetch(how, root).await?;

@@ -374,3 +374,47 @@ fn trash_older_than_cvm_trash_days_is_purged_at_boot() {
     assert!(trash.iter().any(|t| t.ends_with("recent.md")), "{trash:?}");
     assert_eq!(app.stop(T), 0);
 }
+
+#[test]
+fn a_bucket_written_in_the_mount_layout_boots_in_the_replicate_layout() {
+    let s = Setup::new();
+    // The mount layout leaves a link (stored as .rclonelink) where its database was.
+    let py = s.tmp.path().join("db.py");
+    fs::write(
+        &py,
+        "import os, sqlite3, time\n\
+         d = os.path.join(os.environ['OPENCLAW_STATE_DIR'], 'state')\n\
+         os.makedirs(d, exist_ok=True)\n\
+         c = sqlite3.connect(os.path.join(d, 'openclaw.sqlite'))\n\
+         c.execute('create table if not exists t(a)')\n\
+         c.execute('insert into t values (42)')\n\
+         c.commit()\n\
+         time.sleep(3600)\n",
+    )
+    .unwrap();
+    let cmd = format!("python3 {}", py.display());
+    let (mut app, _) = s.boot("m", &[("CVM_STORAGE", "mount"), ("CVM_GATEWAY_CMD", &cmd)]);
+    wait_until(T, "the database moved and saved", || {
+        let log = app.log_text();
+        log.contains("moved a database off the mount") && log.contains("sqlite: snapshot uploaded")
+    });
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    assert!(
+        s.remote("state").iter().any(|r| r.ends_with(".rclonelink")),
+        "{:?}",
+        s.remote("state")
+    );
+
+    let (mut app, r) = s.boot("r", &[]);
+    let db = r.state.join("state/openclaw.sqlite");
+    assert!(
+        db.symlink_metadata().unwrap().is_file(),
+        "the database is a file, not the old link"
+    );
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
+        .unwrap();
+    assert!(rows >= 1);
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}

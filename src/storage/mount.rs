@@ -154,8 +154,7 @@ impl Mount {
     pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
         let t = Instant::now();
         notify::status("restoring databases");
-        self.restored =
-            restore::restore_databases(
+        self.restored = restore::restore_databases(
             restore::Fetch::Spawn {
                 reaper,
                 rclone_bin: &self.rclone_bin,
@@ -163,7 +162,7 @@ impl Mount {
             },
             &self.db_root,
         )
-                .await?;
+        .await?;
         tracing::info!(took = ?t.elapsed(), databases = self.restored.len(), "boot: databases restored");
 
         let t = Instant::now();

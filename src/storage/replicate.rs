@@ -334,12 +334,18 @@ impl Replicate {
             fs::create_dir_all(&staging).map_err(|e| MountError::from(io_err(&staging)(e)))?;
             let (tree, dbs) = tokio::join!(
                 self.restore_tree(),
-                restore::restore_databases(restore::Fetch::Rc { socket: &self.rc_socket }, &staging)
+                restore::restore_databases(
+                    restore::Fetch::Rc {
+                        socket: &self.rc_socket
+                    },
+                    &staging
+                )
             );
             tree?;
             restored_dbs = dbs?;
             for rel in restored_dbs.keys() {
-                move_file(&staging.join(rel), &self.state_dir.join(rel)).map_err(|e| MountError::from(io_err(rel)(e)))?;
+                move_file(&staging.join(rel), &self.state_dir.join(rel))
+                    .map_err(|e| MountError::from(io_err(rel)(e)))?;
             }
             let _ = fs::remove_dir_all(&staging);
             self.restore_dir_modes().await?;
