@@ -139,11 +139,26 @@ pub async fn restore_databases(
     how: Fetch<'_>,
     root: &Path,
 ) -> Result<BTreeMap<PathBuf, [u8; 32]>, RestoreError> {
-    let started = Instant::now();
+    let fetched = fetch_databases(how, root).await?;
+    check_databases(root, &fetched).await
+}
+
+/// The fetch half of [`restore_databases`]: returns the files it added.
+pub async fn fetch_databases(how: Fetch<'_>, root: &Path) -> Result<Vec<PathBuf>, RestoreError> {
     let before = files_below(root)?;
     fetch(how, root).await?;
+    Ok(files_below(root)?.difference(&before).cloned().collect())
+}
+
+/// The check half of [`restore_databases`]: `quick_check` and content hash of
+/// each fetched file; a failing one is moved aside and stops the boot.
+pub async fn check_databases(
+    root: &Path,
+    fetched: &[PathBuf],
+) -> Result<BTreeMap<PathBuf, [u8; 32]>, RestoreError> {
+    let started = Instant::now();
     let mut restored = BTreeMap::new();
-    for rel in files_below(root)?.difference(&before) {
+    for rel in fetched {
         let path = root.join(rel);
         let checked = {
             let path = path.clone();

@@ -154,7 +154,7 @@ impl Mount {
     pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
         let t = Instant::now();
         notify::status("restoring databases");
-        self.restored = restore::restore_databases(
+        let fetched = restore::fetch_databases(
             restore::Fetch::Spawn {
                 reaper,
                 rclone_bin: &self.rclone_bin,
@@ -163,33 +163,20 @@ impl Mount {
             &self.db_root,
         )
         .await?;
-        tracing::info!(took = ?t.elapsed(), databases = self.restored.len(), "boot: databases restored");
+        tracing::info!(took = ?t.elapsed(), databases = fetched.len(), "boot: databases fetched");
 
+        // Checking the databases and starting the mount do not depend on each
+        // other; both must be done before the gateway starts.
         let t = Instant::now();
         notify::status("mounting");
-        detach_stale(&self.mountpoint)?;
-        std::fs::create_dir_all(&self.mountpoint).map_err(prepare_err(&self.mountpoint))?;
-        let _ = std::fs::remove_file(&self.paths.rc_socket);
-        let listener = notify::Listener::bind(&self.paths.notify_socket)
-            .map_err(prepare_err(&self.paths.notify_socket))?;
-        let args = rclone::mount_args(&self.paths, &self.mountpoint);
-        let spawned = rclone::spawn(
-            reaper,
-            &self.rclone_bin,
-            &args,
-            &[("NOTIFY_SOCKET", listener.path())],
+        let db_root = self.db_root.clone();
+        let (checked, mounted) = tokio::join!(
+            restore::check_databases(&db_root, &fetched),
+            self.mount(reaper, timeout)
         );
-        let (child, tail) = spawned.map_err(|source| MountError::Spawn {
-            bin: self.rclone_bin.clone(),
-            source,
-        })?;
-        tracing::info!(pid = child.pid().as_raw(), mountpoint = %self.mountpoint.display(), "started rclone mount");
-        self.rclone = Some((child, tail));
-        let mounted = self.wait_mounted(&listener, timeout).await;
-        self.notify = Some(listener);
         mounted?;
-        self.served = true;
-        tracing::info!(took = ?t.elapsed(), "boot: mounted");
+        self.restored = checked?;
+        tracing::info!(took = ?t.elapsed(), "boot: mounted and databases checked");
 
         let spec = BackupSpec::new(
             self.db_root.clone(),
@@ -216,6 +203,33 @@ impl Mount {
                 );
             }
         });
+        Ok(())
+    }
+
+    /// Detaches a stale mount, starts `rclone mount` and waits until it is live.
+    async fn mount(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+        detach_stale(&self.mountpoint)?;
+        std::fs::create_dir_all(&self.mountpoint).map_err(prepare_err(&self.mountpoint))?;
+        let _ = std::fs::remove_file(&self.paths.rc_socket);
+        let listener = notify::Listener::bind(&self.paths.notify_socket)
+            .map_err(prepare_err(&self.paths.notify_socket))?;
+        let args = rclone::mount_args(&self.paths, &self.mountpoint);
+        let spawned = rclone::spawn(
+            reaper,
+            &self.rclone_bin,
+            &args,
+            &[("NOTIFY_SOCKET", listener.path())],
+        );
+        let (child, tail) = spawned.map_err(|source| MountError::Spawn {
+            bin: self.rclone_bin.clone(),
+            source,
+        })?;
+        tracing::info!(pid = child.pid().as_raw(), mountpoint = %self.mountpoint.display(), "started rclone mount");
+        self.rclone = Some((child, tail));
+        let mounted = self.wait_mounted(&listener, timeout).await;
+        self.notify = Some(listener);
+        mounted?;
+        self.served = true;
         Ok(())
     }
 

@@ -271,41 +271,6 @@ impl Replicate {
             .unwrap_or_default())
     }
 
-    async fn purge_old_trash(&self) {
-        let Ok(listing) = self
-            .rc(
-                "operations/list",
-                json!({ "fs": format!("{CRYPT_REMOTE}:{TRASH_DIR}"), "remote": "", "opt": { "dirsOnly": true } }),
-            )
-            .await
-        else {
-            return;
-        };
-        let cutoff = replication::trash_day(
-            std::time::SystemTime::now() - Duration::from_secs(86_400 * u64::from(self.trash_days)),
-        );
-        for day in listing["list"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i["Path"].as_str())
-        {
-            if day < cutoff.as_str() {
-                let r = self
-                    .rc(
-                        "operations/purge",
-                        json!({ "fs": format!("{CRYPT_REMOTE}:{TRASH_DIR}"), "remote": day }),
-                    )
-                    .await;
-                tracing::info!(
-                    day,
-                    ok = r.is_ok(),
-                    "trash: purged a day older than CVM_TRASH_DAYS"
-                );
-            }
-        }
-    }
-
     pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
         let t = Instant::now();
         self.start_rcd(reaper, timeout)
@@ -363,7 +328,7 @@ impl Replicate {
             );
             (self.remote_manifest().await?, BTreeMap::new())
         };
-        self.purge_old_trash().await;
+        tokio::spawn(purge_old_trash(self.rc_socket.clone(), self.trash_days));
 
         let scratch = self.local_dir.join("scratch");
         self.backup = Some(Backup::start(
@@ -443,6 +408,41 @@ fn move_file(from: &Path, to: &Path) -> io::Result<()> {
             fs::remove_file(from)
         }
         r => r,
+    }
+}
+
+/// Purges trash days older than `days`; runs beside the gateway, nothing waits for it.
+async fn purge_old_trash(socket: PathBuf, days: u32) {
+    let Ok(listing) = rc::call(&socket,
+            "operations/list",
+            &json!({ "fs": format!("{CRYPT_REMOTE}:{TRASH_DIR}"), "remote": "", "opt": { "dirsOnly": true } }),
+        )
+        .await
+    else {
+        return;
+    };
+    let cutoff = replication::trash_day(
+        std::time::SystemTime::now() - Duration::from_secs(86_400 * u64::from(days)),
+    );
+    for day in listing["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["Path"].as_str())
+    {
+        if day < cutoff.as_str() {
+            let r = rc::call(
+                &socket,
+                "operations/purge",
+                &json!({ "fs": format!("{CRYPT_REMOTE}:{TRASH_DIR}"), "remote": day }),
+            )
+            .await;
+            tracing::info!(
+                day,
+                ok = r.is_ok(),
+                "trash: purged a day older than CVM_TRASH_DAYS"
+            );
+        }
     }
 }
 
