@@ -424,7 +424,9 @@ fn stop_spec(g: &Garage, root: &Path, name: &str, gateway_py: &Path) -> StopResu
 struct Idle {
     name: String,
     init_pid: i32,
-    rclone_pid: Option<i32>,
+    /// Where its rclone's command line points; looked up at the end, since
+    /// `rclone mount --daemon` replaces its first process.
+    root: PathBuf,
     g: Garage,
 }
 
@@ -488,6 +490,8 @@ fn main() {
     eprintln!("bench: boot to ready, {runs} runs each…");
     let (mut ours_r, mut floor_r, mut ours_m, mut floor_m, mut spec) =
         (vec![], vec![], vec![], vec![], vec![]);
+    // Replicate first: the mount layout leaves links in the bucket (where its
+    // databases were), which a plain `rclone copy` floor would then retry over.
     for i in 0..runs {
         ours_r.push(boot_cvm(
             &g,
@@ -498,6 +502,8 @@ fn main() {
             &idle_gw,
         ));
         floor_r.push(floor_replicate(&conf, root, &format!("floor-r{i}")));
+    }
+    for i in 0..runs {
         ours_m.push(boot_cvm(
             &g,
             root,
@@ -563,7 +569,7 @@ fn main() {
         idles.push(Idle {
             name: name.into(),
             init_pid: app.pid(),
-            rclone_pid: rclone_under(&iroot),
+            root: iroot.clone(),
             g: ig,
         });
         keep.push(app);
@@ -580,7 +586,7 @@ fn main() {
     idles.push(Idle {
         name: "spec procedure".into(),
         init_pid: spid,
-        rclone_pid: rclone_under(&sroot),
+        root: sroot.clone(),
         g: sg,
     });
     // Let boot-time work settle, then measure.
@@ -602,7 +608,7 @@ fn main() {
             i.name.clone(),
             proc_rss_mib(i.init_pid),
             cpu / elapsed * 100.0,
-            i.rclone_pid.map_or(0.0, proc_rss_mib),
+            rclone_under(&i.root).map_or(0.0, proc_rss_mib),
             reqs as f64 / elapsed * 600.0,
         ));
     }

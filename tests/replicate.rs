@@ -249,6 +249,17 @@ fn an_interrupted_restore_is_started_over() {
     wait_until(T, "the upload", || uploaded(&app) >= 1);
     assert_eq!(app.stop(T), 0);
 
+    // A new volume holds only lost+found: it is restored into, not kept.
+    let v = Dirs::new(s.tmp.path(), "volume");
+    fs::create_dir_all(v.state.join("lost+found")).unwrap();
+    let mut app = s.start(&v, &[]);
+    app.wait_ready(T);
+    assert_eq!(
+        fs::read_to_string(v.state.join("keep.txt")).unwrap(),
+        "from S3"
+    );
+    assert_eq!(app.stop(T), 0);
+
     // A container whose restore died half-way: a marker and a partial tree.
     let b = Dirs::new(s.tmp.path(), "b");
     write(&b.state, "partial.txt", "half-restored junk");

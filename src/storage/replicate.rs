@@ -282,11 +282,12 @@ impl Replicate {
             tracing::warn!(dir = %self.state_dir.display(), "an earlier restore was interrupted; starting it over");
             clear_dir(&self.state_dir).map_err(|e| MountError::from(io_err(&self.state_dir)(e)))?;
         }
-        let first_entry = fs::read_dir(&self.state_dir)
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned());
+        // A freshly formatted volume holds `lost+found` and nothing else: still a new container.
+        let first_entry = fs::read_dir(&self.state_dir).ok().and_then(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find(|name| name != "lost+found")
+        });
         let fresh = first_entry.is_none();
         let mut restored_dbs = BTreeMap::new();
         let (remote, dir_modes) = if fresh {
