@@ -84,6 +84,7 @@ pub struct Garage {
     server: Option<Child>,
     pub endpoint: String,
     admin_port: u16,
+    rpc_secret: String,
     pub bucket: String,
     pub key_id: String,
     pub secret: String,
@@ -95,34 +96,30 @@ impl Garage {
     pub fn start(dir: &Path) -> Garage {
         let dir = dir.join("garage");
         fs::create_dir_all(&dir).unwrap();
-        let (s3_port, rpc_port, admin_port) = (free_port(), free_port(), free_port());
-        let config = dir.join("garage.toml");
-        fs::write(
-            &config,
-            format!(
-                "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
-                 replication_factor = 1\ncompression_level = \"none\"\nrpc_bind_addr = \"127.0.0.1:{rpc_port}\"\n\
-                 rpc_public_addr = \"127.0.0.1:{rpc_port}\"\nrpc_secret = \"{secret}\"\n\
-                 [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{s3_port}\"\n\
-                 root_domain = \".s3.garage.localhost\"\n\
-                 [admin]\napi_bind_addr = \"127.0.0.1:{admin_port}\"\n",
-                d = dir.display(),
-                secret = hex(32)
-            ),
-        )
-        .unwrap();
         let mut g = Garage {
             bin: find_program("garage", "GARAGE_BIN"),
+            config: dir.join("garage.toml"),
             dir,
-            config,
             server: None,
-            endpoint: format!("http://127.0.0.1:{s3_port}"),
-            admin_port,
+            endpoint: String::new(),
+            admin_port: 0,
+            rpc_secret: hex(32),
             bucket: "cvm-test".into(),
             key_id: format!("GK{}", hex(12)),
             secret: hex(32),
         };
-        g.run_server();
+        // A port picked free can be taken before Garage binds it (tests run in
+        // parallel and every client connection uses an ephemeral port): retry
+        // with new ports when the server dies at start.
+        let started = (0..5).any(|_| {
+            g.write_config();
+            g.run_server()
+        });
+        assert!(
+            started,
+            "garage did not start; its log:\n{}",
+            fs::read_to_string(g.dir.join("server.log")).unwrap_or_default()
+        );
         let out = g.cli(&["node", "id", "-q"]);
         let node = out.split('@').next().unwrap().trim().to_owned();
         g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
@@ -150,7 +147,29 @@ impl Garage {
         g
     }
 
-    fn run_server(&mut self) {
+    /// Picks fresh ports and writes the config for them.
+    fn write_config(&mut self) {
+        let (s3_port, rpc_port, admin_port) = (free_port(), free_port(), free_port());
+        fs::write(
+            &self.config,
+            format!(
+                "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+                 replication_factor = 1\ncompression_level = \"none\"\nrpc_bind_addr = \"127.0.0.1:{rpc_port}\"\n\
+                 rpc_public_addr = \"127.0.0.1:{rpc_port}\"\nrpc_secret = \"{secret}\"\n\
+                 [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{s3_port}\"\n\
+                 root_domain = \".s3.garage.localhost\"\n\
+                 [admin]\napi_bind_addr = \"127.0.0.1:{admin_port}\"\n",
+                d = self.dir.display(),
+                secret = self.rpc_secret
+            ),
+        )
+        .unwrap();
+        self.endpoint = format!("http://127.0.0.1:{s3_port}");
+        self.admin_port = admin_port;
+    }
+
+    /// Starts the server on the configured ports; false if it died or never answered.
+    fn run_server(&mut self) -> bool {
         let log = fs::File::create(self.dir.join("server.log")).unwrap();
         let child = Command::new(&self.bin)
             .args(["-c".as_ref(), self.config.as_os_str(), "server".as_ref()])
@@ -159,13 +178,22 @@ impl Garage {
             .spawn()
             .expect("start garage");
         self.server = Some(child);
-        wait_until(Duration::from_secs(20), "garage to answer", || {
-            self.try_cli(&["status"]).is_ok()
-        });
         let port = self.endpoint.rsplit(':').next().unwrap().to_owned();
-        wait_until(Duration::from_secs(20), "garage's S3 port", || {
-            std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok()
-        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.server.as_mut().unwrap().try_wait().unwrap().is_some() {
+                self.server = None;
+                return false;
+            }
+            if self.try_cli(&["status"]).is_ok()
+                && std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok()
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop();
+        false
     }
 
     fn try_cli(&self, args: &[&str]) -> Result<String, String> {
@@ -228,9 +256,14 @@ impl Garage {
         }
     }
 
+    /// Restarts on the same ports (clients keep their endpoint).
     pub fn restart(&mut self) {
         self.stop();
-        self.run_server();
+        assert!(
+            self.run_server(),
+            "garage did not restart; its log:\n{}",
+            fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+        );
     }
 
     /// The env that puts cvm-init in S3 mode against this Garage.
