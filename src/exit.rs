@@ -17,6 +17,8 @@ pub enum Status {
     StorageUnavailable = 69,
     /// A PID-1 duty failed: /proc or /dev/fuse.
     Os = 71,
+    /// The crypt key does not match the data in the bucket prefix; nothing was written.
+    WrongKey = 77,
     /// The stop budget ran out before everything reached S3 (or rclone had to be killed).
     NotFlushed = 74,
     /// The configuration is invalid; nothing was touched.

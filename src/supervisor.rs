@@ -10,10 +10,11 @@ use tokio::time::{sleep_until, Instant};
 use crate::config::Config;
 use crate::exit::Status;
 use crate::gateway::{self, SpawnError};
+use crate::keycheck::KeyCheckError;
 use crate::notify;
 use crate::process::{Child, Reaper};
 use crate::shutdown;
-use crate::storage::{Event as StorageEvent, Storage};
+use crate::storage::{Event as StorageEvent, MountError, Storage};
 
 /// What a signal means to PID 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,8 +90,12 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
         r = storage.boot(&reaper, cfg.mount_timeout) => {
             if let Err(e) = r {
                 tracing::error!("storage could not start: {e}");
+                let status = match e {
+                    MountError::KeyCheck(KeyCheckError::WrongKey { .. }) => Status::WrongKey,
+                    _ => Status::StorageUnavailable,
+                };
                 shutdown::run(None, storage, cfg.stop_timeout).await;
-                return Ok(Status::StorageUnavailable);
+                return Ok(status);
             }
         }
         action = signals.recv() => {

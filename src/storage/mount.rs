@@ -65,6 +65,8 @@ pub enum MountError {
     Redirect(#[from] RedirectError),
     #[error(transparent)]
     Replicate(#[from] super::replicate::ReplicateError),
+    #[error(transparent)]
+    KeyCheck(#[from] crate::keycheck::KeyCheckError),
 }
 
 pub struct Mount {
@@ -82,6 +84,8 @@ pub struct Mount {
     backup: Option<Backup>,
     restored: BTreeMap<PathBuf, [u8; 32]>,
     next_full_scan: Instant,
+    /// `s3:<bucket>/<prefix>`, for the key check.
+    raw: String,
 }
 
 fn prepare_err(path: &Path) -> impl FnOnce(io::Error) -> MountError + '_ {
@@ -145,6 +149,7 @@ impl Mount {
             backup: None,
             restored: BTreeMap::new(),
             next_full_scan: Instant::now(),
+            raw: format!("s3:{}/{}", s3.bucket, s3.prefix),
         })
     }
 
@@ -177,6 +182,15 @@ impl Mount {
         mounted?;
         self.restored = checked?;
         tracing::info!(took = ?t.elapsed(), "boot: mounted and databases checked");
+        // Nothing has been written yet: a wrong key stops the boot here.
+        let scratch = self
+            .paths
+            .cache_dir
+            .parent()
+            .unwrap_or(&self.db_root)
+            .join("scratch");
+        let outcome = crate::keycheck::check(&self.paths.rc_socket, &self.raw, &scratch).await?;
+        tracing::info!(?outcome, "boot: crypt key checked");
 
         let spec = BackupSpec::new(
             self.db_root.clone(),

@@ -58,6 +58,8 @@ pub struct Replicate {
     excludes: Excludes,
     trash_days: u32,
     rcd: Option<(Child, StderrTail)>,
+    /// `s3:<bucket>/<prefix>`, for the key check.
+    raw: String,
     backup: Option<Backup>,
     replication: Option<Replication>,
 }
@@ -92,6 +94,7 @@ impl Replicate {
             excludes: Excludes::new(&cfg.exclude, &cfg.sqlite.patterns),
             trash_days: cfg.trash_days,
             rcd: None,
+            raw: format!("s3:{}/{}", s3.bucket, s3.prefix),
             backup: None,
             replication: None,
         })
@@ -276,6 +279,11 @@ impl Replicate {
         self.start_rcd(reaper, timeout)
             .await
             .map_err(MountError::from)?;
+        // Before anything is restored or written: a wrong key stops the boot here.
+        let outcome =
+            crate::keycheck::check(&self.rc_socket, &self.raw, &self.local_dir.join("scratch"))
+                .await?;
+        tracing::info!(?outcome, "boot: crypt key checked");
 
         let marker = self.restore_marker();
         if marker.exists() {

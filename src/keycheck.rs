@@ -1,0 +1,128 @@
+//! The key check: a small marker written through the crypt remote on first
+//! use of a bucket prefix and read back on every boot, before anything is
+//! written. A wrong password (or MASTER_KEY) makes the marker unreadable, and
+//! cvm-init refuses to start rather than mix data under two keys or let a
+//! gateway start on what looks like an empty state.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::rclone::rc::{self, RcError};
+use crate::rclone::CRYPT_REMOTE;
+use crate::replication::META_DIR;
+
+const MARKER: &str = "key-check";
+const CONTENT: &str = "cvm-init key check v1\n";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyCheckError {
+    #[error(
+        "the crypt password (RCLONE_CRYPT_PASSWORD, or the keys derived from MASTER_KEY) does not match the data \
+         in {raw}: it holds objects, but neither the key-check marker nor any name there decrypts with this key. \
+         Refusing to start; nothing was written. Give the password this bucket prefix was written with, or use \
+         another S3_PREFIX"
+    )]
+    WrongKey { raw: String },
+    #[error("cannot check the crypt key against {raw}: {source}")]
+    Rc { raw: String, source: RcError },
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The prefix was empty; the marker is written.
+    FirstUse,
+    /// The marker decrypted.
+    Matched,
+    /// Data from before the marker existed (e.g. the shell entrypoint) decrypts; the marker is written.
+    Adopted,
+}
+
+fn not_found(e: &RcError) -> bool {
+    matches!(e, RcError::Status { body, .. } if body.contains("not found"))
+}
+
+/// Lists `remote` of `fs` one level deep; a missing directory is empty.
+async fn count(socket: &Path, fs: &str) -> Result<usize, RcError> {
+    match rc::call(
+        socket,
+        "operations/list",
+        &json!({ "fs": fs, "remote": "" }),
+    )
+    .await
+    {
+        Ok(v) => Ok(v["list"].as_array().map_or(0, Vec::len)),
+        Err(e) if not_found(&e) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+async fn write_marker(socket: &Path, scratch: &Path) -> Result<(), KeyCheckError> {
+    let io = |source| KeyCheckError::Io {
+        path: scratch.join(MARKER),
+        source,
+    };
+    fs::create_dir_all(scratch).map_err(io)?;
+    fs::write(scratch.join(MARKER), CONTENT).map_err(io)?;
+    let params = json!({
+        "srcFs": scratch.to_string_lossy(), "srcRemote": MARKER,
+        "dstFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "dstRemote": MARKER,
+    });
+    rc::call(socket, "operations/copyfile", &params)
+        .await
+        .map(drop)
+        .map_err(|source| KeyCheckError::Rc {
+            raw: "the crypt remote".into(),
+            source,
+        })
+}
+
+/// Checks the configured key against the bucket prefix `raw` (`s3:<bucket>/<prefix>`),
+/// through the rclone rc server at `socket`. Writes only the marker, and only
+/// when the key is known to be right (or the prefix empty).
+pub async fn check(socket: &Path, raw: &str, scratch: &Path) -> Result<Outcome, KeyCheckError> {
+    let rc_err = |source| KeyCheckError::Rc {
+        raw: raw.to_owned(),
+        source,
+    };
+    if count(socket, raw).await.map_err(rc_err)? == 0 {
+        write_marker(socket, scratch).await?;
+        return Ok(Outcome::FirstUse);
+    }
+    let fetched = scratch.join("key-check.read");
+    let _ = fs::remove_file(&fetched);
+    let params = json!({
+        "srcFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "srcRemote": MARKER,
+        "dstFs": scratch.to_string_lossy(), "dstRemote": "key-check.read",
+    });
+    match rc::call(socket, "operations/copyfile", &params).await {
+        Ok(_) if fs::read_to_string(&fetched).is_ok_and(|c| c == CONTENT) => {
+            return Ok(Outcome::Matched)
+        }
+        Ok(_) => {
+            return Err(KeyCheckError::WrongKey {
+                raw: raw.to_owned(),
+            })
+        }
+        Err(e) if not_found(&e) => {}
+        Err(e) => return Err(rc_err(e)),
+    }
+    // No readable marker: with a wrong key no name decrypts, so the crypt view is empty.
+    if count(socket, &format!("{CRYPT_REMOTE}:"))
+        .await
+        .map_err(rc_err)?
+        == 0
+    {
+        return Err(KeyCheckError::WrongKey {
+            raw: raw.to_owned(),
+        });
+    }
+    write_marker(socket, scratch).await?;
+    Ok(Outcome::Adopted)
+}
