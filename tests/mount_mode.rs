@@ -96,7 +96,8 @@ fn state_round_trips_through_the_encrypted_bucket() {
         first.state.join(".done").exists()
     });
     let written = tree(&first.state);
-    assert_eq!(written.len(), 7);
+    // The gateway's seven files, and cvm-init's key-check marker (.cvm/key-check).
+    assert_eq!(written.len(), 8, "{:?}", written.keys());
     // Stop at once: everything is still inside rclone's 5 s write-back window.
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
     assert!(
