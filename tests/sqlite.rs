@@ -224,11 +224,11 @@ fn idle_databases_cost_no_uploads() {
                 .last()
                 .is_some_and(|&(_, ts)| ts + 1.5 < now())
     });
-    // The link the move left on the mount is a file rclone uploads after its
-    // 5 s write-back: one PutObject for it, one for the snapshot.
-    wait_until(T, "the link and the snapshots on S3", || {
+    // The key-check marker written at boot, the link the move left on the mount
+    // (a file rclone uploads after its 5 s write-back), and one per snapshot.
+    wait_until(T, "the marker, the link and the snapshots on S3", || {
         let snapshots = app.log_text().matches("sqlite: snapshot uploaded").count() as u64;
-        snapshots >= 1 && s.g.s3_requests().get("PutObject").copied().unwrap_or(0) == snapshots + 1
+        snapshots >= 1 && s.g.s3_requests().get("PutObject").copied().unwrap_or(0) == snapshots + 2
     });
     let uploads_before = app.log_text().matches("sqlite: snapshot uploaded").count();
     let puts_before = s.g.s3_requests().get("PutObject").copied().unwrap_or(0);
