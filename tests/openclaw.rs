@@ -20,6 +20,12 @@ const T: Duration = Duration::from_secs(120);
 /// The directory whose `node_modules/.bin` has `node` and `openclaw`, or
 /// `None` when the registry is unreachable.
 fn openclaw() -> Option<PathBuf> {
+    // Both tests need it; one install, not two npm runs into the same directory.
+    static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(install_openclaw).clone()
+}
+
+fn install_openclaw() -> Option<PathBuf> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/openclaw");
     let out = Command::new(script).output().expect("run scripts/openclaw");
     match out.status.code() {
@@ -91,7 +97,9 @@ fn setup() -> Option<Gateway> {
 fn the_real_gateway_comes_back_healthy_in_a_new_container() {
     let Some(gw) = setup() else { return };
     let port = free_port();
-    let (mut app, a) = gw.boot("a", port, &[]);
+    // A roomy stop budget: a gateway still busy with first-run work gets time
+    // to exit on its own (the default gives it 4.5 s).
+    let (mut app, a) = gw.boot("a", port, &[("CVM_STOP_TIMEOUT", "20")]);
     app.wait_ready(T);
     wait_until(T, "GET /health on the first container", || healthy(port));
     // Let the gateway's first writes be replicated and its database snapshotted.
