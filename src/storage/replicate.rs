@@ -13,12 +13,12 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::time::{sleep, Instant};
 
-use super::{Event, FlushError, MountError, StorageFailure};
+use super::{prepare_err, Event, FlushError, MountError, StorageFailure};
 use crate::backup::{Backup, BackupSpec, REMOTE_DIR};
 use crate::config::{Config, S3Config, SqliteConfig};
 use crate::notify;
 use crate::process::{Child, Exit, Reaper};
-use crate::rclone::{self, rc, StderrTail, CRYPT_REMOTE};
+use crate::rclone::{self, rc, RunPaths, StderrTail, CRYPT_REMOTE};
 use crate::replication::{
     self, Excludes, Manifest, Replication, ReplicationSpec, DIR_MODES, META_DIR, TRASH_DIR,
 };
@@ -50,8 +50,7 @@ pub enum ReplicateError {
 
 pub struct Replicate {
     rclone_bin: String,
-    config_path: PathBuf,
-    rc_socket: PathBuf,
+    paths: RunPaths,
     state_dir: PathBuf,
     local_dir: PathBuf,
     sqlite: SqliteConfig,
@@ -73,21 +72,16 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReplicateError + '_ {
 
 impl Replicate {
     pub fn new(cfg: &Config, s3: &S3Config) -> Result<Self, MountError> {
-        let prep = |path: &Path| {
-            let path = path.to_owned();
-            move |source| MountError::Prepare { path, source }
-        };
-        let rc_dir = cfg.run_dir.join("rc");
-        let config_path = cfg.run_dir.join("rclone.conf");
-        rclone::private_dir(&cfg.run_dir).map_err(prep(&cfg.run_dir))?;
-        rclone::private_dir(&rc_dir).map_err(prep(&rc_dir))?;
-        fs::create_dir_all(&cfg.state_dir).map_err(prep(&cfg.state_dir))?;
-        fs::create_dir_all(&cfg.local_dir).map_err(prep(&cfg.local_dir))?;
-        rclone::write_config(&config_path, s3).map_err(prep(&config_path))?;
+        let paths = RunPaths::new(&cfg.run_dir, &cfg.local_dir);
+        paths
+            .prepare(s3)
+            .map_err(|(path, source)| MountError::Prepare { path, source })?;
+        for dir in [&cfg.state_dir, &cfg.local_dir] {
+            fs::create_dir_all(dir).map_err(prepare_err(dir))?;
+        }
         Ok(Self {
             rclone_bin: cfg.rclone_bin.clone(),
-            config_path,
-            rc_socket: rc_dir.join("rclone.sock"),
+            paths,
             state_dir: cfg.state_dir.clone(),
             local_dir: cfg.local_dir.clone(),
             sqlite: cfg.sqlite.clone(),
@@ -106,7 +100,7 @@ impl Replicate {
     }
 
     async fn rc(&self, method: &str, params: Value) -> Result<Value, rc::RcError> {
-        rc::call(&self.rc_socket, method, &params).await
+        rc::call(&self.paths.rc_socket, method, &params).await
     }
 
     async fn start_rcd(
@@ -114,12 +108,12 @@ impl Replicate {
         reaper: &Reaper,
         timeout: Duration,
     ) -> Result<(), ReplicateError> {
-        let _ = fs::remove_file(&self.rc_socket);
+        let _ = fs::remove_file(&self.paths.rc_socket);
         let mut addr = OsString::from("unix://");
-        addr.push(&self.rc_socket);
+        addr.push(&self.paths.rc_socket);
         let args: Vec<OsString> = vec![
             "--config".into(),
-            self.config_path.clone().into(),
+            self.paths.config.clone().into(),
             "rcd".into(),
             "--rc-addr".into(),
             addr,
@@ -148,7 +142,7 @@ impl Replicate {
             }
             if Instant::now() >= deadline {
                 return Err(ReplicateError::RcdTimeout {
-                    socket: self.rc_socket.clone(),
+                    socket: self.paths.rc_socket.clone(),
                     timeout,
                     stderr: tail.text(),
                 });
@@ -216,7 +210,7 @@ impl Replicate {
 
     /// Restores directory modes from `.cvm/dirs.json`, if the remote has it.
     async fn restore_dir_modes(&self) -> Result<(), ReplicateError> {
-        let scratch = self.local_dir.join("scratch");
+        let scratch = self.paths.scratch.clone();
         fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
         let target = scratch.join(DIR_MODES);
         let _ = fs::remove_file(&target);
@@ -280,9 +274,12 @@ impl Replicate {
             .await
             .map_err(MountError::from)?;
         // Before anything is restored or written: a wrong key stops the boot here.
-        let outcome =
-            crate::keycheck::check(&self.rc_socket, &self.raw, &self.local_dir.join("scratch"))
-                .await?;
+        let outcome = crate::keycheck::check(
+            &self.paths.rc_socket,
+            &self.raw,
+            &self.paths.scratch.clone(),
+        )
+        .await?;
         tracing::info!(?outcome, "boot: crypt key checked");
 
         let marker = self.restore_marker();
@@ -310,7 +307,7 @@ impl Replicate {
                 self.restore_tree(),
                 restore::restore_databases(
                     restore::Fetch::Rc {
-                        socket: &self.rc_socket
+                        socket: &self.paths.rc_socket
                     },
                     &staging
                 )
@@ -337,14 +334,17 @@ impl Replicate {
             );
             (self.remote_manifest().await?, BTreeMap::new())
         };
-        tokio::spawn(purge_old_trash(self.rc_socket.clone(), self.trash_days));
+        tokio::spawn(purge_old_trash(
+            self.paths.rc_socket.clone(),
+            self.trash_days,
+        ));
 
-        let scratch = self.local_dir.join("scratch");
+        let scratch = self.paths.scratch.clone();
         self.backup = Some(Backup::start(
             BackupSpec::new(
                 self.state_dir.clone(),
-                self.local_dir.join("snapshots"),
-                self.rc_socket.clone(),
+                self.paths.snapshots.clone(),
+                self.paths.rc_socket.clone(),
                 format!("{CRYPT_REMOTE}:{REMOTE_DIR}"),
                 &self.sqlite,
             ),
@@ -353,7 +353,7 @@ impl Replicate {
         self.replication = Some(Replication::start(
             ReplicationSpec {
                 root: self.state_dir.clone(),
-                rc_socket: self.rc_socket.clone(),
+                rc_socket: self.paths.rc_socket.clone(),
                 excludes: self.excludes.clone(),
                 debounce: self.sqlite.debounce,
                 interval: self.sqlite.interval,
@@ -399,7 +399,7 @@ impl Replicate {
                 }
             }
         }
-        rclone::remove_config(&self.config_path);
+        rclone::remove_config(&self.paths.config);
         result
     }
 }
