@@ -36,6 +36,7 @@ struct RawEnv {
     openclaw_gateway_reset_after: Option<String>,
     cvm_stop_timeout: Option<String>,
     cvm_mount_timeout: Option<String>,
+    cvm_s3_wait: Option<String>,
     cvm_sqlite_paths: Option<String>,
     cvm_backup_debounce: Option<String>,
     cvm_backup_interval: Option<String>,
@@ -70,6 +71,8 @@ pub struct Config {
     pub stop_timeout: Duration,
     /// How long the mount may take to become live at boot.
     pub mount_timeout: Duration,
+    /// How long boot waits for an unreachable S3 endpoint; `None` waits forever.
+    pub s3_wait: Option<Duration>,
     /// `None` is local mode: no rclone, no S3.
     pub s3: Option<S3Config>,
     pub sqlite: SqliteConfig,
@@ -371,6 +374,11 @@ impl Validator {
         if mount_timeout.is_zero() {
             self.problem("CVM_MOUNT_TIMEOUT", "must be more than zero");
         }
+        let s3_wait = match given(raw.cvm_s3_wait) {
+            Some(s) if s.trim() == "forever" => None,
+            Some(s) => Some(self.duration("CVM_S3_WAIT", Some(s), Duration::ZERO)),
+            None => None,
+        };
 
         let patterns = match given(raw.cvm_sqlite_paths) {
             None => Patterns::default(),
@@ -478,6 +486,7 @@ impl Validator {
                     restart,
                     stop_timeout,
                     mount_timeout,
+                    s3_wait,
                     s3,
                     sqlite,
                     layout,
@@ -698,6 +707,7 @@ mod tests {
             ["openclaw", "gateway", "run", "--bind", "lan", "--port", "18789"]
         );
         assert_eq!(c.stop_timeout, Duration::from_secs(9));
+        assert_eq!(c.s3_wait, None, "boot waits for S3 forever by default");
         assert_eq!(
             c.restart,
             RestartPolicy {
@@ -832,6 +842,16 @@ mod tests {
             problems(&[("CVM_GATEWAY_CMD", "sh -c 'unterminated")])[0].var,
             "CVM_GATEWAY_CMD"
         );
+    }
+
+    #[test]
+    fn s3_wait_takes_a_duration_or_forever() {
+        for (v, want) in [("forever", None), ("90s", Some(90)), ("2m", Some(120))] {
+            let (c, _) = Config::from_vars(env(&[("CVM_S3_WAIT", v)])).unwrap();
+            assert_eq!(c.s3_wait, want.map(Duration::from_secs), "{v}");
+        }
+        let e = Config::from_vars(env(&[("CVM_S3_WAIT", "soon")])).unwrap_err();
+        assert_eq!(e.problems[0].var, "CVM_S3_WAIT");
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub enum Status {
     NotFlushed = 74,
     /// The configuration is invalid; nothing was touched.
     Config = 78,
+    /// S3 answered but refused: credentials rejected or bucket missing; nothing was written.
+    S3Rejected = 76,
     /// The gateway command exists but cannot be executed.
     GatewayNotExecutable = 126,
     /// The gateway command does not exist.

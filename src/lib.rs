@@ -22,6 +22,7 @@ pub mod process;
 pub mod rclone;
 pub mod replication;
 pub mod restore;
+pub mod s3probe;
 pub mod secret;
 pub mod shutdown;
 pub mod sqlite;

@@ -13,6 +13,7 @@ use crate::gateway::{self, SpawnError};
 use crate::keycheck::KeyCheckError;
 use crate::notify;
 use crate::process::{Child, Reaper};
+use crate::s3probe::{ProbeError, WaitError};
 use crate::shutdown;
 use crate::storage::{Event as StorageEvent, MountError, Storage};
 
@@ -102,6 +103,9 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
                 tracing::error!("storage could not start: {e}");
                 let status = match e {
                     MountError::KeyCheck(KeyCheckError::WrongKey { .. }) => Status::WrongKey,
+                    MountError::S3(WaitError::Permanent(
+                        ProbeError::CredentialsRejected { .. } | ProbeError::BucketMissing { .. },
+                    )) => Status::S3Rejected,
                     _ => Status::StorageUnavailable,
                 };
                 shutdown::run(None, storage, cfg.stop_timeout).await;

@@ -6,20 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    obscure, rclone, script, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD,
+    obscure, raw_state, rclone, script, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD,
 };
 
 const T: Duration = Duration::from_secs(40);
-
-/// Every raw object of the bucket with its hash: what "byte-identical" means here.
-fn raw_state(g: &Garage, dir: &std::path::Path) -> String {
-    let conf = stock_config(g, dir);
-    let out = String::from_utf8(rclone(&conf, &["md5sum", &format!("s3:{}", g.bucket)])).unwrap();
-    // rclone lists in whatever order its checkers finish.
-    let mut lines: Vec<&str> = out.lines().collect();
-    lines.sort_unstable();
-    lines.join("\n")
-}
 
 fn boot(
     g: &Garage,

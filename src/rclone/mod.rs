@@ -187,24 +187,49 @@ const STDERR_TAIL: usize = 20;
 
 /// The last lines a running rclone printed.
 #[derive(Clone, Default)]
-pub struct StderrTail(Arc<Mutex<VecDeque<String>>>);
+pub struct StderrTail(Arc<Mutex<Tail>>);
+
+#[derive(Default)]
+struct Tail {
+    lines: VecDeque<String>,
+    /// rclone's stderr reached end of file: every line is in.
+    closed: bool,
+}
 
 impl StderrTail {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tail> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn text(&self) -> String {
-        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if t.is_empty() {
+        let t = self.lock();
+        if t.lines.is_empty() {
             "(nothing)".to_owned()
         } else {
-            t.iter().cloned().collect::<Vec<_>>().join("\n")
+            t.lines.iter().cloned().collect::<Vec<_>>().join("\n")
         }
     }
 
-    fn push(&self, line: String) {
-        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if t.len() == STDERR_TAIL {
-            t.pop_front();
+    /// The text once rclone's stderr has closed (its reader thread trails the
+    /// exit), or what is there after `timeout`.
+    pub async fn text_when_closed(&self, timeout: std::time::Duration) -> String {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.lock().closed && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        t.push_back(line);
+        self.text()
+    }
+
+    fn push(&self, line: String) {
+        let mut t = self.lock();
+        if t.lines.len() == STDERR_TAIL {
+            t.lines.pop_front();
+        }
+        t.lines.push_back(line);
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
     }
 }
 
@@ -215,6 +240,18 @@ pub fn spawn(
     rclone_bin: &str,
     args: &[OsString],
     env: &[(&str, &Path)],
+) -> io::Result<(Child, StderrTail)> {
+    spawn_logged(reaper, rclone_bin, args, env, tracing::Level::INFO)
+}
+
+/// [`spawn`], forwarding rclone's stderr at `level`: a probe repeated every
+/// few seconds says what it found in one line of its own instead.
+pub fn spawn_logged(
+    reaper: &Reaper,
+    rclone_bin: &str,
+    args: &[OsString],
+    env: &[(&str, &Path)],
+    level: tracing::Level,
 ) -> io::Result<(Child, StderrTail)> {
     let mut cmd = command(rclone_bin, args);
     cmd.stdin(Stdio::null())
@@ -230,9 +267,14 @@ pub fn spawn(
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                tracing::info!(target: "rclone", "rclone: {line}");
+                if level == tracing::Level::INFO {
+                    tracing::info!(target: "rclone", "rclone: {line}");
+                } else {
+                    tracing::debug!(target: "rclone", "rclone: {line}");
+                }
                 tail.push(line);
             }
+            tail.close();
         });
     }
     Ok((child, tail))

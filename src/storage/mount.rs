@@ -67,6 +67,8 @@ pub enum MountError {
     Replicate(#[from] super::replicate::ReplicateError),
     #[error(transparent)]
     KeyCheck(#[from] crate::keycheck::KeyCheckError),
+    #[error(transparent)]
+    S3(#[from] crate::s3probe::WaitError),
 }
 
 pub struct Mount {
@@ -86,6 +88,8 @@ pub struct Mount {
     next_full_scan: Instant,
     /// `s3:<bucket>/<prefix>`, for the key check.
     raw: String,
+    s3: S3Config,
+    s3_wait: Option<Duration>,
 }
 
 /// What the kernel answers for a FUSE mount whose daemon is gone: ENOTCONN,
@@ -143,6 +147,8 @@ impl Mount {
             restored: BTreeMap::new(),
             next_full_scan: Instant::now(),
             raw: format!("s3:{}/{}", s3.bucket, s3.prefix),
+            s3: s3.clone(),
+            s3_wait: cfg.s3_wait,
         })
     }
 
@@ -150,6 +156,15 @@ impl Mount {
     /// the backup loop. Cancel-safe: whatever was started is in `self` and
     /// [`Mount::stop`] ends it.
     pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+        notify::status("reaching S3");
+        crate::s3probe::wait(
+            reaper,
+            &self.rclone_bin,
+            &self.paths.config,
+            &self.s3,
+            self.s3_wait,
+        )
+        .await?;
         let t = Instant::now();
         notify::status("restoring databases");
         let fetched = restore::fetch_databases(
@@ -247,9 +262,8 @@ impl Mount {
                 }
             }
             exit = child.wait() => {
-                // rclone may still be printing why; its stderr closes when it exits.
-                sleep(Duration::from_millis(50)).await;
-                return Err(MountError::Exited { exit, mountpoint: self.mountpoint.clone(), stderr: tail.text() });
+                let stderr = tail.text_when_closed(Duration::from_secs(1)).await;
+                return Err(MountError::Exited { exit, mountpoint: self.mountpoint.clone(), stderr });
             }
             _ = sleep_until(deadline) => {}
         }

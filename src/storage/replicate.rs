@@ -59,6 +59,8 @@ pub struct Replicate {
     rcd: Option<(Child, StderrTail)>,
     /// `s3:<bucket>/<prefix>`, for the key check.
     raw: String,
+    s3: S3Config,
+    s3_wait: Option<Duration>,
     backup: Option<Backup>,
     replication: Option<Replication>,
 }
@@ -89,6 +91,8 @@ impl Replicate {
             trash_days: cfg.trash_days,
             rcd: None,
             raw: format!("s3:{}/{}", s3.bucket, s3.prefix),
+            s3: s3.clone(),
+            s3_wait: cfg.s3_wait,
             backup: None,
             replication: None,
         })
@@ -269,6 +273,15 @@ impl Replicate {
     }
 
     pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+        notify::status("reaching S3");
+        crate::s3probe::wait(
+            reaper,
+            &self.rclone_bin,
+            &self.paths.config,
+            &self.s3,
+            self.s3_wait,
+        )
+        .await?;
         let t = Instant::now();
         self.start_rcd(reaper, timeout)
             .await

@@ -332,6 +332,16 @@ pub fn rclone(config: &Path, args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
+/// Every raw object of the bucket with its hash, sorted: what "byte-identical" means here.
+pub fn raw_state(g: &Garage, dir: &Path) -> String {
+    let conf = stock_config(g, dir);
+    let out = String::from_utf8(rclone(&conf, &["md5sum", &format!("s3:{}", g.bucket)])).unwrap();
+    // rclone lists in whatever order its checkers finish.
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort_unstable();
+    lines.join("\n")
+}
+
 pub fn obscure(plain: &str) -> String {
     let out = Command::new(rclone_bin())
         .args(["obscure", plain])

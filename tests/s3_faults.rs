@@ -1,0 +1,180 @@
+//! S3 faults at boot against real Garage: an unreachable endpoint is waited
+//! out (the gateway starts only after the restore), rejected credentials and
+//! a missing bucket stop the boot at once, and CVM_S3_WAIT bounds the wait.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{raw_state, script, wait_until, Appliance, Dirs, Garage, PASSWORD};
+
+const T: Duration = Duration::from_secs(60);
+
+fn boot(g: &Garage, tmp: &Path, name: &str, extra: &[(&str, &str)]) -> Appliance {
+    let dirs = Dirs::new(tmp, name);
+    let mut env = g.s3_env();
+    env.extend(dirs.env());
+    env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
+    for (k, v) in extra {
+        env.retain(|(name, _)| name != k);
+        env.push(((*k).into(), (*v).into()));
+    }
+    Appliance::start(&dirs, &env)
+}
+
+fn attempts(app: &Appliance) -> usize {
+    app.log_text()
+        .matches("the gateway waits until S3 answers")
+        .count()
+}
+
+fn s3_down_at_boot_is_waited_out(layout: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = Garage::start(tmp.path());
+    let gw = script(
+        tmp.path(),
+        "gw.sh",
+        "echo 'remember this' > \"$OPENCLAW_STATE_DIR/notes.md\"; exec sleep 100000",
+    );
+    let mut app = boot(
+        &g,
+        tmp.path(),
+        "first",
+        &[
+            ("CVM_STORAGE", layout),
+            ("CVM_GATEWAY_CMD", gw.to_str().unwrap()),
+        ],
+    );
+    app.wait_ready(T);
+    wait_until(T, "the note", || app.state_dir.join("notes.md").exists());
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let before = raw_state(&g, tmp.path());
+
+    // A new container while S3 is down: its gateway records what it found.
+    g.stop();
+    let seen = tmp.path().join("seen");
+    let gw2 = script(
+        tmp.path(),
+        "gw2.sh",
+        &format!(
+            "cat \"$OPENCLAW_STATE_DIR/notes.md\" > {0}.tmp 2>&1; mv {0}.tmp {0}; exec sleep 100000",
+            seen.display()
+        ),
+    );
+    let down_since = Instant::now();
+    let mut app = boot(
+        &g,
+        tmp.path(),
+        "second",
+        &[
+            ("CVM_STORAGE", layout),
+            ("CVM_GATEWAY_CMD", gw2.to_str().unwrap()),
+        ],
+    );
+    wait_until(T, "two failed attempts", || attempts(&app) >= 2);
+    let log = app.log_text();
+    assert!(log.contains("connection refused"), "{log}");
+    assert!(
+        app.notified()
+            .iter()
+            .any(|l| l.starts_with("STATUS=waiting for S3 (attempt 1")),
+        "{:?}",
+        app.notified()
+    );
+    assert!(app.try_status().is_none(), "still waiting:\n{log}");
+    // The outage lasts 20 s, as in the issue; cvm-init keeps waiting through it.
+    let outage = Duration::from_secs(20);
+    std::thread::sleep(outage.saturating_sub(down_since.elapsed()));
+    assert!(
+        !seen.exists(),
+        "the gateway did not start while S3 was down"
+    );
+    assert!(app.try_status().is_none(), "{}", app.log_text());
+    g.restart();
+
+    app.wait_ready(T);
+    wait_until(T, "the gateway's view", || seen.exists());
+    assert_eq!(
+        std::fs::read_to_string(&seen).unwrap(),
+        "remember this\n",
+        "the gateway started on the restored state"
+    );
+    assert!(app.log_text().contains("S3 reachable again"));
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    assert_eq!(raw_state(&g, tmp.path()), before, "nothing was overwritten");
+}
+
+#[test]
+fn s3_down_at_boot_is_waited_out_in_the_replicate_layout() {
+    s3_down_at_boot_is_waited_out("replicate");
+}
+
+#[test]
+fn s3_down_at_boot_is_waited_out_in_the_mount_layout() {
+    s3_down_at_boot_is_waited_out("mount");
+}
+
+#[test]
+fn rejected_credentials_and_a_missing_bucket_stop_the_boot_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start(tmp.path());
+    let bad_secret = "0".repeat(64);
+    let cases = [
+        (
+            "secret",
+            vec![("AWS_SECRET_ACCESS_KEY", bad_secret.as_str())],
+            "rejected the credentials",
+        ),
+        (
+            "key",
+            vec![("AWS_ACCESS_KEY_ID", "GK0123456789abcdef01234567")],
+            "rejected the credentials",
+        ),
+        (
+            "bucket",
+            vec![("S3_BUCKET", "no-such-bucket")],
+            "bucket no-such-bucket does not exist",
+        ),
+    ];
+    for (name, extra, says) in cases {
+        let mut extra = extra.clone();
+        extra.push(("CVM_GATEWAY_CMD", "sleep 100000"));
+        let mut app = boot(&g, tmp.path(), name, &extra);
+        assert_eq!(app.wait_exit(T), 76, "{name}: {}", app.log_text());
+        let log = app.log_text();
+        assert!(log.contains(says), "{name}: {log}");
+        assert_eq!(attempts(&app), 0, "{name}: not retried");
+        assert!(!log.contains("gateway started"), "{log}");
+        for secret in [bad_secret.as_str(), &g.secret, PASSWORD] {
+            assert!(!log.contains(secret), "{name}: a secret in the log");
+        }
+    }
+    assert_eq!(
+        raw_state(&g, tmp.path()),
+        "",
+        "nothing was written to the bucket"
+    );
+}
+
+#[test]
+fn cvm_s3_wait_bounds_the_wait() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = Garage::start(tmp.path());
+    g.stop();
+    let t = Instant::now();
+    let mut app = boot(
+        &g,
+        tmp.path(),
+        "a",
+        &[("CVM_S3_WAIT", "2s"), ("CVM_GATEWAY_CMD", "sleep 100000")],
+    );
+    assert_eq!(app.wait_exit(T), 69, "{}", app.log_text());
+    assert!(t.elapsed() < Duration::from_secs(20));
+    let log = app.log_text();
+    assert!(
+        log.contains("still unreachable after") && log.contains("CVM_S3_WAIT"),
+        "{log}"
+    );
+    assert!(!log.contains("gateway started"), "{log}");
+}
