@@ -12,8 +12,16 @@ use procfs_core::FromBufRead;
 
 pub const PROC_MOUNTINFO: &str = "/proc/self/mountinfo";
 
-/// The file system types mounted exactly at `target`, bottom first.
-pub fn fs_types_at(mountinfo: &Path, target: &Path) -> io::Result<Vec<String>> {
+/// A mount stacked at a mountpoint.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Mounted {
+    pub fs_type: String,
+    /// Read-only as a mount (the per-mount `ro` flag, as a read-only bind has).
+    pub read_only: bool,
+}
+
+/// What is mounted exactly at `target`, bottom first.
+pub fn mounts_at(mountinfo: &Path, target: &Path) -> io::Result<Vec<Mounted>> {
     let file = File::open(mountinfo)?;
     let infos = MountInfos::from_buf_read(BufReader::new(file)).map_err(|e| {
         io::Error::new(
@@ -25,7 +33,10 @@ pub fn fs_types_at(mountinfo: &Path, target: &Path) -> io::Result<Vec<String>> {
         .0
         .into_iter()
         .filter(|m| unescape(&m.mount_point) == target)
-        .map(|m| m.fs_type)
+        .map(|m| Mounted {
+            read_only: m.mount_options.contains_key("ro"),
+            fs_type: m.fs_type,
+        })
         .collect())
 }
 
@@ -55,14 +66,9 @@ fn unescape(p: &Path) -> PathBuf {
 
 /// Whether an rclone FUSE mount is listed at `target` (it may still be dead).
 pub fn rclone_mounted_at(mountinfo: &Path, target: &Path) -> io::Result<bool> {
-    Ok(fs_types_at(mountinfo, target)?
+    Ok(mounts_at(mountinfo, target)?
         .iter()
-        .any(|t| t == "fuse.rclone"))
-}
-
-/// Whether anything is mounted exactly at `target`.
-pub fn is_mountpoint(mountinfo: &Path, target: &Path) -> io::Result<bool> {
-    Ok(!fs_types_at(mountinfo, target)?.is_empty())
+        .any(|m| m.fs_type == "fuse.rclone"))
 }
 
 #[cfg(test)]
@@ -73,7 +79,8 @@ mod tests {
     const FIXTURE: &str = "\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
 23 22 0:5 / /proc rw,nosuid,nodev,noexec,relatime shared:2 - proc proc rw
-97 22 0:52 / /data/open\\040claw rw,nosuid,nodev,relatime shared:60 - fuse.rclone s3-crypt: rw,user_id=0,group_id=0
+96 22 8:1 /data/open\\040claw /data/open\\040claw ro,relatime shared:1 - ext4 /dev/vda rw
+97 96 0:52 / /data/open\\040claw rw,nosuid,nodev,relatime shared:60 - fuse.rclone s3-crypt: rw,user_id=0,group_id=0
 98 22 0:53 / /data/other rw,relatime shared:61 - tmpfs tmpfs rw
 ";
 
@@ -88,12 +95,24 @@ mod tests {
         let f = fixture();
         assert!(rclone_mounted_at(f.path(), Path::new("/data/open claw")).unwrap());
         assert!(!rclone_mounted_at(f.path(), Path::new("/data/other")).unwrap());
-        assert!(is_mountpoint(f.path(), Path::new("/data/other")).unwrap());
-        assert!(!is_mountpoint(f.path(), Path::new("/data")).unwrap());
+        assert!(mounts_at(f.path(), Path::new("/data")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_read_only_bind_under_the_mount_is_seen_bottom_first() {
+        let f = fixture();
+        let at = |fs_type: &str, read_only| Mounted {
+            fs_type: fs_type.into(),
+            read_only,
+        };
+        assert_eq!(
+            mounts_at(f.path(), Path::new("/data/open claw")).unwrap(),
+            [at("ext4", true), at("fuse.rclone", false)]
+        );
     }
 
     #[test]
     fn a_missing_mountinfo_is_an_error() {
-        assert!(fs_types_at(Path::new("/nonexistent/mountinfo"), Path::new("/")).is_err());
+        assert!(mounts_at(Path::new("/nonexistent/mountinfo"), Path::new("/")).is_err());
     }
 }

@@ -66,6 +66,11 @@ impl Signals {
     }
 }
 
+/// Storage that fails again within this long of a recovery counts as failing in a row.
+const STORAGE_STEADY: Duration = Duration::from_secs(60);
+/// Recoveries in a row before cvm-init stops trying and exits 69.
+const STORAGE_MAX_QUICK_FAILURES: u32 = 5;
+
 /// The gateway is either running or waiting out its restart delay.
 enum Gateway {
     Running { child: Child, since: Instant },
@@ -122,6 +127,8 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
     let mut delay: Option<Duration> = None;
     let mut failed_starts = 0u32;
     let mut announced = false;
+    let mut quick_failures = 0u32;
+    let mut last_recovery = Instant::now();
     let mut state = Gateway::Backoff {
         until: Instant::now(),
     };
@@ -216,10 +223,36 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
                     state = Gateway::Backoff { until: Instant::now() };
                 }
                 StorageEvent::Failed(failure) => {
-                    tracing::error!("{failure}; stopping the gateway so it cannot write to the bare directory");
-                    let gw = state.into_child();
-                    shutdown::run(gw, storage, cfg.stop_timeout).await;
-                    return Ok(Status::StorageUnavailable);
+                    quick_failures = if last_recovery.elapsed() < STORAGE_STEADY { quick_failures + 1 } else { 1 };
+                    if quick_failures > STORAGE_MAX_QUICK_FAILURES {
+                        tracing::error!(
+                            "{failure}, the {quick_failures}th time in a row within {STORAGE_STEADY:?} of recovering; \
+                             giving up: the log above says why rclone keeps failing"
+                        );
+                        let gw = state.into_child();
+                        shutdown::run(gw, storage, cfg.stop_timeout).await;
+                        return Ok(Status::StorageUnavailable);
+                    }
+                    notify::status(&format!("storage failed ({failure}); recovering"));
+                    if storage.recovery_stops_gateway() {
+                        tracing::error!("{failure}; stopping the gateway so nothing writes to the bare directory, then remounting");
+                        if let Gateway::Running { child, .. } = &mut state {
+                            let (exit, _) = gateway::stop(child, cfg.stop_timeout / 2).await;
+                            tracing::info!(%exit, "gateway stopped for the remount");
+                        }
+                        state = Gateway::Backoff { until: Instant::now() };
+                    } else {
+                        tracing::error!("{failure}; restarting it (the gateway keeps running on local disk)");
+                    }
+                    if let Err(e) = storage.recover(&reaper, cfg.mount_timeout).await {
+                        tracing::error!("storage could not be recovered: {e}");
+                        let gw = state.into_child();
+                        shutdown::run(gw, storage, cfg.stop_timeout).await;
+                        return Ok(Status::StorageUnavailable);
+                    }
+                    last_recovery = Instant::now();
+                    tracing::warn!(storage = storage.describe(), "storage recovered");
+                    notify::status("running");
                 }
             },
         }

@@ -227,39 +227,149 @@ fn uploads_that_cannot_finish_are_named_and_exit_74_then_resume_on_next_boot() {
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
 }
 
-#[test]
-fn rclone_dying_stops_the_gateway_and_exits_69() {
-    let tmp = tempfile::tempdir().unwrap();
-    let g = Garage::start(tmp.path());
-    let dirs = Dirs::new(tmp.path(), "box");
-    let gw = script(tmp.path(), "gw.sh", "exec sleep 100000");
-    let mut app = boot(&g, &dirs, gw.to_str().unwrap(), &[]);
-    app.wait_ready(T);
-    let rclone_pid = descendants(app.pid())
+/// A gateway that writes a new file every 100 ms and logs, in `out`, its
+/// pid at start, each write that succeeded, and each that failed.
+fn busy_gateway(dir: &Path, out: &Path) -> std::path::PathBuf {
+    fs::create_dir_all(out).unwrap();
+    script(
+        dir,
+        "busy.sh",
+        &format!(
+            "out={}\necho $$ >> $out/pids\ni=0\nwhile true; do\n  i=$((i+1)); f=f-$$-$i\n  \
+             if echo \"$f\" 2>>$out/errors > \"$OPENCLAW_STATE_DIR/$f\"; then echo $f >> $out/ok; fi\n  \
+             sleep 0.1\ndone",
+            out.display()
+        ),
+    )
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn rclone_mount_pid(app: &Appliance) -> i32 {
+    descendants(app.pid())
         .into_iter()
         .find(|p| {
             fs::read_to_string(format!("/proc/{p}/cmdline"))
                 .unwrap_or_default()
                 .contains("mount")
         })
-        .expect("rclone mount runs under cvm-init");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(rclone_pid), Signal::SIGKILL).unwrap();
-    assert_eq!(app.wait_exit(T), 69, "{}", app.log_text());
+        .expect("rclone mount runs under cvm-init")
+}
+
+/// Breaks the mount with `fault` while the busy gateway writes, then checks
+/// the watchdog: remounted, gateway restarted, every write that succeeded on
+/// S3, none on the bare mountpoint.
+fn watchdog_recovers(fault: impl FnOnce(&Appliance), says: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start(tmp.path());
+    let dirs = Dirs::new(tmp.path(), "box");
+    let out = tmp.path().join("out");
+    let gw = busy_gateway(tmp.path(), &out);
+    let mut app = boot(&g, &dirs, gw.to_str().unwrap(), &[]);
+    app.wait_ready(T);
+    wait_until(T, "writes before the fault", || {
+        lines(&out.join("ok")).len() >= 5
+    });
+    let t = std::time::Instant::now();
+    fault(&app);
+    wait_until(T, "the remount", || {
+        app.log_text().contains("storage recovered")
+    });
+    println!("{says}: remounted {:?} after the fault", t.elapsed());
     let log = app.log_text();
+    assert!(log.contains(says), "{log}");
+    assert!(log.contains("gateway stopped for the remount"), "{log}");
+    wait_until(T, "the gateway's restart", || {
+        lines(&out.join("pids")).len() == 2
+    });
+    let second = lines(&out.join("pids"))[1].clone();
+    wait_until(T, "writes after the remount", || {
+        lines(&out.join("ok"))
+            .iter()
+            .filter(|f| f.contains(&second))
+            .count()
+            >= 5
+    });
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    // Everything is unmounted now: the bare mountpoint took no write.
     assert!(
-        log.contains("rclone mount exited unexpectedly (signal SIGKILL)"),
-        "{log}"
+        fs::read_dir(&dirs.state).unwrap().next().is_none(),
+        "files landed on the bare mountpoint: {:?}",
+        tree(&dirs.state).keys().collect::<Vec<_>>()
     );
-    assert!(log.contains("shutdown: gateway stopped"), "{log}");
+    for e in lines(&out.join("errors")) {
+        assert!(
+            [
+                "Read-only file system",
+                "Transport endpoint is not connected",
+                "Software caused connection abort"
+            ]
+            .iter()
+            .any(|m| e.contains(m)),
+            "a write failed for another reason: {e}"
+        );
+    }
+    // A fresh container gets every write that succeeded.
+    let fresh = Dirs::new(tmp.path(), "fresh");
+    let mut app = boot(&g, &fresh, "sleep 100000", &[]);
+    app.wait_ready(T);
+    let restored = tree(&fresh.state);
+    let ok = lines(&out.join("ok"));
+    let missing: Vec<_> = ok.iter().filter(|f| !restored.contains_key(*f)).collect();
     assert!(
-        log.contains("rclone exited (signal SIGKILL) before its upload queue could be drained"),
-        "{log}"
+        missing.is_empty(),
+        "{} of {} writes lost: {missing:?}",
+        missing.len(),
+        ok.len()
     );
-    assert!(
-        !fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .contains(dirs.state.to_str().unwrap()),
-        "dead mount left behind"
+    for f in &ok {
+        assert_eq!(restored[f], format!("{f}\n").into_bytes());
+    }
+    assert_eq!(app.stop(T), 0);
+}
+
+#[test]
+fn rclone_killed_is_remounted_and_the_gateway_restarted() {
+    watchdog_recovers(
+        |app| {
+            let pid = rclone_mount_pid(app);
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+        },
+        "rclone exited unexpectedly (signal SIGKILL)",
+    );
+}
+
+#[test]
+fn a_hung_rclone_is_replaced() {
+    watchdog_recovers(
+        |app| {
+            // A stopped daemon: the mount stays listed and every access blocks.
+            let pid = rclone_mount_pid(app);
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+        },
+        "rclone is hung",
+    );
+}
+
+#[test]
+fn an_aborted_fuse_connection_is_remounted() {
+    watchdog_recovers(
+        |app| {
+            // What the kernel does to a mount whose connection breaks: every
+            // access fails with ENOTCONN (rclone notices and exits).
+            use std::os::unix::fs::MetadataExt;
+            let dev = fs::metadata(&app.state_dir).unwrap().dev();
+            let minor = nix::sys::stat::minor(dev);
+            fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1").unwrap();
+        },
+        "stopping the gateway so nothing writes to the bare directory",
     );
 }
 
@@ -279,7 +389,7 @@ fn a_missing_rclone_is_a_clear_boot_error() {
 }
 
 #[test]
-fn a_non_empty_bare_mountpoint_stops_the_boot_with_rclones_reason() {
+fn a_non_empty_bare_mountpoint_stops_the_boot_naming_the_files() {
     let tmp = tempfile::tempdir().unwrap();
     let g = Garage::start(tmp.path());
     let dirs = Dirs::new(tmp.path(), "box");
@@ -290,7 +400,7 @@ fn a_non_empty_bare_mountpoint_stops_the_boot_with_rclones_reason() {
     assert_eq!(app.wait_exit(T), 69, "{}", app.log_text());
     let log = app.log_text();
     assert!(
-        log.contains("before") && log.contains("was mounted") && log.contains("is not empty"),
+        log.contains("is not empty before it was mounted: it holds [\"stray.txt\"]"),
         "{log}"
     );
     assert!(

@@ -302,6 +302,41 @@ fn a_wiped_state_dir_does_not_wipe_the_bucket() {
 }
 
 #[test]
+fn a_killed_rclone_rcd_is_restarted_and_the_gateway_keeps_running() {
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", &[]);
+    write(&a.state, "before.txt", "1");
+    wait_until(T, "the first upload", || uploaded(&app) >= 1);
+    let rcd = common::descendants(app.pid())
+        .into_iter()
+        .find(|p| {
+            fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .contains("rcd")
+        })
+        .expect("rclone rcd runs under cvm-init");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(rcd), common::Signal::SIGKILL).unwrap();
+    wait_until(T, "the restart", || {
+        app.log_text().contains("storage recovered")
+    });
+    let log = app.log_text();
+    assert!(
+        log.contains("rclone exited unexpectedly (signal SIGKILL); restarting it"),
+        "{log}"
+    );
+    write(&a.state, "after.txt", "2");
+    wait_until(T, "the upload after the restart", || {
+        s.remote("").contains(&"after.txt".to_owned())
+    });
+    assert_eq!(
+        app.log_text().matches("gateway started").count(),
+        1,
+        "the gateway was never stopped"
+    );
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}
+
+#[test]
 fn replicate_needs_no_fuse_and_keeps_a_restarted_containers_local_state() {
     let s = Setup::new();
     let (mut app, a) = s.boot("a", &[]);

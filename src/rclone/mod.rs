@@ -158,6 +158,9 @@ pub fn mount_args(paths: &RunPaths, mountpoint: &Path) -> Vec<OsString> {
     // Symlinks (how databases are redirected to local disk) are stored as
     // `.rclonelink` objects; without this, creating one fails with EIO.
     args.push("--links".into());
+    // The mountpoint is a read-only bind of itself (storage::mount::guard),
+    // which rclone >= 1.57 refuses as "already mounted"; cvm-init checks it is empty.
+    args.push("--allow-non-empty".into());
     let mut rc_addr = OsString::from("unix://");
     rc_addr.push(&paths.rc_socket);
     args.extend([
@@ -343,7 +346,7 @@ mod tests {
             line,
             "--config /run/cvm-init/rclone.conf mount s3-crypt: /data/openclaw --vfs-cache-mode writes \
              --vfs-write-back 5s --dir-cache-time 30s --vfs-cache-max-size 500M \
-             --cache-dir /data/local/rclone-cache --links --rc --rc-addr unix:///run/cvm-init/rc/rclone.sock --rc-no-auth"
+             --cache-dir /data/local/rclone-cache --links --allow-non-empty --rc --rc-addr unix:///run/cvm-init/rc/rclone.sock --rc-no-auth"
         );
     }
 

@@ -49,8 +49,14 @@ pub enum Event {
 /// Why storage stopped serving while the gateway ran.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageFailure {
-    #[error("rclone mount exited unexpectedly ({0}); the state dir is no longer backed by S3")]
+    #[error("rclone exited unexpectedly ({0})")]
     RcloneExited(Exit),
+    #[error("the rclone mount is gone from the mount table")]
+    MountGone,
+    #[error("the rclone mount is dead ({0})")]
+    MountDead(std::io::Error),
+    #[error("the rclone mount has not answered for {0:?}: rclone is hung")]
+    MountHung(Duration),
 }
 
 /// What could not be made durable during shutdown.
@@ -122,6 +128,23 @@ impl Storage {
             Storage::Local(_) => std::future::pending().await,
             Storage::Mount(m) => m.next_event().await,
             Storage::Replicate(r) => r.next_event().await,
+        }
+    }
+
+    /// Whether [`Storage::recover`] needs the gateway stopped: in the mount
+    /// layout it writes through the failed mount; in the replicate layout it
+    /// writes to local disk and only replication waits.
+    pub fn recovery_stops_gateway(&self) -> bool {
+        matches!(self, Storage::Mount(_))
+    }
+
+    /// Brings storage back after [`Event::Failed`]: remounts, or restarts
+    /// `rclone rcd`. Pending uploads are kept and resume.
+    pub async fn recover(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+        match self {
+            Storage::Local(_) => Ok(()),
+            Storage::Mount(m) => m.recover(reaper, timeout).await,
+            Storage::Replicate(r) => r.recover(reaper, timeout).await,
         }
     }
 

@@ -9,7 +9,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::mount::{umount2, MntFlags};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use serde_json::{json, Value};
 use tokio::time::{sleep, sleep_until, Instant};
 
@@ -28,6 +28,13 @@ const FLUSH_POLL: Duration = Duration::from_millis(100);
 /// How often known database paths on the mount are checked for files that
 /// replaced their symlinks (served from rclone's metadata, no S3 request).
 const LINK_CHECK: Duration = Duration::from_secs(1);
+/// How long the watchdog's `stat` of the mountpoint may take.
+const STAT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Unanswered looks in a row before the mount counts as hung: one slow
+/// answer on a loaded machine must not cost a gateway restart.
+const HUNG_AFTER: u32 = 3;
+/// How long a wedged rclone gets to exit before it is killed, when replaced.
+const RCLONE_STOP: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -51,6 +58,15 @@ pub enum MountError {
         mountpoint: PathBuf,
         timeout: Duration,
         stderr: String,
+    },
+    #[error(
+        "{mountpoint} is not empty before it was mounted: it holds {entries:?}. They are not on S3 \
+         (written while the mount was down, or shipped in the image) and the mount would hide them; \
+         move them away or into the bucket, then start again"
+    )]
+    NotEmpty {
+        mountpoint: PathBuf,
+        entries: Vec<String>,
     },
     #[error("cannot unmount {mountpoint}: {source}")]
     Unmount {
@@ -88,6 +104,10 @@ pub struct Mount {
     next_full_scan: Instant,
     /// `s3:<bucket>/<prefix>`, for the key check.
     raw: String,
+    /// The bare mountpoint is a read-only bind of itself (see [`guard`]).
+    guarded: bool,
+    /// Watchdog looks in a row that got no answer.
+    unanswered: u32,
     s3: S3Config,
     s3_wait: Option<Duration>,
 }
@@ -119,6 +139,55 @@ fn detach_stale(mountpoint: &Path) -> Result<(), MountError> {
     Ok(())
 }
 
+/// While rclone's mount is down, the bare mountpoint must not take writes:
+/// they would land on the container's own disk, never reach S3, and vanish
+/// under the mount once it is back. A read-only bind of the mountpoint onto
+/// itself, under the FUSE mount, makes them fail with EROFS instead. A guard
+/// left by an earlier run (the top mount already read-only) is kept.
+fn guard(mountpoint: &Path) -> nix::Result<()> {
+    let mounts = mountinfo::mounts_at(Path::new(PROC_MOUNTINFO), mountpoint).unwrap_or_default();
+    if mounts.last().is_some_and(|m| m.read_only) {
+        return Ok(());
+    }
+    mount(
+        Some(mountpoint),
+        mountpoint,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )?;
+    let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    if let Err(e) = mount(None::<&str>, mountpoint, None::<&str>, ro, None::<&str>) {
+        let _ = umount2(mountpoint, MntFlags::MNT_DETACH);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// What one watchdog look at a live mount found.
+enum Health {
+    Serving,
+    Failed(StorageFailure),
+    /// `stat` did not answer within [`STAT_TIMEOUT`].
+    Unanswered,
+}
+
+/// Looks at the mount the way the gateway would: listed in mountinfo, and
+/// `stat` answering. The `stat` runs on a blocking thread so a hung daemon
+/// cannot stall the supervisor.
+async fn health(mountpoint: &Path) -> Health {
+    if !rclone_mounted(mountpoint) {
+        return Health::Failed(StorageFailure::MountGone);
+    }
+    let mp = mountpoint.to_owned();
+    let stat = tokio::task::spawn_blocking(move || std::fs::metadata(mp));
+    match tokio::time::timeout(STAT_TIMEOUT, stat).await {
+        Ok(Ok(Err(e))) if is_dead_mount_error(&e) => Health::Failed(StorageFailure::MountDead(e)),
+        Err(_) => Health::Unanswered,
+        _ => Health::Serving,
+    }
+}
+
 fn rclone_mounted(mountpoint: &Path) -> bool {
     mountinfo::rclone_mounted_at(Path::new(PROC_MOUNTINFO), mountpoint).unwrap_or(false)
 }
@@ -147,6 +216,8 @@ impl Mount {
             restored: BTreeMap::new(),
             next_full_scan: Instant::now(),
             raw: format!("s3:{}/{}", s3.bucket, s3.prefix),
+            guarded: false,
+            unanswered: 0,
             s3: s3.clone(),
             s3_wait: cfg.s3_wait,
         })
@@ -223,6 +294,30 @@ impl Mount {
     async fn mount(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
         detach_stale(&self.mountpoint)?;
         std::fs::create_dir_all(&self.mountpoint).map_err(prepare_err(&self.mountpoint))?;
+        // rclone's own check would also refuse the guard below as "already
+        // mounted", so it runs with --allow-non-empty and the check is here.
+        let entries: Vec<String> = std::fs::read_dir(&self.mountpoint)
+            .map_err(prepare_err(&self.mountpoint))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name != "lost+found")
+            .take(10)
+            .collect();
+        if !entries.is_empty() {
+            return Err(MountError::NotEmpty {
+                mountpoint: self.mountpoint.clone(),
+                entries,
+            });
+        }
+        match guard(&self.mountpoint) {
+            Ok(()) => self.guarded = true,
+            Err(e) => tracing::warn!(
+                mountpoint = %self.mountpoint.display(),
+                error = %e,
+                "cannot make the bare mountpoint read-only; while the mount is down, writes there would land \
+                 on local disk (give the container CAP_SYS_ADMIN, as FUSE needs anyway)"
+            ),
+        }
         let _ = std::fs::remove_file(&self.paths.rc_socket);
         let listener = notify::Listener::bind(&self.paths.notify_socket)
             .map_err(prepare_err(&self.paths.notify_socket))?;
@@ -286,9 +381,10 @@ impl Mount {
         Ok(())
     }
 
-    /// Resolves when rclone exits, or when databases sit on the mount as
-    /// regular files (created there, or renamed over their link) and need the
-    /// gateway stopped to be moved. Cancel-safe.
+    /// Resolves when rclone exits or its mount dies (the watchdog: checked
+    /// every [`LINK_CHECK`], so found within 2 s), or when databases sit on
+    /// the mount as regular files (created there, or renamed over their link)
+    /// and need the gateway stopped to be moved. Cancel-safe.
     pub async fn next_event(&mut self) -> Event {
         loop {
             let exited = async {
@@ -300,6 +396,19 @@ impl Mount {
             tokio::select! {
                 exit = exited => return Event::Failed(StorageFailure::RcloneExited(exit)),
                 _ = sleep(LINK_CHECK) => {}
+            }
+            match health(&self.mountpoint).await {
+                Health::Serving => self.unanswered = 0,
+                Health::Failed(failure) => return Event::Failed(failure),
+                Health::Unanswered => {
+                    self.unanswered += 1;
+                    tracing::warn!(mountpoint = %self.mountpoint.display(), times = self.unanswered, "the mount did not answer a stat within {STAT_TIMEOUT:?}");
+                    if self.unanswered >= HUNG_AFTER {
+                        self.unanswered = 0;
+                        return Event::Failed(StorageFailure::MountHung(HUNG_AFTER * STAT_TIMEOUT));
+                    }
+                    continue;
+                }
             }
             let files = self.databases_on_mount();
             if !files.is_empty() {
@@ -325,6 +434,20 @@ impl Mount {
 
     async fn rc(&self, method: &str, params: Value) -> Result<Value, rc::RcError> {
         rc::call(&self.paths.rc_socket, method, &params).await
+    }
+
+    /// After a failure, with the gateway stopped: ends rclone if it still
+    /// runs, detaches the dead mount and mounts again. Files rclone had not
+    /// uploaded wait in its cache under `CVM_LOCAL_DIR`; the new rclone
+    /// uploads them. The backup loop keeps its state and retries.
+    pub async fn recover(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+        if let Some((mut child, _)) = self.rclone.take() {
+            let (exit, killed) = child.terminate(Instant::now() + RCLONE_STOP).await;
+            tracing::info!(%exit, killed, "the old rclone mount is gone");
+        }
+        self.notify = None;
+        self.served = false;
+        self.mount(reaper, timeout).await
     }
 
     /// Final SQLite snapshots, then every file rclone holds in its write-back
@@ -414,6 +537,14 @@ impl Mount {
         rclone::remove_config(&self.paths.config);
         if rclone_mounted(&self.mountpoint) {
             tracing::warn!(mountpoint = %self.mountpoint.display(), "mount still present after rclone exited; detaching");
+            umount2(&self.mountpoint, MntFlags::MNT_DETACH).map_err(|source| {
+                MountError::Unmount {
+                    mountpoint: self.mountpoint.clone(),
+                    source,
+                }
+            })?;
+        }
+        if self.guarded {
             umount2(&self.mountpoint, MntFlags::MNT_DETACH).map_err(|source| {
                 MountError::Unmount {
                     mountpoint: self.mountpoint.clone(),

@@ -386,6 +386,15 @@ impl Replicate {
         }
     }
 
+    /// Restarts `rclone rcd` after it died; replication and backups retry
+    /// their failed transfers against the new one.
+    pub async fn recover(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+        self.rcd = None;
+        self.start_rcd(reaper, timeout)
+            .await
+            .map_err(MountError::from)
+    }
+
     pub async fn flush(&mut self, deadline: Instant) -> Result<(), FlushError> {
         let mut result = Ok(());
         if let Some(b) = self.backup.take() {
