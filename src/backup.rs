@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
 
 use crate::config::SqliteConfig;
+use crate::health::Lag;
 use crate::rclone::rc;
 use crate::sqlite::{self, Fingerprint, Patterns, Snapshot, SqliteError};
 
@@ -42,6 +43,8 @@ pub struct BackupSpec {
     pub remote: String,
     pub patterns: Patterns,
     pub debounce: Duration,
+    /// Where the backlog is reported while uploads fail.
+    pub lag: Lag,
 }
 
 impl BackupSpec {
@@ -51,6 +54,7 @@ impl BackupSpec {
         rc_socket: PathBuf,
         remote: String,
         cfg: &SqliteConfig,
+        lag: Lag,
     ) -> Self {
         Self {
             root,
@@ -59,6 +63,7 @@ impl BackupSpec {
             remote,
             patterns: cfg.patterns.clone(),
             debounce: cfg.debounce,
+            lag,
         }
     }
 }
@@ -96,6 +101,7 @@ struct Engine {
     spec: BackupSpec,
     dbs: BTreeMap<PathBuf, DbState>,
     last_scan: Option<Instant>,
+    last_error: String,
 }
 
 enum Command {
@@ -119,6 +125,7 @@ impl Backup {
             spec,
             dbs: BTreeMap::new(),
             last_scan: None,
+            last_error: String::new(),
         };
         for (rel, hash) in known {
             engine.dbs.insert(
@@ -158,6 +165,7 @@ impl Engine {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         loop {
             self.tick(false).await;
+            self.report_lag();
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(Command::Final { deadline, reply }) => {
@@ -169,6 +177,19 @@ impl Engine {
                 },
                 _ = sleep(POLL) => {}
             }
+        }
+    }
+
+    /// Databases whose last save failed are behind, since their first unsaved change.
+    fn report_lag(&self) {
+        let failing: Vec<&DbState> = self.dbs.values().filter(|d| d.failures > 0).collect();
+        match failing.iter().filter_map(|d| d.dirty_since).min() {
+            Some(since) => {
+                self.spec
+                    .lag
+                    .behind("databases", failing.len(), since, self.last_error.clone())
+            }
+            None => self.spec.lag.caught_up("databases"),
         }
     }
 
@@ -222,6 +243,7 @@ impl Engine {
                 let delay = (RETRY_MIN * 2u32.saturating_pow(state.failures - 1)).min(RETRY_MAX);
                 state.retry_at = Some(Instant::now() + delay);
                 tracing::error!(retry_in = ?delay, "sqlite: {e}");
+                self.last_error = e.to_string();
                 unsaved.push(rel);
             }
         }

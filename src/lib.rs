@@ -12,6 +12,7 @@ pub mod backup;
 pub mod config;
 pub mod exit;
 pub mod gateway;
+pub mod health;
 pub mod keycheck;
 pub mod logging;
 pub mod mountinfo;

@@ -27,6 +27,8 @@ use crate::rclone::CRYPT_REMOTE;
 use crate::sqlite::{Patterns, SIDECARS};
 
 const POLL: Duration = Duration::from_millis(250);
+/// Failed transfers in a row that end a pass early (see `Engine::pass`).
+const GIVE_UP_AFTER: u32 = 2;
 /// Remote prefixes cvm-init owns inside the crypt remote.
 pub const TRASH_DIR: &str = ".cvm-trash";
 pub const META_DIR: &str = ".cvm";
@@ -171,6 +173,8 @@ pub struct ReplicationSpec {
     pub interval: Duration,
     /// Where `dirs.json` is written before upload.
     pub scratch: PathBuf,
+    /// Where the backlog is reported while uploads fail.
+    pub lag: crate::health::Lag,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +203,7 @@ struct Engine {
     next_full: Instant,
     retry_at: Option<Instant>,
     failures: u32,
+    last_error: String,
 }
 
 impl Replication {
@@ -237,6 +242,7 @@ impl Replication {
             dirty: BTreeMap::new(),
             retry_at: None,
             failures: 0,
+            last_error: String::new(),
         };
         let (tx, rx) = mpsc::channel(1);
         let task = tokio::spawn(engine.run(rx, ev_rx));
@@ -355,13 +361,14 @@ impl Engine {
     async fn pass(&mut self, full: bool) -> Vec<String> {
         let started = Instant::now();
         let (local, dirs) = scan(&self.spec.root, &self.spec.excludes);
+        // When each path first changed, kept for paths that fail again.
+        let taken = std::mem::take(&mut self.dirty);
         let scope: Option<BTreeSet<PathBuf>> = if full {
             None
         } else {
-            Some(std::mem::take(&mut self.dirty).into_keys().collect())
+            Some(taken.keys().cloned().collect())
         };
         if full {
-            self.dirty.clear();
             self.next_full = Instant::now() + self.spec.interval;
         }
         let in_scope = |name: &str| match &scope {
@@ -397,25 +404,60 @@ impl Engine {
             "{CRYPT_REMOTE}:{TRASH_DIR}/{}",
             trash_day(SystemTime::now())
         );
+        // Until this pass is done, what it carries is not on S3: from the
+        // first change among it (`started` for what only a full pass found).
+        let oldest = taken
+            .values()
+            .min()
+            .copied()
+            .unwrap_or(started)
+            .min(started);
+        if !uploads.is_empty() || !deletes.is_empty() {
+            let error = if self.last_error.is_empty() {
+                "uploading".to_owned()
+            } else {
+                self.last_error.clone()
+            };
+            self.spec
+                .lag
+                .behind("files", uploads.len() + deletes.len(), oldest, error);
+        }
         let mut failed = Vec::new();
+        // Two failures in a row mean S3 is not answering: the rest of the
+        // pass waits for the retry instead of each costing rclone's retries.
+        let mut in_a_row = 0;
         for name in &uploads {
+            if in_a_row >= GIVE_UP_AFTER {
+                failed.push(name.clone());
+                continue;
+            }
             match self.upload(name, &trash).await {
                 Ok(()) => {
+                    in_a_row = 0;
                     self.remote.insert(name.clone(), local[name]);
                 }
                 Err(e) => {
+                    in_a_row += 1;
                     tracing::warn!(file = %name, error = %e, "replicate: upload failed");
+                    self.last_error = e.to_string();
                     failed.push(name.clone());
                 }
             }
         }
         for name in &deletes {
+            if in_a_row >= GIVE_UP_AFTER {
+                failed.push(name.clone());
+                continue;
+            }
             match self.trash(name, &trash).await {
                 Ok(()) => {
+                    in_a_row = 0;
                     self.remote.remove(name);
                 }
                 Err(e) => {
+                    in_a_row += 1;
                     tracing::warn!(file = %name, error = %e, "replicate: delete failed");
+                    self.last_error = e.to_string();
                     failed.push(name.clone());
                 }
             }
@@ -432,10 +474,23 @@ impl Engine {
         // Failed paths stay dirty for the retry.
         for name in &failed {
             let p = PathBuf::from(name.strip_suffix(LINK_SUFFIX).unwrap_or(name));
-            self.dirty.entry(p).or_insert(started);
+            let first = taken.get(&p).copied().unwrap_or(started);
+            self.dirty.entry(p).or_insert(first);
         }
         if !uploads.is_empty() || !deletes.is_empty() {
-            tracing::info!(uploaded = uploads.len(), trashed = deletes.len(), failed = failed.len(), full, took = ?started.elapsed(), "replicate: pass");
+            let failed_n = failed.len();
+            tracing::info!(
+                uploaded = uploads.len() - uploads.iter().filter(|u| failed.contains(u)).count(),
+                trashed = deletes.len() - deletes.iter().filter(|d| failed.contains(d)).count(),
+                failed = failed_n, full, took = ?started.elapsed(), "replicate: pass"
+            );
+        }
+        if failed.is_empty() {
+            self.spec.lag.caught_up("files");
+        } else {
+            self.spec
+                .lag
+                .behind("files", failed.len(), oldest, self.last_error.clone());
         }
         failed
     }

@@ -19,14 +19,18 @@ use crate::process::{Child, Reaper};
 /// entrypoint use, so their configs and ours read the same bucket.
 pub const CRYPT_REMOTE: &str = "s3-crypt";
 
-/// The spec's VFS cache settings (encrypted-s3-storage.md, "VFS cache settings").
+/// The spec's VFS cache settings (encrypted-s3-storage.md, "VFS cache
+/// settings"), but for the directory cache: the mount is the only writer of
+/// its prefix, so a cache that does not expire is never stale, and it keeps
+/// lookups off S3. With the spec's 30 s, a file created during an S3 outage
+/// blocked the gateway for as long as rclone retried listing its directory.
 pub const VFS_FLAGS: [&str; 8] = [
     "--vfs-cache-mode",
     "writes",
     "--vfs-write-back",
     "5s",
     "--dir-cache-time",
-    "30s",
+    "1000h",
     "--vfs-cache-max-size",
     "500M",
 ];
@@ -345,7 +349,7 @@ mod tests {
         assert_eq!(
             line,
             "--config /run/cvm-init/rclone.conf mount s3-crypt: /data/openclaw --vfs-cache-mode writes \
-             --vfs-write-back 5s --dir-cache-time 30s --vfs-cache-max-size 500M \
+             --vfs-write-back 5s --dir-cache-time 1000h --vfs-cache-max-size 500M \
              --cache-dir /data/local/rclone-cache --links --allow-non-empty --rc --rc-addr unix:///run/cvm-init/rc/rclone.sock --rc-no-auth"
         );
     }

@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use serde_json::{json, Value};
+use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 
 use super::redirect::{self, RedirectError};
 use super::{prepare_err, Event, FlushError, StorageFailure};
 use crate::backup::{Backup, BackupSpec, REMOTE_DIR};
 use crate::config::{Config, S3Config, SqliteConfig};
+use crate::health::Lag;
 use crate::mountinfo::{self, PROC_MOUNTINFO};
 use crate::notify;
 use crate::process::{Child, Exit, Reaper};
@@ -108,6 +110,9 @@ pub struct Mount {
     guarded: bool,
     /// Watchdog looks in a row that got no answer.
     unanswered: u32,
+    lag: Lag,
+    /// The queue watcher and the lag reporter, ended at stop.
+    tasks: Vec<JoinHandle<()>>,
     s3: S3Config,
     s3_wait: Option<Duration>,
 }
@@ -164,6 +169,59 @@ fn guard(mountpoint: &Path) -> nix::Result<()> {
     Ok(())
 }
 
+/// How often rclone's upload queue is looked at for failing uploads.
+const QUEUE_WATCH: Duration = Duration::from_secs(5);
+
+/// rclone retries a failed upload 5 s later, doubling up to 5 min: after an
+/// outage, files could wait minutes for an S3 that is back. While uploads
+/// fail, this asks S3 for a listing (one request) every [`QUEUE_WATCH`] and,
+/// once it answers, makes every waiting upload due now. It also reports the
+/// backlog; rclone does not say when a file changed, so the lag counts from
+/// the first failed upload seen.
+async fn watch_queue(socket: PathBuf, raw: String, lag: Lag) {
+    const WHAT: &str = "files in rclone's upload queue";
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        sleep(QUEUE_WATCH).await;
+        let Ok(queue) = rc::call(&socket, "vfs/queue", &json!({})).await else {
+            continue;
+        };
+        let items = queue["queue"].as_array().cloned().unwrap_or_default();
+        let tried = |i: &Value| i["tries"].as_u64().unwrap_or(0) > 0;
+        if !items.iter().any(tried) {
+            failing_since = None;
+            lag.caught_up(WHAT);
+            continue;
+        }
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        lag.behind(
+            WHAT,
+            items.len(),
+            since,
+            "uploads fail and rclone retries them".into(),
+        );
+        let waiting: Vec<i64> = items
+            .iter()
+            .filter(|i| tried(i) && !i["uploading"].as_bool().unwrap_or(false))
+            .filter_map(|i| i["id"].as_i64())
+            .collect();
+        if waiting.is_empty() {
+            continue;
+        }
+        let probe = json!({ "fs": raw, "remote": "", "opt": { "dirsOnly": true } });
+        if rc::call(&socket, "operations/list", &probe).await.is_ok() {
+            tracing::info!(
+                files = waiting.len(),
+                "S3 answers: uploading now what rclone had put off for a later retry"
+            );
+            for id in waiting {
+                let due_now = json!({ "id": id, "expiry": -1e9 });
+                let _ = rc::call(&socket, "vfs/queue-set-expiry", &due_now).await;
+            }
+        }
+    }
+}
+
 /// What one watchdog look at a live mount found.
 enum Health {
     Serving,
@@ -218,6 +276,8 @@ impl Mount {
             raw: format!("s3:{}/{}", s3.bucket, s3.prefix),
             guarded: false,
             unanswered: 0,
+            lag: Lag::default(),
+            tasks: Vec::new(),
             s3: s3.clone(),
             s3_wait: cfg.s3_wait,
         })
@@ -272,8 +332,15 @@ impl Mount {
             self.paths.rc_socket.clone(),
             format!("{CRYPT_REMOTE}:{REMOTE_DIR}"),
             &self.sqlite,
+            self.lag.clone(),
         );
         self.backup = Some(Backup::start(spec, std::mem::take(&mut self.restored)));
+        self.tasks.push(tokio::spawn(watch_queue(
+            self.paths.rc_socket.clone(),
+            self.raw.clone(),
+            self.lag.clone(),
+        )));
+        self.tasks.push(self.lag.spawn_reporter());
 
         // Reads through FUSE, so it runs beside the gateway instead of delaying it.
         let (mountpoint, patterns) = (self.mountpoint.clone(), self.sqlite.patterns.clone());
@@ -524,6 +591,9 @@ impl Mount {
     /// Stops rclone (it unmounts on SIGTERM), kills it at `deadline`, and
     /// detaches the mount if it is still there.
     pub async fn stop(mut self, deadline: Instant) -> Result<(), MountError> {
+        for t in &self.tasks {
+            t.abort();
+        }
         let mut result = Ok(());
         if let Some((mut child, _)) = self.rclone.take() {
             match child.terminate(deadline).await {

@@ -16,6 +16,7 @@ use tokio::time::{sleep, Instant};
 use super::{prepare_err, Event, FlushError, MountError, StorageFailure};
 use crate::backup::{Backup, BackupSpec, REMOTE_DIR};
 use crate::config::{Config, S3Config, SqliteConfig};
+use crate::health::Lag;
 use crate::notify;
 use crate::process::{Child, Exit, Reaper};
 use crate::rclone::{self, rc, RunPaths, StderrTail, CRYPT_REMOTE};
@@ -63,6 +64,8 @@ pub struct Replicate {
     s3_wait: Option<Duration>,
     backup: Option<Backup>,
     replication: Option<Replication>,
+    lag: Lag,
+    reporter: Option<tokio::task::JoinHandle<()>>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReplicateError + '_ {
@@ -95,6 +98,8 @@ impl Replicate {
             s3_wait: cfg.s3_wait,
             backup: None,
             replication: None,
+            lag: Lag::default(),
+            reporter: None,
         })
     }
 
@@ -122,6 +127,15 @@ impl Replicate {
             "--rc-addr".into(),
             addr,
             "--rc-no-auth".into(),
+            // Every caller retries with its own backoff: a transfer that cannot
+            // reach S3 fails in seconds (rclone's default 10 low-level retries
+            // take ~20 s per file) and a black-holed connection within a minute.
+            "--low-level-retries".into(),
+            "3".into(),
+            "--contimeout".into(),
+            "10s".into(),
+            "--timeout".into(),
+            "1m".into(),
         ];
         let (child, tail) =
             rclone::spawn(reaper, &self.rclone_bin, &args, &[]).map_err(|source| {
@@ -360,6 +374,7 @@ impl Replicate {
                 self.paths.rc_socket.clone(),
                 format!("{CRYPT_REMOTE}:{REMOTE_DIR}"),
                 &self.sqlite,
+                self.lag.clone(),
             ),
             restored_dbs,
         ));
@@ -371,11 +386,13 @@ impl Replicate {
                 debounce: self.sqlite.debounce,
                 interval: self.sqlite.interval,
                 scratch,
+                lag: self.lag.clone(),
             },
             remote,
             dir_modes,
             !fresh,
         ));
+        self.reporter = Some(self.lag.spawn_reporter());
         Ok(())
     }
 
@@ -411,6 +428,9 @@ impl Replicate {
     }
 
     pub async fn stop(mut self, deadline: Instant) -> Result<(), MountError> {
+        if let Some(r) = self.reporter.take() {
+            r.abort();
+        }
         let mut result = Ok(());
         if let Some((mut child, _)) = self.rcd.take() {
             match child.terminate(deadline).await {

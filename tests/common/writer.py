@@ -1,7 +1,8 @@
 # Stand-in gateway for the SQLite tests and benchmark: commits numbered
 # transactions (2 KB each) into a WAL database under OPENCLAW_STATE_DIR and
 # logs each commit with its time to $OUT/commits after it returns.
-# LIMIT stops after that many commits; the file $OUT/pause pauses writing.
+# LIMIT stops after that many commits; the file $OUT/pause pauses writing,
+# acknowledged by the file $OUT/paused.
 import os, sqlite3, time
 state, out = os.environ["OPENCLAW_STATE_DIR"], os.environ["OUT"]
 path = os.path.join(state, "state", "openclaw.sqlite")
@@ -16,6 +17,8 @@ n = 0
 pause = os.path.join(out, "pause")
 while True:
     if (limit and n >= limit) or os.path.exists(pause):
+        if os.path.exists(pause):
+            open(pause + "d", "a").close()  # acknowledged: no commit follows
         time.sleep(0.05)
         continue
     i += 1
