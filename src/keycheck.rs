@@ -87,24 +87,39 @@ async fn write_marker(socket: &Path, scratch: &Path) -> Result<(), KeyCheckError
 /// through the rclone rc server at `socket`. Writes only the marker, and only
 /// when the key is known to be right (or the prefix empty).
 pub async fn check(socket: &Path, raw: &str, scratch: &Path) -> Result<Outcome, KeyCheckError> {
+    let outcome = inspect(socket, raw, scratch).await?;
+    if outcome != Outcome::Matched {
+        write_marker(socket, scratch).await?;
+    }
+    Ok(outcome)
+}
+
+/// What [`check`] would find, writing nothing to S3 (for `cvm-init check`):
+/// `FirstUse` and `Adopted` mean the marker is still to be written.
+pub async fn inspect(socket: &Path, raw: &str, scratch: &Path) -> Result<Outcome, KeyCheckError> {
     let rc_err = |source| KeyCheckError::Rc {
         raw: raw.to_owned(),
         source,
     };
     if count(socket, raw).await.map_err(rc_err)? == 0 {
-        write_marker(socket, scratch).await?;
         return Ok(Outcome::FirstUse);
     }
+    let io = |source| KeyCheckError::Io {
+        path: scratch.to_owned(),
+        source,
+    };
+    fs::create_dir_all(scratch).map_err(io)?;
     let fetched = scratch.join("key-check.read");
     let _ = fs::remove_file(&fetched);
     let params = json!({
         "srcFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "srcRemote": MARKER,
         "dstFs": scratch.to_string_lossy(), "dstRemote": "key-check.read",
     });
-    match rc::call(socket, "operations/copyfile", &params).await {
-        Ok(_) if fs::read_to_string(&fetched).is_ok_and(|c| c == CONTENT) => {
-            return Ok(Outcome::Matched)
-        }
+    let read = rc::call(socket, "operations/copyfile", &params).await;
+    let content = fs::read_to_string(&fetched);
+    let _ = fs::remove_file(&fetched);
+    match read {
+        Ok(_) if content.is_ok_and(|c| c == CONTENT) => return Ok(Outcome::Matched),
         Ok(_) => {
             return Err(KeyCheckError::WrongKey {
                 raw: raw.to_owned(),
@@ -123,6 +138,5 @@ pub async fn check(socket: &Path, raw: &str, scratch: &Path) -> Result<Outcome, 
             raw: raw.to_owned(),
         });
     }
-    write_marker(socket, scratch).await?;
     Ok(Outcome::Adopted)
 }

@@ -9,6 +9,7 @@
 
 pub mod attest;
 pub mod backup;
+pub mod check;
 pub mod config;
 pub mod exit;
 pub mod gateway;
@@ -37,6 +38,8 @@ use exit::Status;
 
 const USAGE: &str =
     "usage: cvm-init            run the appliance (configured by environment variables; see README)
+       cvm-init check      check the configuration, S3, the crypt key and FUSE; writes nothing
+       cvm-init attest <app-compose.json> <sha256:image digest>
        cvm-init --version";
 
 fn attest_cmd(file: &str, digest: &str) -> Status {
@@ -72,6 +75,11 @@ pub fn main(args: &[String]) -> Status {
             return Status::Clean;
         }
         [cmd, file, digest] if cmd == "attest" => return attest_cmd(file, digest),
+        [cmd] if cmd == "check" => {
+            // Its report is on stdout; rclone's chatter is not part of it.
+            logging::init("error");
+            return check::run();
+        }
         [a] if a == "--help" || a == "-h" => {
             println!("{USAGE}");
             return Status::Clean;
@@ -81,7 +89,7 @@ pub fn main(args: &[String]) -> Status {
             return Status::Usage;
         }
     }
-    logging::init();
+    logging::init(logging::DEFAULT);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         pid = std::process::id(),
@@ -126,7 +134,7 @@ pub fn main(args: &[String]) -> Status {
         }
     }
     if cfg.s3.is_some() && cfg.layout == config::Layout::Mount {
-        if let Err(e) = pid1::ensure_fuse(Path::new("/dev/fuse")) {
+        if let Err(e) = pid1::ensure_fuse(Path::new("/dev/fuse"), true) {
             tracing::error!("{e}");
             return Status::Os;
         }

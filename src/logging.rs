@@ -10,9 +10,11 @@ use tracing_subscriber::EnvFilter;
 
 const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
 
-pub fn init() {
-    let filter =
-        EnvFilter::try_from_env("CVM_LOG").unwrap_or_else(|_| EnvFilter::new("info,notify=warn"));
+/// The appliance's default filter: `CVM_LOG` overrides it.
+pub const DEFAULT: &str = "info,notify=warn";
+
+pub fn init(default: &str) {
+    let filter = EnvFilter::try_from_env("CVM_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let registry = tracing_subscriber::registry().with(filter);
     if Path::new(JOURNALD_SOCKET).exists() {
         if let Ok(journald) = tracing_journald::layer() {

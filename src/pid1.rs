@@ -53,8 +53,9 @@ pub fn ensure_proc() -> Result<(), Pid1Error> {
 }
 
 /// Makes sure `dev` is the FUSE device and can be opened, creating the node
-/// when it is absent and the kernel lets us (not inside a user namespace).
-pub fn ensure_fuse(dev: &Path) -> Result<(), Pid1Error> {
+/// when it is absent, `may_create` and the kernel lets us (not inside a user
+/// namespace).
+pub fn ensure_fuse(dev: &Path, may_create: bool) -> Result<(), Pid1Error> {
     let fail = |reason: String| Pid1Error::Fuse { reason };
     match fs::metadata(dev) {
         Ok(m) => {
@@ -68,6 +69,9 @@ pub fn ensure_fuse(dev: &Path) -> Result<(), Pid1Error> {
                     dev.display()
                 )));
             }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !may_create => {
+            return Err(fail(format!("{} is missing", dev.display())));
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Some(parent) = dev.parent() {
@@ -115,7 +119,7 @@ mod tests {
     #[test]
     fn a_regular_file_is_not_the_fuse_device() {
         let f = tempfile::NamedTempFile::new().unwrap();
-        let e = ensure_fuse(f.path()).unwrap_err();
+        let e = ensure_fuse(f.path(), true).unwrap_err();
         assert!(
             e.to_string().contains("not the FUSE character device"),
             "{e}"

@@ -287,6 +287,86 @@ pub fn spawn_logged(
     Ok((child, tail))
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RcdError {
+    #[error("cannot start rclone ({bin}): {source}; install rclone >= 1.75 or set RCLONE_BIN")]
+    Spawn { bin: String, source: io::Error },
+    #[error("rclone rcd did not answer on {socket} within {timeout:?}. rclone said:\n{stderr}")]
+    Timeout {
+        socket: PathBuf,
+        timeout: std::time::Duration,
+        stderr: String,
+    },
+    #[error("rclone rcd exited ({exit}) at start. rclone said:\n{stderr}")]
+    Exited {
+        exit: crate::process::Exit,
+        stderr: String,
+    },
+}
+
+/// Starts `rclone rcd` serving its rc API on the unix socket `socket` (in a
+/// 0700 directory, so `--rc-no-auth` serves root only) and waits until it answers.
+pub async fn start_rcd(
+    reaper: &Reaper,
+    rclone_bin: &str,
+    config: &Path,
+    socket: &Path,
+    timeout: std::time::Duration,
+) -> Result<(Child, StderrTail), RcdError> {
+    let _ = fs::remove_file(socket);
+    let mut addr = OsString::from("unix://");
+    addr.push(socket);
+    let args: Vec<OsString> = vec![
+        "--config".into(),
+        config.into(),
+        "rcd".into(),
+        "--rc-addr".into(),
+        addr,
+        "--rc-no-auth".into(),
+        // Every caller retries with its own backoff: a transfer that cannot
+        // reach S3 fails in seconds (rclone's default 10 low-level retries
+        // take ~20 s per file) and a black-holed connection within a minute.
+        "--low-level-retries".into(),
+        "3".into(),
+        "--contimeout".into(),
+        "10s".into(),
+        "--timeout".into(),
+        "1m".into(),
+    ];
+    let (mut child, tail) =
+        spawn(reaper, rclone_bin, &args, &[]).map_err(|source| RcdError::Spawn {
+            bin: rclone_bin.to_owned(),
+            source,
+        })?;
+    tracing::info!(pid = child.pid().as_raw(), "started rclone rcd");
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if rc::call(socket, "core/version", &serde_json::json!({}))
+            .await
+            .is_ok()
+        {
+            return Ok((child, tail));
+        }
+        if let Some(exit) = child.try_exit() {
+            let stderr = tail
+                .text_when_closed(std::time::Duration::from_secs(1))
+                .await;
+            return Err(RcdError::Exited { exit, stderr });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            // Not left running behind the error: nothing else holds it.
+            let _ = child.signal(nix::sys::signal::Signal::SIGKILL);
+            child.wait().await;
+            return Err(RcdError::Timeout {
+                socket: socket.to_owned(),
+                timeout,
+                stderr: tail.text(),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,6 @@
 //! One long-lived `rclone rcd` serves every transfer. No FUSE, no privileges.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -18,7 +17,7 @@ use crate::backup::{Backup, BackupSpec, REMOTE_DIR};
 use crate::config::{Config, S3Config, SqliteConfig};
 use crate::health::Lag;
 use crate::notify;
-use crate::process::{Child, Exit, Reaper};
+use crate::process::{Child, Reaper};
 use crate::rclone::{self, rc, RunPaths, StderrTail, CRYPT_REMOTE};
 use crate::replication::{
     self, Excludes, Manifest, Replication, ReplicationSpec, DIR_MODES, META_DIR, TRASH_DIR,
@@ -30,14 +29,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicateError {
-    #[error("rclone rcd did not answer on {socket} within {timeout:?}. rclone said:\n{stderr}")]
-    RcdTimeout {
-        socket: PathBuf,
-        timeout: Duration,
-        stderr: String,
-    },
-    #[error("rclone rcd exited ({exit}) at boot. rclone said:\n{stderr}")]
-    RcdExited { exit: Exit, stderr: String },
+    #[error(transparent)]
+    Rcd(#[from] rclone::RcdError),
     #[error(
         "restoring the state dir from {CRYPT_REMOTE}: failed: {detail}. The gateway is not started; the next boot \
          starts the restore over"
@@ -117,56 +110,17 @@ impl Replicate {
         reaper: &Reaper,
         timeout: Duration,
     ) -> Result<(), ReplicateError> {
-        let _ = fs::remove_file(&self.paths.rc_socket);
-        let mut addr = OsString::from("unix://");
-        addr.push(&self.paths.rc_socket);
-        let args: Vec<OsString> = vec![
-            "--config".into(),
-            self.paths.config.clone().into(),
-            "rcd".into(),
-            "--rc-addr".into(),
-            addr,
-            "--rc-no-auth".into(),
-            // Every caller retries with its own backoff: a transfer that cannot
-            // reach S3 fails in seconds (rclone's default 10 low-level retries
-            // take ~20 s per file) and a black-holed connection within a minute.
-            "--low-level-retries".into(),
-            "3".into(),
-            "--contimeout".into(),
-            "10s".into(),
-            "--timeout".into(),
-            "1m".into(),
-        ];
-        let (child, tail) =
-            rclone::spawn(reaper, &self.rclone_bin, &args, &[]).map_err(|source| {
-                ReplicateError::Io {
-                    path: PathBuf::from(&self.rclone_bin),
-                    source,
-                }
-            })?;
-        tracing::info!(pid = child.pid().as_raw(), "started rclone rcd");
-        self.rcd = Some((child, tail));
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.rc("core/version", json!({})).await.is_ok() {
-                return Ok(());
-            }
-            let (child, tail) = self.rcd.as_mut().expect("just started");
-            if let Some(exit) = child.try_exit() {
-                return Err(ReplicateError::RcdExited {
-                    exit,
-                    stderr: tail.text(),
-                });
-            }
-            if Instant::now() >= deadline {
-                return Err(ReplicateError::RcdTimeout {
-                    socket: self.paths.rc_socket.clone(),
-                    timeout,
-                    stderr: tail.text(),
-                });
-            }
-            sleep(Duration::from_millis(20)).await;
-        }
+        self.rcd = Some(
+            rclone::start_rcd(
+                reaper,
+                &self.rclone_bin,
+                &self.paths.config,
+                &self.paths.rc_socket,
+                timeout,
+            )
+            .await?,
+        );
+        Ok(())
     }
 
     fn filter(&self) -> Value {
