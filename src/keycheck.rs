@@ -40,7 +40,8 @@ pub enum Outcome {
     FirstUse,
     /// The marker decrypted.
     Matched,
-    /// Data from before the marker existed (e.g. the shell entrypoint) decrypts; the marker is written.
+    /// Data from before the marker existed (e.g. the shell entrypoint)
+    /// decrypts, names and a file's content; the marker is written.
     Adopted,
 }
 
@@ -101,7 +102,8 @@ pub async fn inspect(socket: &Path, raw: &str, scratch: &Path) -> Result<Outcome
         raw: raw.to_owned(),
         source,
     };
-    if count(socket, raw).await.map_err(rc_err)? == 0 {
+    let raw_names = count(socket, raw).await.map_err(rc_err)?;
+    if raw_names == 0 {
         return Ok(Outcome::FirstUse);
     }
     let io = |source| KeyCheckError::Io {
@@ -128,15 +130,56 @@ pub async fn inspect(socket: &Path, raw: &str, scratch: &Path) -> Result<Outcome
         Err(e) if not_found(&e) => {}
         Err(e) => return Err(rc_err(e)),
     }
-    // No readable marker: with a wrong key no name decrypts, so the crypt view is empty.
-    if count(socket, &format!("{CRYPT_REMOTE}:"))
+    // No readable marker (with directory name encryption, a wrong key looks
+    // for it under another name, so it is simply not found). The data may
+    // predate the marker, or the key is wrong. A wrong key still decrypts
+    // about one name in 256 by chance (PKCS#7 padding that happens to be
+    // valid), so names alone do not decide: most top-level names must decrypt
+    // AND a file's content must, which no wrong key passes.
+    let names = count(socket, &format!("{CRYPT_REMOTE}:"))
         .await
-        .map_err(rc_err)?
-        == 0
-    {
-        return Err(KeyCheckError::WrongKey {
-            raw: raw.to_owned(),
-        });
+        .map_err(rc_err)?;
+    let wrong = || KeyCheckError::WrongKey {
+        raw: raw.to_owned(),
+    };
+    if names * 2 <= raw_names {
+        return Err(wrong());
     }
-    Ok(Outcome::Adopted)
+    match smallest_file(socket).await.map_err(rc_err)? {
+        Some(file) => {
+            let probe = scratch.join("key-check.probe");
+            let params = json!({
+                "srcFs": format!("{CRYPT_REMOTE}:"), "srcRemote": file,
+                "dstFs": scratch.to_string_lossy(), "dstRemote": "key-check.probe",
+            });
+            let read = rc::call(socket, "operations/copyfile", &params).await;
+            let _ = fs::remove_file(&probe);
+            match read {
+                Ok(_) => Ok(Outcome::Adopted),
+                Err(e) if e.to_string().contains("authenticate") => Err(wrong()),
+                Err(e) => Err(rc_err(e)),
+            }
+        }
+        None => Err(wrong()),
+    }
+}
+
+/// The smallest file the crypt remote shows, if any.
+async fn smallest_file(socket: &Path) -> Result<Option<String>, RcError> {
+    let listing = rc::call(
+        socket,
+        "operations/list",
+        &json!({
+            "fs": format!("{CRYPT_REMOTE}:"), "remote": "",
+            "opt": { "recurse": true, "filesOnly": true, "noMimeType": true, "noModTime": true },
+        }),
+    )
+    .await?;
+    Ok(listing["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| Some((i["Size"].as_i64()?, i["Path"].as_str()?)))
+        .min()
+        .map(|(_, p)| p.to_owned()))
 }

@@ -145,3 +145,52 @@ fn data_written_before_the_marker_is_adopted_with_the_right_key() {
         "cvm-init key check v1\n"
     );
 }
+
+#[test]
+fn a_wrong_key_is_refused_when_chance_decrypts_some_names() {
+    // A wrong key decrypts about one name in 256 (valid PKCS#7 padding by
+    // chance): with 300 names at the top and no marker, some almost surely
+    // "decrypt", and the key must still be refused.
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start(tmp.path());
+    let conf = stock_config(&g, tmp.path());
+    let src = tmp.path().join("legacy");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..300 {
+        std::fs::write(src.join(format!("file-{i}.json")), format!("{{\"n\":{i}}}")).unwrap();
+    }
+    rclone(&conf, &["copy", src.to_str().unwrap(), "crypt:"]);
+    let before = raw_state(&g, tmp.path());
+    for (i, layout) in ["replicate", "mount"].iter().enumerate() {
+        let wrong = obscure(&format!("wrong password {i}"));
+        let mut app = boot(
+            &g,
+            tmp.path(),
+            &format!("w{i}"),
+            &wrong,
+            layout,
+            "sleep 100000",
+        );
+        assert_eq!(app.wait_exit(T), 77, "{}", app.log_text());
+        assert_eq!(
+            raw_state(&g, tmp.path()),
+            before,
+            "the bucket is byte-identical"
+        );
+    }
+    let mut app = boot(
+        &g,
+        tmp.path(),
+        "right",
+        PASSWORD,
+        "replicate",
+        "sleep 100000",
+    );
+    app.wait_ready(T);
+    assert!(
+        app.log_text().contains("outcome=Adopted"),
+        "{}",
+        app.log_text()
+    );
+    assert_eq!(app.stop(T), 0);
+}
