@@ -180,14 +180,19 @@ impl Engine {
         }
     }
 
-    /// Databases whose last save failed are behind, since their first unsaved change.
+    /// Every database with an unsaved change is behind since that change,
+    /// also while its snapshot is on its way (an upload can take rclone's
+    /// retries through an outage).
     fn report_lag(&self) {
-        let failing: Vec<&DbState> = self.dbs.values().filter(|d| d.failures > 0).collect();
-        match failing.iter().filter_map(|d| d.dirty_since).min() {
-            Some(since) => {
-                self.spec
-                    .lag
-                    .behind("databases", failing.len(), since, self.last_error.clone())
+        let dirty: Vec<Instant> = self.dbs.values().filter_map(|d| d.dirty_since).collect();
+        match dirty.iter().min() {
+            Some(&since) => {
+                let error = if self.last_error.is_empty() {
+                    "uploading a snapshot".to_owned()
+                } else {
+                    self.last_error.clone()
+                };
+                self.spec.lag.behind("databases", dirty.len(), since, error)
             }
             None => self.spec.lag.caught_up("databases"),
         }
@@ -237,6 +242,7 @@ impl Engine {
             if !due {
                 continue;
             }
+            self.report_lag();
             if let Err(e) = self.save(&rel, fp).await {
                 let state = self.dbs.get_mut(&rel).expect("listed above");
                 state.failures += 1;
@@ -244,6 +250,7 @@ impl Engine {
                 state.retry_at = Some(Instant::now() + delay);
                 tracing::error!(retry_in = ?delay, "sqlite: {e}");
                 self.last_error = e.to_string();
+                self.report_lag();
                 unsaved.push(rel);
             }
         }
@@ -276,10 +283,14 @@ impl Engine {
         } else {
             tracing::debug!(db = %rel.display(), "sqlite: unchanged content, nothing uploaded");
         }
+        let changed_since = Fingerprint::of(&live) != fp_before;
         let state = self.dbs.get_mut(rel).expect("saved databases are listed");
         state.saved = Some(fp_before);
         state.remote_hash = Some(snap.sha256);
-        state.dirty_since = None;
+        // A change made while the snapshot was taken or uploaded is unsaved
+        // since then at the latest, not since the next poll notices it.
+        state.dirty_since = changed_since.then_some(started);
+        self.last_error.clear();
         state.retry_at = None;
         state.failures = 0;
         Ok(())

@@ -486,6 +486,7 @@ impl Engine {
             );
         }
         if failed.is_empty() {
+            self.last_error.clear();
             self.spec.lag.caught_up("files");
         } else {
             self.spec
