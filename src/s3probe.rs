@@ -183,21 +183,24 @@ pub fn jitter_unit() -> f64 {
     }
 }
 
-/// Probes until S3 answers, a permanent problem shows, or `limit` (None:
-/// forever) has passed. Logs and reports (sd-notify STATUS) every failed attempt.
-pub async fn wait(
-    reaper: &Reaper,
-    rclone_bin: &str,
-    config: &Path,
-    s3: &S3Config,
-    limit: Option<Duration>,
-) -> Result<(), WaitError> {
+/// What to probe, and for how long.
+pub struct Target<'a> {
+    pub rclone_bin: &'a str,
+    pub config: &'a Path,
+    pub s3: &'a S3Config,
+    /// How long to wait for an unreachable S3 (`CVM_S3_WAIT`); `None` is forever.
+    pub limit: Option<Duration>,
+}
+
+/// Probes until S3 answers, a permanent problem shows, or the target's
+/// limit has passed. Logs and reports (sd-notify STATUS) every failed attempt.
+pub async fn wait(reaper: &Reaper, target: &Target<'_>) -> Result<(), WaitError> {
     let started = Instant::now();
     let mut backoff = Backoff::default();
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let last = match probe(reaper, rclone_bin, config, s3).await {
+        let last = match probe(reaper, target.rclone_bin, target.config, target.s3).await {
             Ok(()) => {
                 if attempts > 1 {
                     tracing::info!(attempts, waited = ?started.elapsed(), "S3 reachable again; continuing the boot");
@@ -209,7 +212,7 @@ pub async fn wait(
         };
         let waited = started.elapsed();
         let mut delay = backoff.next(jitter_unit());
-        if let Some(limit) = limit {
+        if let Some(limit) = target.limit {
             if waited >= limit {
                 return Err(WaitError::GaveUp {
                     waited,

@@ -105,6 +105,16 @@ impl Storage {
     /// Restores and starts serving the state dir. Cancel-safe: what was
     /// started is stopped by [`Storage::stop`].
     pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+        // Nothing is restored, written or started before S3 has answered.
+        let target = match self {
+            Storage::Local(_) => None,
+            Storage::Mount(m) => Some(m.s3_target()),
+            Storage::Replicate(r) => Some(r.s3_target()),
+        };
+        if let Some(target) = target {
+            crate::notify::status("reaching S3");
+            crate::s3probe::wait(reaper, &target).await?;
+        }
         match self {
             Storage::Local(_) => Ok(()),
             Storage::Mount(m) => m.boot(reaper, timeout).await,

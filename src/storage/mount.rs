@@ -286,16 +286,17 @@ impl Mount {
     /// Restores databases, mounts, moves databases to local disk and starts
     /// the backup loop. Cancel-safe: whatever was started is in `self` and
     /// [`Mount::stop`] ends it.
+    /// What boot probes before anything else (see `Storage::boot`).
+    pub fn s3_target(&self) -> crate::s3probe::Target<'_> {
+        crate::s3probe::Target {
+            rclone_bin: &self.rclone_bin,
+            config: &self.paths.config,
+            s3: &self.s3,
+            limit: self.s3_wait,
+        }
+    }
+
     pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
-        notify::status("reaching S3");
-        crate::s3probe::wait(
-            reaper,
-            &self.rclone_bin,
-            &self.paths.config,
-            &self.s3,
-            self.s3_wait,
-        )
-        .await?;
         let t = Instant::now();
         notify::status("restoring databases");
         let fetched = restore::fetch_databases(

@@ -240,16 +240,17 @@ impl Replicate {
             .unwrap_or_default())
     }
 
+    /// What boot probes before anything else (see `Storage::boot`).
+    pub fn s3_target(&self) -> crate::s3probe::Target<'_> {
+        crate::s3probe::Target {
+            rclone_bin: &self.rclone_bin,
+            config: &self.paths.config,
+            s3: &self.s3,
+            limit: self.s3_wait,
+        }
+    }
+
     pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
-        notify::status("reaching S3");
-        crate::s3probe::wait(
-            reaper,
-            &self.rclone_bin,
-            &self.paths.config,
-            &self.s3,
-            self.s3_wait,
-        )
-        .await?;
         let t = Instant::now();
         self.start_rcd(reaper, timeout)
             .await
