@@ -4,6 +4,7 @@
 //! to S3, `CVM_RUN_DIR`, `CVM_LOCAL_DIR` or the state dir: the rclone config
 //! it needs lives in a private temporary directory, removed at the end.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -112,6 +113,27 @@ pub fn run() -> Status {
 /// A private directory for the rendered config, removed when dropped.
 struct TempRun(PathBuf);
 
+impl TempRun {
+    /// A new 0700 directory under `$TMPDIR` with an unguessable name; one
+    /// that already exists (planted by someone else) is an error, never reused.
+    fn create() -> Result<Self, (PathBuf, std::io::Error)> {
+        let mut b = [0u8; 8];
+        getrandom::getrandom(&mut b)
+            .map_err(|e| (std::env::temp_dir(), std::io::Error::other(e.to_string())))?;
+        let name = format!(
+            "cvm-init-check-{}-{}",
+            std::process::id(),
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        );
+        let path = std::env::temp_dir().join(name);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| (path.clone(), e))?;
+        Ok(Self(path))
+    }
+}
+
 impl Drop for TempRun {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -133,7 +155,20 @@ async fn check_s3(r: &mut Report, cfg: &Config, s3: &S3Config) {
             return;
         }
     }
-    let tmp = TempRun(std::env::temp_dir().join(format!("cvm-init-check-{}", std::process::id())));
+    let tmp = match TempRun::create() {
+        Ok(t) => t,
+        Err((path, e)) => {
+            r.problem(
+                "s3",
+                &format!(
+                    "cannot create a private directory at {}: {e}",
+                    path.display()
+                ),
+                Status::Failure,
+            );
+            return;
+        }
+    };
     let paths = RunPaths::new(&tmp.0, &tmp.0);
     if let Err((path, e)) = paths.prepare(s3) {
         r.problem(
@@ -156,9 +191,9 @@ async fn check_s3(r: &mut Report, cfg: &Config, s3: &S3Config) {
         ),
         Err(e) => {
             let status = match e {
-                ProbeError::CredentialsRejected { .. } | ProbeError::BucketMissing { .. } => {
-                    Status::S3Rejected
-                }
+                ProbeError::CredentialsRejected { .. }
+                | ProbeError::BucketMissing { .. }
+                | ProbeError::Misdirected { .. } => Status::S3Rejected,
                 ProbeError::Unreachable { .. } | ProbeError::Spawn { .. } => {
                     Status::StorageUnavailable
                 }

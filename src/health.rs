@@ -39,11 +39,10 @@ impl Lag {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `what` has `pending` items not on S3, the oldest changed at `since`.
+    /// `what` has `pending` items not on S3, the oldest changed at `since`
+    /// (replacing what it said before: each writer knows its oldest change).
     pub fn behind(&self, what: &'static str, pending: usize, since: Instant, error: String) {
-        let mut m = self.lock();
-        let since = m.get(what).map_or(since, |b| b.since.min(since));
-        m.insert(
+        self.lock().insert(
             what,
             Behind {
                 pending,
@@ -134,19 +133,16 @@ mod tests {
             t0 + Duration::from_secs(5),
             "timeout".into(),
         );
-        // A later report keeps the first change's time.
-        lag.behind(
-            "files",
-            4,
-            t0 + Duration::from_secs(9),
-            "connection refused".into(),
-        );
         let (d, line) = lag.summary(t0 + Duration::from_secs(42)).unwrap();
         assert_eq!(d, Duration::from_secs(42));
         assert_eq!(
             line,
-            "S3 writes 42s behind (1 databases, 4 files pending; retrying): connection refused"
+            "S3 writes 42s behind (1 databases, 3 files pending; retrying): connection refused"
         );
+        // A later report replaces the earlier one: its oldest change is newer.
+        lag.behind("files", 4, t0 + Duration::from_secs(9), "timeout".into());
+        let (d, _) = lag.summary(t0 + Duration::from_secs(42)).unwrap();
+        assert_eq!(d, Duration::from_secs(37));
         lag.caught_up("files");
         let (d, _) = lag.summary(t0 + Duration::from_secs(42)).unwrap();
         assert_eq!(d, Duration::from_secs(37));

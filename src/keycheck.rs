@@ -164,7 +164,7 @@ pub async fn inspect(socket: &Path, raw: &str, scratch: &Path) -> Result<Outcome
     }
 }
 
-/// The smallest file the crypt remote shows, if any.
+/// The smallest non-empty file the crypt remote shows, if any.
 async fn smallest_file(socket: &Path) -> Result<Option<String>, RcError> {
     let listing = rc::call(
         socket,
@@ -180,6 +180,9 @@ async fn smallest_file(socket: &Path) -> Result<Option<String>, RcError> {
         .into_iter()
         .flatten()
         .filter_map(|i| Some((i["Size"].as_i64()?, i["Path"].as_str()?)))
+        // An empty file is a bare header with no authenticated block: it
+        // "decrypts" under any key. -1 is an object rclone cannot size.
+        .filter(|&(size, _)| size > 0)
         .min()
         .map(|(_, p)| p.to_owned()))
 }

@@ -423,8 +423,10 @@ impl Engine {
                 .behind("files", uploads.len() + deletes.len(), oldest, error);
         }
         let mut failed = Vec::new();
-        // Two failures in a row mean S3 is not answering: the rest of the
+        // Two transfers in a row that could not reach S3: the rest of the
         // pass waits for the retry instead of each costing rclone's retries.
+        // A failure about the file itself does not count, so a file that
+        // keeps failing cannot hold back the ones after it.
         let mut in_a_row = 0;
         for name in &uploads {
             if in_a_row >= GIVE_UP_AFTER {
@@ -437,7 +439,7 @@ impl Engine {
                     self.remote.insert(name.clone(), local[name]);
                 }
                 Err(e) => {
-                    in_a_row += 1;
+                    in_a_row = if e.is_unreachable() { in_a_row + 1 } else { 0 };
                     tracing::warn!(file = %name, error = %e, "replicate: upload failed");
                     self.last_error = e.to_string();
                     failed.push(name.clone());
@@ -455,7 +457,7 @@ impl Engine {
                     self.remote.remove(name);
                 }
                 Err(e) => {
-                    in_a_row += 1;
+                    in_a_row = if e.is_unreachable() { in_a_row + 1 } else { 0 };
                     tracing::warn!(file = %name, error = %e, "replicate: delete failed");
                     self.last_error = e.to_string();
                     failed.push(name.clone());
@@ -478,11 +480,11 @@ impl Engine {
             self.dirty.entry(p).or_insert(first);
         }
         if !uploads.is_empty() || !deletes.is_empty() {
-            let failed_n = failed.len();
+            let not_done: BTreeSet<&String> = failed.iter().collect();
             tracing::info!(
-                uploaded = uploads.len() - uploads.iter().filter(|u| failed.contains(u)).count(),
-                trashed = deletes.len() - deletes.iter().filter(|d| failed.contains(d)).count(),
-                failed = failed_n, full, took = ?started.elapsed(), "replicate: pass"
+                uploaded = uploads.iter().filter(|u| !not_done.contains(u)).count(),
+                trashed = deletes.iter().filter(|d| !not_done.contains(d)).count(),
+                failed = failed.len(), full, took = ?started.elapsed(), "replicate: pass"
             );
         }
         if failed.is_empty() {

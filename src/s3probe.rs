@@ -37,6 +37,11 @@ pub enum ProbeError {
          buckets) or fix S3_BUCKET / S3_ENDPOINT"
     )]
     BucketMissing { endpoint: String, bucket: String },
+    #[error(
+        "S3 at {endpoint} refused the request as wrong for it: {detail}. Not retrying: check S3_REGION, \
+         S3_ENDPOINT and S3_PROVIDER"
+    )]
+    Misdirected { endpoint: String, detail: String },
     #[error("S3 at {endpoint} is unreachable: {detail}")]
     Unreachable { endpoint: String, detail: String },
     #[error("cannot start rclone ({bin}) to reach S3: {reason}; install rclone >= 1.75 or set RCLONE_BIN")]
@@ -129,6 +134,18 @@ pub fn classify(success: bool, stderr: &str, s3: &S3Config) -> Result<(), ProbeE
             bucket,
             detail,
         });
+    }
+    // A wrong region or endpoint gets the same answer however often it asks.
+    let misdirected = [
+        "StatusCode: 400",
+        "StatusCode: 301",
+        "PermanentRedirect",
+        "AuthorizationHeaderMalformed",
+    ]
+    .iter()
+    .any(|m| detail.contains(m));
+    if misdirected {
+        return Err(ProbeError::Misdirected { endpoint, detail });
     }
     Err(ProbeError::Unreachable { endpoint, detail })
 }
@@ -258,6 +275,7 @@ mod tests {
     const BAD_SECRET: &str = "2026/11/25 01:25:29 ERROR : error listing: operation error S3: ListObjects, https response error StatusCode: 403, RequestID: , HostID: , api error AccessDenied: Forbidden: Invalid signature\n";
     const NO_BUCKET: &str = "2026/11/25 01:25:29 ERROR : error listing: directory not found\n2026/11/25 01:25:29 NOTICE: Failed to lsjson with 2 errors: last error was: error in ListJSON: directory not found\n";
     const NO_HOST: &str = "2026/11/25 01:25:30 ERROR : error listing: operation error S3: ListObjects, https response error StatusCode: 0, RequestID: , HostID: , request send failed, Get \"http://no-such-host.invalid:33169/cvm-test\": dial tcp: lookup no-such-host.invalid on 10.255.255.53:53: no such host\n";
+    const WRONG_REGION: &str = "ERROR : error listing: operation error S3: ListObjects, https response error StatusCode: 400, api error AuthorizationHeaderMalformed: The authorization header is malformed; the region 'us-east-1' is wrong; expecting 'eu-west-1'\n";
     const SKEWED: &str = "ERROR : error listing: operation error S3: ListObjects, https response error StatusCode: 403, api error RequestTimeTooSkewed: The difference between the request time and the server's time is too large.\n";
 
     #[test]
@@ -274,6 +292,8 @@ mod tests {
         );
         assert!(!classify(false, NO_HOST, &s3).unwrap_err().is_permanent());
         assert!(!classify(false, SKEWED, &s3).unwrap_err().is_permanent());
+        let region = classify(false, WRONG_REGION, &s3).unwrap_err();
+        assert!(matches!(region, ProbeError::Misdirected { .. }), "{region}");
         assert_eq!(
             classify(false, NO_BUCKET, &s3),
             Err(ProbeError::BucketMissing {

@@ -13,7 +13,7 @@ use crate::gateway::{self, SpawnError};
 use crate::keycheck::KeyCheckError;
 use crate::notify;
 use crate::process::{Child, Reaper};
-use crate::s3probe::{ProbeError, WaitError};
+use crate::s3probe::{jitter_unit, Backoff, ProbeError, WaitError};
 use crate::shutdown;
 use crate::storage::{Event as StorageEvent, MountError, Storage};
 
@@ -68,8 +68,29 @@ impl Signals {
 
 /// Storage that fails again within this long of a recovery counts as failing in a row.
 const STORAGE_STEADY: Duration = Duration::from_secs(60);
-/// Recoveries in a row before cvm-init stops trying and exits 69.
+/// Storage failures in a row (a failure within `STORAGE_STEADY` of the last
+/// recovery, or a recovery that failed) at which cvm-init exits 69.
 const STORAGE_MAX_QUICK_FAILURES: u32 = 5;
+
+/// Runs `fut` to its end unless a shutdown signal comes first. A signal to
+/// forward meanwhile is dropped: the gateway is stopped or being replaced.
+async fn until_shutdown<F: std::future::Future>(
+    signals: &mut Signals,
+    fut: F,
+) -> Result<F::Output, Signal> {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            out = &mut fut => return Ok(out),
+            action = signals.recv() => match action {
+                SignalAction::Shutdown(sig) => return Err(sig),
+                SignalAction::Forward(sig) => {
+                    tracing::info!(signal = %sig, "storage is recovering; signal dropped");
+                }
+            },
+        }
+    }
+}
 
 /// The gateway is either running or waiting out its restart delay.
 enum Gateway {
@@ -109,7 +130,9 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
                 let status = match e {
                     MountError::KeyCheck(KeyCheckError::WrongKey { .. }) => Status::WrongKey,
                     MountError::S3(WaitError::Permanent(
-                        ProbeError::CredentialsRejected { .. } | ProbeError::BucketMissing { .. },
+                        ProbeError::CredentialsRejected { .. }
+                        | ProbeError::BucketMissing { .. }
+                        | ProbeError::Misdirected { .. },
                     )) => Status::S3Rejected,
                     _ => Status::StorageUnavailable,
                 };
@@ -224,10 +247,10 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
                 }
                 StorageEvent::Failed(failure) => {
                     quick_failures = if last_recovery.elapsed() < STORAGE_STEADY { quick_failures + 1 } else { 1 };
-                    if quick_failures > STORAGE_MAX_QUICK_FAILURES {
+                    if quick_failures >= STORAGE_MAX_QUICK_FAILURES {
                         tracing::error!(
-                            "{failure}, the {quick_failures}th time in a row within {STORAGE_STEADY:?} of recovering; \
-                             giving up: the log above says why rclone keeps failing"
+                            "{failure}: failure {quick_failures} in a row, each within {STORAGE_STEADY:?} of the \
+                             last recovery; giving up: the log above says why rclone keeps failing"
                         );
                         let gw = state.into_child();
                         shutdown::run(gw, storage, cfg.stop_timeout).await;
@@ -244,11 +267,32 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
                     } else {
                         tracing::error!("{failure}; restarting it (the gateway keeps running on local disk)");
                     }
-                    if let Err(e) = storage.recover(&reaper, cfg.mount_timeout).await {
-                        tracing::error!("storage could not be recovered: {e}");
-                        let gw = state.into_child();
-                        shutdown::run(gw, storage, cfg.stop_timeout).await;
-                        return Ok(Status::StorageUnavailable);
+                    let mut backoff = Backoff::default();
+                    loop {
+                        let attempt = until_shutdown(&mut signals, storage.recover(&reaper, cfg.mount_timeout)).await;
+                        let e = match attempt {
+                            Ok(Ok(())) => break,
+                            Ok(Err(e)) => e,
+                            Err(sig) => {
+                                tracing::info!(signal = %sig, "shutting down during the recovery");
+                                let gw = state.into_child();
+                                return Ok(shutdown::run(gw, storage, cfg.stop_timeout).await);
+                            }
+                        };
+                        quick_failures += 1;
+                        if quick_failures >= STORAGE_MAX_QUICK_FAILURES {
+                            tracing::error!("storage could not be recovered: {e}; giving up after {quick_failures} failures in a row");
+                            let gw = state.into_child();
+                            shutdown::run(gw, storage, cfg.stop_timeout).await;
+                            return Ok(Status::StorageUnavailable);
+                        }
+                        let delay = backoff.next(jitter_unit());
+                        tracing::error!(retry_in = ?delay, "storage could not be recovered: {e}");
+                        if let Err(sig) = until_shutdown(&mut signals, tokio::time::sleep(delay)).await {
+                            tracing::info!(signal = %sig, "shutting down during the recovery");
+                            let gw = state.into_child();
+                            return Ok(shutdown::run(gw, storage, cfg.stop_timeout).await);
+                        }
                     }
                     last_recovery = Instant::now();
                     tracing::warn!(storage = storage.describe(), "storage recovered");

@@ -27,6 +27,28 @@ pub enum RcError {
     Malformed { method: String, detail: String },
 }
 
+impl RcError {
+    /// The call could not reach S3 (or rclone itself): nothing about the
+    /// file at hand, so the next call would fail the same way.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            RcError::Io { .. } => true,
+            RcError::Status { body, .. } => [
+                "request send failed",
+                "dial tcp",
+                "connection refused",
+                "connection reset",
+                "i/o timeout",
+                "no such host",
+                "deadline exceeded",
+            ]
+            .iter()
+            .any(|m| body.contains(m)),
+            RcError::Malformed { .. } => false,
+        }
+    }
+}
+
 /// Calls `method` (e.g. `vfs/stats`) with `params` and returns the JSON answer.
 pub async fn call(socket: &Path, method: &str, params: &Value) -> Result<Value, RcError> {
     let io = |source| RcError::Io {

@@ -32,6 +32,9 @@ const FLUSH_POLL: Duration = Duration::from_millis(100);
 const LINK_CHECK: Duration = Duration::from_secs(1);
 /// How long the watchdog's `stat` of the mountpoint may take.
 const STAT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the search for databases on the mount may take; a full search
+/// may list directories from S3, so it gets longer than a `stat`.
+const DB_LOOK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Unanswered looks in a row before the mount counts as hung: one slow
 /// answer on a loaded machine must not cost a gateway restart.
 const HUNG_AFTER: u32 = 3;
@@ -172,7 +175,7 @@ fn guard(mountpoint: &Path) -> nix::Result<()> {
 /// How often rclone's upload queue is looked at for failing uploads.
 const QUEUE_WATCH: Duration = Duration::from_secs(5);
 
-/// rclone retries a failed upload 5 s later, doubling up to 5 min: after an
+/// rclone retries a failed upload 10 s later, doubling up to 5 min: after an
 /// outage, files could wait minutes for an S3 that is back. While uploads
 /// fail, this asks S3 for a listing (one request) every [`QUEUE_WATCH`] and,
 /// once it answers, makes every waiting upload due now. It also reports the
@@ -469,35 +472,66 @@ impl Mount {
                 Health::Serving => self.unanswered = 0,
                 Health::Failed(failure) => return Event::Failed(failure),
                 Health::Unanswered => {
-                    self.unanswered += 1;
-                    tracing::warn!(mountpoint = %self.mountpoint.display(), times = self.unanswered, "the mount did not answer a stat within {STAT_TIMEOUT:?}");
-                    if self.unanswered >= HUNG_AFTER {
-                        self.unanswered = 0;
-                        return Event::Failed(StorageFailure::MountHung(HUNG_AFTER * STAT_TIMEOUT));
+                    if let Some(hung) = self.unanswered_look() {
+                        return hung;
                     }
                     continue;
                 }
             }
-            let files = self.databases_on_mount();
-            if !files.is_empty() {
-                return Event::Pause(files);
+            match self.databases_on_mount().await {
+                Some(files) if !files.is_empty() => return Event::Pause(files),
+                Some(_) => {}
+                None => {
+                    if let Some(hung) = self.unanswered_look() {
+                        return hung;
+                    }
+                }
             }
         }
     }
 
-    fn databases_on_mount(&mut self) -> Vec<PathBuf> {
-        let candidates = if Instant::now() >= self.next_full_scan {
-            // Reads pattern directories through FUSE: at most one S3 listing
-            // per directory per CVM_BACKUP_INTERVAL.
+    /// Counts a look the mount did not answer; after [`HUNG_AFTER`] in a row
+    /// rclone is SIGKILLed at once: the kernel then fails every request it
+    /// held with ENOTCONN, so the gateway (which may be blocked in one,
+    /// unkillable until it is answered) can be stopped, and the dead mount
+    /// stays on top so nothing lands on the bare directory meanwhile.
+    fn unanswered_look(&mut self) -> Option<Event> {
+        self.unanswered += 1;
+        tracing::warn!(mountpoint = %self.mountpoint.display(), times = self.unanswered, "the mount did not answer in time");
+        if self.unanswered < HUNG_AFTER {
+            return None;
+        }
+        self.unanswered = 0;
+        if let Some((child, _)) = &self.rclone {
+            let _ = child.signal(nix::sys::signal::Signal::SIGKILL);
+        }
+        Some(Event::Failed(StorageFailure::MountHung(
+            HUNG_AFTER * STAT_TIMEOUT,
+        )))
+    }
+
+    /// Databases sitting on the mount as regular files; `None` when the
+    /// mount did not answer within [`DB_LOOK_TIMEOUT`]. The file system work
+    /// runs on a blocking thread: a hung mount must not stall the supervisor.
+    async fn databases_on_mount(&mut self) -> Option<Vec<PathBuf>> {
+        // A full search reads pattern directories through FUSE: at most one
+        // S3 listing per directory per CVM_BACKUP_INTERVAL.
+        let full = Instant::now() >= self.next_full_scan;
+        if full {
             self.next_full_scan = Instant::now() + self.sqlite.interval;
-            self.sqlite
-                .patterns
-                .find(&self.mountpoint)
-                .unwrap_or_default()
-        } else {
-            self.sqlite.patterns.find(&self.db_root).unwrap_or_default()
-        };
-        redirect::files_on_mount(&self.mountpoint, &candidates)
+        }
+        let (mountpoint, db_root) = (self.mountpoint.clone(), self.db_root.clone());
+        let patterns = self.sqlite.patterns.clone();
+        let look = tokio::task::spawn_blocking(move || {
+            let root = if full { &mountpoint } else { &db_root };
+            let candidates = patterns.find(root).unwrap_or_default();
+            redirect::files_on_mount(&mountpoint, &candidates)
+        });
+        match tokio::time::timeout(DB_LOOK_TIMEOUT, look).await {
+            Ok(Ok(files)) => Some(files),
+            Ok(Err(_)) => Some(Vec::new()),
+            Err(_) => None,
+        }
     }
 
     async fn rc(&self, method: &str, params: Value) -> Result<Value, rc::RcError> {
