@@ -374,6 +374,48 @@ fn an_aborted_fuse_connection_is_remounted() {
 }
 
 #[test]
+fn a_file_rewritten_faster_than_the_write_back_still_reaches_s3() {
+    // rclone restarts a file's 5 s write-back timer on every close: a file
+    // rewritten every 200 ms would never be uploaded while that goes on.
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start(tmp.path());
+    let dirs = Dirs::new(tmp.path(), "box");
+    let gw = script(
+        tmp.path(),
+        "gw.sh",
+        "i=0; while true; do i=$((i+1)); echo $i > \"$OPENCLAW_STATE_DIR/state.json\"; sleep 0.2; done",
+    );
+    let mut app = boot(&g, &dirs, gw.to_str().unwrap(), &[]);
+    app.wait_ready(T);
+    let conf = common::stock_config(&g, tmp.path());
+    let on_s3 = || {
+        let out = std::process::Command::new(common::rclone_bin())
+            .arg("--config")
+            .arg(&conf)
+            .args(["cat", "crypt:state.json"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .ok()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "a version of state.json on S3",
+        || on_s3().is_some(),
+    );
+    assert!(
+        app.log_text()
+            .contains("uploading files rclone kept back for over 30s"),
+        "{}",
+        app.log_text()
+    );
+    assert!(app.try_status().is_none());
+    assert_eq!(app.stop(T), 0);
+}
+
+#[test]
 fn a_missing_rclone_is_a_clear_boot_error() {
     let tmp = tempfile::tempdir().unwrap();
     let g = Garage::start(tmp.path());

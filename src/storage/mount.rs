@@ -4,7 +4,7 @@
 //! local disk (`redirect`), restored before the mount and backed up as
 //! snapshots (`backup`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -172,55 +172,80 @@ fn guard(mountpoint: &Path) -> nix::Result<()> {
     Ok(())
 }
 
-/// How often rclone's upload queue is looked at for failing uploads.
+/// How often rclone's upload queue is looked at.
 const QUEUE_WATCH: Duration = Duration::from_secs(5);
+/// The longest a file waits in rclone's queue before it is made due.
+const QUEUE_MAX_AGE: Duration = Duration::from_secs(30);
 
-/// rclone retries a failed upload 10 s later, doubling up to 5 min: after an
-/// outage, files could wait minutes for an S3 that is back. While uploads
-/// fail, this asks S3 for a listing (one request) every [`QUEUE_WATCH`] and,
-/// once it answers, makes every waiting upload due now. It also reports the
-/// backlog; rclone does not say when a file changed, so the lag counts from
-/// the first failed upload seen.
+/// rclone's write-back queue has two ways of keeping a file off S3 for long:
+/// a file closed again within `--vfs-write-back` (5 s) restarts its timer, so
+/// one rewritten every few seconds is never uploaded while that goes on; and
+/// a failed upload is retried 10 s later, doubling up to 5 min, so after an
+/// outage files could wait minutes for an S3 that is back. Every
+/// [`QUEUE_WATCH`] this looks at the queue (`vfs/queue`; ids stay the same
+/// until a file is uploaded, so their first sighting dates the oldest
+/// unsaved change within one look): a file waiting longer than
+/// [`QUEUE_MAX_AGE`] is made due now, and a failed one as soon as S3 answers
+/// a listing (one request). It also reports the backlog.
 async fn watch_queue(socket: PathBuf, raw: String, lag: Lag) {
     const WHAT: &str = "files in rclone's upload queue";
-    let mut failing_since: Option<Instant> = None;
+    let mut first_seen: HashMap<i64, Instant> = HashMap::new();
     loop {
         sleep(QUEUE_WATCH).await;
         let Ok(queue) = rc::call(&socket, "vfs/queue", &json!({})).await else {
             continue;
         };
         let items = queue["queue"].as_array().cloned().unwrap_or_default();
-        let tried = |i: &Value| i["tries"].as_u64().unwrap_or(0) > 0;
-        if !items.iter().any(tried) {
-            failing_since = None;
+        let now = Instant::now();
+        let ids: Vec<i64> = items.iter().filter_map(|i| i["id"].as_i64()).collect();
+        first_seen.retain(|id, _| ids.contains(id));
+        for &id in &ids {
+            first_seen.entry(id).or_insert(now);
+        }
+        let Some(&oldest) = first_seen.values().min() else {
             lag.caught_up(WHAT);
             continue;
-        }
-        let since = *failing_since.get_or_insert_with(Instant::now);
-        lag.behind(
-            WHAT,
-            items.len(),
-            since,
-            "uploads fail and rclone retries them".into(),
-        );
-        let waiting: Vec<i64> = items
+        };
+        let tried = |i: &Value| i["tries"].as_u64().unwrap_or(0) > 0;
+        let failing = items.iter().any(tried);
+        let why = if failing {
+            "uploads fail and rclone retries them"
+        } else {
+            "waiting for rclone's write-back"
+        };
+        lag.behind(WHAT, items.len(), oldest, why.into());
+
+        let waiting = |i: &&Value| !i["uploading"].as_bool().unwrap_or(false);
+        let id_of = |i: &Value| i["id"].as_i64();
+        let mut due: Vec<i64> = items
             .iter()
-            .filter(|i| tried(i) && !i["uploading"].as_bool().unwrap_or(false))
-            .filter_map(|i| i["id"].as_i64())
+            .filter(waiting)
+            .filter(|i| !tried(i))
+            .filter_map(id_of)
+            .filter(|id| now - first_seen[id] >= QUEUE_MAX_AGE)
             .collect();
-        if waiting.is_empty() {
-            continue;
+        if !due.is_empty() {
+            tracing::info!(files = due.len(), "uploading files rclone kept back for over {QUEUE_MAX_AGE:?} (rewritten before their write-back came)");
         }
-        let probe = json!({ "fs": raw, "remote": "", "opt": { "dirsOnly": true } });
-        if rc::call(&socket, "operations/list", &probe).await.is_ok() {
-            tracing::info!(
-                files = waiting.len(),
-                "S3 answers: uploading now what rclone had put off for a later retry"
-            );
-            for id in waiting {
-                let due_now = json!({ "id": id, "expiry": -1e9 });
-                let _ = rc::call(&socket, "vfs/queue-set-expiry", &due_now).await;
+        let retry: Vec<i64> = items
+            .iter()
+            .filter(waiting)
+            .filter(|i| tried(i))
+            .filter_map(id_of)
+            .collect();
+        if !retry.is_empty() {
+            let probe = json!({ "fs": raw, "remote": "", "opt": { "dirsOnly": true } });
+            if rc::call(&socket, "operations/list", &probe).await.is_ok() {
+                tracing::info!(
+                    files = retry.len(),
+                    "S3 answers: uploading now what rclone had put off for a later retry"
+                );
+                due.extend(retry);
             }
+        }
+        for id in due {
+            let due_now = json!({ "id": id, "expiry": -1e9 });
+            let _ = rc::call(&socket, "vfs/queue-set-expiry", &due_now).await;
         }
     }
 }
