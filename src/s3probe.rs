@@ -143,7 +143,10 @@ pub fn classify(success: bool, stderr: &str, s3: &S3Config) -> Result<(), ProbeE
         "AuthorizationHeaderMalformed",
     ]
     .iter()
-    .any(|m| detail.contains(m));
+    .any(|m| detail.contains(m))
+        && !["RequestTimeout", "RequestTimeTooSkewed"]
+            .iter()
+            .any(|m| detail.contains(m));
     if misdirected {
         return Err(ProbeError::Misdirected { endpoint, detail });
     }
@@ -294,6 +297,8 @@ mod tests {
         assert!(!classify(false, SKEWED, &s3).unwrap_err().is_permanent());
         let region = classify(false, WRONG_REGION, &s3).unwrap_err();
         assert!(matches!(region, ProbeError::Misdirected { .. }), "{region}");
+        let slow = "ERROR : error listing: StatusCode: 400, api error RequestTimeout: Your socket connection to the server was not read from";
+        assert!(!classify(false, slow, &s3).unwrap_err().is_permanent());
         assert_eq!(
             classify(false, NO_BUCKET, &s3),
             Err(ProbeError::BucketMissing {

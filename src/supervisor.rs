@@ -73,19 +73,26 @@ const STORAGE_STEADY: Duration = Duration::from_secs(60);
 const STORAGE_MAX_QUICK_FAILURES: u32 = 5;
 
 /// Runs `fut` to its end unless a shutdown signal comes first. A signal to
-/// forward meanwhile is dropped: the gateway is stopped or being replaced.
+/// forward meanwhile goes to `gateway` if it runs (the replicate layout keeps
+/// it running while storage recovers), else is dropped.
 async fn until_shutdown<F: std::future::Future>(
     signals: &mut Signals,
+    gateway: Option<&Child>,
     fut: F,
 ) -> Result<F::Output, Signal> {
     tokio::pin!(fut);
     loop {
         tokio::select! {
             out = &mut fut => return Ok(out),
-            action = signals.recv() => match action {
-                SignalAction::Shutdown(sig) => return Err(sig),
-                SignalAction::Forward(sig) => {
-                    tracing::info!(signal = %sig, "storage is recovering; signal dropped");
+            action = signals.recv() => match (action, gateway) {
+                (SignalAction::Shutdown(sig), _) => return Err(sig),
+                (SignalAction::Forward(sig), Some(child)) => {
+                    if let Err(e) = child.signal_group(sig) {
+                        tracing::warn!(signal = %sig, error = %e, "cannot forward");
+                    }
+                }
+                (SignalAction::Forward(sig), None) => {
+                    tracing::info!(signal = %sig, "gateway not running; signal dropped");
                 }
             },
         }
@@ -99,6 +106,13 @@ enum Gateway {
 }
 
 impl Gateway {
+    fn child(&self) -> Option<&Child> {
+        match self {
+            Gateway::Running { child, .. } => Some(child),
+            Gateway::Backoff { .. } => None,
+        }
+    }
+
     /// The running gateway, if any, for the shutdown to stop.
     fn into_child(self) -> Option<Child> {
         match self {
@@ -269,7 +283,7 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
                     }
                     let mut backoff = Backoff::default();
                     loop {
-                        let attempt = until_shutdown(&mut signals, storage.recover(&reaper, cfg.mount_timeout)).await;
+                        let attempt = until_shutdown(&mut signals, state.child(), storage.recover(&reaper, cfg.mount_timeout)).await;
                         let e = match attempt {
                             Ok(Ok(())) => break,
                             Ok(Err(e)) => e,
@@ -288,7 +302,7 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
                         }
                         let delay = backoff.next(jitter_unit());
                         tracing::error!(retry_in = ?delay, "storage could not be recovered: {e}");
-                        if let Err(sig) = until_shutdown(&mut signals, tokio::time::sleep(delay)).await {
+                        if let Err(sig) = until_shutdown(&mut signals, state.child(), tokio::time::sleep(delay)).await {
                             tracing::info!(signal = %sig, "shutting down during the recovery");
                             let gw = state.into_child();
                             return Ok(shutdown::run(gw, storage, cfg.stop_timeout).await);

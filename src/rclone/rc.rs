@@ -28,8 +28,9 @@ pub enum RcError {
 }
 
 impl RcError {
-    /// The call could not reach S3 (or rclone itself): nothing about the
-    /// file at hand, so the next call would fail the same way.
+    /// The call could not reach S3 (or rclone itself), or S3 failed as a
+    /// whole (5xx, throttling): nothing about the file at hand, so the next
+    /// call would fail the same way.
     pub fn is_unreachable(&self) -> bool {
         match self {
             RcError::Io { .. } => true,
@@ -41,6 +42,11 @@ impl RcError {
                 "i/o timeout",
                 "no such host",
                 "deadline exceeded",
+                // S3 itself failing, not the file: 5xx and throttling.
+                "StatusCode: 5",
+                "ServiceUnavailable",
+                "SlowDown",
+                "InternalError",
             ]
             .iter()
             .any(|m| body.contains(m)),
@@ -95,6 +101,23 @@ fn parse_response(method: &str, response: &[u8]) -> Result<Value, RcError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn s3_failing_as_a_whole_is_told_from_a_file_failing() {
+        let status = |body: &str| RcError::Status {
+            method: "operations/copyfile".into(),
+            status: 500,
+            body: body.into(),
+        };
+        for body in [
+            "request send failed, Put \"http://127.0.0.1:1/b/x\": dial tcp 127.0.0.1:1: connect: connection refused",
+            "operation error S3: PutObject, https response error StatusCode: 503, api error SlowDown",
+        ] {
+            assert!(status(body).is_unreachable(), "{body}");
+        }
+        assert!(!status("object not found").is_unreachable());
+        assert!(!status("source file is being updated").is_unreachable());
+    }
 
     #[test]
     fn parses_ok_and_error_answers() {

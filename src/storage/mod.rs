@@ -55,8 +55,8 @@ pub enum StorageFailure {
     MountGone,
     #[error("the rclone mount is dead ({0})")]
     MountDead(std::io::Error),
-    #[error("the rclone mount has not answered for {0:?}: rclone is hung")]
-    MountHung(Duration),
+    #[error("the rclone mount did not answer {0} looks in a row: rclone is hung")]
+    MountHung(u32),
 }
 
 /// What could not be made durable during shutdown.
@@ -82,6 +82,16 @@ pub enum FlushError {
     Files(crate::replication::Unreplicated),
     #[error("cannot ask rclone for its upload queue: {0}")]
     Rc(#[from] crate::rclone::rc::RcError),
+    #[error(
+        "rclone did not answer about its upload queue before the stop budget ran out; files written \
+         since their last upload stay in rclone's cache under CVM_LOCAL_DIR and upload on the next boot"
+    )]
+    Unresponsive,
+    #[error(
+        "rclone was not running at the stop (the last remount failed); files written since their last \
+         upload stay in rclone's cache under CVM_LOCAL_DIR and upload on the next boot"
+    )]
+    NoRclone,
     #[error("syncing the state dir failed: {0}")]
     Sync(std::io::Error),
 }

@@ -176,20 +176,33 @@ fn guard(mountpoint: &Path) -> nix::Result<()> {
 const QUEUE_WATCH: Duration = Duration::from_secs(5);
 /// The longest a file waits in rclone's queue before it is made due.
 const QUEUE_MAX_AGE: Duration = Duration::from_secs(30);
+/// How often S3 is asked whether it answers while uploads fail but it did
+/// the last time (they fail for another reason; rclone's backoff stands).
+const RETRY_PROBE_EVERY: Duration = Duration::from_secs(30);
 
 /// rclone's write-back queue has two ways of keeping a file off S3 for long:
 /// a file closed again within `--vfs-write-back` (5 s) restarts its timer, so
 /// one rewritten every few seconds is never uploaded while that goes on; and
 /// a failed upload is retried 10 s later, doubling up to 5 min, so after an
 /// outage files could wait minutes for an S3 that is back. Every
-/// [`QUEUE_WATCH`] this looks at the queue (`vfs/queue`; ids stay the same
-/// until a file is uploaded, so their first sighting dates the oldest
-/// unsaved change within one look): a file waiting longer than
-/// [`QUEUE_MAX_AGE`] is made due now, and a failed one as soon as S3 answers
-/// a listing (one request). It also reports the backlog.
+/// [`QUEUE_WATCH`] this looks at the queue (`vfs/queue`); a file's first
+/// sighting dates its oldest unsaved change within one look, and a file
+/// waiting longer than
+/// [`QUEUE_MAX_AGE`] is made due now, and failed ones as soon as S3 answers
+/// a listing again (one request a look while it does not). It also reports
+/// the backlog.
 async fn watch_queue(socket: PathBuf, raw: String, lag: Lag) {
     const WHAT: &str = "files in rclone's upload queue";
-    let mut first_seen: HashMap<i64, Instant> = HashMap::new();
+    // By name: (first sighting, looks in a row it was missing). A file is
+    // out of the queue while it is open for writing, so one missed look does
+    // not end its wait.
+    let mut first_seen: HashMap<String, (Instant, u8)> = HashMap::new();
+    // Whether the last listing failed: failed uploads are made due when S3
+    // comes back, not on every look (a file S3 refuses for its own reasons
+    // keeps rclone's backoff). While S3 answers, it is asked at most every
+    // RETRY_PROBE_EVERY.
+    let mut s3_down = false;
+    let mut last_probe: Option<Instant> = None;
     loop {
         sleep(QUEUE_WATCH).await;
         let Ok(queue) = rc::call(&socket, "vfs/queue", &json!({})).await else {
@@ -197,51 +210,63 @@ async fn watch_queue(socket: PathBuf, raw: String, lag: Lag) {
         };
         let items = queue["queue"].as_array().cloned().unwrap_or_default();
         let now = Instant::now();
-        let ids: Vec<i64> = items.iter().filter_map(|i| i["id"].as_i64()).collect();
-        first_seen.retain(|id, _| ids.contains(id));
-        for &id in &ids {
-            first_seen.entry(id).or_insert(now);
+        let name_of = |i: &Value| i["name"].as_str().map(str::to_owned);
+        let names: Vec<String> = items.iter().filter_map(name_of).collect();
+        for seen in first_seen.values_mut() {
+            seen.1 = seen.1.saturating_add(1);
         }
-        let Some(&oldest) = first_seen.values().min() else {
+        for name in &names {
+            first_seen.entry(name.clone()).or_insert((now, 0)).1 = 0;
+        }
+        first_seen.retain(|_, (_, missed)| *missed < 2);
+        let Some(oldest) = names.iter().map(|n| first_seen[n].0).min() else {
             lag.caught_up(WHAT);
             continue;
         };
         let tried = |i: &Value| i["tries"].as_u64().unwrap_or(0) > 0;
-        let failing = items.iter().any(tried);
-        let why = if failing {
+        let why = if items.iter().any(tried) {
             "uploads fail and rclone retries them"
         } else {
             "waiting for rclone's write-back"
         };
         lag.behind(WHAT, items.len(), oldest, why.into());
 
-        let waiting = |i: &&Value| !i["uploading"].as_bool().unwrap_or(false);
+        // Neither uploading nor already due (waiting for a transfer slot).
+        let put_off = |i: &&Value| {
+            !i["uploading"].as_bool().unwrap_or(false) && i["expiry"].as_f64().unwrap_or(0.0) > 0.0
+        };
         let id_of = |i: &Value| i["id"].as_i64();
+        let waited_long =
+            |i: &&Value| name_of(i).is_some_and(|n| now - first_seen[&n].0 >= QUEUE_MAX_AGE);
         let mut due: Vec<i64> = items
             .iter()
-            .filter(waiting)
+            .filter(put_off)
             .filter(|i| !tried(i))
+            .filter(waited_long)
             .filter_map(id_of)
-            .filter(|id| now - first_seen[id] >= QUEUE_MAX_AGE)
             .collect();
         if !due.is_empty() {
             tracing::info!(files = due.len(), "uploading files rclone kept back for over {QUEUE_MAX_AGE:?} (rewritten before their write-back came)");
         }
         let retry: Vec<i64> = items
             .iter()
-            .filter(waiting)
+            .filter(put_off)
             .filter(|i| tried(i))
             .filter_map(id_of)
             .collect();
-        if !retry.is_empty() {
+        let probe_due = s3_down || last_probe.is_none_or(|t| now - t >= RETRY_PROBE_EVERY);
+        if !retry.is_empty() && probe_due {
+            last_probe = Some(now);
             let probe = json!({ "fs": raw, "remote": "", "opt": { "dirsOnly": true } });
-            if rc::call(&socket, "operations/list", &probe).await.is_ok() {
+            let answers = rc::call(&socket, "operations/list", &probe).await.is_ok();
+            if answers && s3_down {
                 tracing::info!(
                     files = retry.len(),
-                    "S3 answers: uploading now what rclone had put off for a later retry"
+                    "S3 answers again: uploading now what rclone had put off for a later retry"
                 );
                 due.extend(retry);
             }
+            s3_down = !answers;
         }
         for id in due {
             let due_now = json!({ "id": id, "expiry": -1e9 });
@@ -494,7 +519,7 @@ impl Mount {
                 _ = sleep(LINK_CHECK) => {}
             }
             match health(&self.mountpoint).await {
-                Health::Serving => self.unanswered = 0,
+                Health::Serving => {}
                 Health::Failed(failure) => return Event::Failed(failure),
                 Health::Unanswered => {
                     if let Some(hung) = self.unanswered_look() {
@@ -504,8 +529,12 @@ impl Mount {
                 }
             }
             match self.databases_on_mount().await {
-                Some(files) if !files.is_empty() => return Event::Pause(files),
-                Some(_) => {}
+                Some(files) => {
+                    self.unanswered = 0;
+                    if !files.is_empty() {
+                        return Event::Pause(files);
+                    }
+                }
                 None => {
                     if let Some(hung) = self.unanswered_look() {
                         return hung;
@@ -530,9 +559,7 @@ impl Mount {
         if let Some((child, _)) = &self.rclone {
             let _ = child.signal(nix::sys::signal::Signal::SIGKILL);
         }
-        Some(Event::Failed(StorageFailure::MountHung(
-            HUNG_AFTER * STAT_TIMEOUT,
-        )))
+        Some(Event::Failed(StorageFailure::MountHung(HUNG_AFTER)))
     }
 
     /// Databases sitting on the mount as regular files; `None` when the
@@ -563,17 +590,33 @@ impl Mount {
         rc::call(&self.paths.rc_socket, method, &params).await
     }
 
+    /// An rc call that gives up at `deadline`: a wedged rclone must not hold
+    /// the stop past its budget.
+    async fn rc_by(
+        &self,
+        method: &str,
+        params: Value,
+        deadline: Instant,
+    ) -> Result<Value, FlushError> {
+        match tokio::time::timeout_at(deadline, self.rc(method, params)).await {
+            Ok(r) => r.map_err(FlushError::Rc),
+            Err(_) => Err(FlushError::Unresponsive),
+        }
+    }
+
     /// After a failure, with the gateway stopped: ends rclone if it still
     /// runs, detaches the dead mount and mounts again. Files rclone had not
     /// uploaded wait in its cache under `CVM_LOCAL_DIR`; the new rclone
     /// uploads them. The backup loop keeps its state and retries.
     pub async fn recover(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
-        if let Some((mut child, _)) = self.rclone.take() {
+        // Ended in place: if this is cancelled (a shutdown signal), `stop`
+        // still finds it.
+        if let Some((child, _)) = self.rclone.as_mut() {
             let (exit, killed) = child.terminate(Instant::now() + RCLONE_STOP).await;
             tracing::info!(%exit, killed, "the old rclone mount is gone");
         }
+        self.rclone = None;
         self.notify = None;
-        self.served = false;
         self.mount(reaper, timeout).await
     }
 
@@ -599,27 +642,26 @@ impl Mount {
         loop {
             let exited = self.rclone.as_mut().map(|(c, _)| c.try_exit());
             match exited {
-                // Never started, or never mounted: nothing was written through it.
-                None => return Ok(()),
-                Some(Some(_)) if !self.served => return Ok(()),
+                // Never mounted in this run: nothing was written through it.
+                None | Some(Some(_)) if !self.served => return Ok(()),
+                // A recovery that did not get rclone back: the old one's cache holds the rest.
+                None => return Err(FlushError::NoRclone),
                 Some(Some(exit)) => return Err(FlushError::RcloneGone(exit)),
                 Some(None) => {}
             }
-            let queue = self.rc("vfs/queue", json!({})).await?;
+            let queue = self.rc_by("vfs/queue", json!({}), deadline).await?;
             let items = queue["queue"].as_array().cloned().unwrap_or_default();
             for item in &items {
                 let waiting = !item["uploading"].as_bool().unwrap_or(false);
                 if let (true, Some(id)) = (waiting, item["id"].as_i64()) {
                     // A negative expiry makes the item due now; errors mean it just started or finished.
-                    if let Err(e) = self
-                        .rc("vfs/queue-set-expiry", json!({ "id": id, "expiry": -1e9 }))
-                        .await
-                    {
+                    let due_now = json!({ "id": id, "expiry": -1e9 });
+                    if let Err(e) = self.rc_by("vfs/queue-set-expiry", due_now, deadline).await {
                         tracing::debug!(error = %e, id, "queue-set-expiry");
                     }
                 }
             }
-            let stats = self.rc("vfs/stats", json!({})).await?;
+            let stats = self.rc_by("vfs/stats", json!({}), deadline).await?;
             let in_progress = stats["diskCache"]["uploadsInProgress"]
                 .as_u64()
                 .unwrap_or(0);
