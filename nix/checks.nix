@@ -98,6 +98,17 @@ in
           s3.fail("find /var/lib/minio/data | grep -E 'canary|openclaw.json|workspace'")
           s3.fail("grep -r plaintext-canary /var/lib/minio/data")
 
+      with subtest("cvm-init check: a good setup passes, a wrong key is 77, nothing written"):
+          # MinIO's own bookkeeping (.minio.sys) may change on reads; the objects may not.
+          objects = "find /var/lib/minio/data -type f -not -path '*/.minio.sys/*' | sort | xargs md5sum"
+          before = s3.succeed(objects)
+          host.succeed("docker run --rm --network host ${s3Env} ${imageRef} check")
+          rc, out = host.execute(
+              "docker run --rm --network host ${s3Env} -e MASTER_KEY=not-the-key ${imageRef} check"
+          )
+          assert rc == 77 and "PROBLEM  key:" in out, out
+          assert s3.succeed(objects) == before
+
       with subtest("a new container restores everything"):
           host.succeed("docker run -d --name r2 --network host ${s3Env} -e OPENCLAW_GATEWAY_TOKEN=vm-token ${imageRef}")
           host.wait_until_succeeds("curl -fs http://127.0.0.1:18789/health", timeout=180)

@@ -287,3 +287,38 @@ fn the_mount_layout_without_fuse_fails_with_the_clear_error() {
         "{logs}"
     );
 }
+
+#[test]
+fn cvm_init_check_runs_as_the_images_entrypoint() {
+    let s = Setup::new();
+    let check = |extra: &[(&str, &str)]| {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--rm".into(),
+            "--network".into(),
+            "host".into(),
+        ];
+        args.extend(s.flags("true", extra));
+        args.push(image().into());
+        args.push("check".into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = podman(&args);
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = check(&[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("ok       s3:") && out.contains("ok       key:"),
+        "{out}"
+    );
+    // No --device /dev/fuse: the mount layout's check names the problem.
+    let (code, out) = check(&[("CVM_STORAGE", "mount")]);
+    assert_eq!(code, 71, "{out}");
+    assert!(
+        out.contains("PROBLEM  fuse: FUSE is not available: /dev/fuse is missing"),
+        "{out}"
+    );
+}
