@@ -306,3 +306,78 @@ fn s3_down_while_running_loses_nothing_in_the_replicate_layout() {
 fn s3_down_while_running_loses_nothing_in_the_mount_layout() {
     s3_down_while_running_loses_nothing("mount");
 }
+
+/// Garage stops while a new container restores its state (transfers slowed
+/// by an rclone wrapper so the restore is surely in progress): the failed
+/// boot is undone and waited out, and the gateway starts on the whole state.
+#[test]
+fn s3_down_during_the_restore_is_waited_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = Garage::start(tmp.path());
+    let src = tmp.path().join("tree");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..40 {
+        let body: String = format!("file {i} ").repeat(12_000);
+        std::fs::write(src.join(format!("f{i}.txt")), body).unwrap();
+    }
+    let conf = common::stock_config(&g, tmp.path());
+    common::rclone(&conf, &["copy", src.to_str().unwrap(), "crypt:"]);
+    let real = common::rclone_bin();
+    let slow = script(
+        tmp.path(),
+        "slow-rclone",
+        &format!(
+            "for a in \"$@\"; do [ \"$a\" = rcd ] && exec {0} \"$@\" --bwlimit 300k; done\nexec {0} \"$@\"",
+            real.display()
+        ),
+    );
+    let seen = tmp.path().join("seen");
+    let gw = script(
+        tmp.path(),
+        "gw.sh",
+        &format!(
+            "cat \"$OPENCLAW_STATE_DIR\"/f*.txt | md5sum > {0}.tmp; mv {0}.tmp {0}; exec sleep 100000",
+            seen.display()
+        ),
+    );
+    let mut app = boot(
+        &g,
+        tmp.path(),
+        "a",
+        &[
+            ("RCLONE_BIN", slow.to_str().unwrap()),
+            ("CVM_GATEWAY_CMD", gw.to_str().unwrap()),
+        ],
+    );
+    wait_until(T, "the restore to be under way", || {
+        app.log_text().contains("restore: in progress")
+    });
+    g.stop();
+    wait_until(T, "the failed boot to be undone", || {
+        app.log_text()
+            .contains("the boot failed while S3 went away again")
+    });
+    wait_until(T, "a wait for S3", || attempts(&app) >= 1);
+    assert!(!seen.exists(), "the gateway did not start");
+    g.restart();
+    app.wait_ready(Duration::from_secs(120));
+    wait_until(T, "the gateway's view", || seen.exists());
+    let want = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("cat {}/f*.txt | md5sum", src.display()))
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(
+        std::fs::read(&seen).unwrap(),
+        want,
+        "the gateway started on the whole tree"
+    );
+    assert!(
+        app.log_text()
+            .contains("an earlier restore was interrupted; starting it over"),
+        "{}",
+        app.log_text()
+    );
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}

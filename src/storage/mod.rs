@@ -114,21 +114,55 @@ impl Storage {
 
     /// Restores and starts serving the state dir. Cancel-safe: what was
     /// started is stopped by [`Storage::stop`].
+    ///
+    /// Nothing is restored, written or started before S3 has answered. A
+    /// boot that fails while S3 has gone away again (asked once more after
+    /// the failure) is undone and waited out like an outage before it; one
+    /// that fails while S3 answers is a real failure.
     pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
-        // Nothing is restored, written or started before S3 has answered.
-        let target = match self {
+        let started = tokio::time::Instant::now();
+        loop {
+            let Some(mut target) = self.s3_target() else {
+                return Ok(());
+            };
+            target.limit = target.limit.map(|l| l.saturating_sub(started.elapsed()));
+            crate::notify::status("reaching S3");
+            crate::s3probe::wait(reaper, &target).await?;
+            let result = match self {
+                Storage::Local(_) => Ok(()),
+                Storage::Mount(m) => m.boot(reaper, timeout).await,
+                Storage::Replicate(r) => r.boot(reaper, timeout).await,
+            };
+            let Err(e) = result else {
+                return Ok(());
+            };
+            let Some(target) = self.s3_target() else {
+                return Err(e);
+            };
+            match crate::s3probe::probe(reaper, target.rclone_bin, target.config, target.s3).await {
+                Err(gone @ crate::s3probe::ProbeError::Unreachable { .. }) => {
+                    tracing::warn!("the boot failed while S3 went away again ({gone}): {e}; undoing it and waiting for S3");
+                    self.undo_boot().await;
+                }
+                _ => return Err(e),
+            }
+        }
+    }
+
+    fn s3_target(&self) -> Option<crate::s3probe::Target<'_>> {
+        match self {
             Storage::Local(_) => None,
             Storage::Mount(m) => Some(m.s3_target()),
             Storage::Replicate(r) => Some(r.s3_target()),
-        };
-        if let Some(target) = target {
-            crate::notify::status("reaching S3");
-            crate::s3probe::wait(reaper, &target).await?;
         }
+    }
+
+    /// Ends what a failed boot started, so the next attempt starts clean.
+    async fn undo_boot(&mut self) {
         match self {
-            Storage::Local(_) => Ok(()),
-            Storage::Mount(m) => m.boot(reaper, timeout).await,
-            Storage::Replicate(r) => r.boot(reaper, timeout).await,
+            Storage::Local(_) => {}
+            Storage::Mount(m) => m.undo_boot().await,
+            Storage::Replicate(r) => r.undo_boot().await,
         }
     }
 

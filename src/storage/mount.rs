@@ -590,6 +590,16 @@ impl Mount {
         rc::call(&self.paths.rc_socket, method, &params).await
     }
 
+    /// Ends the rclone a failed boot started; the next mount detaches what
+    /// it leaves.
+    pub async fn undo_boot(&mut self) {
+        if let Some((child, _)) = self.rclone.as_mut() {
+            child.terminate(Instant::now() + RCLONE_STOP).await;
+        }
+        self.rclone = None;
+        self.notify = None;
+    }
+
     /// An rc call that gives up at `deadline`: a wedged rclone must not hold
     /// the stop past its budget.
     async fn rc_by(

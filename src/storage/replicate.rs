@@ -24,6 +24,8 @@ use crate::replication::{
 };
 use crate::restore;
 
+/// A restore with no progress for this long asks whether S3 still answers.
+const RESTORE_STALL: Duration = Duration::from_secs(10);
 /// How often restore progress is logged while it runs.
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
@@ -123,6 +125,18 @@ impl Replicate {
         Ok(())
     }
 
+    /// One listing of the bucket prefix, bounded in time.
+    async fn s3_answers(&self) -> bool {
+        let list = self.rc(
+            "operations/list",
+            json!({ "fs": self.raw, "remote": "", "opt": { "dirsOnly": true } }),
+        );
+        matches!(
+            tokio::time::timeout(Duration::from_secs(15), list).await,
+            Ok(Ok(_))
+        )
+    }
+
     fn filter(&self) -> Value {
         json!({ "ExcludeRule": self.excludes.rules() })
     }
@@ -146,6 +160,10 @@ impl Replicate {
             .ok_or_else(|| fail(format!("no job id in {job}")))?;
         let started = Instant::now();
         let mut next_log = started + PROGRESS_EVERY;
+        // (bytes, when they last grew): a restore that stops moving while S3
+        // does not answer is stopped, so the boot can wait for S3 instead of
+        // sitting out rclone's retries of every file.
+        let mut progress = (0u64, started);
         loop {
             let st = self
                 .rc("job/status", json!({ "jobid": id }))
@@ -168,12 +186,22 @@ impl Replicate {
                     .rc("core/stats", json!({ "group": format!("job/{id}") }))
                     .await
                 {
+                    let bytes = stats["bytes"].as_u64().unwrap_or(0);
                     tracing::info!(
-                        bytes = stats["bytes"].as_u64().unwrap_or(0),
+                        bytes,
                         files = stats["transfers"].as_u64().unwrap_or(0),
                         elapsed = ?started.elapsed(),
                         "restore: in progress"
                     );
+                    if bytes > progress.0 {
+                        progress = (bytes, Instant::now());
+                    } else if progress.1.elapsed() >= RESTORE_STALL && !self.s3_answers().await {
+                        let _ = self.rc("job/stop", json!({ "jobid": id })).await;
+                        return Err(fail(format!(
+                            "no progress for {:?} and S3 does not answer",
+                            progress.1.elapsed()
+                        )));
+                    }
                 }
             }
             sleep(Duration::from_millis(50)).await;
@@ -285,17 +313,20 @@ impl Replicate {
             let staging = self.local_dir.join("restore-sqlite");
             let _ = fs::remove_dir_all(&staging);
             fs::create_dir_all(&staging).map_err(|e| MountError::from(io_err(&staging)(e)))?;
-            let (tree, dbs) = tokio::join!(
-                self.restore_tree(),
-                restore::restore_databases(
-                    restore::Fetch::Rc {
-                        socket: &self.paths.rc_socket
-                    },
-                    &staging
-                )
-            );
-            tree?;
-            restored_dbs = dbs?;
+            // The first failure ends both: a stalled tree must not wait for
+            // rclone's retries of the databases.
+            let ((), dbs) = tokio::try_join!(
+                async { self.restore_tree().await.map_err(MountError::from) },
+                async {
+                    let fetch = restore::Fetch::Rc {
+                        socket: &self.paths.rc_socket,
+                    };
+                    restore::restore_databases(fetch, &staging)
+                        .await
+                        .map_err(MountError::from)
+                },
+            )?;
+            restored_dbs = dbs;
             for rel in restored_dbs.keys() {
                 move_file(&staging.join(rel), &self.state_dir.join(rel))
                     .map_err(|e| MountError::from(io_err(rel)(e)))?;
@@ -356,6 +387,17 @@ impl Replicate {
             Some((child, _)) => Event::Failed(StorageFailure::RcloneExited(child.wait().await)),
             None => std::future::pending().await,
         }
+    }
+
+    /// Ends the `rclone rcd` a failed boot started. The restore marker stays,
+    /// so the next boot empties the state dir and restores it again.
+    pub async fn undo_boot(&mut self) {
+        if let Some((child, _)) = self.rcd.as_mut() {
+            child
+                .terminate(Instant::now() + Duration::from_secs(5))
+                .await;
+        }
+        self.rcd = None;
     }
 
     /// Restarts `rclone rcd` after it died; replication and backups retry
