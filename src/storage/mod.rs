@@ -27,6 +27,28 @@ pub(crate) fn prepare_err(
     }
 }
 
+/// Stops an rclone this layout runs (`what` names it in the log): SIGTERM,
+/// SIGKILL at `deadline`. Killing it is an error: it may not have flushed.
+async fn stop_rclone(
+    rclone: Option<(crate::process::Child, crate::rclone::StderrTail)>,
+    deadline: Instant,
+    what: &str,
+) -> Result<(), MountError> {
+    let Some((mut child, _)) = rclone else {
+        return Ok(());
+    };
+    match child.terminate(deadline).await {
+        (exit, false) => {
+            tracing::info!(%exit, "{what} stopped");
+            Ok(())
+        }
+        (exit, true) => {
+            tracing::error!(%exit, "{what} did not stop in time and was killed");
+            Err(MountError::Killed)
+        }
+    }
+}
+
 /// A storage layout, started or starting.
 pub enum Storage {
     /// No S3: the state dir is a plain local directory.

@@ -130,6 +130,14 @@ pub fn is_dead_mount_error(e: &io::Error) -> bool {
     )
 }
 
+/// Lazily unmounts the top mount at `mountpoint`.
+fn detach(mountpoint: &Path) -> Result<(), MountError> {
+    umount2(mountpoint, MntFlags::MNT_DETACH).map_err(|source| MountError::Unmount {
+        mountpoint: mountpoint.to_owned(),
+        source,
+    })
+}
+
 /// A mount left behind by a previous run (rclone killed with the container's
 /// namespace alive, or a crashed rclone) makes every access fail; detach it
 /// so the new mount can take its place.
@@ -139,10 +147,7 @@ fn detach_stale(mountpoint: &Path) -> Result<(), MountError> {
     let dead = matches!(std::fs::metadata(mountpoint), Err(e) if is_dead_mount_error(&e));
     if listed || dead {
         tracing::warn!(mountpoint = %mountpoint.display(), "detaching a mount left by a previous run");
-        umount2(mountpoint, MntFlags::MNT_DETACH).map_err(|source| MountError::Unmount {
-            mountpoint: mountpoint.to_owned(),
-            source,
-        })?;
+        detach(mountpoint)?;
     }
     Ok(())
 }
@@ -706,33 +711,14 @@ impl Mount {
         for t in &self.tasks {
             t.abort();
         }
-        let mut result = Ok(());
-        if let Some((mut child, _)) = self.rclone.take() {
-            match child.terminate(deadline).await {
-                (exit, false) => tracing::info!(%exit, "rclone stopped"),
-                (exit, true) => {
-                    tracing::error!(%exit, "rclone did not stop in time and was killed");
-                    result = Err(MountError::Killed);
-                }
-            }
-        }
+        let result = super::stop_rclone(self.rclone.take(), deadline, "rclone").await;
         rclone::remove_config(&self.paths.config);
         if rclone_mounted(&self.mountpoint) {
             tracing::warn!(mountpoint = %self.mountpoint.display(), "mount still present after rclone exited; detaching");
-            umount2(&self.mountpoint, MntFlags::MNT_DETACH).map_err(|source| {
-                MountError::Unmount {
-                    mountpoint: self.mountpoint.clone(),
-                    source,
-                }
-            })?;
+            detach(&self.mountpoint)?;
         }
         if self.guarded {
-            umount2(&self.mountpoint, MntFlags::MNT_DETACH).map_err(|source| {
-                MountError::Unmount {
-                    mountpoint: self.mountpoint.clone(),
-                    source,
-                }
-            })?;
+            detach(&self.mountpoint)?;
         }
         result
     }

@@ -428,16 +428,7 @@ impl Replicate {
         if let Some(r) = self.reporter.take() {
             r.abort();
         }
-        let mut result = Ok(());
-        if let Some((mut child, _)) = self.rcd.take() {
-            match child.terminate(deadline).await {
-                (exit, false) => tracing::info!(%exit, "rclone rcd stopped"),
-                (exit, true) => {
-                    tracing::error!(%exit, "rclone rcd did not stop in time and was killed");
-                    result = Err(MountError::Killed);
-                }
-            }
-        }
+        let result = super::stop_rclone(self.rcd.take(), deadline, "rclone rcd").await;
         rclone::remove_config(&self.paths.config);
         result
     }
