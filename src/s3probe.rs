@@ -136,17 +136,16 @@ pub fn classify(success: bool, stderr: &str, s3: &S3Config) -> Result<(), ProbeE
         });
     }
     // A wrong region or endpoint gets the same answer however often it asks.
+    // A bare 400 does not count: Garage answers "BadRequest" for a moment
+    // while it starts.
     let misdirected = [
-        "StatusCode: 400",
         "StatusCode: 301",
         "PermanentRedirect",
         "AuthorizationHeaderMalformed",
+        "IllegalLocationConstraintException",
     ]
     .iter()
-    .any(|m| detail.contains(m))
-        && !["RequestTimeout", "RequestTimeTooSkewed"]
-            .iter()
-            .any(|m| detail.contains(m));
+    .any(|m| detail.contains(m));
     if misdirected {
         return Err(ProbeError::Misdirected { endpoint, detail });
     }
@@ -297,8 +296,12 @@ mod tests {
         assert!(!classify(false, SKEWED, &s3).unwrap_err().is_permanent());
         let region = classify(false, WRONG_REGION, &s3).unwrap_err();
         assert!(matches!(region, ProbeError::Misdirected { .. }), "{region}");
-        let slow = "ERROR : error listing: StatusCode: 400, api error RequestTimeout: Your socket connection to the server was not read from";
-        assert!(!classify(false, slow, &s3).unwrap_err().is_permanent());
+        for transient in [
+            "ERROR : error listing: StatusCode: 400, api error RequestTimeout: Your socket connection to the server was not read from",
+            "ERROR : error listing: operation error S3: ListObjects, StatusCode: 400, api error BadRequest: Bad Request",
+        ] {
+            assert!(!classify(false, transient, &s3).unwrap_err().is_permanent(), "{transient}");
+        }
         assert_eq!(
             classify(false, NO_BUCKET, &s3),
             Err(ProbeError::BucketMissing {

@@ -144,6 +144,35 @@ impl Garage {
             "--key",
             &g.key_id.clone(),
         ]);
+        // Garage answers 400 for a moment after the layout is applied: wait
+        // until it serves the bucket to the key, as a client will see it.
+        let conf = g.dir.join("ready-rclone.conf");
+        fs::write(
+            &conf,
+            format!(
+                "[s3]\ntype = s3\nprovider = Other\naccess_key_id = {}\nsecret_access_key = {}\n\
+                 endpoint = {}\nregion = {REGION}\n",
+                g.key_id, g.secret, g.endpoint
+            ),
+        )
+        .unwrap();
+        wait_until(
+            Duration::from_secs(20),
+            "garage to serve the bucket",
+            || {
+                Command::new(rclone_bin())
+                    .arg("--config")
+                    .arg(&conf)
+                    .args([
+                        "lsf",
+                        "--low-level-retries",
+                        "1",
+                        &format!("s3:{}", g.bucket),
+                    ])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            },
+        );
         g
     }
 
