@@ -250,7 +250,6 @@ impl Engine {
                 state.retry_at = Some(Instant::now() + delay);
                 tracing::error!(retry_in = ?delay, "sqlite: {e}");
                 self.last_error = e.to_string();
-                self.report_lag();
                 unsaved.push(rel);
             }
         }

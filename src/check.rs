@@ -218,8 +218,7 @@ async fn check_s3(r: &mut Report, cfg: &Config, s3: &S3Config) {
             return;
         }
     };
-    let raw = format!("s3:{}/{}", s3.bucket, s3.prefix);
-    match keycheck::inspect(&paths.rc_socket, &raw, &paths.scratch).await {
+    match keycheck::inspect(&paths.rc_socket, &s3.raw_remote(), &paths.scratch).await {
         Ok(Outcome::Matched) => r.ok("key", "the key marker decrypts with this key"),
         Ok(Outcome::FirstUse) => r.ok(
             "key",

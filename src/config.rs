@@ -130,6 +130,14 @@ pub struct S3Config {
     pub crypt: CryptKeys,
 }
 
+impl S3Config {
+    /// The bucket prefix through the plain remote, `s3:<bucket>/<prefix>`:
+    /// what the crypt remote wraps, and what the raw ciphertext is listed at.
+    pub fn raw_remote(&self) -> String {
+        format!("s3:{}/{}", self.bucket, self.prefix)
+    }
+}
+
 /// Crypt passwords, already in rclone's obscured form.
 #[derive(Debug, Clone)]
 pub struct CryptKeys {

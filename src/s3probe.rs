@@ -89,7 +89,7 @@ pub fn args(config: &Path, s3: &S3Config) -> Vec<OsString> {
         ]
         .map(OsString::from),
     );
-    args.push(format!("s3:{}/{}", s3.bucket, s3.prefix).into());
+    args.push(s3.raw_remote().into());
     args
 }
 
@@ -150,6 +150,18 @@ pub fn classify(success: bool, stderr: &str, s3: &S3Config) -> Result<(), ProbeE
         return Err(ProbeError::Misdirected { endpoint, detail });
     }
     Err(ProbeError::Unreachable { endpoint, detail })
+}
+
+/// Whether S3 answers one listing of `raw` (`s3:<bucket>/<prefix>`) within
+/// 15 s, asked through an rclone rc server already running at `socket` (no
+/// process to start, for checks while storage runs).
+pub async fn answers_via_rc(socket: &Path, raw: &str) -> bool {
+    let params = serde_json::json!({ "fs": raw, "remote": "", "opt": { "dirsOnly": true } });
+    let list = crate::rclone::rc::call(socket, "operations/list", &params);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(15), list).await,
+        Ok(Ok(_))
+    )
 }
 
 /// One probe, through rclone spawned under `reaper`.

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    descendants, obscure, rclone, script, wait_until, Appliance, Dirs, Garage, Signal, PASSWORD,
+    descendant_with, descendants, lines, obscure, rclone, script, wait_until, Appliance, Dirs,
+    Garage, Signal, PASSWORD,
 };
 
 const T: Duration = Duration::from_secs(30);
@@ -243,25 +244,6 @@ fn busy_gateway(dir: &Path, out: &Path) -> std::path::PathBuf {
     )
 }
 
-fn lines(path: &Path) -> Vec<String> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
-fn rclone_mount_pid(app: &Appliance) -> i32 {
-    descendants(app.pid())
-        .into_iter()
-        .find(|p| {
-            fs::read_to_string(format!("/proc/{p}/cmdline"))
-                .unwrap_or_default()
-                .contains("mount")
-        })
-        .expect("rclone mount runs under cvm-init")
-}
-
 /// Breaks the mount with `fault` while the busy gateway writes, then checks
 /// the watchdog: remounted, gateway restarted, every write that succeeded on
 /// S3, none on the bare mountpoint.
@@ -339,7 +321,7 @@ fn watchdog_recovers(fault: impl FnOnce(&Appliance), says: &str) {
 fn rclone_killed_is_remounted_and_the_gateway_restarted() {
     watchdog_recovers(
         |app| {
-            let pid = rclone_mount_pid(app);
+            let pid = descendant_with(app, "mount");
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
         },
         "rclone exited unexpectedly (signal SIGKILL)",
@@ -351,7 +333,7 @@ fn a_hung_rclone_is_replaced() {
     watchdog_recovers(
         |app| {
             // A stopped daemon: the mount stays listed and every access blocks.
-            let pid = rclone_mount_pid(app);
+            let pid = descendant_with(app, "mount");
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
         },
         "rclone is hung",

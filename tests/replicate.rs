@@ -307,14 +307,7 @@ fn a_killed_rclone_rcd_is_restarted_and_the_gateway_keeps_running() {
     let (mut app, a) = s.boot("a", &[]);
     write(&a.state, "before.txt", "1");
     wait_until(T, "the first upload", || uploaded(&app) >= 1);
-    let rcd = common::descendants(app.pid())
-        .into_iter()
-        .find(|p| {
-            fs::read_to_string(format!("/proc/{p}/cmdline"))
-                .unwrap_or_default()
-                .contains("rcd")
-        })
-        .expect("rclone rcd runs under cvm-init");
+    let rcd = common::descendant_with(&app, "rcd");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(rcd), common::Signal::SIGKILL).unwrap();
     wait_until(T, "the restart", || {
         app.log_text().contains("storage recovered")

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::load::{commits, inspect, WRITER};
-use common::{raw_state, script, wait_until, Appliance, Dirs, Garage, PASSWORD};
+use common::{lines, raw_state, script, wait_until, Appliance, Dirs, Garage, PASSWORD};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -182,14 +182,6 @@ fn cvm_s3_wait_bounds_the_wait() {
         "{log}"
     );
     assert!(!log.contains("gateway started"), "{log}");
-}
-
-fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
 }
 
 /// Garage stopped for 30 s while the gateway writes a file every 200 ms and

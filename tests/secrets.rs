@@ -11,7 +11,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{descendants, obscure, script, wait_until, Appliance, Dirs, Garage, Signal, BIN};
+use common::{
+    descendant_with, descendants, obscure, script, wait_until, Appliance, Dirs, Garage, Signal, BIN,
+};
 
 const T: Duration = Duration::from_secs(60);
 const MASTER_KEY: &str = "correct horse battery staple";
@@ -38,17 +40,6 @@ fn process_tables(app: &Appliance) -> String {
         out.push('\n');
     }
     out
-}
-
-fn pid_of(app: &Appliance, needle: &str) -> i32 {
-    descendants(app.pid())
-        .into_iter()
-        .find(|p| {
-            fs::read_to_string(format!("/proc/{p}/cmdline"))
-                .unwrap_or_default()
-                .contains(needle)
-        })
-        .unwrap_or_else(|| panic!("no {needle} under cvm-init"))
 }
 
 fn run_check(env: &[(String, String)]) -> String {
@@ -113,7 +104,7 @@ fn full_run_leaks_nothing(layout: &str, keys: &[(&str, String)], revealed: &[&st
         "\0rcd\0"
     };
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid_of(&app, needle)),
+        nix::unistd::Pid::from_raw(descendant_with(&app, needle)),
         Signal::SIGKILL,
     )
     .unwrap();

@@ -60,7 +60,7 @@ pub fn render_config(s3: &S3Config) -> String {
     out.push_str(&format!("region = {}\n", s3.region));
     out.push_str("no_check_bucket = true\n\n");
     out.push_str(&format!("[{CRYPT_REMOTE}]\ntype = crypt\n"));
-    out.push_str(&format!("remote = s3:{}/{}\n", s3.bucket, s3.prefix));
+    out.push_str(&format!("remote = {}\n", s3.raw_remote()));
     out.push_str("filename_encryption = standard\n");
     out.push_str("directory_name_encryption = true\n");
     out.push_str(&format!("password = {}\n", s3.crypt.password.expose()));

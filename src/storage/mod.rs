@@ -183,8 +183,8 @@ impl Storage {
     async fn undo_boot(&mut self) {
         match self {
             Storage::Local(_) => {}
-            Storage::Mount(m) => m.undo_boot().await,
-            Storage::Replicate(r) => r.undo_boot().await,
+            Storage::Mount(m) => m.end_rclone().await,
+            Storage::Replicate(r) => r.end_rclone().await,
         }
     }
 

@@ -107,8 +107,6 @@ pub struct Mount {
     backup: Option<Backup>,
     restored: BTreeMap<PathBuf, [u8; 32]>,
     next_full_scan: Instant,
-    /// `s3:<bucket>/<prefix>`, for the key check.
-    raw: String,
     /// The bare mountpoint is a read-only bind of itself (see [`guard`]).
     guarded: bool,
     /// Watchdog looks in a row that got no answer.
@@ -262,8 +260,7 @@ async fn watch_queue(socket: PathBuf, raw: String, lag: Lag) {
         let probe_due = s3_down || last_probe.is_none_or(|t| now - t >= RETRY_PROBE_EVERY);
         if !retry.is_empty() && probe_due {
             last_probe = Some(now);
-            let probe = json!({ "fs": raw, "remote": "", "opt": { "dirsOnly": true } });
-            let answers = rc::call(&socket, "operations/list", &probe).await.is_ok();
+            let answers = crate::s3probe::answers_via_rc(&socket, &raw).await;
             if answers && s3_down {
                 tracing::info!(
                     files = retry.len(),
@@ -331,7 +328,6 @@ impl Mount {
             backup: None,
             restored: BTreeMap::new(),
             next_full_scan: Instant::now(),
-            raw: format!("s3:{}/{}", s3.bucket, s3.prefix),
             guarded: false,
             unanswered: 0,
             lag: Lag::default(),
@@ -381,8 +377,12 @@ impl Mount {
         self.restored = checked?;
         tracing::info!(took = ?t.elapsed(), "boot: mounted and databases checked");
         // Nothing has been written yet: a wrong key stops the boot here.
-        let outcome =
-            crate::keycheck::check(&self.paths.rc_socket, &self.raw, &self.paths.scratch).await?;
+        let outcome = crate::keycheck::check(
+            &self.paths.rc_socket,
+            &self.s3.raw_remote(),
+            &self.paths.scratch,
+        )
+        .await?;
         tracing::info!(?outcome, "boot: crypt key checked");
 
         let spec = BackupSpec::new(
@@ -396,7 +396,7 @@ impl Mount {
         self.backup = Some(Backup::start(spec, std::mem::take(&mut self.restored)));
         self.tasks.push(tokio::spawn(watch_queue(
             self.paths.rc_socket.clone(),
-            self.raw.clone(),
+            self.s3.raw_remote(),
             self.lag.clone(),
         )));
         self.tasks.push(self.lag.spawn_reporter());
@@ -595,11 +595,13 @@ impl Mount {
         rc::call(&self.paths.rc_socket, method, &params).await
     }
 
-    /// Ends the rclone a failed boot started; the next mount detaches what
-    /// it leaves.
-    pub async fn undo_boot(&mut self) {
+    /// Ends rclone (after a failed boot, or before a remount); the next
+    /// mount detaches what it leaves. Ended in place: if this is cancelled
+    /// (a shutdown signal), `stop` still finds it.
+    pub async fn end_rclone(&mut self) {
         if let Some((child, _)) = self.rclone.as_mut() {
-            child.terminate(Instant::now() + RCLONE_STOP).await;
+            let (exit, killed) = child.terminate(Instant::now() + RCLONE_STOP).await;
+            tracing::info!(%exit, killed, "the old rclone mount is gone");
         }
         self.rclone = None;
         self.notify = None;
@@ -624,14 +626,7 @@ impl Mount {
     /// uploaded wait in its cache under `CVM_LOCAL_DIR`; the new rclone
     /// uploads them. The backup loop keeps its state and retries.
     pub async fn recover(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
-        // Ended in place: if this is cancelled (a shutdown signal), `stop`
-        // still finds it.
-        if let Some((child, _)) = self.rclone.as_mut() {
-            let (exit, killed) = child.terminate(Instant::now() + RCLONE_STOP).await;
-            tracing::info!(%exit, killed, "the old rclone mount is gone");
-        }
-        self.rclone = None;
-        self.notify = None;
+        self.end_rclone().await;
         self.mount(reaper, timeout).await
     }
 

@@ -53,8 +53,6 @@ pub struct Replicate {
     excludes: Excludes,
     trash_days: u32,
     rcd: Option<(Child, StderrTail)>,
-    /// `s3:<bucket>/<prefix>`, for the key check.
-    raw: String,
     s3: S3Config,
     s3_wait: Option<Duration>,
     backup: Option<Backup>,
@@ -88,7 +86,6 @@ impl Replicate {
             excludes: Excludes::new(&cfg.exclude, &cfg.sqlite.patterns),
             trash_days: cfg.trash_days,
             rcd: None,
-            raw: format!("s3:{}/{}", s3.bucket, s3.prefix),
             s3: s3.clone(),
             s3_wait: cfg.s3_wait,
             backup: None,
@@ -123,18 +120,6 @@ impl Replicate {
             .await?,
         );
         Ok(())
-    }
-
-    /// One listing of the bucket prefix, bounded in time.
-    async fn s3_answers(&self) -> bool {
-        let list = self.rc(
-            "operations/list",
-            json!({ "fs": self.raw, "remote": "", "opt": { "dirsOnly": true } }),
-        );
-        matches!(
-            tokio::time::timeout(Duration::from_secs(15), list).await,
-            Ok(Ok(_))
-        )
     }
 
     fn filter(&self) -> Value {
@@ -195,7 +180,13 @@ impl Replicate {
                     );
                     if bytes > progress.0 {
                         progress = (bytes, Instant::now());
-                    } else if progress.1.elapsed() >= RESTORE_STALL && !self.s3_answers().await {
+                    } else if progress.1.elapsed() >= RESTORE_STALL
+                        && !crate::s3probe::answers_via_rc(
+                            &self.paths.rc_socket,
+                            &self.s3.raw_remote(),
+                        )
+                        .await
+                    {
                         let _ = self.rc("job/stop", json!({ "jobid": id })).await;
                         return Err(fail(format!(
                             "no progress for {:?} and S3 does not answer",
@@ -286,7 +277,7 @@ impl Replicate {
         // Before anything is restored or written: a wrong key stops the boot here.
         let outcome = crate::keycheck::check(
             &self.paths.rc_socket,
-            &self.raw,
+            &self.s3.raw_remote(),
             &self.paths.scratch.clone(),
         )
         .await?;
@@ -389,9 +380,10 @@ impl Replicate {
         }
     }
 
-    /// Ends the `rclone rcd` a failed boot started. The restore marker stays,
-    /// so the next boot empties the state dir and restores it again.
-    pub async fn undo_boot(&mut self) {
+    /// Ends `rclone rcd` (after a failed boot, or one that died). After a
+    /// failed boot the restore marker stays, so the next boot empties the
+    /// state dir and restores it again.
+    pub async fn end_rclone(&mut self) {
         if let Some((child, _)) = self.rcd.as_mut() {
             child
                 .terminate(Instant::now() + Duration::from_secs(5))
@@ -403,7 +395,7 @@ impl Replicate {
     /// Restarts `rclone rcd` after it died; replication and backups retry
     /// their failed transfers against the new one.
     pub async fn recover(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
-        self.rcd = None;
+        self.end_rclone().await;
         self.start_rcd(reaper, timeout)
             .await
             .map_err(MountError::from)

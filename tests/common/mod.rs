@@ -609,6 +609,28 @@ pub fn descendants(root: i32) -> Vec<i32> {
     out
 }
 
+/// The process under `app` whose command line (arguments NUL-separated)
+/// contains `needle`.
+pub fn descendant_with(app: &Appliance, needle: &str) -> i32 {
+    descendants(app.pid())
+        .into_iter()
+        .find(|p| {
+            fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .contains(needle)
+        })
+        .unwrap_or_else(|| panic!("no process with {needle:?} in its command line under cvm-init"))
+}
+
+/// The lines of a file a test's stand-in gateway appends to; none if it is not there yet.
+pub fn lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// (ppid, state) of `pid` from /proc/<pid>/stat.
 pub fn proc_stat(pid: i32) -> Option<(i32, char)> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
