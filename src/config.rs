@@ -93,8 +93,13 @@ pub enum Layout {
     Mount,
 }
 
-/// OpenClaw's scratch space, caches and lock files: rebuilt by the gateway, never worth S3.
-pub const DEFAULT_EXCLUDE: &str = "/tmp/**,/cache/**,*.lock";
+/// OpenClaw's scratch space, caches and lock files: rebuilt by the gateway,
+/// never worth S3. The `*.sqlite.*` names are the SQLite lease files and
+/// temporary copies beside its databases, which OpenClaw's own backup skips
+/// as transient (`SQLITE_MEMORY_TRANSIENT_PATH_PATTERN` in 2026.9.6).
+pub const DEFAULT_EXCLUDE: &str = "/tmp/**,/cache/**,*.lock,\
+    *.sqlite.generation-lock.sqlite*,*.sqlite.generation-writer.sqlite*,*.sqlite.reindex-lock.sqlite*,\
+    *.sqlite.backup-*,*.sqlite.memory-reindex-*,*.sqlite.tmp-*";
 
 /// Where databases are and how soon their snapshots go to S3.
 #[derive(Debug, Clone)]
@@ -417,7 +422,7 @@ impl Validator {
                 format!("{debounce:?} is longer than CVM_BACKUP_INTERVAL {interval:?}, which bounds how late a change is saved"),
             );
         }
-        let sqlite = SqliteConfig {
+        let mut sqlite = SqliteConfig {
             patterns,
             debounce,
             interval,
@@ -449,6 +454,7 @@ impl Validator {
                 );
             }
         }
+        sqlite.patterns = sqlite.patterns.except(&exclude);
         let trash_days = match given(raw.cvm_trash_days) {
             None => 7,
             Some(d) => d.parse().unwrap_or_else(|_| {

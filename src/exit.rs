@@ -15,6 +15,10 @@ pub enum Status {
     Usage = 64,
     /// Storage could not be set up at boot, or died while running.
     StorageUnavailable = 69,
+    /// S3 answered, but the state in it cannot be restored here (a file that
+    /// cannot be written, a database that fails its check): every boot would
+    /// fail the same way. The log names the file and the cause.
+    Unrestorable = 65,
     /// A PID-1 duty failed: /proc or /dev/fuse.
     Os = 71,
     /// The crypt key does not match the data in the bucket prefix; nothing was written.

@@ -12,6 +12,7 @@ pub mod backup;
 pub mod check;
 pub mod config;
 pub mod exit;
+pub mod filter;
 pub mod gateway;
 pub mod health;
 pub mod keycheck;
@@ -30,6 +31,7 @@ pub mod shutdown;
 pub mod sqlite;
 pub mod storage;
 pub mod supervisor;
+pub mod treemeta;
 
 use std::path::Path;
 

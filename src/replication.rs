@@ -10,12 +10,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use globset::GlobSet;
 use notify::{RecursiveMode, Watcher};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -25,6 +24,7 @@ use tokio::time::{sleep, Instant};
 use crate::rclone::rc::{self, RcError};
 use crate::rclone::CRYPT_REMOTE;
 use crate::sqlite::{Patterns, SIDECARS};
+use crate::treemeta::{self, Kind, TreeMeta};
 
 const POLL: Duration = Duration::from_millis(250);
 /// Failed transfers in a row that end a pass early (see `Engine::pass`).
@@ -32,7 +32,6 @@ const GIVE_UP_AFTER: u32 = 2;
 /// Remote prefixes cvm-init owns inside the crypt remote.
 pub const TRASH_DIR: &str = ".cvm-trash";
 pub const META_DIR: &str = ".cvm";
-pub const DIR_MODES: &str = "dirs.json";
 /// Deleting more than this share of the remote tree in one pass is refused…
 const MAX_DELETE_SHARE: f64 = 0.5;
 /// …unless it is only a handful of files.
@@ -68,22 +67,8 @@ impl Excludes {
             // that switches layouts it must not come back in place of the database.
             rules.push(format!("/{p}{LINK_SUFFIX}"));
         }
-        let mut b = GlobSetBuilder::new();
-        for r in &rules {
-            // rclone semantics: a leading '/' anchors at the root, otherwise the
-            // pattern matches at any depth; '*' never crosses '/'.
-            let glob = match r.strip_prefix('/') {
-                Some(anchored) => anchored.to_owned(),
-                None => format!("**/{r}"),
-            };
-            if let Ok(g) = GlobBuilder::new(&glob).literal_separator(true).build() {
-                b.add(g);
-            }
-        }
-        Excludes {
-            rules,
-            set: b.build().unwrap_or_else(|_| GlobSet::empty()),
-        }
+        let set = crate::filter::globset(&rules);
+        Excludes { rules, set }
     }
 
     /// The rules in rclone filter syntax (`ExcludeRule`).
@@ -102,15 +87,9 @@ type Stamp = (u64, i64);
 pub type Manifest = BTreeMap<String, Stamp>;
 
 /// Every replicated file below `root`, keyed by its remote name, and every
-/// directory's mode.
-pub fn scan(root: &Path, excludes: &Excludes) -> (Manifest, BTreeMap<String, u32>) {
-    fn walk(
-        root: &Path,
-        rel: &Path,
-        ex: &Excludes,
-        files: &mut Manifest,
-        dirs: &mut BTreeMap<String, u32>,
-    ) {
+/// entry's type, mode and owner (`treemeta`).
+pub fn scan(root: &Path, excludes: &Excludes) -> (Manifest, TreeMeta) {
+    fn walk(root: &Path, rel: &Path, ex: &Excludes, files: &mut Manifest, tree: &mut TreeMeta) {
         let Ok(entries) = fs::read_dir(root.join(rel)) else {
             return;
         };
@@ -123,19 +102,24 @@ pub fn scan(root: &Path, excludes: &Excludes) -> (Manifest, BTreeMap<String, u32
                 continue;
             }
             let name = child.to_string_lossy().into_owned();
-            if meta.is_dir() {
-                dirs.insert(name, meta.mode() & 0o7777);
-                walk(root, &child, ex, files, dirs);
-            } else if meta.file_type().is_symlink() {
-                files.insert(format!("{name}{LINK_SUFFIX}"), stamp(&meta));
-            } else if meta.is_file() {
-                files.insert(name, stamp(&meta));
+            let Some(entry) = treemeta::Entry::of(&meta) else {
+                continue;
+            };
+            match entry.kind {
+                Kind::Dir => walk(root, &child, ex, files, tree),
+                Kind::Link => {
+                    files.insert(format!("{name}{LINK_SUFFIX}"), stamp(&meta));
+                }
+                Kind::File => {
+                    files.insert(name.clone(), stamp(&meta));
+                }
             }
+            tree.insert(name, entry);
         }
     }
-    let (mut files, mut dirs) = (Manifest::new(), BTreeMap::new());
-    walk(root, Path::new(""), excludes, &mut files, &mut dirs);
-    (files, dirs)
+    let (mut files, mut tree) = (Manifest::new(), TreeMeta::new());
+    walk(root, Path::new(""), excludes, &mut files, &mut tree);
+    (files, tree)
 }
 
 fn stamp(meta: &fs::Metadata) -> Stamp {
@@ -171,7 +155,7 @@ pub struct ReplicationSpec {
     pub excludes: Excludes,
     pub debounce: Duration,
     pub interval: Duration,
-    /// Where `dirs.json` is written before upload.
+    /// Where `tree.json` is written before upload.
     pub scratch: PathBuf,
     /// Where the backlog is reported while uploads fail.
     pub lag: crate::health::Lag,
@@ -198,7 +182,8 @@ pub struct Replication {
 struct Engine {
     spec: ReplicationSpec,
     remote: Manifest,
-    dir_modes: BTreeMap<String, u32>,
+    /// The tree as `.cvm/tree.json` on S3 last described it.
+    tree: TreeMeta,
     dirty: BTreeMap<PathBuf, Instant>,
     next_full: Instant,
     retry_at: Option<Instant>,
@@ -213,7 +198,7 @@ impl Replication {
     pub fn start(
         spec: ReplicationSpec,
         remote: Manifest,
-        dir_modes: BTreeMap<String, u32>,
+        tree: TreeMeta,
         reconcile: bool,
     ) -> Replication {
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -238,7 +223,7 @@ impl Replication {
                 },
             spec,
             remote,
-            dir_modes,
+            tree,
             dirty: BTreeMap::new(),
             retry_at: None,
             failures: 0,
@@ -360,7 +345,7 @@ impl Engine {
     /// dirty paths. Returns the names that could not be replicated.
     async fn pass(&mut self, full: bool) -> Vec<String> {
         let started = Instant::now();
-        let (local, dirs) = scan(&self.spec.root, &self.spec.excludes);
+        let (local, tree) = scan(&self.spec.root, &self.spec.excludes);
         // When each path first changed, kept for paths that fail again.
         let taken = std::mem::take(&mut self.dirty);
         let scope: Option<BTreeSet<PathBuf>> = if full {
@@ -464,12 +449,16 @@ impl Engine {
                 }
             }
         }
-        if dirs != self.dir_modes {
-            match self.upload_dir_modes(&dirs).await {
-                Ok(()) => self.dir_modes = dirs,
+        // After the files it describes, so the tree on S3 is never newer than them.
+        if tree != self.tree {
+            match self.upload_tree(&tree).await {
+                Ok(()) => {
+                    tracing::debug!(entries = tree.len(), "replicate: tree uploaded");
+                    self.tree = tree;
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "replicate: directory modes not uploaded");
-                    failed.push(format!("{META_DIR}/{DIR_MODES}"));
+                    tracing::warn!(error = %e, "replicate: modes, owners and directories not uploaded");
+                    failed.push(format!("{META_DIR}/{}", treemeta::FILE));
                 }
             }
         }
@@ -508,7 +497,9 @@ impl Engine {
             json!({
                 "srcFs": self.spec.root.to_string_lossy(), "srcRemote": name,
                 "dstFs": format!("{CRYPT_REMOTE}:"), "dstRemote": name,
-                "_config": { "BackupDir": trash, "Metadata": true, "Links": true },
+                // No `Metadata`: modes and owners travel encrypted in tree.json,
+                // not as plain S3 headers; rclone keeps the mtime itself.
+                "_config": { "BackupDir": trash, "Links": true },
             }),
         )
         .await
@@ -532,22 +523,19 @@ impl Engine {
         }
     }
 
-    async fn upload_dir_modes(&self, dirs: &BTreeMap<String, u32>) -> Result<(), RcError> {
+    async fn upload_tree(&self, tree: &TreeMeta) -> Result<(), RcError> {
+        let path = self.spec.scratch.join(treemeta::FILE);
         let io = |source| RcError::Io {
-            path: self.spec.scratch.join(DIR_MODES),
+            path: path.clone(),
             source,
         };
         fs::create_dir_all(&self.spec.scratch).map_err(io)?;
-        fs::write(
-            self.spec.scratch.join(DIR_MODES),
-            serde_json::to_vec(dirs).unwrap_or_default(),
-        )
-        .map_err(io)?;
+        fs::write(&path, treemeta::encode(tree)).map_err(io)?;
         self.rc(
             "operations/copyfile",
             json!({
-                "srcFs": self.spec.scratch.to_string_lossy(), "srcRemote": DIR_MODES,
-                "dstFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "dstRemote": DIR_MODES,
+                "srcFs": self.spec.scratch.to_string_lossy(), "srcRemote": treemeta::FILE,
+                "dstFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "dstRemote": treemeta::FILE,
                 "_config": { "NoCheckDest": true },
             }),
         )
@@ -556,28 +544,10 @@ impl Engine {
     }
 }
 
-/// Applies restored directory modes (rclone does not keep them: facts.md §2).
-pub fn apply_dir_modes(root: &Path, modes_file: &Path) -> io::Result<usize> {
-    let text = match fs::read(modes_file) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    let modes: BTreeMap<String, u32> =
-        serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut n = 0;
-    for (rel, mode) in modes {
-        let p = root.join(&rel);
-        if p.is_dir() && fs::set_permissions(&p, fs::Permissions::from_mode(mode)).is_ok() {
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn excludes_follow_rclone_semantics() {
@@ -632,11 +602,14 @@ mod tests {
         fs::create_dir_all(r.join("tmp")).unwrap();
         fs::write(r.join("tmp/skip"), "x").unwrap();
         let ex = Excludes::new(&["/tmp/**".to_owned()], &Patterns::default());
-        let (files, dirs) = scan(r, &ex);
+        let (files, tree) = scan(r, &ex);
         assert_eq!(
             files.keys().collect::<Vec<_>>(),
             ["a/b/f", "a/b/l.rclonelink"]
         );
-        assert_eq!(dirs["a"], 0o700);
+        assert_eq!(tree["a"].kind, Kind::Dir);
+        assert_eq!(tree["a"].mode, 0o700);
+        assert_eq!(tree["a/b/l"].kind, Kind::Link);
+        assert!(!tree.contains_key("tmp/skip"));
     }
 }

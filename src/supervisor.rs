@@ -72,6 +72,27 @@ const STORAGE_STEADY: Duration = Duration::from_secs(60);
 /// recovery, or a recovery that failed) at which cvm-init exits 69.
 const STORAGE_MAX_QUICK_FAILURES: u32 = 5;
 
+/// The exit status for a boot that failed with `e`. Storage::boot returns
+/// an error only once S3 has answered after it (an outage is waited out),
+/// so a restore that failed is one that would fail again.
+fn boot_failure_status(e: &MountError) -> Status {
+    use crate::restore::RestoreError;
+    use crate::storage::replicate::ReplicateError;
+    match e {
+        MountError::KeyCheck(KeyCheckError::WrongKey { .. }) => Status::WrongKey,
+        MountError::S3(WaitError::Permanent(
+            ProbeError::CredentialsRejected { .. }
+            | ProbeError::BucketMissing { .. }
+            | ProbeError::Misdirected { .. },
+        )) => Status::S3Rejected,
+        MountError::Replicate(ReplicateError::Restore { .. })
+        | MountError::Restore(RestoreError::Fetch { .. } | RestoreError::Corrupt { .. }) => {
+            Status::Unrestorable
+        }
+        _ => Status::StorageUnavailable,
+    }
+}
+
 /// Runs `fut` to its end unless a shutdown signal comes first. A signal to
 /// forward meanwhile goes to `gateway` if it runs (the replicate layout keeps
 /// it running while storage recovers), else is dropped.
@@ -141,15 +162,15 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
         r = storage.boot(&reaper, cfg.mount_timeout) => {
             if let Err(e) = r {
                 tracing::error!("storage could not start: {e}");
-                let status = match e {
-                    MountError::KeyCheck(KeyCheckError::WrongKey { .. }) => Status::WrongKey,
-                    MountError::S3(WaitError::Permanent(
-                        ProbeError::CredentialsRejected { .. }
-                        | ProbeError::BucketMissing { .. }
-                        | ProbeError::Misdirected { .. },
-                    )) => Status::S3Rejected,
-                    _ => Status::StorageUnavailable,
-                };
+                let status = boot_failure_status(&e);
+                if status == Status::Unrestorable {
+                    tracing::error!(
+                        "S3 answers, so this restore would fail the same way on every boot: cvm-init exits {} \
+                         instead of starting it over. Fix the cause named above, then start again; nothing on S3 \
+                         was changed",
+                        status as u8
+                    );
+                }
                 shutdown::run(None, storage, cfg.stop_timeout).await;
                 return Ok(status);
             }
@@ -313,6 +334,48 @@ pub async fn run(cfg: Config, reaper: Reaper) -> anyhow::Result<Status> {
                     notify::status("running");
                 }
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::restore::RestoreError;
+    use crate::storage::replicate::ReplicateError;
+    use std::path::PathBuf;
+
+    #[test]
+    fn boot_failures_map_to_documented_statuses() {
+        let restore = || ReplicateError::Restore {
+            dir: PathBuf::from("/data/openclaw"),
+            detail: "no space left on device".into(),
+            missing: vec!["a".into()],
+        };
+        let table: Vec<(MountError, Status)> = vec![
+            (MountError::Replicate(restore()), Status::Unrestorable),
+            (
+                MountError::Restore(RestoreError::Fetch {
+                    exit: "exit code 1".into(),
+                    stderr: String::new(),
+                }),
+                Status::Unrestorable,
+            ),
+            (
+                MountError::Replicate(ReplicateError::Stalled(Duration::from_secs(10))),
+                Status::StorageUnavailable,
+            ),
+            (MountError::Killed, Status::StorageUnavailable),
+            (
+                MountError::S3(WaitError::Permanent(ProbeError::BucketMissing {
+                    endpoint: "http://s3".into(),
+                    bucket: "b".into(),
+                })),
+                Status::S3Rejected,
+            ),
+        ];
+        for (e, want) in table {
+            assert_eq!(boot_failure_status(&e), want, "{e}");
         }
     }
 }

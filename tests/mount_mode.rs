@@ -340,6 +340,21 @@ fn a_hung_rclone_is_replaced() {
     );
 }
 
+/// `/sys/fs/fuse/connections/<n>/abort` exists only with fusectl mounted,
+/// which a new machine does not have (facts.md §9).
+fn ensure_fusectl() {
+    let dir = Path::new("/sys/fs/fuse/connections");
+    if fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+        return;
+    }
+    let st = std::process::Command::new("mount")
+        .args(["-t", "fusectl", "fusectl"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount -t fusectl fusectl {}", dir.display());
+}
+
 #[test]
 fn an_aborted_fuse_connection_is_remounted() {
     watchdog_recovers(
@@ -349,6 +364,7 @@ fn an_aborted_fuse_connection_is_remounted() {
             use std::os::unix::fs::MetadataExt;
             let dev = fs::metadata(&app.state_dir).unwrap().dev();
             let minor = nix::sys::stat::minor(dev);
+            ensure_fusectl();
             fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1").unwrap();
         },
         "stopping the gateway so nothing writes to the bare directory",
@@ -475,4 +491,48 @@ fn after_a_crash_the_dead_mount_is_replaced_and_cached_writes_are_uploaded() {
     app.wait_ready(T);
     assert_eq!(tree(&fresh.state), written);
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}
+
+#[test]
+fn symlinks_of_every_kind_come_back_as_links() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start(tmp.path());
+    let links = r#"cd "$OPENCLAW_STATE_DIR"
+echo pointed > target.txt
+mkdir -p skills
+ln -s /usr/lib/os-release absolute
+ln -s target.txt relative
+ln -s /nonexistent/skill skills/dangling
+ln -s .. skills/up
+touch .done
+exec sleep 100000"#;
+    let gw = script(tmp.path(), "links.sh", links);
+    let idle = script(tmp.path(), "idle.sh", "exec sleep 100000");
+    let a = Dirs::new(tmp.path(), "a");
+    let mut app = boot(&g, &a, &gw.display().to_string(), &[]);
+    app.wait_ready(T);
+    wait_until(T, "the links", || a.state.join(".done").exists());
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    let b = Dirs::new(tmp.path(), "b");
+    let mut app = boot(&g, &b, &idle.display().to_string(), &[]);
+    app.wait_ready(T);
+    for (link, target) in [
+        ("absolute", "/usr/lib/os-release"),
+        ("relative", "target.txt"),
+        ("skills/dangling", "/nonexistent/skill"),
+        ("skills/up", ".."),
+    ] {
+        let p = b.state.join(link);
+        assert!(
+            p.symlink_metadata().unwrap().file_type().is_symlink(),
+            "{link} is a link"
+        );
+        assert_eq!(fs::read_link(&p).unwrap(), Path::new(target), "{link}");
+    }
+    assert_eq!(
+        fs::read_to_string(b.state.join("relative")).unwrap(),
+        "pointed\n"
+    );
+    assert_eq!(app.stop(T), 0);
 }

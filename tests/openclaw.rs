@@ -1,21 +1,31 @@
 //! The real OpenClaw gateway (npm `openclaw@2026.9.6` on Node 24) under
-//! cvm-init against real Garage: healthy, stopped, and healthy again in a new
-//! container from the same bucket. Installs the gateway once into a cache
-//! (`scripts/openclaw`); skips, saying so, only when the npm registry cannot
-//! be reached.
+//! cvm-init against real Garage, doing real agent turns against a model
+//! server of the harness (`common::model`): its whole state comes back in a
+//! new container after a graceful stop and after a crash of everything.
+//! Installs the gateway once into a cache (`scripts/openclaw`); skips, saying
+//! so, only when the npm registry cannot be reached.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use common::{free_port, wait_until, Appliance, Dirs, Garage, PASSWORD};
+use common::model::{ModelServer, MARKER, MODEL};
+use common::{free_port, hex, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD};
+use serde_json::json;
 
-const T: Duration = Duration::from_secs(120);
+const T: Duration = Duration::from_secs(180);
+const TOKEN: &str = "cvm-test-gateway-token";
+const SESSION: &str = "cvm-e2e";
+/// The crash bound the README promises for a change: lost at most this.
+const CRASH_BOUND: Duration = Duration::from_secs(3);
 
 /// The directory whose `node_modules/.bin` has `node` and `openclaw`, or
 /// `None` when the registry is unreachable.
@@ -38,25 +48,87 @@ fn install_openclaw() -> Option<PathBuf> {
     }
 }
 
+/// One HTTP/1.0 exchange (so the answer is never chunked); `None` when the
+/// gateway is not there.
+fn http(port: u16, request: &str, timeout: Duration) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    Some(answer)
+}
+
 fn healthy(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
+    http(
+        port,
+        "GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .is_some_and(|a| a.starts_with("HTTP/1.1 200") && a.contains("\"ok\":true"))
+}
+
+/// One agent turn through the gateway's own `POST /v1/chat/completions`;
+/// panics unless the model's answer (which echoes `marker`) comes back.
+fn turn(port: u16, marker: &str, stream: bool) {
+    let body = json!({
+        "model": "openclaw", "stream": stream,
+        "messages": [{ "role": "user", "content": format!("Please remember {marker}.") }],
+    })
+    .to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n\
+         x-openclaw-session-key: {SESSION}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = http(port, &request, T).unwrap_or_default();
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let content: String = if stream {
+        // Server-sent events: the answer is the deltas' content, in order.
+        body.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect()
+    } else {
+        serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| {
+                v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default()
     };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.starts_with("HTTP/1.1 200") && body.contains("\"ok\":true")
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && content.contains(&format!("ack {marker}")),
+        "turn {marker} (stream: {stream}) answered:\n{answer}"
+    );
+}
+
+/// The gateway's config: token auth, its chat endpoint on, our model server.
+fn gateway_config(model: &ModelServer) -> String {
+    json!({
+        "gateway": {
+            "mode": "local",
+            "auth": { "mode": "token", "token": TOKEN },
+            "http": { "endpoints": { "chatCompletions": { "enabled": true } } },
+        },
+        "agents": { "defaults": { "model": { "primary": format!("harness/{MODEL}") } } },
+        "models": { "mode": "merge", "providers": { "harness": model.provider() } },
+    })
+    .to_string()
 }
 
 struct Gateway {
     tmp: tempfile::TempDir,
     g: Garage,
     path: String,
+    model: ModelServer,
 }
 
 impl Gateway {
@@ -71,10 +143,27 @@ impl Gateway {
         env.push(("HOME".into(), home.display().to_string()));
         env.push((
             "CVM_GATEWAY_CMD".into(),
-            format!("openclaw gateway run --bind loopback --port {port} --allow-unconfigured --auth none --dev"),
+            format!("openclaw gateway run --bind loopback --port {port}"),
         ));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         (Appliance::start(&dirs, &env), dirs)
+    }
+
+    /// Puts the gateway's config into the bucket, as a user setting up a
+    /// deployment would, so the first container restores it.
+    fn seed_config(&self) {
+        let src = self.tmp.path().join("seed");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("openclaw.json"), gateway_config(&self.model)).unwrap();
+        let conf = stock_config(&self.g, self.tmp.path());
+        common::rclone(
+            &conf,
+            &[
+                "copyto",
+                &src.join("openclaw.json").display().to_string(),
+                "crypt:openclaw.json",
+            ],
+        );
     }
 }
 
@@ -90,49 +179,253 @@ fn setup() -> Option<Gateway> {
         dir.join("node_modules/.bin").display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    Some(Gateway { tmp, g, path })
+    let gw = Gateway {
+        tmp,
+        g,
+        path,
+        model: ModelServer::start(),
+    };
+    gw.seed_config();
+    Some(gw)
+}
+
+/// Every event of the agent's transcripts, as text.
+fn transcript(state: &Path) -> String {
+    let db = rusqlite::Connection::open_with_flags(
+        state.join("agents/main/agent/openclaw-agent.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut q = db
+        .prepare("SELECT coalesce(event_json, '') FROM transcript_events")
+        .unwrap();
+    let rows = q.query_map([], |r| r.get::<_, String>(0)).unwrap();
+    rows.map(Result::unwrap).collect::<Vec<_>>().join("\n")
+}
+
+/// `PRAGMA integrity_check` of every database the gateway keeps (the lease
+/// files beside them are not databases of state, see `CVM_EXCLUDE`).
+fn check_databases(state: &Path) -> usize {
+    let mut n = 0;
+    for db in [
+        "state/openclaw.sqlite",
+        "state/openclaw-quarantine.sqlite",
+        "agents/main/agent/openclaw-agent.sqlite",
+    ] {
+        let path = state.join(db);
+        if !path.exists() {
+            continue;
+        }
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let check: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok", "{db} passes integrity_check");
+        n += 1;
+    }
+    n
+}
+
+/// Kind, mode and content (link target) of every entry below `root` that
+/// cvm-init replicates as a file: not the live databases (snapshots carry
+/// them) and nothing `CVM_EXCLUDE` names.
+fn tree(root: &Path) -> BTreeMap<String, (u32, Vec<u8>)> {
+    fn walk(root: &Path, rel: &Path, out: &mut BTreeMap<String, (u32, Vec<u8>)>) {
+        for e in fs::read_dir(root.join(rel)).unwrap().flatten() {
+            let child = rel.join(e.file_name());
+            let name = child.to_string_lossy().into_owned();
+            let skip = ["tmp", "cache"]
+                .iter()
+                .any(|t| name == *t || name.starts_with(&format!("{t}/")))
+                || name.contains(".sqlite")
+                || name.ends_with(".lock");
+            if skip {
+                continue;
+            }
+            let meta = e.path().symlink_metadata().unwrap();
+            let content = if meta.is_dir() {
+                walk(root, &child, out);
+                Vec::new()
+            } else if meta.file_type().is_symlink() {
+                fs::read_link(e.path())
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
+            } else {
+                fs::read(e.path()).unwrap()
+            };
+            out.insert(name, (meta.mode(), content));
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, Path::new(""), &mut out);
+    out
+}
+
+fn markers(prefix: &str, n: usize) -> Vec<String> {
+    let tag = hex(4);
+    (0..n)
+        .map(|i| format!("{MARKER}{prefix}{i}-{tag}"))
+        .collect()
 }
 
 #[test]
-fn the_real_gateway_comes_back_healthy_in_a_new_container() {
+fn real_agent_turns_survive_a_graceful_stop_and_a_crash() {
     let Some(gw) = setup() else { return };
+    let turns: usize = std::env::var("CVM_E2E_TURNS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(6);
+
+    // Container A: real turns, then a graceful stop.
     let port = free_port();
-    // A roomy stop budget: a gateway still busy with first-run work gets time
-    // to exit on its own (the default gives it 4.5 s).
-    let (mut app, a) = gw.boot("a", port, &[("CVM_STOP_TIMEOUT", "20")]);
+    let (mut app, a) = gw.boot("a", port, &[]);
     app.wait_ready(T);
-    wait_until(T, "GET /health on the first container", || healthy(port));
-    // Let the gateway's first writes be replicated and its database snapshotted.
-    wait_until(T, "the database snapshot", || {
-        app.log_text().contains("sqlite: snapshot uploaded")
-    });
-    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    wait_until(T, "GET /health on container A", || healthy(port));
+    let first = markers("a", turns);
+    let bytes_before = gw.g.bytes_written();
+    let started = Instant::now();
+    for (i, m) in first.iter().enumerate() {
+        turn(port, m, i % 2 == 1);
+    }
+    let took = started.elapsed();
+    assert_eq!(
+        app.stop(T),
+        0,
+        "a graceful stop flushes everything:\n{}",
+        app.log_text()
+    );
+    let bytes = gw.g.bytes_written() - bytes_before;
+    eprintln!(
+        "MEASURED: {turns} agent turns in {took:?}; S3 stored {bytes} bytes for them (Garage block_bytes_written), \
+         {} KiB per turn",
+        bytes / turns as u64 / 1024
+    );
     let log = app.log_text();
     assert!(
         log.contains("shutdown: gateway stopped exit=exit code 0"),
-        "SIGTERM stops the gateway cleanly:\n{log}"
+        "{log}"
     );
-    let config = fs::read(a.state.join("openclaw.json")).unwrap();
+    let before = tree(&a.state);
+    for link in ["plugin-skills/canvas", "plugin-skills/browser-automation"] {
+        assert!(
+            a.state
+                .join(link)
+                .symlink_metadata()
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "the gateway made {link} a symlink"
+        );
+    }
+    assert!(
+        a.state.join("workspace/.git/HEAD").exists(),
+        "the workspace is a git repository"
+    );
 
+    // Container B: everything A wrote is back, and the session goes on.
     let port = free_port();
     let (mut app, b) = gw.boot("b", port, &[]);
     app.wait_ready(T);
-    assert_eq!(
-        fs::read(b.state.join("openclaw.json")).unwrap(),
-        config,
-        "openclaw.json is restored byte for byte"
+    let after = tree(&b.state);
+    for (name, (mode, content)) in &before {
+        let got = after
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is restored"));
+        assert_eq!(got.0, *mode, "{name}: mode (with its type) restored");
+        if !name.starts_with("workspace/") && !name.ends_with(".json") {
+            continue;
+        }
+        assert!(got.1 == *content, "{name}: content restored byte for byte");
+    }
+    for link in ["plugin-skills/canvas", "plugin-skills/browser-automation"] {
+        assert_eq!(
+            fs::read_link(b.state.join(link)).unwrap(),
+            fs::read_link(a.state.join(link)).unwrap(),
+            "{link} comes back as the same link"
+        );
+    }
+    wait_until(T, "GET /health on container B", || healthy(port));
+    let resumed = markers("b", 1).remove(0);
+    turn(port, &resumed, false);
+    let sent = gw.model.requests_for(&resumed).join("\n");
+    for m in &first {
+        assert!(
+            sent.contains(m.as_str()),
+            "the restored session's history carries {m}"
+        );
+    }
+    assert_eq!(check_databases(&b.state), 3);
+
+    // Still B: turns go on while everything is SIGKILLed.
+    let done: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let busy = {
+        let done = done.clone();
+        let list = markers("c", 1000);
+        std::thread::spawn(move || {
+            for (i, m) in list.iter().enumerate() {
+                if std::panic::catch_unwind(|| turn(port, m, i % 2 == 0)).is_err() {
+                    return;
+                }
+                done.lock().unwrap().push((m.clone(), Instant::now()));
+            }
+        })
+    };
+    wait_until(T, "turns before the crash", || {
+        done.lock().unwrap().len() >= turns
+    });
+    let t0 = done.lock().unwrap().last().unwrap().1;
+    // A crash some way into a turn, while the gateway keeps writing.
+    wait_until(T, "one more turn", || {
+        done.lock().unwrap().last().unwrap().1 > t0
+    });
+    let killed_at = Instant::now();
+    app.kill_all();
+    let _ = busy.join();
+    let finished = done.lock().unwrap().clone();
+
+    // Container C: what finished long enough before the crash is back.
+    let port = free_port();
+    let (mut app, c) = gw.boot("c", port, &[]);
+    app.wait_ready(T);
+    wait_until(T, "GET /health on container C", || healthy(port));
+    let last = markers("d", 1).remove(0);
+    turn(port, &last, true);
+    let sent = gw.model.requests_for(&last).join("\n");
+    let mut newest_kept = None;
+    for (m, at) in &finished {
+        let before_kill = killed_at - *at;
+        if sent.contains(m.as_str()) {
+            newest_kept = Some(newest_kept.map_or(before_kill, |d: Duration| d.min(before_kill)));
+        } else {
+            assert!(
+                before_kill < CRASH_BOUND,
+                "turn {m} finished {before_kill:?} before the crash and is lost"
+            );
+        }
+    }
+    let lost = finished
+        .iter()
+        .filter(|(m, _)| !sent.contains(m.as_str()))
+        .count();
+    eprintln!(
+        "MEASURED: crash after {} finished turns: {lost} lost (each finished < {CRASH_BOUND:?} before the kill); \
+         the newest turn kept had finished {newest_kept:?} before it",
+        finished.len()
     );
-    wait_until(T, "GET /health on the new container", || healthy(port));
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
-    let db = rusqlite::Connection::open(b.state.join("state/openclaw.sqlite")).unwrap();
-    let check: String = db
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(check, "ok", "state/openclaw.sqlite passes integrity_check");
+    let text = transcript(&c.state);
+    for m in first.iter().chain([&resumed, &last]) {
+        assert!(
+            text.contains(m.as_str()),
+            "{m} is in the restored transcript"
+        );
+    }
+    assert_eq!(check_databases(&c.state), 3);
 }
 
 #[test]
-fn on_the_mount_layout_the_gateway_fails_and_the_appliance_says_so() {
+fn on_the_mount_layout_the_gateway_refuses_the_state_dir_and_the_appliance_says_so() {
     let Some(gw) = setup() else { return };
     let port = free_port();
     let (mut app, _) = gw.boot(

@@ -457,3 +457,135 @@ fn a_bucket_written_in_the_mount_layout_boots_in_the_replicate_layout() {
     assert!(rows >= 1);
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
 }
+
+/// Path → (type and mode, uid, gid, content or link target) of everything below `root`.
+fn entries(root: &Path) -> BTreeMap<String, (u32, u32, u32, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (u32, u32, u32, Vec<u8>)>) {
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            let m = p.symlink_metadata().unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let content = if m.is_dir() {
+                walk(root, &p, out);
+                vec![]
+            } else if m.file_type().is_symlink() {
+                fs::read_link(&p)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
+            } else {
+                fs::read(&p).unwrap()
+            };
+            out.insert(rel, (m.mode(), m.uid(), m.gid(), content));
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn trees_uploaded(app: &Appliance) -> usize {
+    app.log_text().matches("replicate: tree uploaded").count()
+}
+
+#[test]
+fn symlinks_modes_owners_and_empty_dirs_come_back_after_a_stop_and_a_crash() {
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", &[]);
+    let st = &a.state;
+    write(st, "target.txt", "pointed at");
+    write(st, "secret", "s");
+    write(st, "run.sh", "#!/bin/sh\ntrue\n");
+    write(st, "owned/file", "someone else's");
+    fs::create_dir_all(st.join("empty/deeper")).unwrap();
+    fs::create_dir_all(st.join("private")).unwrap();
+    fs::set_permissions(st.join("private"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(st.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(st.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(st.join("owned"), Some(1234), Some(5678)).unwrap();
+    std::os::unix::fs::chown(st.join("owned/file"), Some(1234), Some(5678)).unwrap();
+    // What the gateway makes on its first agent turn: absolute links into
+    // its install dir; and the other shapes a link can have.
+    std::os::unix::fs::symlink("/usr/lib/os-release", st.join("absolute")).unwrap();
+    std::os::unix::fs::symlink("target.txt", st.join("relative")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/skill", st.join("dangling")).unwrap();
+    std::os::unix::fs::symlink("..", st.join("private/up")).unwrap();
+    std::os::unix::fs::symlink("empty", st.join("to-a-dir")).unwrap();
+    std::os::unix::fs::lchown(st.join("relative"), Some(1234), Some(5678)).unwrap();
+    wait_until(T, "the first upload of the tree", || {
+        trees_uploaded(&app) >= 1
+    });
+    // A mode-only change after the upload: replicated without its content.
+    fs::set_permissions(st.join("secret"), fs::Permissions::from_mode(0o640)).unwrap();
+    let want = entries(st);
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    let (mut app, b) = s.boot("b", &[]);
+    assert_eq!(entries(&b.state), want, "after a graceful stop");
+    assert!(
+        !app.log_text().contains("could not be set"),
+        "{}",
+        app.log_text()
+    );
+
+    // The crash variant: a new link and a chmod, SIGKILL once they are on S3.
+    let n = trees_uploaded(&app);
+    std::os::unix::fs::symlink("secret", b.state.join("private/new-link")).unwrap();
+    fs::set_permissions(b.state.join("run.sh"), fs::Permissions::from_mode(0o700)).unwrap();
+    wait_until(T, "the tree with the new link", || trees_uploaded(&app) > n);
+    let want = entries(&b.state);
+    app.kill_all();
+    let (mut app, c) = s.boot("c", &[]);
+    assert_eq!(entries(&c.state), want, "after a crash");
+    assert_eq!(app.stop(T), 0);
+}
+
+/// Unmounts a test's tmpfs even when the test fails.
+struct TmpfsGuard(std::path::PathBuf);
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        common::unmount_below(&self.0);
+    }
+}
+
+#[test]
+fn a_restore_that_cannot_succeed_exits_65_naming_the_file_and_changes_nothing_on_s3() {
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", &[]);
+    write(&a.state, "small.txt", "fits");
+    fs::write(a.state.join("big.bin"), vec![7u8; 3 << 20]).unwrap();
+    wait_until(T, "the uploads", || uploaded(&app) >= 2);
+    assert_eq!(app.stop(T), 0);
+    let bucket = common::raw_state(&s.g, s.tmp.path());
+
+    // A new container whose state volume is too small for what S3 holds.
+    let v = Dirs::new(s.tmp.path(), "small-volume");
+    fs::create_dir_all(&v.state).unwrap();
+    let _guard = TmpfsGuard(v.state.clone());
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&v.state)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mount a 1 MiB tmpfs");
+    let mut app = s.start(&v, &[]);
+    assert_eq!(app.wait_exit(T), 65, "{}", app.log_text());
+    let log = app.log_text();
+    assert!(log.contains("big.bin"), "the file is named:\n{log}");
+    // rclone preallocates, so it names the shortage before writing.
+    assert!(
+        log.contains("too big for remaining disk space") || log.contains("no space left on device"),
+        "the cause is named:\n{log}"
+    );
+    assert!(
+        log.contains("would fail the same way on every boot"),
+        "{log}"
+    );
+    assert!(!log.contains("gateway started"), "{log}");
+    assert_eq!(
+        common::raw_state(&s.g, s.tmp.path()),
+        bucket,
+        "nothing on S3 changed"
+    );
+}

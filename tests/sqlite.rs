@@ -371,7 +371,7 @@ fn a_remote_snapshot_that_fails_its_check_stops_the_boot() {
     env.push(("CVM_GATEWAY_CMD".into(), gw.display().to_string()));
     env.push(("CVM_STORAGE".into(), "mount".into()));
     let mut app = Appliance::start(&dirs, &env);
-    assert_eq!(app.wait_exit(T), 69, "{}", app.log_text());
+    assert_eq!(app.wait_exit(T), 65, "{}", app.log_text());
     let log = app.log_text();
     assert!(
         log.contains("restored database state/openclaw.sqlite fails its check"),

@@ -32,6 +32,9 @@ impl Part {
 pub struct Patterns {
     list: Vec<Vec<Part>>,
     source: String,
+    /// Paths that are never databases even when a pattern matches them
+    /// (`CVM_EXCLUDE`: OpenClaw's SQLite lease files match `*.sqlite`).
+    except: globset::GlobSet,
 }
 
 impl Patterns {
@@ -74,7 +77,14 @@ impl Patterns {
         Ok(Patterns {
             list,
             source: s.to_owned(),
+            except: globset::GlobSet::empty(),
         })
+    }
+
+    /// These patterns, minus whatever the rclone filter patterns `rules` match.
+    pub fn except<S: AsRef<str>>(mut self, rules: &[S]) -> Patterns {
+        self.except = crate::filter::globset(rules);
+        self
     }
 
     pub fn as_str(&self) -> &str {
@@ -86,6 +96,7 @@ impl Patterns {
         let names: Vec<&str> = rel.iter().filter_map(|c| c.to_str()).collect();
         let file_ok = names.last().is_some_and(|n| !super::is_sidecar(n));
         file_ok
+            && !self.except.is_match(rel)
             && self.list.iter().any(|p| {
                 p.len() == names.len() && p.iter().zip(&names).all(|(part, n)| part.matches(n))
             })
@@ -98,6 +109,7 @@ impl Patterns {
         for p in &self.list {
             walk(root, PathBuf::new(), p, &mut out)?;
         }
+        out.retain(|rel| !self.except.is_match(rel));
         out.sort();
         out.dedup();
         Ok(out)
@@ -169,6 +181,34 @@ mod tests {
         ] {
             assert!(!p.matches(Path::new(no)), "{no}");
         }
+    }
+
+    #[test]
+    fn excluded_names_are_never_databases() {
+        let p = Patterns::default().except(
+            &crate::config::DEFAULT_EXCLUDE
+                .split(',')
+                .collect::<Vec<_>>(),
+        );
+        let agent = "agents/main/agent/openclaw-agent.sqlite";
+        assert!(p.matches(Path::new(agent)));
+        for lease in [
+            ".generation-lock.sqlite",
+            ".generation-writer.sqlite",
+            ".reindex-lock.sqlite",
+        ] {
+            assert!(!p.matches(Path::new(&format!("{agent}{lease}"))), "{lease}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("agents/main/agent");
+        fs::create_dir_all(&d).unwrap();
+        for f in [
+            "openclaw-agent.sqlite",
+            "openclaw-agent.sqlite.generation-lock.sqlite",
+        ] {
+            fs::write(d.join(f), "").unwrap();
+        }
+        assert_eq!(p.find(dir.path()).unwrap(), vec![PathBuf::from(agent)]);
     }
 
     #[test]

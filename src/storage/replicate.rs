@@ -20,9 +20,10 @@ use crate::notify;
 use crate::process::{Child, Reaper};
 use crate::rclone::{self, rc, RunPaths, StderrTail, CRYPT_REMOTE};
 use crate::replication::{
-    self, Excludes, Manifest, Replication, ReplicationSpec, DIR_MODES, META_DIR, TRASH_DIR,
+    self, Excludes, Manifest, Replication, ReplicationSpec, META_DIR, TRASH_DIR,
 };
 use crate::restore;
+use crate::treemeta;
 
 /// A restore with no progress for this long asks whether S3 still answers.
 const RESTORE_STALL: Duration = Duration::from_secs(10);
@@ -34,10 +35,17 @@ pub enum ReplicateError {
     #[error(transparent)]
     Rcd(#[from] rclone::RcdError),
     #[error(
-        "restoring the state dir from {CRYPT_REMOTE}: failed: {detail}. The gateway is not started; the next boot \
-         starts the restore over"
+        "restoring the state dir {dir} from {CRYPT_REMOTE}: failed: {detail}{}. The gateway is not started",
+        missing_list(.missing)
     )]
-    Restore { detail: String },
+    Restore {
+        dir: PathBuf,
+        detail: String,
+        /// Remote files not in the state dir as they are on S3 after the attempt.
+        missing: Vec<String>,
+    },
+    #[error("restoring the state dir stopped: no progress for {0:?} and S3 does not answer")]
+    Stalled(Duration),
     #[error("cannot list what S3 holds: {0}")]
     List(rc::RcError),
     #[error("{path}: {source}")]
@@ -59,6 +67,18 @@ pub struct Replicate {
     replication: Option<Replication>,
     lag: Lag,
     reporter: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn missing_list(missing: &[String]) -> String {
+    const SHOWN: usize = 10;
+    match missing.len() {
+        0 => String::new(),
+        n if n <= SHOWN => format!("; not restored: {}", missing.join(", ")),
+        n => format!(
+            "; not restored ({n} files): {}, …",
+            missing[..SHOWN].join(", ")
+        ),
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReplicateError + '_ {
@@ -126,16 +146,47 @@ impl Replicate {
         json!({ "ExcludeRule": self.excludes.rules() })
     }
 
-    /// Copies the whole tree from the remote, logging progress; runs as an rc job.
+    /// Copies the whole tree from the remote, logging progress; runs as an rc
+    /// job. Content, mtimes and symlinks only: modes and owners come from
+    /// `tree.json` after it (see `treemeta` for why not rclone's metadata).
     async fn restore_tree(&self) -> Result<(), ReplicateError> {
-        let fail = |detail: String| ReplicateError::Restore { detail };
+        match self.copy_tree().await {
+            Err(ReplicateError::Restore { dir, detail, .. }) => Err(ReplicateError::Restore {
+                missing: self.unrestored().await,
+                dir,
+                detail,
+            }),
+            r => r,
+        }
+    }
+
+    /// Remote files that are not in the state dir at their remote size,
+    /// named for the error of a failed restore (empty if S3 cannot list).
+    async fn unrestored(&self) -> Vec<String> {
+        let Ok(remote) = self.remote_manifest().await else {
+            return Vec::new();
+        };
+        let (local, _) = replication::scan(&self.state_dir, &self.excludes);
+        remote
+            .into_iter()
+            .filter(|(name, (size, _))| local.get(name).map(|s| s.0) != Some(*size))
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    async fn copy_tree(&self) -> Result<(), ReplicateError> {
+        let fail = |detail: String| ReplicateError::Restore {
+            dir: self.state_dir.clone(),
+            detail,
+            missing: Vec::new(),
+        };
         let job = self
             .rc(
                 "sync/copy",
                 json!({
                     "srcFs": format!("{CRYPT_REMOTE}:"), "dstFs": self.state_dir.to_string_lossy(),
                     "_async": true, "_filter": self.filter(),
-                    "_config": { "Metadata": true, "Links": true, "Transfers": 8, "Checkers": 16 },
+                    "_config": { "Links": true, "Transfers": 8, "Checkers": 16 },
                 }),
             )
             .await
@@ -188,10 +239,7 @@ impl Replicate {
                         .await
                     {
                         let _ = self.rc("job/stop", json!({ "jobid": id })).await;
-                        return Err(fail(format!(
-                            "no progress for {:?} and S3 does not answer",
-                            progress.1.elapsed()
-                        )));
+                        return Err(ReplicateError::Stalled(progress.1.elapsed()));
                     }
                 }
             }
@@ -199,27 +247,69 @@ impl Replicate {
         }
     }
 
-    /// Restores directory modes from `.cvm/dirs.json`, if the remote has it.
-    async fn restore_dir_modes(&self) -> Result<(), ReplicateError> {
+    /// Makes the restored tree's empty directories, modes and owners what
+    /// `.cvm/tree.json` says (or, from an older cvm-init, `.cvm/dirs.json`:
+    /// directory modes only). What cannot be set is a warning, never a failed
+    /// restore: the content is in place. Returns the tree as S3 has it.
+    async fn restore_tree_meta(&self) -> Result<treemeta::TreeMeta, ReplicateError> {
         let scratch = self.paths.scratch.clone();
         fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
-        let target = scratch.join(DIR_MODES);
-        let _ = fs::remove_file(&target);
-        let fetched = self
-            .rc(
-                "operations/copyfile",
-                json!({
-                    "srcFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "srcRemote": DIR_MODES,
-                    "dstFs": scratch.to_string_lossy(), "dstRemote": DIR_MODES,
-                }),
-            )
-            .await;
-        if fetched.is_ok() {
-            let n =
-                replication::apply_dir_modes(&self.state_dir, &target).map_err(io_err(&target))?;
-            tracing::debug!(dirs = n, "restore: directory modes applied");
+        let mut tree = None;
+        for (name, legacy) in [(treemeta::FILE, false), (treemeta::LEGACY_DIR_MODES, true)] {
+            let target = scratch.join(name);
+            let _ = fs::remove_file(&target);
+            let fetched = self
+                .rc(
+                    "operations/copyfile",
+                    json!({
+                        "srcFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "srcRemote": name,
+                        "dstFs": scratch.to_string_lossy(), "dstRemote": name,
+                    }),
+                )
+                .await;
+            match fetched {
+                Ok(_) => {
+                    let bytes = fs::read(&target).map_err(io_err(&target))?;
+                    tree = Some(treemeta::decode(&bytes, legacy).map_err(io_err(&target))?);
+                    let _ = fs::remove_file(&target);
+                    if legacy {
+                        tracing::warn!("restore: the bucket has directory modes only (written by an older cvm-init); \
+                            files get default modes and owners until the first pass records them");
+                    }
+                    break;
+                }
+                Err(rc::RcError::Status { body, .. })
+                    if body.contains("not found") || body.contains("doesn't exist") => {}
+                Err(e) => {
+                    return Err(ReplicateError::Restore {
+                        dir: self.state_dir.clone(),
+                        detail: format!("cannot fetch {META_DIR}/{name}: {e}"),
+                        missing: vec![format!("{META_DIR}/{name}")],
+                    })
+                }
+            }
         }
-        Ok(())
+        let Some(tree) = tree else {
+            return Ok(treemeta::TreeMeta::new());
+        };
+        let applied = treemeta::apply(&self.state_dir, &tree);
+        const SHOWN: usize = 20;
+        for (path, why) in applied.failures.iter().take(SHOWN) {
+            tracing::warn!(path = %path.display(), "restore: content restored, but {why}");
+        }
+        if applied.failures.len() > SHOWN {
+            tracing::warn!(
+                more = applied.failures.len() - SHOWN,
+                "restore: more modes or owners could not be set"
+            );
+        }
+        tracing::debug!(
+            entries = tree.len(),
+            changed = applied.changed,
+            dirs_made = applied.dirs_made,
+            "restore: modes, owners and empty directories applied"
+        );
+        Ok(tree)
     }
 
     /// What the remote holds, as a manifest, for a state dir kept from a previous run.
@@ -296,7 +386,7 @@ impl Replicate {
         });
         let fresh = first_entry.is_none();
         let mut restored_dbs = BTreeMap::new();
-        let (remote, dir_modes) = if fresh {
+        let (remote, tree) = if fresh {
             notify::status("restoring state");
             fs::write(&marker, b"").map_err(|e| MountError::from(io_err(&marker)(e)))?;
             // The tree and the databases do not depend on each other: fetch both at
@@ -323,20 +413,20 @@ impl Replicate {
                     .map_err(|e| MountError::from(io_err(rel)(e)))?;
             }
             let _ = fs::remove_dir_all(&staging);
-            self.restore_dir_modes().await?;
+            let remote_tree = self.restore_tree_meta().await?;
             nix::unistd::sync();
             fs::remove_file(&marker).map_err(|e| MountError::from(io_err(&marker)(e)))?;
-            let (files, dirs) = replication::scan(&self.state_dir, &self.excludes);
+            let (files, _) = replication::scan(&self.state_dir, &self.excludes);
             let bytes: u64 = files.values().map(|s| s.0).sum();
             tracing::info!(files = files.len(), bytes, databases = restored_dbs.len(), took = ?t.elapsed(), "boot: state restored");
-            (files, dirs)
+            (files, remote_tree)
         } else {
             tracing::info!(
                 dir = %self.state_dir.display(),
                 holds = first_entry.as_deref().unwrap_or_default(),
                 "boot: keeping the local state dir (not empty, so newer than S3)"
             );
-            (self.remote_manifest().await?, BTreeMap::new())
+            (self.remote_manifest().await?, treemeta::TreeMeta::new())
         };
         tokio::spawn(purge_old_trash(
             self.paths.rc_socket.clone(),
@@ -366,7 +456,7 @@ impl Replicate {
                 lag: self.lag.clone(),
             },
             remote,
-            dir_modes,
+            tree,
             !fresh,
         ));
         self.reporter = Some(self.lag.spawn_reporter());

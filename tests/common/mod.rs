@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod load;
+pub mod model;
 
 use std::fs;
 use std::io::Write;
@@ -68,7 +69,7 @@ pub fn rclone_bin() -> PathBuf {
     find_program("rclone", "RCLONE_BIN")
 }
 
-fn hex(n: usize) -> String {
+pub fn hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
