@@ -424,8 +424,12 @@ fn real_agent_turns_survive_a_graceful_stop_and_a_crash() {
     assert_eq!(check_databases(&c.state), 3);
 }
 
+/// With a model configured, a gateway that fails at start runs OpenClaw's
+/// automatic triage first (it asks the model) and exits ~25 s later, so it is
+/// no quick failure for `CVM_GATEWAY_MAX_FAILED_STARTS` (10 s): cvm-init
+/// restarts it with backoff, and a stop still ends everything cleanly.
 #[test]
-fn on_the_mount_layout_the_gateway_refuses_the_state_dir_and_the_appliance_says_so() {
+fn on_the_mount_layout_the_gateway_refuses_the_state_dir_and_is_restarted_with_backoff() {
     let Some(gw) = setup() else { return };
     let port = free_port();
     let (mut app, _) = gw.boot(
@@ -434,18 +438,18 @@ fn on_the_mount_layout_the_gateway_refuses_the_state_dir_and_the_appliance_says_
         &[
             ("CVM_STORAGE", "mount"),
             ("OPENCLAW_GATEWAY_RESTART_DELAY", "100ms"),
-            ("CVM_GATEWAY_MAX_FAILED_STARTS", "2"),
         ],
     );
-    assert_eq!(app.wait_exit(T), 70, "{}", app.log_text());
+    wait_until(T, "two failed gateway starts", || {
+        app.log_text().matches("gateway exited; restarting").count() >= 2
+    });
     let log = app.log_text();
     assert!(
-        log.contains("does not support atomic bootstrap publication")
-            || log.contains("file identity changed"),
+        ["does not support atomic bootstrap publication", "file identity changed", "could not be verified"]
+            .iter()
+            .any(|reason| log.contains(reason)),
         "the gateway's own reason is in the log:\n{log}"
     );
-    assert!(
-        log.contains("the gateway failed 2 starts in a row"),
-        "{log}"
-    );
+    assert!(!healthy(port), "the gateway never serves on the mount");
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
 }
