@@ -10,9 +10,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
 
 use globset::GlobSet;
 use notify::{RecursiveMode, Watcher};
@@ -26,9 +30,21 @@ use crate::rclone::CRYPT_REMOTE;
 use crate::sqlite::{Patterns, SIDECARS};
 use crate::treemeta::{self, Kind, TreeMeta};
 
+mod stage;
+
 const POLL: Duration = Duration::from_millis(250);
-/// Failed transfers in a row that end a pass early (see `Engine::pass`).
+/// Transfers that could not reach S3 at which a pass stops starting more (see `Engine::pass`).
 const GIVE_UP_AFTER: u32 = 2;
+/// Transfers in flight at once, as rclone's own `--transfers` would run.
+const TRANSFERS: usize = 16;
+/// Uploads one pass takes on (the rest wait for the next, oldest first).
+const PASS_LIMIT: usize = 1024;
+/// A file failing on its own is retried after this, doubling…
+const FILE_RETRY_MIN: Duration = Duration::from_secs(1);
+/// …up to this.
+const FILE_RETRY_MAX: Duration = Duration::from_secs(60);
+/// Below the scratch dir: consistent copies of files on their way up.
+const STAGE_DIR: &str = "stage";
 /// Remote prefixes cvm-init owns inside the crypt remote.
 pub const TRASH_DIR: &str = ".cvm-trash";
 pub const META_DIR: &str = ".cvm";
@@ -51,6 +67,7 @@ impl Excludes {
     pub fn new(user: &[String], dbs: &Patterns) -> Excludes {
         let mut rules: Vec<String> = vec![
             format!("/{TRASH_DIR}/**"),
+            format!("/{META_DIR}"),
             format!("/{META_DIR}/**"),
             format!("/{}/**", crate::backup::REMOTE_DIR),
         ];
@@ -86,12 +103,37 @@ type Stamp = (u64, i64);
 /// Remote name (symlinks with `.rclonelink`) → stamp.
 pub type Manifest = BTreeMap<String, Stamp>;
 
-/// Every replicated file below `root`, keyed by its remote name, and every
-/// entry's type, mode and owner (`treemeta`).
-pub fn scan(root: &Path, excludes: &Excludes) -> (Manifest, TreeMeta) {
-    fn walk(root: &Path, rel: &Path, ex: &Excludes, files: &mut Manifest, tree: &mut TreeMeta) {
-        let Ok(entries) = fs::read_dir(root.join(rel)) else {
-            return;
+/// What a local scan found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Every replicated file, keyed by its remote name.
+    pub files: Manifest,
+    /// Every entry's type, mode and owner (`treemeta`).
+    pub tree: TreeMeta,
+    /// Directories that could not be read (without `CAP_DAC_OVERRIDE`, a
+    /// mode-000 one): what is below them is unknown, never "deleted".
+    pub unreadable: Vec<String>,
+}
+
+impl Scan {
+    /// Whether `name` lies below a directory the scan could not read.
+    pub fn unknown(&self, name: &str) -> bool {
+        let p = local_path(name);
+        self.unreadable.iter().any(|d| p.starts_with(d))
+    }
+}
+
+/// Scans `root` for what is replicated.
+pub fn scan(root: &Path, excludes: &Excludes) -> Scan {
+    fn walk(root: &Path, rel: &Path, ex: &Excludes, out: &mut Scan) {
+        let entries = match fs::read_dir(root.join(rel)) {
+            Ok(e) => e,
+            // Gone since its parent was read: nothing below it any more.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(_) => {
+                out.unreadable.push(rel.to_string_lossy().into_owned());
+                return;
+            }
         };
         for e in entries.flatten() {
             let child = rel.join(e.file_name());
@@ -106,20 +148,21 @@ pub fn scan(root: &Path, excludes: &Excludes) -> (Manifest, TreeMeta) {
                 continue;
             };
             match entry.kind {
-                Kind::Dir => walk(root, &child, ex, files, tree),
+                Kind::Dir => walk(root, &child, ex, out),
                 Kind::Link => {
-                    files.insert(format!("{name}{LINK_SUFFIX}"), stamp(&meta));
+                    out.files
+                        .insert(format!("{name}{LINK_SUFFIX}"), stamp(&meta));
                 }
                 Kind::File => {
-                    files.insert(name.clone(), stamp(&meta));
+                    out.files.insert(name.clone(), stamp(&meta));
                 }
             }
-            tree.insert(name, entry);
+            out.tree.insert(name, entry);
         }
     }
-    let (mut files, mut tree) = (Manifest::new(), TreeMeta::new());
-    walk(root, Path::new(""), excludes, &mut files, &mut tree);
-    (files, tree)
+    let mut out = Scan::default();
+    walk(root, Path::new(""), excludes, &mut out);
+    out
 }
 
 fn stamp(meta: &fs::Metadata) -> Stamp {
@@ -165,6 +208,58 @@ pub struct ReplicationSpec {
 #[error("files not replicated to S3: {}", .0.join(", "))]
 pub struct Unreplicated(pub Vec<String>);
 
+/// Why one file's transfer failed.
+#[derive(Debug, thiserror::Error)]
+enum TransferError {
+    #[error("reading {path}: {source}")]
+    Local { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Rc(#[from] RcError),
+}
+
+impl TransferError {
+    /// Whether S3 (or rclone) could not be reached: about every file, not this one.
+    fn is_unreachable(&self) -> bool {
+        matches!(self, TransferError::Rc(e) if e.is_unreachable())
+    }
+}
+
+/// What became of one transfer of a pass; `Some(stamp)` for an upload.
+enum Transfer {
+    Done(Result<Option<Stamp>, TransferError>),
+    /// Not started: S3 could not be reached by the ones before.
+    NotTried,
+}
+
+struct PassOutcome {
+    /// Names not replicated.
+    failed: Vec<String>,
+    /// The pass stopped early because S3 could not be reached.
+    s3_down: bool,
+}
+
+#[derive(Debug)]
+struct FileRetry {
+    failures: u32,
+    at: Instant,
+    error: String,
+}
+
+impl Default for FileRetry {
+    fn default() -> Self {
+        FileRetry {
+            failures: 0,
+            at: Instant::now(),
+            error: String::new(),
+        }
+    }
+}
+
+/// The local path of a remote name (a link's object has `.rclonelink`).
+fn local_path(name: &str) -> PathBuf {
+    PathBuf::from(name.strip_suffix(LINK_SUFFIX).unwrap_or(name))
+}
+
 enum Command {
     Final {
         deadline: Instant,
@@ -185,7 +280,12 @@ struct Engine {
     /// The tree as `.cvm/tree.json` on S3 last described it.
     tree: TreeMeta,
     dirty: BTreeMap<PathBuf, Instant>,
+    /// Files that failed for a reason of their own, each with its own retry.
+    retry: BTreeMap<String, FileRetry>,
+    /// Unreadable directories already warned about.
+    unreadable_warned: BTreeSet<String>,
     next_full: Instant,
+    /// While S3 cannot be reached: when the next pass may try.
     retry_at: Option<Instant>,
     failures: u32,
     last_error: String,
@@ -204,7 +304,9 @@ impl Replication {
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let root = spec.root.clone();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            let _ = ev_tx.send(res);
+            // Stamped on arrival: events wait in the channel while a pass
+            // runs, and a change is due `debounce` after it happened.
+            let _ = ev_tx.send((Instant::now(), res));
         })
         .and_then(|mut w| w.watch(&root, RecursiveMode::Recursive).map(|()| w));
         let watcher = match watcher {
@@ -225,6 +327,8 @@ impl Replication {
             remote,
             tree,
             dirty: BTreeMap::new(),
+            retry: BTreeMap::new(),
+            unreadable_warned: BTreeSet::new(),
             retry_at: None,
             failures: 0,
             last_error: String::new(),
@@ -256,16 +360,16 @@ impl Engine {
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Command>,
-        mut events: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+        mut events: mpsc::UnboundedReceiver<(Instant, notify::Result<notify::Event>)>,
     ) {
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(Command::Final { deadline, reply }) => {
                         let started = Instant::now();
-                        let r = match tokio::time::timeout_at(deadline, self.pass(true)).await {
-                            Ok(left) if left.is_empty() => Ok(()),
-                            Ok(left) => Err(Unreplicated(left)),
+                        let r = match tokio::time::timeout_at(deadline, self.pass(true, true)).await {
+                            Ok(out) if out.failed.is_empty() => Ok(()),
+                            Ok(out) => Err(Unreplicated(out.failed)),
                             Err(_) => Err(Unreplicated(self.pending())),
                         };
                         tracing::info!(took = ?started.elapsed(), ok = r.is_ok(), "replicate: final pass");
@@ -274,25 +378,33 @@ impl Engine {
                     }
                     None => return,
                 },
-                ev = events.recv() => match ev {
-                    Some(Ok(ev)) => self.note(ev),
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "inotify error; a full scan follows");
-                        self.next_full = Instant::now();
+                ev = events.recv() => {
+                    // Everything already queued, before deciding what is due:
+                    // one pass for a burst, not one per event.
+                    let mut next = ev;
+                    while let Some((at, ev)) = next {
+                        match ev {
+                            Ok(ev) => self.note(at, ev),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "inotify error; a full scan follows");
+                                self.next_full = Instant::now();
+                            }
+                        }
+                        next = events.try_recv().ok();
                     }
-                    None => {}
-                },
+                }
                 _ = sleep(POLL) => {}
             }
             let now = Instant::now();
             let due = self
                 .dirty
                 .values()
-                .any(|&t| now.duration_since(t) >= self.spec.debounce);
+                .any(|&t| now.duration_since(t) >= self.spec.debounce)
+                || self.retry.values().any(|r| r.at <= now);
             let full = now >= self.next_full;
             if (due || full) && self.retry_at.is_none_or(|t| now >= t) {
-                let left = self.pass(full).await;
-                if left.is_empty() {
+                let out = self.pass(full, false).await;
+                if !out.s3_down {
                     self.failures = 0;
                     self.retry_at = None;
                 } else {
@@ -300,13 +412,13 @@ impl Engine {
                     let delay = (Duration::from_secs(1) * 2u32.saturating_pow(self.failures - 1))
                         .min(Duration::from_secs(30));
                     self.retry_at = Some(Instant::now() + delay);
-                    tracing::error!(retry_in = ?delay, pending = left.len(), "replicate: some changes did not reach S3");
+                    tracing::error!(retry_in = ?delay, pending = out.failed.len(), "replicate: S3 cannot be reached; changes wait for it");
                 }
             }
         }
     }
 
-    fn note(&mut self, ev: notify::Event) {
+    fn note(&mut self, at: Instant, ev: notify::Event) {
         use notify::EventKind;
         if matches!(ev.kind, EventKind::Access(_)) {
             return;
@@ -314,11 +426,10 @@ impl Engine {
         if ev.need_rescan() {
             self.next_full = Instant::now();
         }
-        let now = Instant::now();
         for p in ev.paths {
             if let Ok(rel) = p.strip_prefix(&self.spec.root) {
                 if !rel.as_os_str().is_empty() && !self.spec.excludes.excluded(rel) {
-                    self.dirty.entry(rel.to_owned()).or_insert(now);
+                    self.dirty.entry(rel.to_owned()).or_insert(at);
                 }
             }
         }
@@ -326,7 +437,8 @@ impl Engine {
 
     /// Names not known to be on S3 as they are locally.
     fn pending(&self) -> Vec<String> {
-        let (local, _) = scan(&self.spec.root, &self.spec.excludes);
+        let scan = scan(&self.spec.root, &self.spec.excludes);
+        let local = &scan.files;
         let mut out: Vec<String> = local
             .iter()
             .filter(|(k, v)| self.remote.get(*k) != Some(v))
@@ -335,43 +447,107 @@ impl Engine {
         out.extend(
             self.remote
                 .keys()
-                .filter(|k| !local.contains_key(*k))
+                .filter(|k| !local.contains_key(*k) && !scan.unknown(k))
                 .cloned(),
         );
         out
     }
 
     /// One replication pass: a full comparison when `full`, else only the
-    /// dirty paths. Returns the names that could not be replicated.
-    async fn pass(&mut self, full: bool) -> Vec<String> {
+    /// dirty paths and the failed files whose retry is due (all failed files
+    /// when `force`, at the stop). Transfers run `TRANSFERS` at a time.
+    async fn pass(&mut self, full: bool, force: bool) -> PassOutcome {
         let started = Instant::now();
-        let (local, tree) = scan(&self.spec.root, &self.spec.excludes);
+        tracing::debug!(
+            dirty = self.dirty.len(),
+            full,
+            force,
+            "replicate: pass starting"
+        );
+        let scan = scan(&self.spec.root, &self.spec.excludes);
+        for dir in &scan.unreadable {
+            if self.unreadable_warned.insert(dir.clone()) {
+                tracing::warn!(dir = %dir, "replicate: cannot read this directory; what is below it stays on S3 as it \
+                    was (nothing there is deleted) until it can be read");
+            }
+        }
+        self.unreadable_warned
+            .retain(|d| scan.unreadable.contains(d));
+        let local = &scan.files;
+        // Entries below an unreadable directory keep what the tree said of them.
+        let mut tree = scan.tree.clone();
+        tree.extend(
+            self.tree
+                .iter()
+                .filter(|(p, _)| scan.unknown(p) && !scan.unreadable.contains(*p))
+                .map(|(p, e)| (p.clone(), *e)),
+        );
         // When each path first changed, kept for paths that fail again.
         let taken = std::mem::take(&mut self.dirty);
+        let due_retries: Vec<String> = self
+            .retry
+            .iter()
+            .filter(|(_, r)| force || r.at <= started)
+            .map(|(name, _)| name.clone())
+            .collect();
         let scope: Option<BTreeSet<PathBuf>> = if full {
             None
         } else {
-            Some(taken.keys().cloned().collect())
+            Some(
+                taken
+                    .keys()
+                    .cloned()
+                    .chain(due_retries.iter().map(|n| local_path(n)))
+                    .collect(),
+            )
         };
         if full {
             self.next_full = Instant::now() + self.spec.interval;
         }
+        // A name is in scope when it or a directory above it changed; a
+        // lookup per ancestor, not a comparison per dirty path (a burst of
+        // thousands of files made that quadratic: seconds per pass).
         let in_scope = |name: &str| match &scope {
             None => true,
-            Some(paths) => {
-                let p = Path::new(name.strip_suffix(LINK_SUFFIX).unwrap_or(name));
-                paths.iter().any(|d| p.starts_with(d))
-            }
+            Some(paths) => local_path(name).ancestors().any(|a| paths.contains(a)),
         };
-        let uploads: Vec<String> = local
-            .iter()
-            .filter(|(k, v)| in_scope(k) && self.remote.get(*k) != Some(v))
-            .map(|(k, _)| k.clone())
-            .collect();
+        // A file whose own retry is not due waits for it, however often it changes.
+        let waiting =
+            |name: &String| !force && self.retry.get(name).is_some_and(|r| r.at > started);
+        let mut failed: Vec<String> = Vec::new();
+        let mut uploads = Vec::new();
+        for (k, v) in local {
+            if in_scope(k) && self.remote.get(k) != Some(v) {
+                if waiting(k) {
+                    failed.push(k.clone());
+                } else {
+                    uploads.push(k.clone());
+                }
+            }
+        }
+        // Oldest change first, and at most `PASS_LIMIT` per pass (all at the
+        // stop): a file written during a long burst waits behind what was
+        // written before it, not behind the whole burst, and the loop comes
+        // back often enough to pick up new changes.
+        // A file's own first change, else its nearest changed directory's.
+        let first_change = |name: &str| {
+            local_path(name)
+                .ancestors()
+                .find_map(|a| taken.get(a))
+                .copied()
+                .unwrap_or(started)
+        };
+        uploads.sort_by_cached_key(|n| (first_change(n), n.clone()));
+        if !force && uploads.len() > PASS_LIMIT {
+            for name in uploads.split_off(PASS_LIMIT) {
+                let at = first_change(&name);
+                self.dirty.entry(local_path(&name)).or_insert(at);
+            }
+        }
         let mut deletes: Vec<String> = self
             .remote
             .keys()
-            .filter(|k| in_scope(k) && !local.contains_key(*k))
+            .filter(|k| in_scope(k) && !local.contains_key(*k) && !scan.unknown(k))
             .cloned()
             .collect();
         if deletes.len() > MAX_DELETE_FREE
@@ -407,50 +583,80 @@ impl Engine {
                 .lag
                 .behind("files", uploads.len() + deletes.len(), oldest, error);
         }
-        let mut failed = Vec::new();
-        // Two transfers in a row that could not reach S3: the rest of the
-        // pass waits for the retry instead of each costing rclone's retries.
-        // A failure about the file itself does not count, so a file that
-        // keeps failing cannot hold back the ones after it.
-        let mut in_a_row = 0;
-        for name in &uploads {
-            if in_a_row >= GIVE_UP_AFTER {
-                failed.push(name.clone());
-                continue;
-            }
-            match self.upload(name, &trash).await {
-                Ok(()) => {
-                    in_a_row = 0;
-                    self.remote.insert(name.clone(), local[name]);
+        // Two transfers that could not reach S3: the rest of the pass waits
+        // for S3 instead of each costing rclone's retries. A failure about
+        // the file itself does not count, so a file that keeps failing
+        // cannot hold back the others.
+        let unreachable = AtomicU32::new(0);
+        let this = &*self;
+        let jobs: Vec<(usize, String, bool)> = uploads
+            .iter()
+            .map(|n| (n.clone(), true))
+            .chain(deletes.iter().map(|n| (n.clone(), false)))
+            .enumerate()
+            .map(|(slot, (name, upload))| (slot, name, upload))
+            .collect();
+        // The futures are made here, not inside the stream: a closure over
+        // borrowed items there would make the spawned task's type unprovable.
+        let jobs: Vec<_> = jobs
+            .into_iter()
+            .map(|(slot, name, upload)| {
+                let (trash, unreachable) = (&trash, &unreachable);
+                async move {
+                    if unreachable.load(Ordering::Relaxed) >= GIVE_UP_AFTER {
+                        return (name, Transfer::NotTried);
+                    }
+                    let r = if upload {
+                        this.upload(&name, trash, slot).await.map(Some)
+                    } else {
+                        this.trash(&name, trash).await.map(|()| None)
+                    };
+                    if r.as_ref().is_err_and(TransferError::is_unreachable) {
+                        unreachable.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (name, Transfer::Done(r))
                 }
-                Err(e) => {
-                    in_a_row = if e.is_unreachable() { in_a_row + 1 } else { 0 };
-                    tracing::warn!(file = %name, error = %e, "replicate: upload failed");
+            })
+            .collect();
+        let transfers: Vec<(String, Transfer)> = futures_util::stream::iter(jobs)
+            .buffer_unordered(TRANSFERS)
+            .collect()
+            .await;
+        let s3_down = unreachable.load(Ordering::Relaxed) >= GIVE_UP_AFTER;
+        let (mut uploaded, mut trashed) = (0, 0);
+        for (name, t) in transfers {
+            match t {
+                Transfer::Done(Ok(Some(stamp))) => {
+                    uploaded += 1;
+                    self.retry.remove(&name);
+                    self.remote.insert(name, stamp);
+                }
+                Transfer::Done(Ok(None)) => {
+                    trashed += 1;
+                    self.retry.remove(&name);
+                    self.remote.remove(&name);
+                }
+                Transfer::Done(Err(e)) => {
                     self.last_error = e.to_string();
-                    failed.push(name.clone());
+                    if !e.is_unreachable() {
+                        let r = self.retry.entry(name.clone()).or_default();
+                        r.failures += 1;
+                        let delay = (FILE_RETRY_MIN * 2u32.saturating_pow(r.failures - 1))
+                            .min(FILE_RETRY_MAX);
+                        r.at = Instant::now() + delay;
+                        tracing::warn!(file = %name, error = %e, retry_in = ?delay, failures = r.failures,
+                            "replicate: this file failed; it is retried on its own schedule");
+                        r.error = e.to_string();
+                    } else {
+                        tracing::warn!(file = %name, error = %e, "replicate: transfer failed");
+                    }
+                    failed.push(name);
                 }
-            }
-        }
-        for name in &deletes {
-            if in_a_row >= GIVE_UP_AFTER {
-                failed.push(name.clone());
-                continue;
-            }
-            match self.trash(name, &trash).await {
-                Ok(()) => {
-                    in_a_row = 0;
-                    self.remote.remove(name);
-                }
-                Err(e) => {
-                    in_a_row = if e.is_unreachable() { in_a_row + 1 } else { 0 };
-                    tracing::warn!(file = %name, error = %e, "replicate: delete failed");
-                    self.last_error = e.to_string();
-                    failed.push(name.clone());
-                }
+                Transfer::NotTried => failed.push(name),
             }
         }
         // After the files it describes, so the tree on S3 is never newer than them.
-        if tree != self.tree {
+        if tree != self.tree && !s3_down {
             match self.upload_tree(&tree).await {
                 Ok(()) => {
                     tracing::debug!(entries = tree.len(), "replicate: tree uploaded");
@@ -462,19 +668,17 @@ impl Engine {
                 }
             }
         }
-        // Failed paths stay dirty for the retry.
+        // Failed paths stay dirty for the retry, unless they wait for their own.
         for name in &failed {
-            let p = PathBuf::from(name.strip_suffix(LINK_SUFFIX).unwrap_or(name));
+            if self.retry.contains_key(name) {
+                continue;
+            }
+            let p = local_path(name);
             let first = taken.get(&p).copied().unwrap_or(started);
             self.dirty.entry(p).or_insert(first);
         }
         if !uploads.is_empty() || !deletes.is_empty() {
-            let not_done: BTreeSet<&String> = failed.iter().collect();
-            tracing::info!(
-                uploaded = uploads.iter().filter(|u| !not_done.contains(u)).count(),
-                trashed = deletes.iter().filter(|d| !not_done.contains(d)).count(),
-                failed = failed.len(), full, took = ?started.elapsed(), "replicate: pass"
-            );
+            tracing::info!(uploaded, trashed, failed = failed.len(), full, took = ?started.elapsed(), "replicate: pass");
         }
         if failed.is_empty() {
             self.last_error.clear();
@@ -482,31 +686,114 @@ impl Engine {
         } else {
             self.spec
                 .lag
-                .behind("files", failed.len(), oldest, self.last_error.clone());
+                .behind("files", failed.len(), oldest, self.failing_files());
         }
-        failed
+        PassOutcome { failed, s3_down }
+    }
+
+    /// The error to report while files are pending: the files that keep
+    /// failing on their own by name, else the last error.
+    fn failing_files(&self) -> String {
+        const SHOWN: usize = 3;
+        if self.retry.is_empty() {
+            return self.last_error.clone();
+        }
+        let named: Vec<String> = self
+            .retry
+            .iter()
+            .take(SHOWN)
+            .map(|(n, r)| format!("{n}: {}", r.error))
+            .collect();
+        let more = self.retry.len().saturating_sub(SHOWN);
+        if more > 0 {
+            format!("{} (and {more} more failing files)", named.join("; "))
+        } else {
+            named.join("; ")
+        }
     }
 
     async fn rc(&self, method: &str, params: Value) -> Result<Value, RcError> {
         rc::call(&self.spec.rc_socket, method, &params).await
     }
 
-    async fn upload(&self, name: &str, trash: &str) -> Result<(), RcError> {
-        self.rc(
-            "operations/copyfile",
-            json!({
-                "srcFs": self.spec.root.to_string_lossy(), "srcRemote": name,
-                "dstFs": format!("{CRYPT_REMOTE}:"), "dstRemote": name,
-                // No `Metadata`: modes and owners travel encrypted in tree.json,
-                // not as plain S3 headers; rclone keeps the mtime itself.
-                "_config": { "BackupDir": trash, "Links": true },
-            }),
-        )
-        .await
-        .map(drop)
+    /// Uploads `name` so that S3 always holds a complete copy: the live
+    /// object is overwritten only by a finished upload (an S3 PUT replaces
+    /// an object whole), after a server-side copy of it to the trash. A file
+    /// is uploaded from a consistent local copy (`stage::copy`), so one that
+    /// changes while it uploads still reaches S3. Returns the stamp of what
+    /// was uploaded.
+    async fn upload(&self, name: &str, trash: &str, slot: usize) -> Result<Stamp, TransferError> {
+        let replaces = self.remote.contains_key(name);
+        if let Some(link) = name.strip_suffix(LINK_SUFFIX) {
+            let path = self.spec.root.join(link);
+            let meta = path
+                .symlink_metadata()
+                .map_err(|source| TransferError::Local { path, source })?;
+            if replaces {
+                self.keep_in_trash(name, trash).await?;
+            }
+            self.rc(
+                "operations/copyfile",
+                json!({
+                    "srcFs": self.spec.root.to_string_lossy(), "srcRemote": name,
+                    "dstFs": format!("{CRYPT_REMOTE}:"), "dstRemote": name,
+                    "_config": { "Links": true, "NoCheckDest": true },
+                }),
+            )
+            .await?;
+            return Ok(stamp(&meta));
+        }
+        let dir = self.spec.scratch.join(STAGE_DIR);
+        let staged = dir.join(slot.to_string());
+        let src = self.spec.root.join(name);
+        let stamp = {
+            let (src, staged) = (src.clone(), staged.clone());
+            tokio::task::spawn_blocking(move || stage::copy(&src, &staged))
+                .await
+                .expect("staging does not panic")
+        }
+        .map_err(|source| TransferError::Local { path: src, source })?;
+        let r = async {
+            if replaces {
+                self.keep_in_trash(name, trash).await?;
+            }
+            self.rc(
+                "operations/copyfile",
+                json!({
+                    "srcFs": dir.to_string_lossy(), "srcRemote": slot.to_string(),
+                    "dstFs": format!("{CRYPT_REMOTE}:"), "dstRemote": name,
+                    // The content is known to differ: no need to ask S3 first.
+                    "_config": { "NoCheckDest": true },
+                }),
+            )
+            .await?;
+            Ok(stamp)
+        }
+        .await;
+        let _ = fs::remove_file(&staged);
+        r
     }
 
-    async fn trash(&self, name: &str, trash: &str) -> Result<(), RcError> {
+    /// A server-side copy of the live object into today's trash, before it
+    /// is overwritten (nothing to keep if it is gone already).
+    async fn keep_in_trash(&self, name: &str, trash: &str) -> Result<(), RcError> {
+        let r = self
+            .rc(
+                "operations/copyfile",
+                json!({
+                    "srcFs": format!("{CRYPT_REMOTE}:"), "srcRemote": name,
+                    "dstFs": trash, "dstRemote": name,
+                    "_config": { "NoCheckDest": true },
+                }),
+            )
+            .await;
+        match r {
+            Err(RcError::Status { status: 404, .. }) => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
+    async fn trash(&self, name: &str, trash: &str) -> Result<(), TransferError> {
         let r = self
             .rc(
                 "operations/movefile",
@@ -519,7 +806,7 @@ impl Engine {
         match r {
             // Already gone on the remote: nothing to keep.
             Err(RcError::Status { status: 404, .. }) => Ok(()),
-            r => r.map(drop),
+            r => Ok(r.map(drop)?),
         }
     }
 
@@ -602,7 +889,7 @@ mod tests {
         fs::create_dir_all(r.join("tmp")).unwrap();
         fs::write(r.join("tmp/skip"), "x").unwrap();
         let ex = Excludes::new(&["/tmp/**".to_owned()], &Patterns::default());
-        let (files, tree) = scan(r, &ex);
+        let Scan { files, tree, .. } = scan(r, &ex);
         assert_eq!(
             files.keys().collect::<Vec<_>>(),
             ["a/b/f", "a/b/l.rclonelink"]

@@ -445,9 +445,13 @@ fn on_the_mount_layout_the_gateway_refuses_the_state_dir_and_is_restarted_with_b
     });
     let log = app.log_text();
     assert!(
-        ["does not support atomic bootstrap publication", "file identity changed", "could not be verified"]
-            .iter()
-            .any(|reason| log.contains(reason)),
+        [
+            "does not support atomic bootstrap publication",
+            "file identity changed",
+            "could not be verified"
+        ]
+        .iter()
+        .any(|reason| log.contains(reason)),
         "the gateway's own reason is in the log:\n{log}"
     );
     assert!(!healthy(port), "the gateway never serves on the mount");

@@ -120,6 +120,11 @@ impl Replicate {
         self.local_dir.join("restore-incomplete")
     }
 
+    /// This bucket prefix, as the evidence in a state dir names it.
+    fn identity(&self) -> String {
+        format!("{} {}", self.s3.endpoint, self.s3.raw_remote())
+    }
+
     async fn rc(&self, method: &str, params: Value) -> Result<Value, rc::RcError> {
         rc::call(&self.paths.rc_socket, method, &params).await
     }
@@ -166,7 +171,7 @@ impl Replicate {
         let Ok(remote) = self.remote_manifest().await else {
             return Vec::new();
         };
-        let (local, _) = replication::scan(&self.state_dir, &self.excludes);
+        let local = replication::scan(&self.state_dir, &self.excludes).files;
         remote
             .into_iter()
             .filter(|(name, (size, _))| local.get(name).map(|s| s.0) != Some(*size))
@@ -186,7 +191,8 @@ impl Replicate {
                 json!({
                     "srcFs": format!("{CRYPT_REMOTE}:"), "dstFs": self.state_dir.to_string_lossy(),
                     "_async": true, "_filter": self.filter(),
-                    "_config": { "Links": true, "Transfers": 8, "Checkers": 16 },
+                    // `UpdateOlder`: a file already here and newer than S3's is kept.
+                    "_config": { "Links": true, "Transfers": 8, "Checkers": 16, "UpdateOlder": true },
                 }),
             )
             .await
@@ -374,19 +380,30 @@ impl Replicate {
         tracing::info!(?outcome, "boot: crypt key checked");
 
         let marker = self.restore_marker();
-        if marker.exists() {
-            tracing::warn!(dir = %self.state_dir.display(), "an earlier restore was interrupted; starting it over");
-            clear_dir(&self.state_dir).map_err(|e| MountError::from(io_err(&self.state_dir)(e)))?;
-        }
-        // A freshly formatted volume holds `lost+found` and nothing else: still a new container.
-        let first_entry = fs::read_dir(&self.state_dir).ok().and_then(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .find(|name| name != "lost+found")
-        });
-        let fresh = first_entry.is_none();
+        let evidence_path = self.state_dir.join(META_DIR).join(EVIDENCE);
+        let evidence = fs::read_to_string(&evidence_path).ok();
+        let this = self.identity();
+        let start = decide_start(marker.exists(), evidence.as_deref(), &this);
         let mut restored_dbs = BTreeMap::new();
-        let (remote, tree) = if fresh {
+        let (remote, tree, reconcile) = if let Start::Restore { clear } = start {
+            if clear {
+                tracing::warn!(dir = %self.state_dir.display(), "an earlier restore was interrupted; starting it over");
+                clear_dir(&self.state_dir)
+                    .map_err(|e| MountError::from(io_err(&self.state_dir)(e)))?;
+            }
+            // What is here already (empty directories of a new volume, files
+            // baked into an image, a state dir of an older cvm-init) is
+            // restored into: nothing remote is deleted, a local file newer
+            // than S3's copy is kept and uploaded.
+            let before = replication::scan(&self.state_dir, &self.excludes);
+            if !before.files.is_empty() {
+                tracing::info!(
+                    dir = %self.state_dir.display(), files = before.files.len(),
+                    evidence = evidence.as_deref().unwrap_or("none"),
+                    "boot: the state dir holds files but no evidence it was restored from this bucket; restoring into it \
+                     (S3's copy wins unless the local file is newer; nothing on S3 is deleted)"
+                );
+            }
             notify::status("restoring state");
             fs::write(&marker, b"").map_err(|e| MountError::from(io_err(&marker)(e)))?;
             // The tree and the databases do not depend on each other: fetch both at
@@ -409,24 +426,46 @@ impl Replicate {
             )?;
             restored_dbs = dbs;
             for rel in restored_dbs.keys() {
-                move_file(&staging.join(rel), &self.state_dir.join(rel))
+                let live = self.state_dir.join(rel);
+                if before
+                    .files
+                    .contains_key(&rel.to_string_lossy().into_owned())
+                    || live.exists()
+                {
+                    tracing::warn!(db = %rel.display(), "restore: a database is already in the state dir; keeping it, \
+                        not S3's snapshot");
+                    continue;
+                }
+                move_file(&staging.join(rel), &live)
                     .map_err(|e| MountError::from(io_err(rel)(e)))?;
             }
             let _ = fs::remove_dir_all(&staging);
             let remote_tree = self.restore_tree_meta().await?;
             nix::unistd::sync();
+            write_evidence(&evidence_path, &this)
+                .map_err(|e| MountError::from(io_err(&evidence_path)(e)))?;
             fs::remove_file(&marker).map_err(|e| MountError::from(io_err(&marker)(e)))?;
-            let (files, _) = replication::scan(&self.state_dir, &self.excludes);
+            let files = replication::scan(&self.state_dir, &self.excludes).files;
             let bytes: u64 = files.values().map(|s| s.0).sum();
             tracing::info!(files = files.len(), bytes, databases = restored_dbs.len(), took = ?t.elapsed(), "boot: state restored");
-            (files, remote_tree)
+            // What the restore wrote is what S3 holds; a file it left alone
+            // (local only, or newer here) is not known to be on S3.
+            let on_s3: Manifest = files
+                .into_iter()
+                .filter(|(name, st)| before.files.get(name) != Some(st))
+                .collect();
+            (on_s3, remote_tree, !before.files.is_empty())
         } else {
             tracing::info!(
                 dir = %self.state_dir.display(),
-                holds = first_entry.as_deref().unwrap_or_default(),
-                "boot: keeping the local state dir (not empty, so newer than S3)"
+                "boot: keeping the local state dir (restored from or written to this bucket prefix before, so newer \
+                 than S3)"
             );
-            (self.remote_manifest().await?, treemeta::TreeMeta::new())
+            (
+                self.remote_manifest().await?,
+                treemeta::TreeMeta::new(),
+                true,
+            )
         };
         tokio::spawn(purge_old_trash(
             self.paths.rc_socket.clone(),
@@ -457,7 +496,7 @@ impl Replicate {
             },
             remote,
             tree,
-            !fresh,
+            reconcile,
         ));
         self.reporter = Some(self.lag.spawn_reporter());
         Ok(())
@@ -514,6 +553,41 @@ impl Replicate {
         rclone::remove_config(&self.paths.config);
         result
     }
+}
+
+/// The file in the state dir (below `.cvm/`, never replicated) saying which
+/// bucket prefix it was restored from: what makes it "newer than S3".
+const EVIDENCE: &str = "replica";
+
+/// How boot treats the state dir it finds.
+#[derive(Debug, PartialEq, Eq)]
+enum Start {
+    /// Restore into it, emptying it first when `clear` (the leftovers of an
+    /// interrupted restore).
+    Restore { clear: bool },
+    /// It was restored from (or first written to) this bucket prefix by an
+    /// earlier boot: it is newer than S3, kept, and reconciled.
+    Keep,
+}
+
+/// Decides from evidence, never from "not empty": a state dir with empty
+/// directories or unrelated files is restored into.
+fn decide_start(interrupted: bool, evidence: Option<&str>, this: &str) -> Start {
+    match (interrupted, evidence.map(str::trim)) {
+        (true, _) => Start::Restore { clear: true },
+        (false, Some(e)) if e == this => Start::Keep,
+        (false, _) => Start::Restore { clear: false },
+    }
+}
+
+fn write_evidence(path: &Path, this: &str) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, format!("{this}\n"))?;
+    fs::File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, path)
 }
 
 /// Renames `from` to `to`, or copies and syncs it when they are on different
@@ -578,4 +652,36 @@ fn clear_dir(dir: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_keeps_a_state_dir_only_on_evidence_from_this_bucket() {
+        let this = "http://s3 s3:b/p";
+        let table = [
+            (false, None, Start::Restore { clear: false }),
+            (false, Some("http://s3 s3:b/p\n"), Start::Keep),
+            (
+                false,
+                Some("http://s3 s3:b/other"),
+                Start::Restore { clear: false },
+            ),
+            (
+                true,
+                Some("http://s3 s3:b/p"),
+                Start::Restore { clear: true },
+            ),
+            (true, None, Start::Restore { clear: true }),
+        ];
+        for (interrupted, evidence, want) in table {
+            assert_eq!(
+                decide_start(interrupted, evidence, this),
+                want,
+                "{interrupted} {evidence:?}"
+            );
+        }
+    }
 }
