@@ -22,9 +22,29 @@ pub fn globset<S: AsRef<str>>(rules: &[S]) -> GlobSet {
     b.build().unwrap_or_else(|_| GlobSet::empty())
 }
 
+/// `name` as a literal in an rclone filter pattern.
+pub fn escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '{' | '}' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_names_match_only_themselves() {
+        let name = "a*b?[c]{d}";
+        let set = globset(&[format!("/{}", escape(name))]);
+        assert!(set.is_match(name));
+        assert!(!set.is_match("aXb?[c]{d}"));
+    }
 
     #[test]
     fn anchored_and_floating_patterns() {

@@ -53,7 +53,7 @@ const MAX_DELETE_SHARE: f64 = 0.5;
 /// …unless it is only a handful of files.
 const MAX_DELETE_FREE: usize = 10;
 /// rclone's name for a symlink stored as an object (`--links`).
-const LINK_SUFFIX: &str = ".rclonelink";
+pub const LINK_SUFFIX: &str = ".rclonelink";
 
 /// What is never replicated as a file: the user's excludes, live databases
 /// and their sidecars (snapshots carry them), and cvm-init's own prefixes.
@@ -253,6 +253,18 @@ impl Default for FileRetry {
             error: String::new(),
         }
     }
+}
+
+/// Whether the remote file `name`, gone locally, went because its path
+/// changed shape: it is a directory now, or a directory above it is now a
+/// file or a link.
+fn shape_changed(name: &str, tree: &TreeMeta) -> bool {
+    let p = local_path(name);
+    let kind = |a: &Path| tree.get(a.to_string_lossy().as_ref()).map(|e| e.kind);
+    kind(&p) == Some(Kind::Dir)
+        || p.ancestors()
+            .skip(1)
+            .any(|a| matches!(kind(a), Some(Kind::File | Kind::Link)))
 }
 
 /// The local path of a remote name (a link's object has `.rclonelink`).
@@ -544,12 +556,15 @@ impl Engine {
                 self.dirty.entry(local_path(&name)).or_insert(at);
             }
         }
-        let mut deletes: Vec<String> = self
+        let (shape_changes, mut deletes): (Vec<String>, Vec<String>) = self
             .remote
             .keys()
             .filter(|k| in_scope(k) && !local.contains_key(*k) && !scan.unknown(k))
             .cloned()
-            .collect();
+            .partition(|k| shape_changed(k, &scan.tree));
+        // What a shape change removes (a directory that became a file, a file
+        // that became a directory) is the user's intent, not a wiped state
+        // dir: the guard counts only the other deletes.
         if deletes.len() > MAX_DELETE_FREE
             && deletes.len() as f64 > self.remote.len() as f64 * MAX_DELETE_SHARE
         {
@@ -588,40 +603,32 @@ impl Engine {
         // the file itself does not count, so a file that keeps failing
         // cannot hold back the others.
         let unreachable = AtomicU32::new(0);
-        let this = &*self;
-        let jobs: Vec<(usize, String, bool)> = uploads
+        // The old shape goes first, so S3 never holds a file and a directory
+        // of the same name at once; an upload whose old shape could not be
+        // removed waits for the next pass.
+        let mut transfers = self
+            .transfers(
+                shape_changes.iter().map(|n| (n.clone(), false)).collect(),
+                &trash,
+                &unreachable,
+            )
+            .await;
+        let stuck: Vec<PathBuf> = transfers
+            .iter()
+            .filter(|(_, t)| !matches!(t, Transfer::Done(Ok(_))))
+            .map(|(n, _)| local_path(n))
+            .collect();
+        let (blocked, uploads): (Vec<String>, Vec<String>) = uploads.into_iter().partition(|u| {
+            let p = local_path(u);
+            stuck.iter().any(|d| p.starts_with(d) || d.starts_with(&p))
+        });
+        transfers.extend(blocked.into_iter().map(|n| (n, Transfer::NotTried)));
+        let rest = uploads
             .iter()
             .map(|n| (n.clone(), true))
             .chain(deletes.iter().map(|n| (n.clone(), false)))
-            .enumerate()
-            .map(|(slot, (name, upload))| (slot, name, upload))
             .collect();
-        // The futures are made here, not inside the stream: a closure over
-        // borrowed items there would make the spawned task's type unprovable.
-        let jobs: Vec<_> = jobs
-            .into_iter()
-            .map(|(slot, name, upload)| {
-                let (trash, unreachable) = (&trash, &unreachable);
-                async move {
-                    if unreachable.load(Ordering::Relaxed) >= GIVE_UP_AFTER {
-                        return (name, Transfer::NotTried);
-                    }
-                    let r = if upload {
-                        this.upload(&name, trash, slot).await.map(Some)
-                    } else {
-                        this.trash(&name, trash).await.map(|()| None)
-                    };
-                    if r.as_ref().is_err_and(TransferError::is_unreachable) {
-                        unreachable.fetch_add(1, Ordering::Relaxed);
-                    }
-                    (name, Transfer::Done(r))
-                }
-            })
-            .collect();
-        let transfers: Vec<(String, Transfer)> = futures_util::stream::iter(jobs)
-            .buffer_unordered(TRANSFERS)
-            .collect()
-            .await;
+        transfers.extend(self.transfers(rest, &trash, &unreachable).await);
         let s3_down = unreachable.load(Ordering::Relaxed) >= GIVE_UP_AFTER;
         let (mut uploaded, mut trashed) = (0, 0);
         for (name, t) in transfers {
@@ -691,6 +698,43 @@ impl Engine {
         PassOutcome { failed, s3_down }
     }
 
+    /// Runs `jobs` (name, upload or else trash), `TRANSFERS` at a time. Once
+    /// `unreachable` reaches `GIVE_UP_AFTER`, the rest are not tried.
+    async fn transfers(
+        &self,
+        jobs: Vec<(String, bool)>,
+        trash: &str,
+        unreachable: &AtomicU32,
+    ) -> Vec<(String, Transfer)> {
+        // The futures are made here, not inside the stream: a closure over
+        // borrowed items there would make the spawned task's type unprovable.
+        let jobs: Vec<_> = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(slot, (name, upload))| async move {
+                if unreachable.load(Ordering::Relaxed) >= GIVE_UP_AFTER {
+                    return (name, Transfer::NotTried);
+                }
+                let r = if upload {
+                    self.upload(&name, trash, slot).await.map(Some)
+                } else {
+                    self.to_trash(&name, trash, false)
+                        .await
+                        .map_err(TransferError::from)
+                        .map(|()| None)
+                };
+                if r.as_ref().is_err_and(TransferError::is_unreachable) {
+                    unreachable.fetch_add(1, Ordering::Relaxed);
+                }
+                (name, Transfer::Done(r))
+            })
+            .collect();
+        futures_util::stream::iter(jobs)
+            .buffer_unordered(TRANSFERS)
+            .collect()
+            .await
+    }
+
     /// The error to report while files are pending: the files that keep
     /// failing on their own by name, else the last error.
     fn failing_files(&self) -> String {
@@ -730,7 +774,7 @@ impl Engine {
                 .symlink_metadata()
                 .map_err(|source| TransferError::Local { path, source })?;
             if replaces {
-                self.keep_in_trash(name, trash).await?;
+                self.to_trash(name, trash, true).await?;
             }
             self.rc(
                 "operations/copyfile",
@@ -755,7 +799,7 @@ impl Engine {
         .map_err(|source| TransferError::Local { path: src, source })?;
         let r = async {
             if replaces {
-                self.keep_in_trash(name, trash).await?;
+                self.to_trash(name, trash, true).await?;
             }
             self.rc(
                 "operations/copyfile",
@@ -774,12 +818,18 @@ impl Engine {
         r
     }
 
-    /// A server-side copy of the live object into today's trash, before it
-    /// is overwritten (nothing to keep if it is gone already).
-    async fn keep_in_trash(&self, name: &str, trash: &str) -> Result<(), RcError> {
+    /// Puts the live object `name` into today's trash, server-side: a copy
+    /// when it is about to be overwritten (`keep`), a move when it is
+    /// deleted. Nothing to do when it is gone already.
+    async fn to_trash(&self, name: &str, trash: &str, keep: bool) -> Result<(), RcError> {
+        let method = if keep {
+            "operations/copyfile"
+        } else {
+            "operations/movefile"
+        };
         let r = self
             .rc(
-                "operations/copyfile",
+                method,
                 json!({
                     "srcFs": format!("{CRYPT_REMOTE}:"), "srcRemote": name,
                     "dstFs": trash, "dstRemote": name,
@@ -790,23 +840,6 @@ impl Engine {
         match r {
             Err(RcError::Status { status: 404, .. }) => Ok(()),
             r => r.map(drop),
-        }
-    }
-
-    async fn trash(&self, name: &str, trash: &str) -> Result<(), TransferError> {
-        let r = self
-            .rc(
-                "operations/movefile",
-                json!({
-                    "srcFs": format!("{CRYPT_REMOTE}:"), "srcRemote": name,
-                    "dstFs": trash, "dstRemote": name,
-                }),
-            )
-            .await;
-        match r {
-            // Already gone on the remote: nothing to keep.
-            Err(RcError::Status { status: 404, .. }) => Ok(()),
-            r => Ok(r.map(drop)?),
         }
     }
 
@@ -867,6 +900,36 @@ mod tests {
         }
         assert!(ex.rules().contains(&"/state/*.sqlite-wal".to_owned()));
         assert!(ex.excluded(Path::new("state/openclaw.sqlite.rclonelink")));
+    }
+
+    #[test]
+    fn shape_changes_are_told_from_deletions() {
+        let e = |kind| treemeta::Entry {
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        };
+        let tree: TreeMeta = [
+            ("x", e(Kind::File)),
+            ("d", e(Kind::Dir)),
+            ("l", e(Kind::Link)),
+            ("keep", e(Kind::Dir)),
+        ]
+        .into_iter()
+        .map(|(p, e)| (p.to_owned(), e))
+        .collect();
+        for (name, want) in [
+            ("x/f1", true),         // a directory replaced by a file
+            ("x/deep/f", true),     // …at any depth
+            ("d", true),            // a file replaced by a directory
+            ("d.rclonelink", true), // a link replaced by a directory
+            ("l/f", true),          // a directory replaced by a link
+            ("keep/gone", false),   // a plain deletion
+            ("gone", false),
+        ] {
+            assert_eq!(shape_changed(name, &tree), want, "{name}");
+        }
     }
 
     #[test]

@@ -344,15 +344,21 @@ fn replicate_needs_no_fuse_and_keeps_a_restarted_containers_local_state() {
         "offline-edit.txt",
         "written while cvm-init was down",
     );
-    let mut app = s.start(&a, &[]);
+    restart_keeps_its_state(&s, &a, "offline-edit.txt");
+}
+
+/// A restart of the container with `dirs` keeps its state dir and uploads
+/// `written` (written while cvm-init was down).
+fn restart_keeps_its_state(s: &Setup, dirs: &Dirs, written: &str) {
+    let mut app = s.start(dirs, &[]);
     app.wait_ready(T);
     assert!(
         app.log_text().contains("keeping the local state dir"),
         "{}",
         app.log_text()
     );
-    wait_until(T, "the offline edit on S3", || {
-        s.remote("").contains(&"offline-edit.txt".to_owned())
+    wait_until(T, "the file written while down on S3", || {
+        s.remote("").contains(&written.to_owned())
     });
     assert_eq!(app.stop(T), 0);
 }
@@ -941,15 +947,90 @@ fn a_new_container_whose_state_dir_is_not_quite_empty_is_restored_into() {
 
     // That container's state dir is now known: a restart keeps it.
     write(&b.state, "later.txt", "written while down");
-    let mut app = s.start(&b, &[]);
-    app.wait_ready(T);
+    restart_keeps_its_state(&s, &b, "later.txt");
+}
+
+#[test]
+fn a_directory_replaced_by_a_file_and_back_restores_after_a_stop_and_a_crash() {
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", &[]);
+    for i in 0..30 {
+        write(&a.state, &format!("x/f{i}"), "in the directory");
+    }
+    write(&a.state, "y", "a file first");
+    wait_until(T, "the uploads", || uploaded(&app) >= 31);
+    // Both shapes change: x becomes a file, y a directory. The 30 deletes
+    // are more than half the tree, which the delete guard would refuse.
+    fs::remove_dir_all(a.state.join("x")).unwrap();
+    write(&a.state, "x", "now a file");
+    fs::remove_file(a.state.join("y")).unwrap();
+    write(&a.state, "y/inside", "now a directory");
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
     assert!(
-        app.log_text().contains("keeping the local state dir"),
+        !app.log_text().contains("refusing to delete"),
         "{}",
         app.log_text()
     );
-    wait_until(T, "the file written while down", || {
-        s.remote("").contains(&"later.txt".to_owned())
+
+    let (mut app, b) = s.boot("b", &[]);
+    assert_eq!(fs::read_to_string(b.state.join("x")).unwrap(), "now a file");
+    assert_eq!(
+        fs::read_to_string(b.state.join("y/inside")).unwrap(),
+        "now a directory"
+    );
+    let left: Vec<String> = s
+        .remote("")
+        .into_iter()
+        .filter(|n| n.starts_with("x/"))
+        .collect();
+    assert!(left.is_empty(), "no x/… left on S3: {left:?}");
+
+    // And back, then a crash once the pass is done.
+    fs::remove_file(b.state.join("x")).unwrap();
+    write(&b.state, "x/again", "a directory again");
+    fs::remove_dir_all(b.state.join("y")).unwrap();
+    write(&b.state, "y", "a file again");
+    let n = trees_uploaded(&app);
+    wait_until(T, "the pass with both changes", || trees_uploaded(&app) > n);
+    app.kill_all();
+    let (mut app, c) = s.boot("c", &[]);
+    assert_eq!(
+        fs::read_to_string(c.state.join("x/again")).unwrap(),
+        "a directory again"
+    );
+    assert_eq!(
+        fs::read_to_string(c.state.join("y")).unwrap(),
+        "a file again"
+    );
+    assert_eq!(app.stop(T), 0);
+}
+
+#[test]
+fn a_bucket_holding_a_file_and_a_directory_under_one_name_still_restores() {
+    // What a shape change cut short by an older cvm-init left: both shapes.
+    let s = Setup::new();
+    let conf = stock_config(&s.g, s.tmp.path());
+    let src = s.tmp.path().join("src");
+    write(&src, "x/f1", "in the directory");
+    write(&src, "x/f2", "in the directory");
+    rclone(&conf, &["copy", &src.display().to_string(), "crypt:"]);
+    let file = s.tmp.path().join("x-file");
+    fs::write(&file, "the file").unwrap();
+    rclone(&conf, &["copyto", &file.display().to_string(), "crypt:x"]);
+
+    let (mut app, b) = s.boot("b", &[]);
+    assert_eq!(
+        fs::read_to_string(b.state.join("x/f1")).unwrap(),
+        "in the directory"
+    );
+    wait_until(T, "the left-out file in the trash", || {
+        s.remote(".cvm-trash").iter().any(|n| n.ends_with("/x"))
     });
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let (mut app, c) = s.boot("c", &[]);
+    assert_eq!(
+        fs::read_to_string(c.state.join("x/f2")).unwrap(),
+        "in the directory"
+    );
     assert_eq!(app.stop(T), 0);
 }

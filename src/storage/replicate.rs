@@ -148,14 +148,20 @@ impl Replicate {
     }
 
     fn filter(&self) -> Value {
-        json!({ "ExcludeRule": self.excludes.rules() })
+        self.filter_with(&[])
+    }
+
+    /// The excludes plus `extra` rules (rclone filter syntax).
+    fn filter_with(&self, extra: &[String]) -> Value {
+        let rules: Vec<&String> = self.excludes.rules().iter().chain(extra).collect();
+        json!({ "ExcludeRule": rules })
     }
 
     /// Copies the whole tree from the remote, logging progress; runs as an rc
     /// job. Content, mtimes and symlinks only: modes and owners come from
     /// `tree.json` after it (see `treemeta` for why not rclone's metadata).
-    async fn restore_tree(&self) -> Result<(), ReplicateError> {
-        match self.copy_tree().await {
+    async fn restore_tree(&self, skip: &[String]) -> Result<(), ReplicateError> {
+        match self.copy_tree(skip).await {
             Err(ReplicateError::Restore { dir, detail, .. }) => Err(ReplicateError::Restore {
                 missing: self.unrestored().await,
                 dir,
@@ -179,7 +185,7 @@ impl Replicate {
             .collect()
     }
 
-    async fn copy_tree(&self) -> Result<(), ReplicateError> {
+    async fn copy_tree(&self, skip: &[String]) -> Result<(), ReplicateError> {
         let fail = |detail: String| ReplicateError::Restore {
             dir: self.state_dir.clone(),
             detail,
@@ -190,7 +196,7 @@ impl Replicate {
                 "sync/copy",
                 json!({
                     "srcFs": format!("{CRYPT_REMOTE}:"), "dstFs": self.state_dir.to_string_lossy(),
-                    "_async": true, "_filter": self.filter(),
+                    "_async": true, "_filter": self.filter_with(skip),
                     // `UpdateOlder`: a file already here and newer than S3's is kept.
                     "_config": { "Links": true, "Transfers": 8, "Checkers": 16, "UpdateOlder": true },
                 }),
@@ -256,8 +262,8 @@ impl Replicate {
     /// Makes the restored tree's empty directories, modes and owners what
     /// `.cvm/tree.json` says (or, from an older cvm-init, `.cvm/dirs.json`:
     /// directory modes only). What cannot be set is a warning, never a failed
-    /// restore: the content is in place. Returns the tree as S3 has it.
-    async fn restore_tree_meta(&self) -> Result<treemeta::TreeMeta, ReplicateError> {
+    /// restore: the content is in place. Returns the tree as S3 has it, if it has one.
+    async fn fetch_tree_meta(&self) -> Result<Option<treemeta::TreeMeta>, ReplicateError> {
         let scratch = self.paths.scratch.clone();
         fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
         let mut tree = None;
@@ -295,10 +301,13 @@ impl Replicate {
                 }
             }
         }
-        let Some(tree) = tree else {
-            return Ok(treemeta::TreeMeta::new());
-        };
-        let applied = treemeta::apply(&self.state_dir, &tree);
+        Ok(tree)
+    }
+
+    /// Applies `tree` to the restored state dir; what cannot be set is a
+    /// warning naming the path.
+    fn apply_tree_meta(&self, tree: &treemeta::TreeMeta) {
+        let applied = treemeta::apply(&self.state_dir, tree);
         const SHOWN: usize = 20;
         for (path, why) in applied.failures.iter().take(SHOWN) {
             tracing::warn!(path = %path.display(), "restore: content restored, but {why}");
@@ -315,7 +324,6 @@ impl Replicate {
             dirs_made = applied.dirs_made,
             "restore: modes, owners and empty directories applied"
         );
-        Ok(tree)
     }
 
     /// What the remote holds, as a manifest, for a state dir kept from a previous run.
@@ -405,6 +413,16 @@ impl Replicate {
                 );
             }
             notify::status("restoring state");
+            let remote_tree = self.fetch_tree_meta().await?;
+            let listing = self.remote_manifest().await?;
+            let (skip, losers) = shape_conflicts(&listing, remote_tree.as_ref());
+            if !losers.is_empty() {
+                tracing::warn!(
+                    left_out = ?losers,
+                    "restore: S3 holds a file and a directory under the same name (a shape change cut short); \
+                     restoring the one .cvm/tree.json names (else the directory), the other is moved to the trash"
+                );
+            }
             fs::write(&marker, b"").map_err(|e| MountError::from(io_err(&marker)(e)))?;
             // The tree and the databases do not depend on each other: fetch both at
             // once, the databases into a staging dir so their check sees only them.
@@ -414,7 +432,7 @@ impl Replicate {
             // The first failure ends both: a stalled tree must not wait for
             // rclone's retries of the databases.
             let ((), dbs) = tokio::try_join!(
-                async { self.restore_tree().await.map_err(MountError::from) },
+                async { self.restore_tree(&skip).await.map_err(MountError::from) },
                 async {
                     let fetch = restore::Fetch::Rc {
                         socket: &self.paths.rc_socket,
@@ -440,7 +458,8 @@ impl Replicate {
                     .map_err(|e| MountError::from(io_err(rel)(e)))?;
             }
             let _ = fs::remove_dir_all(&staging);
-            let remote_tree = self.restore_tree_meta().await?;
+            let remote_tree = remote_tree.unwrap_or_default();
+            self.apply_tree_meta(&remote_tree);
             nix::unistd::sync();
             write_evidence(&evidence_path, &this)
                 .map_err(|e| MountError::from(io_err(&evidence_path)(e)))?;
@@ -450,11 +469,21 @@ impl Replicate {
             tracing::info!(files = files.len(), bytes, databases = restored_dbs.len(), took = ?t.elapsed(), "boot: state restored");
             // What the restore wrote is what S3 holds; a file it left alone
             // (local only, or newer here) is not known to be on S3.
-            let on_s3: Manifest = files
+            let mut on_s3: Manifest = files
                 .into_iter()
                 .filter(|(name, st)| before.files.get(name) != Some(st))
                 .collect();
-            (on_s3, remote_tree, !before.files.is_empty())
+            // Left out of the restore, so not local: the first pass trashes them.
+            on_s3.extend(
+                losers
+                    .iter()
+                    .filter_map(|n| Some((n.clone(), *listing.get(n)?))),
+            );
+            (
+                on_s3,
+                remote_tree,
+                !before.files.is_empty() || !losers.is_empty(),
+            )
         } else {
             tracing::info!(
                 dir = %self.state_dir.display(),
@@ -553,6 +582,40 @@ impl Replicate {
         rclone::remove_config(&self.paths.config);
         result
     }
+}
+
+/// Where S3 holds a file and a directory under one name, which side to
+/// leave out of a restore: the directory when `tree` says the path is a
+/// file or a link, else the file. Returns the rclone exclude rules and the
+/// remote names left out.
+fn shape_conflicts(
+    remote: &Manifest,
+    tree: Option<&treemeta::TreeMeta>,
+) -> (Vec<String>, Vec<String>) {
+    let (mut rules, mut losers) = (Vec::new(), Vec::new());
+    for name in remote.keys() {
+        let path = name.strip_suffix(replication::LINK_SUFFIX).unwrap_or(name);
+        let below = format!("{path}/");
+        let inside: Vec<&String> = remote
+            .range(below.clone()..)
+            .map(|(k, _)| k)
+            .take_while(|k| k.starts_with(&below))
+            .collect();
+        if inside.is_empty() {
+            continue;
+        }
+        let dir_is_current = !tree
+            .and_then(|t| t.get(path))
+            .is_some_and(|e| e.kind != treemeta::Kind::Dir);
+        if dir_is_current {
+            rules.push(format!("/{}", crate::filter::escape(name)));
+            losers.push(name.clone());
+        } else {
+            rules.push(format!("/{}/**", crate::filter::escape(path)));
+            losers.extend(inside.into_iter().cloned());
+        }
+    }
+    (rules, losers)
 }
 
 /// The file in the state dir (below `.cvm/`, never replicated) saying which
@@ -657,6 +720,35 @@ fn clear_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_and_a_directory_under_one_name_restore_as_the_tree_says() {
+        let remote: Manifest = ["x", "x/a", "x/b", "y.rclonelink", "y/c", "plain"]
+            .into_iter()
+            .map(|n| (n.to_owned(), (1, 0)))
+            .collect();
+        let entry = |kind| treemeta::Entry {
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        };
+        // No tree: the directories win.
+        let (rules, losers) = shape_conflicts(&remote, None);
+        assert_eq!(rules, ["/x", "/y.rclonelink"]);
+        assert_eq!(losers, ["x", "y.rclonelink"]);
+        // The tree says x is a file now and y a directory.
+        let tree: treemeta::TreeMeta = [
+            ("x", entry(treemeta::Kind::File)),
+            ("y", entry(treemeta::Kind::Dir)),
+        ]
+        .into_iter()
+        .map(|(p, e)| (p.to_owned(), e))
+        .collect();
+        let (rules, losers) = shape_conflicts(&remote, Some(&tree));
+        assert_eq!(rules, ["/x/**", "/y.rclonelink"]);
+        assert_eq!(losers, ["x/a", "x/b", "y.rclonelink"]);
+    }
 
     #[test]
     fn boot_keeps_a_state_dir_only_on_evidence_from_this_bucket() {
