@@ -200,7 +200,11 @@ impl Engine {
 
     fn rescan(&mut self) {
         match self.spec.patterns.find(&self.spec.root) {
-            Ok(found) => {
+            Ok(mut found) => {
+                // A file a pattern matches is a database only once it has the
+                // SQLite header; anything else is the replicate layout's to
+                // carry as a file.
+                found.retain(|rel| sqlite::is_sqlite(&self.spec.root.join(rel)).unwrap_or(false));
                 for rel in &found {
                     if !self.dbs.contains_key(rel) {
                         tracing::info!(db = %rel.display(), "sqlite: watching database");

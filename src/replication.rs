@@ -36,7 +36,7 @@ const POLL: Duration = Duration::from_millis(250);
 /// Transfers that could not reach S3 at which a pass stops starting more (see `Engine::pass`).
 const GIVE_UP_AFTER: u32 = 2;
 /// Transfers in flight at once, as rclone's own `--transfers` would run.
-const TRANSFERS: usize = 16;
+const TRANSFERS: usize = 32;
 /// Uploads one pass takes on (the rest wait for the next, oldest first).
 const PASS_LIMIT: usize = 1024;
 /// A file failing on its own is retried after this, doubling…
@@ -61,6 +61,9 @@ pub const LINK_SUFFIX: &str = ".rclonelink";
 pub struct Excludes {
     rules: Vec<String>,
     set: GlobSet,
+    /// Paths `CVM_SQLITE_PATHS` matches: excluded when they hold a SQLite
+    /// database (its snapshots carry it), replicated as files otherwise.
+    db: GlobSet,
 }
 
 impl Excludes {
@@ -72,20 +75,25 @@ impl Excludes {
             format!("/{}/**", crate::backup::REMOTE_DIR),
         ];
         rules.extend(user.iter().cloned());
+        let mut db = Vec::new();
         for p in dbs
             .as_str()
             .split(',')
             .map(str::trim)
             .filter(|p| !p.is_empty())
         {
-            rules.push(format!("/{p}"));
+            db.push(format!("/{p}"));
             rules.extend(SIDECARS.iter().map(|s| format!("/{p}{s}")));
             // The mount layout keeps a link where each database was: on a bucket
             // that switches layouts it must not come back in place of the database.
             rules.push(format!("/{p}{LINK_SUFFIX}"));
         }
         let set = crate::filter::globset(&rules);
-        Excludes { rules, set }
+        Excludes {
+            rules,
+            set,
+            db: crate::filter::globset(&db),
+        }
     }
 
     /// The rules in rclone filter syntax (`ExcludeRule`).
@@ -95,6 +103,12 @@ impl Excludes {
 
     pub fn excluded(&self, rel: &Path) -> bool {
         self.set.is_match(rel)
+    }
+
+    /// Whether `rel` below `root` is a live database (a database pattern's
+    /// match that starts with the SQLite header), never replicated as a file.
+    pub fn is_database(&self, root: &Path, rel: &Path) -> bool {
+        self.db.is_match(rel) && crate::sqlite::is_sqlite(&root.join(rel)).unwrap_or(false)
     }
 }
 
@@ -113,6 +127,9 @@ pub struct Scan {
     /// Directories that could not be read (without `CAP_DAC_OVERRIDE`, a
     /// mode-000 one): what is below them is unknown, never "deleted".
     pub unreadable: Vec<String>,
+    /// Entries whose names rclone cannot carry byte for byte, with why:
+    /// never replicated (see [`refusal`]).
+    pub refused: Vec<(String, &'static str)>,
 }
 
 impl Scan {
@@ -121,6 +138,25 @@ impl Scan {
         let p = local_path(name);
         self.unreadable.iter().any(|d| p.starts_with(d))
     }
+}
+
+/// Why an entry named `name` cannot be replicated, if it cannot. Checked
+/// with rclone 1.75: a name containing `‛` (U+201B, rclone's quoting
+/// character) comes back with it doubled, even with `--local-encoding None`;
+/// a regular file named `*.rclonelink` comes back as a symlink (`--links`);
+/// a name that is not UTF-8 cannot travel through the rc API (JSON).
+/// Refused names are named in a warning when they appear, never uploaded.
+pub fn refusal(name: &std::ffi::OsStr, regular_file: bool) -> Option<&'static str> {
+    let Some(name) = name.to_str() else {
+        return Some("the name is not UTF-8");
+    };
+    if name.contains('\u{201B}') {
+        return Some("the name contains ‛ (U+201B), which rclone's name encoding does not carry");
+    }
+    if regular_file && name.ends_with(LINK_SUFFIX) {
+        return Some("a regular file named *.rclonelink would come back as a symbolic link");
+    }
+    None
 }
 
 /// Scans `root` for what is replicated.
@@ -143,7 +179,14 @@ pub fn scan(root: &Path, excludes: &Excludes) -> Scan {
             if ex.excluded(&child) {
                 continue;
             }
+            if meta.is_file() && ex.is_database(root, &child) {
+                continue;
+            }
             let name = child.to_string_lossy().into_owned();
+            if let Some(why) = refusal(&e.file_name(), meta.is_file()) {
+                out.refused.push((name, why));
+                continue;
+            }
             let Some(entry) = treemeta::Entry::of(&meta) else {
                 continue;
             };
@@ -283,7 +326,53 @@ enum Command {
 pub struct Replication {
     tx: mpsc::Sender<Command>,
     task: JoinHandle<()>,
-    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+/// One inotify watch per directory rather than notify's recursive mode,
+/// which fails as a whole when one directory cannot be read (a mode-000
+/// one without `CAP_DAC_OVERRIDE`), leaving only the periodic scan.
+struct Watches {
+    watcher: notify::RecommendedWatcher,
+    /// Watched directories, relative to the root ("" is the root).
+    dirs: BTreeSet<PathBuf>,
+}
+
+impl Watches {
+    /// Watches the root and every directory of `tree` not watched yet, and
+    /// returns the ones newly watched: a change made in one before its watch
+    /// was not seen, so the caller marks them dirty. One that cannot be
+    /// watched (unreadable) is tried again next time.
+    fn sync(&mut self, root: &Path, tree: &TreeMeta) -> Vec<PathBuf> {
+        let want: BTreeSet<PathBuf> = std::iter::once(PathBuf::new())
+            .chain(
+                tree.iter()
+                    .filter(|(_, e)| e.kind == Kind::Dir)
+                    .map(|(p, _)| PathBuf::from(p)),
+            )
+            .collect();
+        // inotify drops the watch of a directory that is gone.
+        self.dirs.retain(|d| want.contains(d));
+        let mut new = Vec::new();
+        for d in want {
+            // `root.join("")` would end in a slash, which notify refuses.
+            let path = if d.as_os_str().is_empty() {
+                root.to_owned()
+            } else {
+                root.join(&d)
+            };
+            if !self.dirs.contains(&d)
+                && self
+                    .watcher
+                    .watch(&path, RecursiveMode::NonRecursive)
+                    .map_err(|e| tracing::debug!(dir = %path.display(), error = %e, "replicate: cannot watch"))
+                    .is_ok()
+            {
+                self.dirs.insert(d.clone());
+                new.push(d);
+            }
+        }
+        new
+    }
 }
 
 struct Engine {
@@ -292,10 +381,14 @@ struct Engine {
     /// The tree as `.cvm/tree.json` on S3 last described it.
     tree: TreeMeta,
     dirty: BTreeMap<PathBuf, Instant>,
+    /// `None` when inotify is unavailable: the periodic scan finds everything.
+    watches: Option<Watches>,
     /// Files that failed for a reason of their own, each with its own retry.
     retry: BTreeMap<String, FileRetry>,
     /// Unreadable directories already warned about.
     unreadable_warned: BTreeSet<String>,
+    /// Refused names already warned about.
+    refused_warned: BTreeSet<String>,
     next_full: Instant,
     /// While S3 cannot be reached: when the next pass may try.
     retry_at: Option<Instant>,
@@ -314,15 +407,22 @@ impl Replication {
         reconcile: bool,
     ) -> Replication {
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-        let root = spec.root.clone();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             // Stamped on arrival: events wait in the channel while a pass
             // runs, and a change is due `debounce` after it happened.
             let _ = ev_tx.send((Instant::now(), res));
-        })
-        .and_then(|mut w| w.watch(&root, RecursiveMode::Recursive).map(|()| w));
-        let watcher = match watcher {
-            Ok(w) => Some(w),
+        });
+        let watches = match watcher {
+            Ok(watcher) => {
+                // Before the gateway starts: a change made before a
+                // directory's watch would not be seen until the full scan.
+                let mut w = Watches {
+                    watcher,
+                    dirs: BTreeSet::new(),
+                };
+                w.sync(&spec.root, &scan(&spec.root, &spec.excludes).tree);
+                Some(w)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "inotify unavailable; replicating on the periodic scan only");
                 None
@@ -339,19 +439,17 @@ impl Replication {
             remote,
             tree,
             dirty: BTreeMap::new(),
+            watches,
             retry: BTreeMap::new(),
             unreadable_warned: BTreeSet::new(),
+            refused_warned: BTreeSet::new(),
             retry_at: None,
             failures: 0,
             last_error: String::new(),
         };
         let (tx, rx) = mpsc::channel(1);
         let task = tokio::spawn(engine.run(rx, ev_rx));
-        Replication {
-            tx,
-            task,
-            _watcher: watcher,
-        }
+        Replication { tx, task }
     }
 
     /// Replicates everything not yet on S3, before `deadline`; then stops.
@@ -477,6 +575,10 @@ impl Engine {
             "replicate: pass starting"
         );
         let scan = scan(&self.spec.root, &self.spec.excludes);
+        let newly_watched = match self.watches.as_mut() {
+            Some(w) => w.sync(&self.spec.root, &scan.tree),
+            None => Vec::new(),
+        };
         for dir in &scan.unreadable {
             if self.unreadable_warned.insert(dir.clone()) {
                 tracing::warn!(dir = %dir, "replicate: cannot read this directory; what is below it stays on S3 as it \
@@ -485,6 +587,14 @@ impl Engine {
         }
         self.unreadable_warned
             .retain(|d| scan.unreadable.contains(d));
+        for (name, why) in &scan.refused {
+            if self.refused_warned.insert(name.clone()) {
+                tracing::warn!(file = %name, "replicate: cannot replicate this file: {why}; it is NOT on S3. \
+                    Rename it");
+            }
+        }
+        self.refused_warned
+            .retain(|n| scan.refused.iter().any(|(r, _)| r == n));
         let local = &scan.files;
         // Entries below an unreadable directory keep what the tree said of them.
         let mut tree = scan.tree.clone();
@@ -496,6 +606,11 @@ impl Engine {
         );
         // When each path first changed, kept for paths that fail again.
         let taken = std::mem::take(&mut self.dirty);
+        // Changes made in a new directory between this scan and its watch
+        // were not seen: the next pass looks again.
+        for dir in newly_watched {
+            self.dirty.entry(dir).or_insert(started);
+        }
         let due_retries: Vec<String> = self
             .retry
             .iter()
@@ -882,7 +997,6 @@ mod tests {
             "tmp/openclaw-0/x.lock",
             "cache/a/b",
             "agents/a/x.lock",
-            "state/openclaw.sqlite",
             "state/openclaw.sqlite-wal",
             "state/openclaw.sqlite-shm",
             ".cvm-trash/2026-01-01/a",
@@ -900,6 +1014,32 @@ mod tests {
         }
         assert!(ex.rules().contains(&"/state/*.sqlite-wal".to_owned()));
         assert!(ex.excluded(Path::new("state/openclaw.sqlite.rclonelink")));
+        // A database path is a database only with the SQLite header.
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("state")).unwrap();
+        let db = Path::new("state/openclaw.sqlite");
+        fs::write(dir.path().join(db), "{\"not\": \"a database\"}").unwrap();
+        assert!(!ex.excluded(db) && !ex.is_database(dir.path(), db));
+        fs::remove_file(dir.path().join(db)).unwrap();
+        rusqlite::Connection::open(dir.path().join(db))
+            .unwrap()
+            .execute_batch("CREATE TABLE t(x)")
+            .unwrap();
+        assert!(ex.is_database(dir.path(), db));
+    }
+
+    #[test]
+    fn names_rclone_cannot_carry_are_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let os = |b: &[u8]| std::ffi::OsStr::from_bytes(b).to_owned();
+        assert!(refusal(&os(b"bad\xff"), true).is_some());
+        assert!(refusal(&os("a\u{201B}b".as_bytes()), true).is_some());
+        assert!(refusal(&os(b"x.rclonelink"), true).is_some());
+        assert!(
+            refusal(&os(b"x.rclonelink"), false).is_none(),
+            "a directory may have that name"
+        );
+        assert!(refusal(&os("caf\u{e9} (1).md".as_bytes()), true).is_none());
     }
 
     #[test]
