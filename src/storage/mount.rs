@@ -27,6 +27,8 @@ use crate::restore::{self, RestoreError};
 
 /// How often the flush loop asks rclone for its queue while waiting for it to drain.
 const FLUSH_POLL: Duration = Duration::from_millis(100);
+/// How long one `vfs/queue-set-expiry` may take at the stop.
+const SET_EXPIRY_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often known database paths on the mount are checked for files that
 /// replaced their symlinks (served from rclone's metadata, no S3 request).
 const LINK_CHECK: Duration = Duration::from_secs(1);
@@ -649,6 +651,17 @@ impl Mount {
         // uploading. An empty queue therefore counts only when seen twice,
         // one poll apart.
         let mut quiet_polls = 0;
+        // The names rclone last gave for its queue: named in the error when a
+        // later call does not answer in time (S3 gone, uploads stuck in retries).
+        let mut named: Vec<String> = Vec::new();
+        let unanswered = |named: &Vec<String>, e: FlushError| match e {
+            FlushError::Unresponsive if !named.is_empty() => FlushError::Timeout {
+                in_progress: 0,
+                queued: named.len() as u64,
+                files: named.clone(),
+            },
+            e => e,
+        };
         loop {
             let exited = self.rclone.as_mut().map(|(c, _)| c.try_exit());
             match exited {
@@ -659,19 +672,32 @@ impl Mount {
                 Some(Some(exit)) => return Err(FlushError::RcloneGone(exit)),
                 Some(None) => {}
             }
-            let queue = self.rc_by("vfs/queue", json!({}), deadline).await?;
+            let queue = self
+                .rc_by("vfs/queue", json!({}), deadline)
+                .await
+                .map_err(|e| unanswered(&named, e))?;
             let items = queue["queue"].as_array().cloned().unwrap_or_default();
+            named = items
+                .iter()
+                .filter_map(|i| i["name"].as_str().map(str::to_owned))
+                .collect();
             for item in &items {
                 let waiting = !item["uploading"].as_bool().unwrap_or(false);
                 if let (true, Some(id)) = (waiting, item["id"].as_i64()) {
                     // A negative expiry makes the item due now; errors mean it just started or finished.
+                    // Each call is bounded on its own: one that blocks behind an upload
+                    // stuck in retries must not eat the whole budget.
                     let due_now = json!({ "id": id, "expiry": -1e9 });
-                    if let Err(e) = self.rc_by("vfs/queue-set-expiry", due_now, deadline).await {
+                    let by = deadline.min(Instant::now() + SET_EXPIRY_TIMEOUT);
+                    if let Err(e) = self.rc_by("vfs/queue-set-expiry", due_now, by).await {
                         tracing::debug!(error = %e, id, "queue-set-expiry");
                     }
                 }
             }
-            let stats = self.rc_by("vfs/stats", json!({}), deadline).await?;
+            let stats = self
+                .rc_by("vfs/stats", json!({}), deadline)
+                .await
+                .map_err(|e| unanswered(&named, e))?;
             let in_progress = stats["diskCache"]["uploadsInProgress"]
                 .as_u64()
                 .unwrap_or(0);
@@ -685,14 +711,10 @@ impl Mount {
                 quiet_polls = 0;
             }
             if Instant::now() + FLUSH_POLL >= deadline {
-                let files = items
-                    .iter()
-                    .filter_map(|i| i["name"].as_str().map(str::to_owned))
-                    .collect();
                 return Err(FlushError::Timeout {
                     in_progress,
                     queued,
-                    files,
+                    files: named,
                 });
             }
             tracing::debug!(in_progress, queued, "waiting for rclone uploads");
