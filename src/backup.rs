@@ -45,6 +45,10 @@ pub struct BackupSpec {
     pub debounce: Duration,
     /// Where the backlog is reported while uploads fail.
     pub lag: Lag,
+    /// The trash (`s3-crypt:.cvm-trash`) that takes the snapshot of a
+    /// database deleted or renamed away, so it does not come back at the
+    /// next restore; `None` keeps every snapshot.
+    pub trash: Option<String>,
 }
 
 impl BackupSpec {
@@ -64,6 +68,7 @@ impl BackupSpec {
             patterns: cfg.patterns.clone(),
             debounce: cfg.debounce,
             lag,
+            trash: None,
         }
     }
 }
@@ -100,6 +105,8 @@ struct DbState {
 struct Engine {
     spec: BackupSpec,
     dbs: BTreeMap<PathBuf, DbState>,
+    /// Databases gone from the state dir whose snapshots still wait to go to the trash.
+    gone: Vec<PathBuf>,
     last_scan: Option<Instant>,
     last_error: String,
 }
@@ -124,6 +131,7 @@ impl Backup {
         let mut engine = Engine {
             spec,
             dbs: BTreeMap::new(),
+            gone: Vec::new(),
             last_scan: None,
             last_error: String::new(),
         };
@@ -211,6 +219,29 @@ impl Engine {
                         self.dbs.insert(rel.clone(), DbState::default());
                     }
                 }
+                // On S3, and no longer in the state dir at all (not merely
+                // unreadable for a moment): deleted, or renamed away.
+                let vanished: Vec<PathBuf> = self
+                    .dbs
+                    .iter()
+                    .filter(|(rel, st)| {
+                        !found.contains(rel)
+                            && st.remote_hash.is_some()
+                            && self.spec.root.join(rel).symlink_metadata().is_err()
+                    })
+                    .map(|(rel, _)| rel.clone())
+                    .collect();
+                if self.spec.trash.is_some() && !vanished.is_empty() {
+                    if vanished.len() >= 2 && vanished.len() == self.dbs.len() {
+                        tracing::error!(
+                            databases = vanished.len(),
+                            "sqlite: every database is gone at once; was the state dir wiped? Their snapshots \
+                             stay on S3"
+                        );
+                    } else {
+                        self.gone.extend(vanished);
+                    }
+                }
                 self.dbs.retain(|rel, _| found.contains(rel));
             }
             Err(e) => {
@@ -230,6 +261,7 @@ impl Engine {
         {
             self.rescan();
             self.last_scan = Some(now);
+            self.trash_gone().await;
         }
         let mut unsaved = Vec::new();
         let rels: Vec<PathBuf> = self.dbs.keys().cloned().collect();
@@ -258,6 +290,31 @@ impl Engine {
             }
         }
         unsaved
+    }
+
+    /// Moves the snapshots of databases gone from the state dir to today's
+    /// trash; one that fails is tried again at the next rescan.
+    async fn trash_gone(&mut self) {
+        let Some(trash) = self.spec.trash.clone() else {
+            return;
+        };
+        let day = crate::replication::trash_day(std::time::SystemTime::now());
+        for rel in std::mem::take(&mut self.gone) {
+            let rel_str = rel.to_string_lossy();
+            let params = json!({
+                "srcFs": self.spec.remote, "srcRemote": rel_str,
+                "dstFs": format!("{trash}/{day}/{REMOTE_DIR}"), "dstRemote": rel_str,
+            });
+            match rc::call(&self.spec.rc_socket, "operations/movefile", &params).await {
+                Ok(_) | Err(rc::RcError::Status { status: 404, .. }) => {
+                    tracing::info!(db = %rel.display(), "sqlite: database gone from the state dir; its snapshot moved to the trash")
+                }
+                Err(e) => {
+                    tracing::warn!(db = %rel.display(), error = %e, "sqlite: cannot move the snapshot of a deleted database to the trash; retrying");
+                    self.gone.push(rel);
+                }
+            }
+        }
     }
 
     /// Snapshots `rel` and uploads the snapshot unless S3 already holds that content.

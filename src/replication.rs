@@ -68,12 +68,11 @@ pub struct Excludes {
 
 impl Excludes {
     pub fn new(user: &[String], dbs: &Patterns) -> Excludes {
-        let mut rules: Vec<String> = vec![
-            format!("/{TRASH_DIR}/**"),
-            format!("/{META_DIR}"),
-            format!("/{META_DIR}/**"),
-            format!("/{}/**", crate::backup::REMOTE_DIR),
-        ];
+        // cvm-init's own prefixes on the remote. Locally only `.cvm` is
+        // cvm-init's; a user's own top-level `sqlite/` or `.cvm-trash/` is
+        // replicated under `.cvm/user/` (see `remote_name`).
+        let remote_only = RESERVED.map(|r| format!("/{r}/**"));
+        let mut rules: Vec<String> = vec![format!("/{META_DIR}"), format!("/{META_DIR}/**")];
         rules.extend(user.iter().cloned());
         let mut db = Vec::new();
         for p in dbs
@@ -89,6 +88,7 @@ impl Excludes {
             rules.push(format!("/{p}{LINK_SUFFIX}"));
         }
         let set = crate::filter::globset(&rules);
+        rules.extend(remote_only);
         Excludes {
             rules,
             set,
@@ -96,7 +96,8 @@ impl Excludes {
         }
     }
 
-    /// The rules in rclone filter syntax (`ExcludeRule`).
+    /// The rules in rclone filter syntax (`ExcludeRule`), for the remote
+    /// tree: they also leave out cvm-init's prefixes there.
     pub fn rules(&self) -> &[String] {
         &self.rules
     }
@@ -113,7 +114,7 @@ impl Excludes {
 }
 
 /// Size and mtime (ms) of a file as last replicated.
-type Stamp = (u64, i64);
+type Stamp = (u64, i64, i64);
 /// Remote name (symlinks with `.rclonelink`) → stamp.
 pub type Manifest = BTreeMap<String, Stamp>;
 
@@ -194,10 +195,10 @@ pub fn scan(root: &Path, excludes: &Excludes) -> Scan {
                 Kind::Dir => walk(root, &child, ex, out),
                 Kind::Link => {
                     out.files
-                        .insert(format!("{name}{LINK_SUFFIX}"), stamp(&meta));
+                        .insert(format!("{}{LINK_SUFFIX}", remote_name(&name)), stamp(&meta));
                 }
                 Kind::File => {
-                    out.files.insert(name.clone(), stamp(&meta));
+                    out.files.insert(remote_name(&name), stamp(&meta));
                 }
             }
             out.tree.insert(name, entry);
@@ -208,10 +209,14 @@ pub fn scan(root: &Path, excludes: &Excludes) -> Scan {
     out
 }
 
+/// Size, mtime (ms) and change time (ns) of a file. The change time moves
+/// with any write, also one that puts the old size and mtime back (`cp -p`,
+/// `touch -r`, `tar x`), and with a mode or owner change (see `Engine::pass`).
 fn stamp(meta: &fs::Metadata) -> Stamp {
     (
         meta.len(),
         meta.mtime() * 1000 + meta.mtime_nsec() / 1_000_000,
+        meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
     )
 }
 
@@ -248,8 +253,18 @@ pub struct ReplicationSpec {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("files not replicated to S3: {}", .0.join(", "))]
+#[error("files not replicated to S3: {}", shortlist(.0))]
 pub struct Unreplicated(pub Vec<String>);
+
+/// The first names of a long list, and how many more (a burst of thousands
+/// of files must not make a log line of hundreds of kilobytes).
+fn shortlist(names: &[String]) -> String {
+    const SHOWN: usize = 20;
+    match names.len() {
+        n if n <= SHOWN => names.join(", "),
+        n => format!("{}, … and {} more", names[..SHOWN].join(", "), n - SHOWN),
+    }
+}
 
 /// Why one file's transfer failed.
 #[derive(Debug, thiserror::Error)]
@@ -310,9 +325,30 @@ fn shape_changed(name: &str, tree: &TreeMeta) -> bool {
             .any(|a| matches!(kind(a), Some(Kind::File | Kind::Link)))
 }
 
+/// Top-level names cvm-init uses on the remote besides `.cvm`.
+const RESERVED: [&str; 2] = [crate::backup::REMOTE_DIR, TRASH_DIR];
+/// Where a user's own top-level entries with a reserved name live on the remote.
+pub const USER_DIR: &str = ".cvm/user";
+
+/// The remote name of the local relative path `local`: the same, but below
+/// `.cvm/user/` when its first component is one of cvm-init's prefixes.
+fn remote_name(local: &str) -> String {
+    let first = local.split('/').next().unwrap_or_default();
+    if RESERVED.contains(&first) {
+        format!("{USER_DIR}/{local}")
+    } else {
+        local.to_owned()
+    }
+}
+
 /// The local path of a remote name (a link's object has `.rclonelink`).
 fn local_path(name: &str) -> PathBuf {
-    PathBuf::from(name.strip_suffix(LINK_SUFFIX).unwrap_or(name))
+    let name = name.strip_suffix(LINK_SUFFIX).unwrap_or(name);
+    let name = name
+        .strip_prefix(USER_DIR)
+        .and_then(|n| n.strip_prefix('/'))
+        .unwrap_or(name);
+    PathBuf::from(name)
 }
 
 enum Command {
@@ -643,9 +679,19 @@ impl Engine {
             |name: &String| !force && self.retry.get(name).is_some_and(|r| r.at > started);
         let mut failed: Vec<String> = Vec::new();
         let mut uploads = Vec::new();
+        let mut meta_only = Vec::new();
         for (k, v) in local {
             if in_scope(k) && self.remote.get(k) != Some(v) {
-                if waiting(k) {
+                // Same size and mtime, a new change time, and a new mode or
+                // owner: a chmod or chown, which tree.json carries; the
+                // content is not uploaded again. A new change time with the
+                // same mode and owner is a write that kept size and mtime.
+                let p = local_path(k);
+                let key = p.to_string_lossy();
+                let attrs_changed = scan.tree.get(key.as_ref()) != self.tree.get(key.as_ref());
+                if attrs_changed && self.remote.get(k).is_some_and(|r| (r.0, r.1) == (v.0, v.1)) {
+                    meta_only.push((k.clone(), *v));
+                } else if waiting(k) {
                     failed.push(k.clone());
                 } else {
                     uploads.push(k.clone());
@@ -656,6 +702,9 @@ impl Engine {
         // stop): a file written during a long burst waits behind what was
         // written before it, not behind the whole burst, and the loop comes
         // back often enough to pick up new changes.
+        for (k, v) in meta_only {
+            self.remote.insert(k, v);
+        }
         // A file's own first change, else its nearest changed directory's.
         let first_change = |name: &str| {
             local_path(name)
@@ -883,8 +932,9 @@ impl Engine {
     /// was uploaded.
     async fn upload(&self, name: &str, trash: &str, slot: usize) -> Result<Stamp, TransferError> {
         let replaces = self.remote.contains_key(name);
-        if let Some(link) = name.strip_suffix(LINK_SUFFIX) {
-            let path = self.spec.root.join(link);
+        let local = local_path(name);
+        if name.ends_with(LINK_SUFFIX) {
+            let path = self.spec.root.join(&local);
             let meta = path
                 .symlink_metadata()
                 .map_err(|source| TransferError::Local { path, source })?;
@@ -894,7 +944,8 @@ impl Engine {
             self.rc(
                 "operations/copyfile",
                 json!({
-                    "srcFs": self.spec.root.to_string_lossy(), "srcRemote": name,
+                    "srcFs": self.spec.root.to_string_lossy(),
+                    "srcRemote": format!("{}{LINK_SUFFIX}", local.to_string_lossy()),
                     "dstFs": format!("{CRYPT_REMOTE}:"), "dstRemote": name,
                     "_config": { "Links": true, "NoCheckDest": true },
                 }),
@@ -904,7 +955,7 @@ impl Engine {
         }
         let dir = self.spec.scratch.join(STAGE_DIR);
         let staged = dir.join(slot.to_string());
-        let src = self.spec.root.join(name);
+        let src = self.spec.root.join(&local);
         let stamp = {
             let (src, staged) = (src.clone(), staged.clone());
             tokio::task::spawn_blocking(move || stage::copy(&src, &staged))
@@ -999,12 +1050,14 @@ mod tests {
             "agents/a/x.lock",
             "state/openclaw.sqlite-wal",
             "state/openclaw.sqlite-shm",
-            ".cvm-trash/2026-01-01/a",
-            "sqlite/state/openclaw.sqlite",
+            ".cvm/replica",
         ] {
             assert!(ex.excluded(Path::new(yes)), "{yes}");
         }
         for no in [
+            // A user's own: replicated below `.cvm/user/`.
+            ".cvm-trash/2026-01-01/a",
+            "sqlite/state/openclaw.sqlite",
             "openclaw.json",
             "workspace/tmp/notes.md",
             "agents/main/agent/auth.json",
@@ -1026,6 +1079,28 @@ mod tests {
             .execute_batch("CREATE TABLE t(x)")
             .unwrap();
         assert!(ex.is_database(dir.path(), db));
+    }
+
+    #[test]
+    fn a_users_own_top_level_sqlite_dir_lives_below_cvm_user() {
+        assert_eq!(
+            remote_name("sqlite/notes.txt"),
+            ".cvm/user/sqlite/notes.txt"
+        );
+        assert_eq!(remote_name(".cvm-trash"), ".cvm/user/.cvm-trash");
+        assert_eq!(remote_name("state/sqlite/x"), "state/sqlite/x");
+        assert_eq!(remote_name("sqlite-like"), "sqlite-like");
+        for local in ["sqlite/notes.txt", "state/x", ".cvm-trash/a"] {
+            assert_eq!(local_path(&remote_name(local)), Path::new(local));
+        }
+        assert_eq!(
+            local_path(".cvm/user/sqlite/l.rclonelink"),
+            Path::new("sqlite/l")
+        );
+        let ex = Excludes::new(&[], &Patterns::default());
+        assert!(!ex.excluded(Path::new("sqlite/notes.txt")));
+        assert!(ex.excluded(Path::new(".cvm/replica")));
+        assert!(ex.rules().contains(&"/sqlite/**".to_owned()));
     }
 
     #[test]

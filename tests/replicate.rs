@@ -10,55 +10,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::load::now;
-use common::{rclone, script, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD};
+use common::replica::{remote_size, uploaded, write, Setup};
+use common::{rclone, stock_config, wait_until, Appliance, Dirs, PASSWORD};
 
 const T: Duration = Duration::from_secs(40);
-
-struct Setup {
-    tmp: tempfile::TempDir,
-    g: Garage,
-    idle: String,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let tmp = tempfile::tempdir().unwrap();
-        let g = Garage::start(tmp.path());
-        let idle = script(tmp.path(), "idle.sh", "exec sleep 100000")
-            .display()
-            .to_string();
-        Setup { tmp, g, idle }
-    }
-
-    fn boot(&self, name: &str, extra: &[(&str, &str)]) -> (Appliance, Dirs) {
-        let dirs = Dirs::new(self.tmp.path(), name);
-        let mut app = self.start(&dirs, extra);
-        app.wait_ready(T);
-        (app, dirs)
-    }
-
-    fn start(&self, dirs: &Dirs, extra: &[(&str, &str)]) -> Appliance {
-        let mut env = self.g.s3_env();
-        env.extend(dirs.env());
-        env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
-        env.push(("CVM_GATEWAY_CMD".into(), self.idle.clone()));
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        Appliance::start(dirs, &env)
-    }
-
-    /// Remote names under `dir` of the crypt remote, as stock rclone sees them.
-    fn remote(&self, dir: &str) -> Vec<String> {
-        let conf = stock_config(&self.g, self.tmp.path());
-        String::from_utf8(rclone(
-            &conf,
-            &["lsf", "-R", "--files-only", &format!("crypt:{dir}")],
-        ))
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect()
-    }
-}
 
 /// Path → (content, mode, mtime in µs) for files; path → mode for dirs.
 fn snapshot(root: &Path) -> BTreeMap<String, (Vec<u8>, u32, i64)> {
@@ -79,27 +34,6 @@ fn snapshot(root: &Path) -> BTreeMap<String, (Vec<u8>, u32, i64)> {
     let mut out = BTreeMap::new();
     walk(root, root, &mut out);
     out
-}
-
-fn write(root: &Path, rel: &str, content: &str) {
-    let p = root.join(rel);
-    fs::create_dir_all(p.parent().unwrap()).unwrap();
-    fs::write(p, content).unwrap();
-}
-
-fn uploaded(app: &Appliance) -> usize {
-    app.log_text()
-        .lines()
-        .filter(|l| l.contains("replicate: pass"))
-        .filter_map(|l| {
-            l.split("uploaded=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .sum()
 }
 
 #[test]
@@ -597,35 +531,6 @@ fn a_restore_that_cannot_succeed_exits_65_naming_the_file_and_changes_nothing_on
     );
 }
 
-/// Size of `name` on S3 as stock rclone lists it through the crypt remote, if there.
-fn remote_size(s: &Setup, name: &str) -> Option<u64> {
-    let conf = stock_config(&s.g, s.tmp.path());
-    let out = std::process::Command::new(common::rclone_bin())
-        .args([
-            "--config",
-            &conf.display().to_string(),
-            "lsf",
-            "--format",
-            "sp",
-            "--files-only",
-        ])
-        .arg(format!(
-            "crypt:{}",
-            Path::new(name).parent().unwrap().display()
-        ))
-        .output()
-        .unwrap();
-    let base = Path::new(name)
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-        let (size, file) = l.split_once(';')?;
-        (file == base).then(|| size.parse().ok())?
-    })
-}
-
 #[test]
 fn a_file_appended_faster_than_it_uploads_is_always_on_s3_and_reaches_it() {
     let s = Setup::new();
@@ -723,70 +628,6 @@ fn a_file_replaced_by_rename_is_never_missing_after_a_crash() {
         got == old || got == new,
         "model.bin is a whole version ({} bytes)",
         got.len()
-    );
-    assert_eq!(app.stop(T), 0);
-}
-
-#[test]
-fn a_burst_of_5000_files_is_flushed_by_a_stop_and_a_crash_loses_only_the_last_seconds() {
-    let s = Setup::new();
-    let (mut app, a) = s.boot("a", &[]);
-    let started = Instant::now();
-    for i in 0..5000 {
-        write(
-            &a.state,
-            &format!("burst/{:02}/{i}.json", i % 50),
-            &format!("{{\"n\":{i}}}"),
-        );
-    }
-    let wrote = started.elapsed();
-    let t = Instant::now();
-    assert_eq!(app.stop(T), 0, "{}", app.log_text());
-    eprintln!(
-        "MEASURED: 5000 files written in {wrote:?}; the stop flushed them in {:?}",
-        t.elapsed()
-    );
-    let (mut app, b) = s.boot("b", &[]);
-    let n = fs::read_dir(b.state.join("burst"))
-        .unwrap()
-        .flatten()
-        .map(|d| fs::read_dir(d.path()).unwrap().count())
-        .sum::<usize>();
-    assert_eq!(n, 5000, "every file of the burst is in the new container");
-
-    // Crash: another burst, SIGKILL 5 s after it ended.
-    let mut written = Vec::new();
-    for i in 0..5000 {
-        write(&b.state, &format!("crash/{:02}/{i}", i % 50), "x");
-        written.push((i, Instant::now()));
-    }
-    let end = Instant::now();
-    wait_until(T, "5 s after the burst", || {
-        end.elapsed() >= Duration::from_secs(5)
-    });
-    let killed_at = Instant::now();
-    app.kill_all();
-    let (mut app, c) = s.boot("c", &[]);
-    let lost: Vec<_> = written
-        .iter()
-        .filter(|(i, _)| !c.state.join(format!("crash/{:02}/{i}", i % 50)).exists())
-        .collect();
-    let worst = lost
-        .iter()
-        .map(|(_, at)| killed_at.duration_since(*at))
-        .max();
-    eprintln!(
-        "MEASURED: crash 5 s after a 5000-file burst: {} lost, the oldest of them written {worst:?} before the kill",
-        lost.len()
-    );
-    // Oldest change first: however slow the machine, what a crash loses is
-    // the newest part of the burst, never its oldest files.
-    let oldest_lost: Vec<usize> = lost.iter().map(|(i, _)| *i).filter(|i| *i < 1000).collect();
-    assert!(
-        oldest_lost.is_empty(),
-        "{} of the burst's 1,000 oldest files are lost, e.g. {:?}",
-        oldest_lost.len(),
-        &oldest_lost[..oldest_lost.len().min(10)]
     );
     assert_eq!(app.stop(T), 0);
 }
@@ -1083,5 +924,124 @@ fn a_file_at_a_database_path_that_is_no_database_is_replicated_as_a_file() {
         fs::read_to_string(b.state.join("state/notes.sqlite")).unwrap(),
         "plain text, not SQLite"
     );
+    assert_eq!(app.stop(T), 0);
+}
+
+#[test]
+fn same_size_content_with_the_old_mtime_is_uploaded_and_a_chmod_is_not_an_upload() {
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", &[]);
+    write(&a.state, "notes.md", "AAAA");
+    let old = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let set_mtime = |p: &Path| {
+        fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(old)
+            .unwrap()
+    };
+    set_mtime(&a.state.join("notes.md"));
+    wait_until(T, "the first upload", || uploaded(&app) >= 1);
+    // A chmod: the tree goes up, the content does not.
+    let n = trees_uploaded(&app);
+    fs::set_permissions(a.state.join("notes.md"), fs::Permissions::from_mode(0o600)).unwrap();
+    wait_until(T, "the tree with the new mode", || trees_uploaded(&app) > n);
+    assert_eq!(uploaded(&app), 1, "a mode change is no content upload");
+    // What `cp -p` or `touch -r` does: new content, same size, old mtime.
+    write(&a.state, "notes.md", "BBBB");
+    set_mtime(&a.state.join("notes.md"));
+    wait_until(T, "the new content's upload", || uploaded(&app) >= 2);
+    assert_eq!(app.stop(T), 0);
+    let (mut app, b) = s.boot("b", &[]);
+    assert_eq!(
+        fs::read_to_string(b.state.join("notes.md")).unwrap(),
+        "BBBB"
+    );
+    let meta = fs::metadata(b.state.join("notes.md")).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert_eq!(meta.modified().unwrap(), old);
+    assert_eq!(app.stop(T), 0);
+}
+
+#[test]
+fn a_deleted_database_stays_deleted_and_a_renamed_one_comes_back_once() {
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", &[]);
+    fs::create_dir_all(a.state.join("state")).unwrap();
+    for name in ["doomed", "moving", "kept"] {
+        let conn =
+            rusqlite::Connection::open(a.state.join(format!("state/{name}.sqlite"))).unwrap();
+        conn.execute_batch(&format!(
+            "CREATE TABLE t(x); INSERT INTO t VALUES ('{name}');"
+        ))
+        .unwrap();
+    }
+    wait_until(T, "three snapshots", || {
+        app.log_text().matches("sqlite: snapshot uploaded").count() >= 3
+    });
+    fs::remove_file(a.state.join("state/doomed.sqlite")).unwrap();
+    fs::rename(
+        a.state.join("state/moving.sqlite"),
+        a.state.join("state/moved.sqlite"),
+    )
+    .unwrap();
+    wait_until(T, "both old snapshots in the trash", || {
+        app.log_text()
+            .matches("its snapshot moved to the trash")
+            .count()
+            >= 2
+            && app.log_text().contains("db=state/moved.sqlite")
+    });
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let (mut app, b) = s.boot("b", &[]);
+    let mut dbs: Vec<String> = fs::read_dir(b.state.join("state"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    dbs.sort();
+    assert_eq!(dbs, ["kept.sqlite", "moved.sqlite"]);
+    assert_eq!(app.stop(T), 0);
+}
+
+#[test]
+fn a_users_own_top_level_sqlite_and_trash_dirs_are_replicated() {
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", &[]);
+    write(
+        &a.state,
+        "sqlite/my-notes.txt",
+        "the user's, not cvm-init's",
+    );
+    write(&a.state, ".cvm-trash/keep.txt", "also the user's");
+    std::os::unix::fs::symlink("my-notes.txt", a.state.join("sqlite/link")).unwrap();
+    fs::create_dir_all(a.state.join("state")).unwrap();
+    rusqlite::Connection::open(a.state.join("state/openclaw.sqlite"))
+        .unwrap()
+        .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+        .unwrap();
+    wait_until(T, "the uploads and the snapshot", || {
+        uploaded(&app) >= 3 && app.log_text().contains("sqlite: snapshot uploaded")
+    });
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let (mut app, b) = s.boot("b", &[]);
+    assert_eq!(
+        fs::read_to_string(b.state.join("sqlite/my-notes.txt")).unwrap(),
+        "the user's, not cvm-init's"
+    );
+    assert_eq!(
+        fs::read_to_string(b.state.join(".cvm-trash/keep.txt")).unwrap(),
+        "also the user's"
+    );
+    assert_eq!(
+        fs::read_link(b.state.join("sqlite/link")).unwrap(),
+        Path::new("my-notes.txt")
+    );
+    let n: i64 = rusqlite::Connection::open(b.state.join("state/openclaw.sqlite"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1, "cvm-init's own sqlite/ still holds the snapshot");
     assert_eq!(app.stop(T), 0);
 }

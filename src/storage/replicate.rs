@@ -161,7 +161,13 @@ impl Replicate {
     /// job. Content, mtimes and symlinks only: modes and owners come from
     /// `tree.json` after it (see `treemeta` for why not rclone's metadata).
     async fn restore_tree(&self, skip: &[String]) -> Result<(), ReplicateError> {
-        match self.copy_tree(skip).await {
+        let copied = async {
+            self.copy_tree("", self.filter_with(skip)).await?;
+            // A user's own top-level `sqlite/` or `.cvm-trash/` (see
+            // `replication::remote_name`): nothing else is stored there.
+            self.copy_tree(replication::USER_DIR, json!({})).await
+        };
+        match copied.await {
             Err(ReplicateError::Restore { dir, detail, .. }) => Err(ReplicateError::Restore {
                 missing: self.unrestored().await,
                 dir,
@@ -180,12 +186,13 @@ impl Replicate {
         let local = replication::scan(&self.state_dir, &self.excludes).files;
         remote
             .into_iter()
-            .filter(|(name, (size, _))| local.get(name).map(|s| s.0) != Some(*size))
+            .filter(|(name, (size, _, _))| local.get(name).map(|s| s.0) != Some(*size))
             .map(|(name, _)| name)
             .collect()
     }
 
-    async fn copy_tree(&self, skip: &[String]) -> Result<(), ReplicateError> {
+    /// Copies the remote's `from` (relative to the crypt remote) into the state dir.
+    async fn copy_tree(&self, from: &str, filter: Value) -> Result<(), ReplicateError> {
         let fail = |detail: String| ReplicateError::Restore {
             dir: self.state_dir.clone(),
             detail,
@@ -195,8 +202,8 @@ impl Replicate {
             .rc(
                 "sync/copy",
                 json!({
-                    "srcFs": format!("{CRYPT_REMOTE}:"), "dstFs": self.state_dir.to_string_lossy(),
-                    "_async": true, "_filter": self.filter_with(skip),
+                    "srcFs": format!("{CRYPT_REMOTE}:{from}"), "dstFs": self.state_dir.to_string_lossy(),
+                    "_async": true, "_filter": filter,
                     // `UpdateOlder`: a file already here and newer than S3's is kept.
                     "_config": { "Links": true, "Transfers": 8, "Checkers": 16, "UpdateOlder": true },
                 }),
@@ -355,7 +362,7 @@ impl Replicate {
                     .filter_map(|i| {
                         Some((
                             i["Path"].as_str()?.to_owned(),
-                            (i["Size"].as_u64()?, i64::MIN),
+                            (i["Size"].as_u64()?, i64::MIN, i64::MIN),
                         ))
                     })
                     .collect()
@@ -502,17 +509,17 @@ impl Replicate {
         ));
 
         let scratch = self.paths.scratch.clone();
-        self.backup = Some(Backup::start(
-            BackupSpec::new(
-                self.state_dir.clone(),
-                self.paths.snapshots.clone(),
-                self.paths.rc_socket.clone(),
-                format!("{CRYPT_REMOTE}:{REMOTE_DIR}"),
-                &self.sqlite,
-                self.lag.clone(),
-            ),
-            restored_dbs,
-        ));
+        let mut backup = BackupSpec::new(
+            self.state_dir.clone(),
+            self.paths.snapshots.clone(),
+            self.paths.rc_socket.clone(),
+            format!("{CRYPT_REMOTE}:{REMOTE_DIR}"),
+            &self.sqlite,
+            self.lag.clone(),
+        );
+        // The state dir is the databases' only home: one deleted there is gone.
+        backup.trash = Some(format!("{CRYPT_REMOTE}:{TRASH_DIR}"));
+        self.backup = Some(Backup::start(backup, restored_dbs));
         self.replication = Some(Replication::start(
             ReplicationSpec {
                 root: self.state_dir.clone(),
@@ -725,7 +732,7 @@ mod tests {
     fn a_file_and_a_directory_under_one_name_restore_as_the_tree_says() {
         let remote: Manifest = ["x", "x/a", "x/b", "y.rclonelink", "y/c", "plain"]
             .into_iter()
-            .map(|n| (n.to_owned(), (1, 0)))
+            .map(|n| (n.to_owned(), (1, 0, 0)))
             .collect();
         let entry = |kind| treemeta::Entry {
             kind,

@@ -5,6 +5,7 @@
 
 pub mod load;
 pub mod model;
+pub mod replica;
 
 use std::fs;
 use std::io::Write;
