@@ -37,6 +37,8 @@ const POLL: Duration = Duration::from_millis(250);
 const GIVE_UP_AFTER: u32 = 2;
 /// Transfers in flight at once, as rclone's own `--transfers` would run.
 const TRANSFERS: usize = 32;
+/// New files at the stop from which one batch job beats one call per file.
+const BATCH_MIN: usize = 64;
 /// Uploads one pass takes on (the rest wait for the next, oldest first).
 const PASS_LIMIT: usize = 1024;
 /// A file failing on its own is retried after this, doubling…
@@ -787,6 +789,37 @@ impl Engine {
             stuck.iter().any(|d| p.starts_with(d) || d.starts_with(&p))
         });
         transfers.extend(blocked.into_iter().map(|n| (n, Transfer::NotTried)));
+        // At the stop nothing writes any more: new files go up in one rclone
+        // job (its own parallel transfers, no rc call per file), which is what
+        // lets a burst of thousands of small files fit the stop budget. What
+        // it could not do is tried file by file below, so failures are named.
+        let mut uploads = uploads;
+        if force {
+            let (batch, single): (Vec<String>, Vec<String>) = uploads.into_iter().partition(|n| {
+                !self.remote.contains_key(n)
+                    && !n.ends_with(LINK_SUFFIX)
+                    && !n.contains('\n')
+                    && !n.starts_with(USER_DIR)
+            });
+            uploads = single;
+            if batch.len() >= BATCH_MIN {
+                match self.upload_batch(&batch).await {
+                    Ok(()) => {
+                        transfers.extend(batch.into_iter().map(|n| {
+                            let st = local[&n];
+                            (n, Transfer::Done(Ok(Some(st))))
+                        }));
+                    }
+                    Err(e) => {
+                        tracing::warn!(files = batch.len(), error = %e, "replicate: the batch upload failed; uploading \
+                            its files one by one");
+                        uploads.extend(batch);
+                    }
+                }
+            } else {
+                uploads.extend(batch);
+            }
+        }
         let rest = uploads
             .iter()
             .map(|n| (n.clone(), true))
@@ -860,6 +893,46 @@ impl Engine {
                 .behind("files", failed.len(), oldest, self.failing_files());
         }
         PassOutcome { failed, s3_down }
+    }
+
+    /// Uploads `names` (new regular files, none on S3 yet, nothing writing
+    /// them) in one rclone `sync/copy` job with a file list.
+    async fn upload_batch(&self, names: &[String]) -> Result<(), RcError> {
+        let list = self.spec.scratch.join("batch-files");
+        let io = |source| RcError::Io {
+            path: list.clone(),
+            source,
+        };
+        fs::create_dir_all(&self.spec.scratch).map_err(io)?;
+        fs::write(&list, names.join("\n") + "\n").map_err(io)?;
+        let started = Instant::now();
+        let job = self
+            .rc(
+                "sync/copy",
+                json!({
+                    "srcFs": self.spec.root.to_string_lossy(), "dstFs": format!("{CRYPT_REMOTE}:"),
+                    "_async": true,
+                    "_filter": { "FilesFrom": [list.to_string_lossy()] },
+                    "_config": { "Transfers": TRANSFERS, "Checkers": TRANSFERS, "NoCheckDest": true, "NoTraverse": true },
+                }),
+            )
+            .await?;
+        let id = job["jobid"].as_i64().unwrap_or_default();
+        loop {
+            let st = self.rc("job/status", json!({ "jobid": id })).await?;
+            if st["finished"].as_bool() == Some(true) {
+                tracing::info!(files = names.len(), took = ?started.elapsed(), ok = st["success"].as_bool(), "replicate: batch upload");
+                return match st["success"].as_bool() {
+                    Some(true) => Ok(()),
+                    _ => Err(RcError::Status {
+                        method: "sync/copy".into(),
+                        status: 500,
+                        body: st["error"].as_str().unwrap_or("failed").to_owned(),
+                    }),
+                };
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Runs `jobs` (name, upload or else trash), `TRANSFERS` at a time. Once
