@@ -696,6 +696,16 @@ fn a_file_that_keeps_failing_is_named_and_never_delays_the_others() {
         "{}",
         app.log_text()
     );
+    // A new container gets every other file; locked.bin was never readable.
+    let (mut app, b) = s.boot("b", &[]);
+    for i in 0..5 {
+        assert_eq!(
+            fs::read_to_string(b.state.join(format!("good-{i}.txt"))).unwrap(),
+            "fine"
+        );
+    }
+    assert!(!b.state.join("locked.bin").exists());
+    assert_eq!(app.stop(T), 0);
 }
 
 #[test]
@@ -734,6 +744,13 @@ fn an_unreadable_directory_is_not_taken_for_empty() {
         30,
         "nothing below it was deleted on S3"
     );
+    // A new container (with the capability) gets all of it, mode 000 included.
+    let (mut app, b) = s.boot("b", &[]);
+    assert_eq!(fs::read_dir(b.state.join("private")).unwrap().count(), 30);
+    assert_eq!(fs::read_to_string(b.state.join("other/new")).unwrap(), "y");
+    let mode = fs::metadata(b.state.join("private")).unwrap().mode() & 0o7777;
+    assert_eq!(mode, 0o000, "the directory's mode came back");
+    assert_eq!(app.stop(T), 0);
 }
 
 #[test]
@@ -910,6 +927,15 @@ fn names_rclone_cannot_carry_are_refused_when_they_appear_and_hold_back_nothing(
         "refused names are not pending: {}",
         app.log_text()
     );
+    let (mut app, b) = s.boot("b", &[]);
+    let names: Vec<_> = fs::read_dir(&b.state)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != ".cvm")
+        .collect();
+    assert_eq!(names, ["plain.txt"], "only what could be carried");
+    assert_eq!(app.stop(T), 0);
 }
 
 #[test]
