@@ -715,7 +715,10 @@ impl Engine {
                 .copied()
                 .unwrap_or(started)
         };
-        uploads.sort_by_cached_key(|n| (first_change(n), n.clone()));
+        // Files a burst wrote before their directory was watched share that
+        // directory's time: their change times order them.
+        uploads
+            .sort_by_cached_key(|n| (first_change(n), local.get(n).map_or(0, |s| s.2), n.clone()));
         if !force && uploads.len() > PASS_LIMIT {
             for name in uploads.split_off(PASS_LIMIT) {
                 let at = first_change(&name);
