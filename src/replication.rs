@@ -115,7 +115,7 @@ impl Excludes {
     }
 }
 
-/// Size and mtime (ms) of a file as last replicated.
+/// Size, mtime and change time of a file as last replicated (see `stamp`).
 type Stamp = (u64, i64, i64);
 /// Remote name (symlinks with `.rclonelink`) → stamp.
 pub type Manifest = BTreeMap<String, Stamp>;
@@ -255,16 +255,15 @@ pub struct ReplicationSpec {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("files not replicated to S3: {}", shortlist(.0))]
+#[error("files not replicated to S3: {}", shortlist(.0, 20))]
 pub struct Unreplicated(pub Vec<String>);
 
-/// The first names of a long list, and how many more (a burst of thousands
-/// of files must not make a log line of hundreds of kilobytes).
-fn shortlist(names: &[String]) -> String {
-    const SHOWN: usize = 20;
+/// The first `shown` names of a long list, and how many more (a burst of
+/// thousands of files must not make a log line of hundreds of kilobytes).
+pub fn shortlist(names: &[String], shown: usize) -> String {
     match names.len() {
-        n if n <= SHOWN => names.join(", "),
-        n => format!("{}, … and {} more", names[..SHOWN].join(", "), n - SHOWN),
+        n if n <= shown => names.join(", "),
+        n => format!("{}, … and {} more", names[..shown].join(", "), n - shown),
     }
 }
 
@@ -909,30 +908,20 @@ impl Engine {
         fs::create_dir_all(&self.spec.scratch).map_err(io)?;
         fs::write(&list, names.join("\n") + "\n").map_err(io)?;
         let started = Instant::now();
-        let job = self
-            .rc(
-                "sync/copy",
-                json!({
-                    "srcFs": self.spec.root.to_string_lossy(), "dstFs": format!("{CRYPT_REMOTE}:"),
-                    "_async": true,
-                    "_filter": { "FilesFrom": [list.to_string_lossy()] },
-                    "_config": { "Transfers": TRANSFERS, "Checkers": TRANSFERS, "NoCheckDest": true, "NoTraverse": true },
-                }),
-            )
-            .await?;
-        let id = job["jobid"].as_i64().unwrap_or_default();
+        let params = json!({
+            "srcFs": self.spec.root.to_string_lossy(), "dstFs": format!("{CRYPT_REMOTE}:"),
+            "_filter": { "FilesFrom": [list.to_string_lossy()] },
+            "_config": { "Transfers": TRANSFERS, "Checkers": TRANSFERS, "NoCheckDest": true, "NoTraverse": true },
+        });
+        let id = rc::start_job(&self.spec.rc_socket, "sync/copy", params).await?;
         loop {
-            let st = self.rc("job/status", json!({ "jobid": id })).await?;
-            if st["finished"].as_bool() == Some(true) {
-                tracing::info!(files = names.len(), took = ?started.elapsed(), ok = st["success"].as_bool(), "replicate: batch upload");
-                return match st["success"].as_bool() {
-                    Some(true) => Ok(()),
-                    _ => Err(RcError::Status {
-                        method: "sync/copy".into(),
-                        status: 500,
-                        body: st["error"].as_str().unwrap_or("failed").to_owned(),
-                    }),
-                };
+            if let Some(outcome) = rc::job_outcome(&self.spec.rc_socket, id).await? {
+                tracing::info!(files = names.len(), took = ?started.elapsed(), ok = outcome.is_ok(), "replicate: batch upload");
+                return outcome.map_err(|body| RcError::Status {
+                    method: "sync/copy".into(),
+                    status: 500,
+                    body,
+                });
             }
             sleep(Duration::from_millis(20)).await;
         }

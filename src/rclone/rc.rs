@@ -74,6 +74,28 @@ pub async fn call(socket: &Path, method: &str, params: &Value) -> Result<Value, 
     parse_response(method, &response)
 }
 
+/// Starts `method` as an rc job (`_async`) and returns its id.
+pub async fn start_job(socket: &Path, method: &str, mut params: Value) -> Result<i64, RcError> {
+    params["_async"] = Value::Bool(true);
+    let answer = call(socket, method, &params).await?;
+    answer["jobid"].as_i64().ok_or_else(|| RcError::Malformed {
+        method: method.to_owned(),
+        detail: format!("no job id in {answer}"),
+    })
+}
+
+/// How job `id` ended: `None` while it runs, else `Ok(())` or rclone's error.
+pub async fn job_outcome(socket: &Path, id: i64) -> Result<Option<Result<(), String>>, RcError> {
+    let st = call(socket, "job/status", &serde_json::json!({ "jobid": id })).await?;
+    if st["finished"].as_bool() != Some(true) {
+        return Ok(None);
+    }
+    Ok(Some(match st["success"].as_bool() {
+        Some(true) => Ok(()),
+        _ => Err(st["error"].as_str().unwrap_or("unknown error").to_owned()),
+    }))
+}
+
 fn parse_response(method: &str, response: &[u8]) -> Result<Value, RcError> {
     let malformed = |detail: &str| RcError::Malformed {
         method: method.to_owned(),

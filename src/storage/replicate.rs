@@ -70,15 +70,10 @@ pub struct Replicate {
 }
 
 fn missing_list(missing: &[String]) -> String {
-    const SHOWN: usize = 10;
-    match missing.len() {
-        0 => String::new(),
-        n if n <= SHOWN => format!("; not restored: {}", missing.join(", ")),
-        n => format!(
-            "; not restored ({n} files): {}, …",
-            missing[..SHOWN].join(", ")
-        ),
+    if missing.is_empty() {
+        return String::new();
     }
+    format!("; not restored: {}", replication::shortlist(missing, 10))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReplicateError + '_ {
@@ -198,21 +193,15 @@ impl Replicate {
             detail,
             missing: Vec::new(),
         };
-        let job = self
-            .rc(
-                "sync/copy",
-                json!({
-                    "srcFs": format!("{CRYPT_REMOTE}:{from}"), "dstFs": self.state_dir.to_string_lossy(),
-                    "_async": true, "_filter": filter,
-                    // `UpdateOlder`: a file already here and newer than S3's is kept.
-                    "_config": { "Links": true, "Transfers": 8, "Checkers": 16, "UpdateOlder": true },
-                }),
-            )
+        let params = json!({
+            "srcFs": format!("{CRYPT_REMOTE}:{from}"), "dstFs": self.state_dir.to_string_lossy(),
+            "_filter": filter,
+            // `UpdateOlder`: a file already here and newer than S3's is kept.
+            "_config": { "Links": true, "Transfers": 8, "Checkers": 16, "UpdateOlder": true },
+        });
+        let id = rc::start_job(&self.paths.rc_socket, "sync/copy", params)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let id = job["jobid"]
-            .as_i64()
-            .ok_or_else(|| fail(format!("no job id in {job}")))?;
         let started = Instant::now();
         let mut next_log = started + PROGRESS_EVERY;
         // (bytes, when they last grew): a restore that stops moving while S3
@@ -220,20 +209,15 @@ impl Replicate {
         // sitting out rclone's retries of every file.
         let mut progress = (0u64, started);
         loop {
-            let st = self
-                .rc("job/status", json!({ "jobid": id }))
+            match rc::job_outcome(&self.paths.rc_socket, id)
                 .await
-                .map_err(|e| fail(e.to_string()))?;
-            if st["finished"].as_bool() == Some(true) {
-                if st["success"].as_bool() == Some(true) {
-                    return Ok(());
-                }
-                let err = st["error"].as_str().unwrap_or("unknown error");
+                .map_err(|e| fail(e.to_string()))?
+            {
+                Some(Ok(())) => return Ok(()),
                 // A bucket prefix that holds nothing yet is a first boot, not a failure.
-                if err.contains("directory not found") {
-                    return Ok(());
-                }
-                return Err(fail(err.to_owned()));
+                Some(Err(err)) if err.contains("directory not found") => return Ok(()),
+                Some(Err(err)) => return Err(fail(err)),
+                None => {}
             }
             if Instant::now() >= next_log {
                 next_log += PROGRESS_EVERY;
@@ -266,10 +250,8 @@ impl Replicate {
         }
     }
 
-    /// Makes the restored tree's empty directories, modes and owners what
-    /// `.cvm/tree.json` says (or, from an older cvm-init, `.cvm/dirs.json`:
-    /// directory modes only). What cannot be set is a warning, never a failed
-    /// restore: the content is in place. Returns the tree as S3 has it, if it has one.
+    /// The tree as S3 describes it, if it does: `.cvm/tree.json`, or, from an
+    /// older cvm-init, `.cvm/dirs.json` (directory modes only).
     async fn fetch_tree_meta(&self) -> Result<Option<treemeta::TreeMeta>, ReplicateError> {
         let scratch = self.paths.scratch.clone();
         fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
@@ -311,8 +293,9 @@ impl Replicate {
         Ok(tree)
     }
 
-    /// Applies `tree` to the restored state dir; what cannot be set is a
-    /// warning naming the path.
+    /// Makes the restored state dir's empty directories, modes and owners
+    /// what `tree` says. What cannot be set is a warning naming the path,
+    /// never a failed restore: the content is in place.
     fn apply_tree_meta(&self, tree: &treemeta::TreeMeta) {
         let applied = treemeta::apply(&self.state_dir, tree);
         const SHOWN: usize = 20;
