@@ -15,6 +15,7 @@ use crate::sqlite::Patterns;
 /// The environment as given; every field a string so that a bad value becomes
 /// a reported problem instead of the first and only error from the parser.
 #[derive(Deserialize, Default)]
+#[cfg_attr(test, derive(serde::Serialize))]
 struct RawEnv {
     s3_bucket: Option<String>,
     s3_endpoint: Option<String>,
@@ -210,9 +211,70 @@ impl Config {
             .into_iter()
             .filter(|(k, _)| k.chars().all(|c| !c.is_ascii_lowercase()))
             .collect();
+        let mut v = Validator::default();
+        let mut unknown: Vec<&String> = vars
+            .keys()
+            .filter(|k| k.starts_with("CVM_") && !KNOWN_CVM_VARS.contains(&k.as_str()))
+            .collect();
+        unknown.sort();
+        for name in unknown {
+            v.warnings.push(unknown_var_warning(name));
+        }
         let raw: RawEnv = envy::from_iter(vars).unwrap_or_default();
-        Validator::default().validate(raw)
+        v.validate(raw)
     }
+}
+
+/// Every `CVM_*` variable `RawEnv` reads; any other is a misspelling to warn
+/// about, not something to ignore in silence.
+const KNOWN_CVM_VARS: [&str; 13] = [
+    "CVM_LOCAL_DIR",
+    "CVM_RUN_DIR",
+    "CVM_GATEWAY_CMD",
+    "CVM_STOP_TIMEOUT",
+    "CVM_MOUNT_TIMEOUT",
+    "CVM_S3_WAIT",
+    "CVM_SQLITE_PATHS",
+    "CVM_BACKUP_DEBOUNCE",
+    "CVM_BACKUP_INTERVAL",
+    "CVM_STORAGE",
+    "CVM_EXCLUDE",
+    "CVM_TRASH_DAYS",
+    "CVM_GATEWAY_MAX_FAILED_STARTS",
+];
+
+/// The warning for an unknown `CVM_*` variable, naming the known one it is
+/// closest to when that is a likely typo.
+fn unknown_var_warning(name: &str) -> String {
+    let closest = KNOWN_CVM_VARS
+        .iter()
+        .map(|k| (edit_distance(name, k), *k))
+        .min()
+        .filter(|(d, _)| *d <= 2);
+    match closest {
+        Some((_, k)) => {
+            format!("{name} is not a variable cvm-init knows and is ignored; did you mean {k}?")
+        }
+        None => format!(
+            "{name} is not a variable cvm-init knows and is ignored (see README, Configuration)"
+        ),
+    }
+}
+
+/// Levenshtein distance between two short ASCII names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 #[derive(Default)]
@@ -452,9 +514,17 @@ impl Validator {
                     "CVM_EXCLUDE",
                     format!("{p:?} is not a usable rclone filter pattern"),
                 );
+            } else if let Err(e) = crate::filter::glob(p) {
+                self.problem(
+                    "CVM_EXCLUDE",
+                    format!("{p:?} is not a usable rclone filter pattern: {}", e.kind()),
+                );
             }
         }
-        sqlite.patterns = sqlite.patterns.except(&exclude);
+        // An unusable pattern is a problem reported above.
+        if let Ok(patterns) = sqlite.patterns.clone().except(&exclude) {
+            sqlite.patterns = patterns;
+        }
         let trash_days = match given(raw.cvm_trash_days) {
             None => 7,
             Some(d) => d.parse().unwrap_or_else(|_| {
@@ -682,6 +752,49 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_cvm_variables_are_warned_about_by_name() {
+        let read: Vec<String> = serde_json::to_value(RawEnv::default())
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| k.starts_with("cvm_"))
+            .map(|k| k.to_uppercase())
+            .collect();
+        let mut known = KNOWN_CVM_VARS.map(str::to_owned).to_vec();
+        known.sort();
+        let mut read = read;
+        read.sort();
+        assert_eq!(read, known, "KNOWN_CVM_VARS must list what RawEnv reads");
+
+        let (_, warnings) = Config::from_vars(env(&[
+            ("CVM_STOP_TIMOUT", "5s"),
+            ("CVM_FROBNICATE", "1"),
+            ("CVM_STOP_TIMEOUT", "5s"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            warnings,
+            [
+                "CVM_FROBNICATE is not a variable cvm-init knows and is ignored (see README, Configuration)",
+                "CVM_STOP_TIMOUT is not a variable cvm-init knows and is ignored; did you mean CVM_STOP_TIMEOUT?",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_exclude_pattern_globset_cannot_build_is_rejected() {
+        let e = Config::from_vars(env(&[("CVM_EXCLUDE", "/tmp/**,/cache/[a")])).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert!(
+            e.problems[0]
+                .to_string()
+                .starts_with("CVM_EXCLUDE: \"/cache/[a\" is not a usable"),
+            "{e}"
+        );
+    }
 
     const PW: &str = "ubtafWYbU0c8NpC9CUBaxEr8xvy76Q"; // rclone obscure potato
 

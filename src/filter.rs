@@ -3,23 +3,25 @@
 //! copies agree: a leading `/` anchors at the state dir, otherwise a pattern
 //! matches at any depth; `*` never crosses `/`, `**` does.
 
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 
-/// The patterns as one set. A pattern globset cannot parse matches nothing
-/// (config validation has already refused unusable ones).
-pub fn globset<S: AsRef<str>>(rules: &[S]) -> GlobSet {
+/// The patterns as one set; the first one that is not a usable pattern is
+/// the error (config validation reports each such `CVM_EXCLUDE` entry).
+pub fn globset<S: AsRef<str>>(rules: &[S]) -> Result<GlobSet, globset::Error> {
     let mut b = GlobSetBuilder::new();
     for r in rules {
-        let r = r.as_ref();
-        let glob = match r.strip_prefix('/') {
-            Some(anchored) => anchored.to_owned(),
-            None => format!("**/{r}"),
-        };
-        if let Ok(g) = GlobBuilder::new(&glob).literal_separator(true).build() {
-            b.add(g);
-        }
+        b.add(glob(r.as_ref())?);
     }
-    b.build().unwrap_or_else(|_| GlobSet::empty())
+    b.build()
+}
+
+/// One rclone filter pattern as a glob.
+pub fn glob(rule: &str) -> Result<Glob, globset::Error> {
+    let glob = match rule.strip_prefix('/') {
+        Some(anchored) => anchored.to_owned(),
+        None => format!("**/{rule}"),
+    };
+    GlobBuilder::new(&glob).literal_separator(true).build()
 }
 
 /// `name` as a literal in an rclone filter pattern.
@@ -41,14 +43,14 @@ mod tests {
     #[test]
     fn escaped_names_match_only_themselves() {
         let name = "a*b?[c]{d}";
-        let set = globset(&[format!("/{}", escape(name))]);
+        let set = globset(&[format!("/{}", escape(name))]).unwrap();
         assert!(set.is_match(name));
         assert!(!set.is_match("aXb?[c]{d}"));
     }
 
     #[test]
     fn anchored_and_floating_patterns() {
-        let set = globset(&["/tmp/**", "*.lock", "*.sqlite.generation-lock.sqlite*"]);
+        let set = globset(&["/tmp/**", "*.lock", "*.sqlite.generation-lock.sqlite*"]).unwrap();
         for (path, want) in [
             ("tmp/a/b", true),
             ("x/tmp/a", false),
@@ -66,5 +68,11 @@ mod tests {
         ] {
             assert_eq!(set.is_match(path), want, "{path}");
         }
+    }
+
+    #[test]
+    fn an_unusable_pattern_is_an_error_not_a_pattern_that_matches_nothing() {
+        assert!(glob("/tmp/[a").is_err());
+        assert!(globset(&["*.lock", "a{b"]).is_err());
     }
 }

@@ -7,6 +7,8 @@
 //! (boot and supervision), `shutdown` (the data-safe stop order), `exit`
 //! (exit codes).
 
+#![forbid(unsafe_code)]
+
 pub mod attest;
 pub mod backup;
 pub mod check;

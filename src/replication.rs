@@ -69,7 +69,7 @@ pub struct Excludes {
 }
 
 impl Excludes {
-    pub fn new(user: &[String], dbs: &Patterns) -> Excludes {
+    pub fn new(user: &[String], dbs: &Patterns) -> Result<Excludes, globset::Error> {
         // cvm-init's own prefixes on the remote. Locally only `.cvm` is
         // cvm-init's; a user's own top-level `sqlite/` or `.cvm-trash/` is
         // replicated under `.cvm/user/` (see `remote_name`).
@@ -89,13 +89,13 @@ impl Excludes {
             // that switches layouts it must not come back in place of the database.
             rules.push(format!("/{p}{LINK_SUFFIX}"));
         }
-        let set = crate::filter::globset(&rules);
+        let set = crate::filter::globset(&rules)?;
         rules.extend(remote_only);
-        Excludes {
+        Ok(Excludes {
             rules,
             set,
-            db: crate::filter::globset(&db),
-        }
+            db: crate::filter::globset(&db)?,
+        })
     }
 
     /// The rules in rclone filter syntax (`ExcludeRule`), for the remote
@@ -1108,7 +1108,8 @@ mod tests {
                 .map(str::to_owned)
                 .collect::<Vec<_>>(),
             &Patterns::default(),
-        );
+        )
+        .unwrap();
         for yes in [
             "tmp/openclaw-0/x.lock",
             "cache/a/b",
@@ -1162,7 +1163,7 @@ mod tests {
             local_path(".cvm/user/sqlite/l.rclonelink"),
             Path::new("sqlite/l")
         );
-        let ex = Excludes::new(&[], &Patterns::default());
+        let ex = Excludes::new(&[], &Patterns::default()).unwrap();
         assert!(!ex.excluded(Path::new("sqlite/notes.txt")));
         assert!(ex.excluded(Path::new(".cvm/replica")));
         assert!(ex.rules().contains(&"/sqlite/**".to_owned()));
@@ -1231,7 +1232,7 @@ mod tests {
         std::os::unix::fs::symlink("f", r.join("a/b/l")).unwrap();
         fs::create_dir_all(r.join("tmp")).unwrap();
         fs::write(r.join("tmp/skip"), "x").unwrap();
-        let ex = Excludes::new(&["/tmp/**".to_owned()], &Patterns::default());
+        let ex = Excludes::new(&["/tmp/**".to_owned()], &Patterns::default()).unwrap();
         let Scan { files, tree, .. } = scan(r, &ex);
         assert_eq!(
             files.keys().collect::<Vec<_>>(),

@@ -15,7 +15,7 @@ use crate::notify;
 use crate::process::{Child, Reaper};
 use crate::s3probe::{jitter_unit, Backoff, ProbeError, WaitError};
 use crate::shutdown;
-use crate::storage::{Event as StorageEvent, MountError, Storage};
+use crate::storage::{Event as StorageEvent, Storage, StorageError};
 
 /// What a signal means to PID 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,18 +75,18 @@ const STORAGE_MAX_QUICK_FAILURES: u32 = 5;
 /// The exit status for a boot that failed with `e`. Storage::boot returns
 /// an error only once S3 has answered after it (an outage is waited out),
 /// so a restore that failed is one that would fail again.
-fn boot_failure_status(e: &MountError) -> Status {
+fn boot_failure_status(e: &StorageError) -> Status {
     use crate::restore::RestoreError;
     use crate::storage::replicate::ReplicateError;
     match e {
-        MountError::KeyCheck(KeyCheckError::WrongKey { .. }) => Status::WrongKey,
-        MountError::S3(WaitError::Permanent(
+        StorageError::KeyCheck(KeyCheckError::WrongKey { .. }) => Status::WrongKey,
+        StorageError::S3(WaitError::Permanent(
             ProbeError::CredentialsRejected { .. }
             | ProbeError::BucketMissing { .. }
             | ProbeError::Misdirected { .. },
         )) => Status::S3Rejected,
-        MountError::Replicate(ReplicateError::Restore { .. })
-        | MountError::Restore(RestoreError::Fetch { .. } | RestoreError::Corrupt { .. }) => {
+        StorageError::Replicate(ReplicateError::Restore { .. })
+        | StorageError::Restore(RestoreError::Fetch { .. } | RestoreError::Corrupt { .. }) => {
             Status::Unrestorable
         }
         _ => Status::StorageUnavailable,
@@ -352,22 +352,22 @@ mod tests {
             detail: "no space left on device".into(),
             missing: vec!["a".into()],
         };
-        let table: Vec<(MountError, Status)> = vec![
-            (MountError::Replicate(restore()), Status::Unrestorable),
+        let table: Vec<(StorageError, Status)> = vec![
+            (StorageError::Replicate(restore()), Status::Unrestorable),
             (
-                MountError::Restore(RestoreError::Fetch {
+                StorageError::Restore(RestoreError::Fetch {
                     exit: "exit code 1".into(),
                     stderr: String::new(),
                 }),
                 Status::Unrestorable,
             ),
             (
-                MountError::Replicate(ReplicateError::Stalled(Duration::from_secs(10))),
+                StorageError::Replicate(ReplicateError::Stalled(Duration::from_secs(10))),
                 Status::StorageUnavailable,
             ),
-            (MountError::Killed, Status::StorageUnavailable),
+            (StorageError::Killed, Status::StorageUnavailable),
             (
-                MountError::S3(WaitError::Permanent(ProbeError::BucketMissing {
+                StorageError::S3(WaitError::Permanent(ProbeError::BucketMissing {
                     endpoint: "http://s3".into(),
                     bucket: "b".into(),
                 })),

@@ -82,9 +82,9 @@ impl Patterns {
     }
 
     /// These patterns, minus whatever the rclone filter patterns `rules` match.
-    pub fn except<S: AsRef<str>>(mut self, rules: &[S]) -> Patterns {
-        self.except = crate::filter::globset(rules);
-        self
+    pub fn except<S: AsRef<str>>(mut self, rules: &[S]) -> Result<Patterns, globset::Error> {
+        self.except = crate::filter::globset(rules)?;
+        Ok(self)
     }
 
     pub fn as_str(&self) -> &str {
@@ -185,11 +185,13 @@ mod tests {
 
     #[test]
     fn excluded_names_are_never_databases() {
-        let p = Patterns::default().except(
-            &crate::config::DEFAULT_EXCLUDE
-                .split(',')
-                .collect::<Vec<_>>(),
-        );
+        let p = Patterns::default()
+            .except(
+                &crate::config::DEFAULT_EXCLUDE
+                    .split(',')
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
         let agent = "agents/main/agent/openclaw-agent.sqlite";
         assert!(p.matches(Path::new(agent)));
         for lease in [

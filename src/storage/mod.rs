@@ -15,13 +15,13 @@ use tokio::time::Instant;
 use crate::config::{Config, Layout};
 use crate::process::{Exit, Reaper};
 
-pub use mount::MountError;
+pub use mount::StorageError;
 
-/// The `MountError::Prepare` for a failure at `path`.
+/// The `StorageError::Prepare` for a failure at `path`.
 pub(crate) fn prepare_err(
     path: &std::path::Path,
-) -> impl FnOnce(std::io::Error) -> MountError + '_ {
-    move |source| MountError::Prepare {
+) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
+    move |source| StorageError::Prepare {
         path: path.to_owned(),
         source,
     }
@@ -33,7 +33,7 @@ async fn stop_rclone(
     rclone: Option<(crate::process::Child, crate::rclone::StderrTail)>,
     deadline: Instant,
     what: &str,
-) -> Result<(), MountError> {
+) -> Result<(), StorageError> {
     let Some((mut child, _)) = rclone else {
         return Ok(());
     };
@@ -44,7 +44,7 @@ async fn stop_rclone(
         }
         (exit, true) => {
             tracing::error!(%exit, "{what} did not stop in time and was killed");
-            Err(MountError::Killed)
+            Err(StorageError::Killed)
         }
     }
 }
@@ -120,7 +120,7 @@ pub enum FlushError {
 
 impl Storage {
     /// Prepares the layout (directories, config); starts nothing.
-    pub fn new(cfg: &Config) -> Result<Self, MountError> {
+    pub fn new(cfg: &Config) -> Result<Self, StorageError> {
         match &cfg.s3 {
             None => local::Local::prepare(&cfg.state_dir)
                 .map(Storage::Local)
@@ -141,7 +141,7 @@ impl Storage {
     /// boot that fails while S3 has gone away again (asked once more after
     /// the failure) is undone and waited out like an outage before it; one
     /// that fails while S3 answers is a real failure.
-    pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+    pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), StorageError> {
         let started = tokio::time::Instant::now();
         loop {
             let Some(mut target) = self.s3_target() else {
@@ -189,7 +189,7 @@ impl Storage {
     }
 
     /// Called before every gateway start, with the gateway stopped.
-    pub fn before_gateway(&mut self) -> Result<(), MountError> {
+    pub fn before_gateway(&mut self) -> Result<(), StorageError> {
         match self {
             Storage::Local(_) => Ok(()),
             Storage::Mount(m) => m.before_gateway(),
@@ -216,7 +216,11 @@ impl Storage {
 
     /// Brings storage back after [`Event::Failed`]: remounts, or restarts
     /// `rclone rcd`. Pending uploads are kept and resume.
-    pub async fn recover(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+    pub async fn recover(
+        &mut self,
+        reaper: &Reaper,
+        timeout: Duration,
+    ) -> Result<(), StorageError> {
         match self {
             Storage::Local(_) => Ok(()),
             Storage::Mount(m) => m.recover(reaper, timeout).await,
@@ -234,7 +238,7 @@ impl Storage {
     }
 
     /// Stops serving and releases the state dir; returns what went wrong, if anything.
-    pub async fn stop(self, deadline: Instant) -> Result<(), MountError> {
+    pub async fn stop(self, deadline: Instant) -> Result<(), StorageError> {
         match self {
             Storage::Local(_) => Ok(()),
             Storage::Mount(m) => m.stop(deadline).await,

@@ -44,7 +44,7 @@ const HUNG_AFTER: u32 = 3;
 const RCLONE_STOP: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
-pub enum MountError {
+pub enum StorageError {
     #[error("cannot prepare {path}: {source}")]
     Prepare { path: PathBuf, source: io::Error },
     #[error("cannot start rclone ({bin}): {source}; install rclone >= 1.75 or set RCLONE_BIN")]
@@ -82,6 +82,8 @@ pub enum MountError {
     },
     #[error("rclone did not stop in time and was killed")]
     Killed,
+    #[error("CVM_EXCLUDE holds a pattern that is not usable: {0}")]
+    Exclude(globset::Error),
     #[error(transparent)]
     Restore(#[from] RestoreError),
     #[error(transparent)]
@@ -131,8 +133,8 @@ pub fn is_dead_mount_error(e: &io::Error) -> bool {
 }
 
 /// Lazily unmounts the top mount at `mountpoint`.
-fn detach(mountpoint: &Path) -> Result<(), MountError> {
-    umount2(mountpoint, MntFlags::MNT_DETACH).map_err(|source| MountError::Unmount {
+fn detach(mountpoint: &Path) -> Result<(), StorageError> {
+    umount2(mountpoint, MntFlags::MNT_DETACH).map_err(|source| StorageError::Unmount {
         mountpoint: mountpoint.to_owned(),
         source,
     })
@@ -141,7 +143,7 @@ fn detach(mountpoint: &Path) -> Result<(), MountError> {
 /// A mount left behind by a previous run (rclone killed with the container's
 /// namespace alive, or a crashed rclone) makes every access fail; detach it
 /// so the new mount can take its place.
-fn detach_stale(mountpoint: &Path) -> Result<(), MountError> {
+fn detach_stale(mountpoint: &Path) -> Result<(), StorageError> {
     let listed =
         mountinfo::rclone_mounted_at(Path::new(PROC_MOUNTINFO), mountpoint).unwrap_or(false);
     let dead = matches!(std::fs::metadata(mountpoint), Err(e) if is_dead_mount_error(&e));
@@ -309,12 +311,12 @@ fn rclone_mounted(mountpoint: &Path) -> bool {
 
 impl Mount {
     /// Prepares directories and the rclone config; starts nothing.
-    pub fn new(cfg: &Config, s3: &S3Config) -> Result<Self, MountError> {
+    pub fn new(cfg: &Config, s3: &S3Config) -> Result<Self, StorageError> {
         let paths = RunPaths::new(&cfg.run_dir, &cfg.local_dir);
         let db_root = cfg.local_dir.join("sqlite");
         paths
             .prepare(s3)
-            .map_err(|(path, source)| MountError::Prepare { path, source })?;
+            .map_err(|(path, source)| StorageError::Prepare { path, source })?;
         for dir in [&paths.cache_dir, &db_root] {
             std::fs::create_dir_all(dir).map_err(prepare_err(dir))?;
         }
@@ -352,7 +354,7 @@ impl Mount {
         }
     }
 
-    pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+    pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), StorageError> {
         let t = Instant::now();
         notify::status("restoring databases");
         let fetched = restore::fetch_databases(
@@ -419,7 +421,7 @@ impl Mount {
     }
 
     /// Detaches a stale mount, starts `rclone mount` and waits until it is live.
-    async fn mount(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+    async fn mount(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), StorageError> {
         detach_stale(&self.mountpoint)?;
         std::fs::create_dir_all(&self.mountpoint).map_err(prepare_err(&self.mountpoint))?;
         // rclone's own check would also refuse the guard below as "already
@@ -432,7 +434,7 @@ impl Mount {
             .take(10)
             .collect();
         if !entries.is_empty() {
-            return Err(MountError::NotEmpty {
+            return Err(StorageError::NotEmpty {
                 mountpoint: self.mountpoint.clone(),
                 entries,
             });
@@ -456,7 +458,7 @@ impl Mount {
             &args,
             &[("NOTIFY_SOCKET", listener.path())],
         );
-        let (child, tail) = spawned.map_err(|source| MountError::Spawn {
+        let (child, tail) = spawned.map_err(|source| StorageError::Spawn {
             bin: self.rclone_bin.clone(),
             source,
         })?;
@@ -474,7 +476,7 @@ impl Mount {
         &mut self,
         listener: &notify::Listener,
         timeout: Duration,
-    ) -> Result<(), MountError> {
+    ) -> Result<(), StorageError> {
         let deadline = Instant::now() + timeout;
         let (child, tail) = self.rclone.as_mut().expect("rclone was just started");
         tokio::select! {
@@ -486,14 +488,14 @@ impl Mount {
             }
             exit = child.wait() => {
                 let stderr = tail.text_when_closed(Duration::from_secs(1)).await;
-                return Err(MountError::Exited { exit, mountpoint: self.mountpoint.clone(), stderr });
+                return Err(StorageError::Exited { exit, mountpoint: self.mountpoint.clone(), stderr });
             }
             _ = sleep_until(deadline) => {}
         }
         if rclone_mounted(&self.mountpoint) {
             return Ok(());
         }
-        Err(MountError::Timeout {
+        Err(StorageError::Timeout {
             mountpoint: self.mountpoint.clone(),
             timeout,
             stderr: tail.text(),
@@ -501,7 +503,7 @@ impl Mount {
     }
 
     /// Before each gateway start: every database local, every link in place.
-    pub fn before_gateway(&mut self) -> Result<(), MountError> {
+    pub fn before_gateway(&mut self) -> Result<(), StorageError> {
         let moved = redirect::redirect_all(&self.mountpoint, &self.db_root, &self.sqlite.patterns)?;
         if !moved.is_empty() {
             tracing::info!(?moved, "databases moved off the mount");
@@ -627,7 +629,11 @@ impl Mount {
     /// runs, detaches the dead mount and mounts again. Files rclone had not
     /// uploaded wait in its cache under `CVM_LOCAL_DIR`; the new rclone
     /// uploads them. The backup loop keeps its state and retries.
-    pub async fn recover(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+    pub async fn recover(
+        &mut self,
+        reaper: &Reaper,
+        timeout: Duration,
+    ) -> Result<(), StorageError> {
         self.end_rclone().await;
         self.mount(reaper, timeout).await
     }
@@ -724,7 +730,7 @@ impl Mount {
 
     /// Stops rclone (it unmounts on SIGTERM), kills it at `deadline`, and
     /// detaches the mount if it is still there.
-    pub async fn stop(mut self, deadline: Instant) -> Result<(), MountError> {
+    pub async fn stop(mut self, deadline: Instant) -> Result<(), StorageError> {
         for t in &self.tasks {
             t.abort();
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::time::{sleep, Instant};
 
-use super::{prepare_err, Event, FlushError, MountError, StorageFailure};
+use super::{prepare_err, Event, FlushError, StorageError, StorageFailure};
 use crate::backup::{Backup, BackupSpec, REMOTE_DIR};
 use crate::config::{Config, S3Config, SqliteConfig};
 use crate::health::Lag;
@@ -84,11 +84,11 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReplicateError + '_ {
 }
 
 impl Replicate {
-    pub fn new(cfg: &Config, s3: &S3Config) -> Result<Self, MountError> {
+    pub fn new(cfg: &Config, s3: &S3Config) -> Result<Self, StorageError> {
         let paths = RunPaths::new(&cfg.run_dir, &cfg.local_dir);
         paths
             .prepare(s3)
-            .map_err(|(path, source)| MountError::Prepare { path, source })?;
+            .map_err(|(path, source)| StorageError::Prepare { path, source })?;
         for dir in [&cfg.state_dir, &cfg.local_dir] {
             fs::create_dir_all(dir).map_err(prepare_err(dir))?;
         }
@@ -98,7 +98,8 @@ impl Replicate {
             state_dir: cfg.state_dir.clone(),
             local_dir: cfg.local_dir.clone(),
             sqlite: cfg.sqlite.clone(),
-            excludes: Excludes::new(&cfg.exclude, &cfg.sqlite.patterns),
+            excludes: Excludes::new(&cfg.exclude, &cfg.sqlite.patterns)
+                .map_err(StorageError::Exclude)?,
             trash_days: cfg.trash_days,
             rcd: None,
             s3: s3.clone(),
@@ -363,11 +364,11 @@ impl Replicate {
         }
     }
 
-    pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+    pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), StorageError> {
         let t = Instant::now();
         self.start_rcd(reaper, timeout)
             .await
-            .map_err(MountError::from)?;
+            .map_err(StorageError::from)?;
         // Before anything is restored or written: a wrong key stops the boot here.
         let outcome = crate::keycheck::check(
             &self.paths.rc_socket,
@@ -387,7 +388,7 @@ impl Replicate {
             if clear {
                 tracing::warn!(dir = %self.state_dir.display(), "an earlier restore was interrupted; starting it over");
                 clear_dir(&self.state_dir)
-                    .map_err(|e| MountError::from(io_err(&self.state_dir)(e)))?;
+                    .map_err(|e| StorageError::from(io_err(&self.state_dir)(e)))?;
             }
             // What is here already (empty directories of a new volume, files
             // baked into an image, a state dir of an older cvm-init) is
@@ -413,23 +414,23 @@ impl Replicate {
                      restoring the one .cvm/tree.json names (else the directory), the other is moved to the trash"
                 );
             }
-            fs::write(&marker, b"").map_err(|e| MountError::from(io_err(&marker)(e)))?;
+            fs::write(&marker, b"").map_err(|e| StorageError::from(io_err(&marker)(e)))?;
             // The tree and the databases do not depend on each other: fetch both at
             // once, the databases into a staging dir so their check sees only them.
             let staging = self.local_dir.join("restore-sqlite");
             let _ = fs::remove_dir_all(&staging);
-            fs::create_dir_all(&staging).map_err(|e| MountError::from(io_err(&staging)(e)))?;
+            fs::create_dir_all(&staging).map_err(|e| StorageError::from(io_err(&staging)(e)))?;
             // The first failure ends both: a stalled tree must not wait for
             // rclone's retries of the databases.
             let ((), dbs) = tokio::try_join!(
-                async { self.restore_tree(&skip).await.map_err(MountError::from) },
+                async { self.restore_tree(&skip).await.map_err(StorageError::from) },
                 async {
                     let fetch = restore::Fetch::Rc {
                         socket: &self.paths.rc_socket,
                     };
                     restore::restore_databases(fetch, &staging)
                         .await
-                        .map_err(MountError::from)
+                        .map_err(StorageError::from)
                 },
             )?;
             restored_dbs = dbs;
@@ -445,15 +446,15 @@ impl Replicate {
                     continue;
                 }
                 move_file(&staging.join(rel), &live)
-                    .map_err(|e| MountError::from(io_err(rel)(e)))?;
+                    .map_err(|e| StorageError::from(io_err(rel)(e)))?;
             }
             let _ = fs::remove_dir_all(&staging);
             let remote_tree = remote_tree.unwrap_or_default();
             self.apply_tree_meta(&remote_tree);
             nix::unistd::sync();
             write_evidence(&evidence_path, &this)
-                .map_err(|e| MountError::from(io_err(&evidence_path)(e)))?;
-            fs::remove_file(&marker).map_err(|e| MountError::from(io_err(&marker)(e)))?;
+                .map_err(|e| StorageError::from(io_err(&evidence_path)(e)))?;
+            fs::remove_file(&marker).map_err(|e| StorageError::from(io_err(&marker)(e)))?;
             let files = replication::scan(&self.state_dir, &self.excludes).files;
             let bytes: u64 = files.values().map(|s| s.0).sum();
             tracing::info!(files = files.len(), bytes, databases = restored_dbs.len(), took = ?t.elapsed(), "boot: state restored");
@@ -542,11 +543,15 @@ impl Replicate {
 
     /// Restarts `rclone rcd` after it died; replication and backups retry
     /// their failed transfers against the new one.
-    pub async fn recover(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), MountError> {
+    pub async fn recover(
+        &mut self,
+        reaper: &Reaper,
+        timeout: Duration,
+    ) -> Result<(), StorageError> {
         self.end_rclone().await;
         self.start_rcd(reaper, timeout)
             .await
-            .map_err(MountError::from)
+            .map_err(StorageError::from)
     }
 
     pub async fn flush(&mut self, deadline: Instant) -> Result<(), FlushError> {
@@ -564,7 +569,7 @@ impl Replicate {
         result
     }
 
-    pub async fn stop(mut self, deadline: Instant) -> Result<(), MountError> {
+    pub async fn stop(mut self, deadline: Instant) -> Result<(), StorageError> {
         if let Some(r) = self.reporter.take() {
             r.abort();
         }
