@@ -11,22 +11,19 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
 
+use crate::backoff::Backoff;
 use crate::config::SqliteConfig;
 use crate::health::Lag;
 use crate::rclone::rc;
 use crate::sqlite::{self, Fingerprint, Patterns, Snapshot, SqliteError};
+use crate::storage::worker::{self, Worker};
 
 /// How often fingerprints are compared.
 const POLL: Duration = Duration::from_millis(250);
 /// How often the database directory is searched for new databases (local disk, cheap).
 const RESCAN: Duration = Duration::from_secs(1);
-/// Retry delays after a failed snapshot or upload.
-const RETRY_MIN: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The remote directory (inside the crypt remote) that holds the snapshots.
 pub const REMOTE_DIR: &str = "sqlite";
@@ -111,83 +108,46 @@ struct Engine {
     last_error: String,
 }
 
-enum Command {
-    Final {
-        deadline: Instant,
-        reply: oneshot::Sender<Result<(), FinalPassError>>,
-    },
+/// Starts the snapshot loop. `known` maps databases just restored from S3
+/// to the content hash S3 holds, so they are not uploaded again unchanged.
+pub fn start(spec: BackupSpec, known: BTreeMap<PathBuf, [u8; 32]>) -> Worker {
+    let mut engine = Engine {
+        spec,
+        dbs: BTreeMap::new(),
+        gone: Vec::new(),
+        last_scan: None,
+        last_error: String::new(),
+    };
+    for (rel, hash) in known {
+        engine.dbs.insert(
+            rel,
+            DbState {
+                remote_hash: Some(hash),
+                ..DbState::default()
+            },
+        );
+    }
+    Worker::spawn("the database snapshot loop", engine)
 }
 
-/// The running backup loop.
-pub struct Backup {
-    tx: mpsc::Sender<Command>,
-    task: JoinHandle<()>,
-}
+impl worker::Engine for Engine {
+    type Unsaved = FinalPassError;
 
-impl Backup {
-    /// Starts the loop. `known` maps databases just restored from S3 to the
-    /// content hash S3 holds, so they are not uploaded again unchanged.
-    pub fn start(spec: BackupSpec, known: BTreeMap<PathBuf, [u8; 32]>) -> Backup {
-        let mut engine = Engine {
-            spec,
-            dbs: BTreeMap::new(),
-            gone: Vec::new(),
-            last_scan: None,
-            last_error: String::new(),
-        };
-        for (rel, hash) in known {
-            engine.dbs.insert(
-                rel,
-                DbState {
-                    remote_hash: Some(hash),
-                    ..DbState::default()
-                },
-            );
-        }
-        let (tx, rx) = mpsc::channel(1);
-        let task = tokio::spawn(engine.run(rx));
-        Backup { tx, task }
+    async fn wait(&mut self) {
+        sleep(POLL).await;
     }
 
-    /// Snapshots and uploads every database changed since its last upload,
-    /// now, before `deadline`; then stops the loop. Call once the gateway is stopped.
-    pub async fn final_pass(self, deadline: Instant) -> Result<(), FinalPassError> {
-        let (reply, rx) = oneshot::channel();
-        let sent = self
-            .tx
-            .send(Command::Final { deadline, reply })
-            .await
-            .is_ok();
-        let result = match sent {
-            true => rx
-                .await
-                .unwrap_or_else(|_| Err(FinalPassError { unsaved: vec![] })),
-            false => Err(FinalPassError { unsaved: vec![] }),
-        };
-        self.task.abort();
-        result
+    async fn act(&mut self) {
+        self.tick(false).await;
+        self.report_lag();
+    }
+
+    async fn finish(&mut self, deadline: Instant) -> Result<(), FinalPassError> {
+        self.final_pass(deadline).await
     }
 }
 
 impl Engine {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        loop {
-            self.tick(false).await;
-            self.report_lag();
-            tokio::select! {
-                cmd = rx.recv() => match cmd {
-                    Some(Command::Final { deadline, reply }) => {
-                        let r = self.final_pass(deadline).await;
-                        let _ = reply.send(r);
-                        return;
-                    }
-                    None => return,
-                },
-                _ = sleep(POLL) => {}
-            }
-        }
-    }
-
     /// Every database with an unsaved change is behind since that change,
     /// also while its snapshot is on its way (an upload can take rclone's
     /// retries through an outage).
@@ -282,7 +242,7 @@ impl Engine {
             if let Err(e) = self.save(&rel, fp).await {
                 let state = self.dbs.get_mut(&rel).expect("listed above");
                 state.failures += 1;
-                let delay = (RETRY_MIN * 2u32.saturating_pow(state.failures - 1)).min(RETRY_MAX);
+                let delay = Backoff::S3.delay(state.failures);
                 state.retry_at = Some(Instant::now() + delay);
                 tracing::error!(retry_in = ?delay, "sqlite: {e}");
                 self.last_error = e.to_string();

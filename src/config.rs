@@ -120,7 +120,7 @@ pub struct RestartPolicy {
     pub max_delay: Duration,
     pub reset_after: Duration,
     /// Give up after this many starts in a row that each ended within
-    /// [`crate::gateway::FAILED_START`]; 0 never gives up.
+    /// [`crate::supervisor::policy::FAILED_START`]; 0 never gives up.
     pub max_failed_starts: u32,
 }
 

@@ -35,8 +35,45 @@ pub enum Status {
     GatewayNotFound = 127,
 }
 
+impl Status {
+    /// The status of a run that ended for `self` (a signal: `Clean`, or a
+    /// failure) and whose data-safe stop ended with `stop`. A stop that could
+    /// not flush wins over every other reason: state that is not on S3 is
+    /// what an operator must act on before the volume is thrown away, and
+    /// the reason the run ended is in the log above it.
+    pub fn with_stop(self, stop: Status) -> Status {
+        match (self, stop) {
+            (_, Status::NotFlushed) => Status::NotFlushed,
+            (Status::Clean, stop) => stop,
+            (reason, _) => reason,
+        }
+    }
+}
+
 impl From<Status> for ExitCode {
     fn from(s: Status) -> ExitCode {
         ExitCode::from(s as u8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Status::*;
+
+    #[test]
+    fn an_unflushed_stop_wins_then_the_reason_the_run_ended() {
+        let table = [
+            (Clean, Clean, Clean),
+            (Clean, NotFlushed, NotFlushed),
+            (GatewayFailing, Clean, GatewayFailing),
+            (GatewayFailing, NotFlushed, NotFlushed),
+            (StorageUnavailable, NotFlushed, NotFlushed),
+            (Unrestorable, Clean, Unrestorable),
+            (WrongKey, Clean, WrongKey),
+            (Failure, NotFlushed, NotFlushed),
+        ];
+        for (reason, stop, want) in table {
+            assert_eq!(reason.with_stop(stop), want, "{reason:?} then {stop:?}");
+        }
     }
 }

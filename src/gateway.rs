@@ -10,7 +10,6 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tokio::time::timeout;
 
-use crate::config::RestartPolicy;
 use crate::process::{Child, Exit, Reaper};
 use crate::rclone::is_secret_env;
 
@@ -90,48 +89,4 @@ async fn wait_group_gone(child: &Child, limit: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     true
-}
-
-/// A run shorter than this counts as a failed start.
-pub const FAILED_START: Duration = Duration::from_secs(10);
-
-/// The delay before the next start: the base delay after a run longer than
-/// `reset_after`, else double the previous delay, capped at `max_delay`.
-pub fn next_delay(
-    policy: &RestartPolicy,
-    previous: Option<Duration>,
-    ran_for: Duration,
-) -> Duration {
-    match previous {
-        Some(prev) if ran_for < policy.reset_after => (prev * 2).min(policy.max_delay),
-        _ => policy.delay.min(policy.max_delay),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_caps_and_resets() {
-        let p = RestartPolicy {
-            delay: Duration::from_secs(5),
-            max_delay: Duration::from_secs(60),
-            reset_after: Duration::from_secs(600),
-            max_failed_starts: 5,
-        };
-        let s = Duration::from_secs;
-        let table = [
-            (None, s(1), s(5)),
-            (Some(s(5)), s(1), s(10)),
-            (Some(s(10)), s(1), s(20)),
-            (Some(s(40)), s(1), s(60)),
-            (Some(s(60)), s(599), s(60)),
-            (Some(s(60)), s(600), s(5)),
-            (None, s(10_000), s(5)),
-        ];
-        for (prev, ran, want) in table {
-            assert_eq!(next_delay(&p, prev, ran), want, "prev {prev:?} ran {ran:?}");
-        }
-    }
 }

@@ -10,7 +10,9 @@
 #![forbid(unsafe_code)]
 
 pub mod attest;
+pub mod backoff;
 pub mod backup;
+pub mod boot;
 pub mod check;
 pub mod config;
 pub mod exit;
@@ -35,9 +37,6 @@ pub mod storage;
 pub mod supervisor;
 pub mod treemeta;
 
-use std::path::Path;
-
-use config::Config;
 use exit::Status;
 
 const USAGE: &str =
@@ -99,70 +98,7 @@ pub fn main(args: &[String]) -> Status {
         pid = std::process::id(),
         "cvm-init starting"
     );
-
-    let cfg = match Config::from_env() {
-        Ok((cfg, warnings)) => {
-            for w in warnings {
-                tracing::warn!("{w}");
-            }
-            cfg
-        }
-        Err(e) => {
-            for p in &e.problems {
-                tracing::error!("configuration: {p}");
-            }
-            tracing::error!(
-                "{} configuration problem(s); nothing was started or changed",
-                e.problems.len()
-            );
-            return Status::Config;
-        }
-    };
-    let mode = match (&cfg.s3, cfg.layout) {
-        (None, _) => "local (no S3_BUCKET)",
-        (Some(_), config::Layout::Replicate) => "s3, replicate layout (local state dir replicated)",
-        (Some(_), config::Layout::Mount) => "s3, mount layout (rclone crypt mount)",
-    };
-    tracing::info!(mode, state_dir = %cfg.state_dir.display(), "configuration ok");
-
-    if let Err(e) = pid1::ensure_proc() {
-        tracing::error!("{e}");
-        return Status::Os;
-    }
-    match pid1::become_subreaper_unless_pid1() {
-        Ok(true) => tracing::info!("not PID 1: running as child subreaper"),
-        Ok(false) => {}
-        Err(e) => {
-            tracing::error!("{e}");
-            return Status::Os;
-        }
-    }
-    if cfg.s3.is_some() && cfg.layout == config::Layout::Mount {
-        if let Err(e) = pid1::ensure_fuse(Path::new("/dev/fuse"), true) {
-            tracing::error!("{e}");
-            return Status::Os;
-        }
-    }
-
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the async runtime: {e}");
-            return Status::Failure;
-        }
-    };
-    let status = runtime.block_on(supervisor::run(cfg, process::Reaper::default()));
-    match status {
-        Ok(s) => {
-            tracing::info!(exit_code = s as u8, "cvm-init exiting");
-            s
-        }
-        Err(e) => {
-            tracing::error!("{e:#}");
-            Status::Failure
-        }
-    }
+    let status = boot::appliance();
+    tracing::info!(exit_code = status as u8, "cvm-init exiting");
+    status
 }

@@ -21,13 +21,14 @@ use futures_util::StreamExt;
 use globset::GlobSet;
 use notify::{RecursiveMode, Watcher};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 use tokio::time::{sleep, Instant};
 
+use crate::backoff::Backoff;
 use crate::rclone::rc::{self, RcError};
 use crate::rclone::CRYPT_REMOTE;
 use crate::sqlite::{Patterns, SIDECARS};
+use crate::storage::worker::{self, Worker};
 use crate::treemeta::{self, Kind, TreeMeta};
 
 mod stage;
@@ -41,10 +42,6 @@ const TRANSFERS: usize = 32;
 const BATCH_MIN: usize = 64;
 /// Uploads one pass takes on (the rest wait for the next, oldest first).
 const PASS_LIMIT: usize = 1024;
-/// A file failing on its own is retried after this, doubling…
-const FILE_RETRY_MIN: Duration = Duration::from_secs(1);
-/// …up to this.
-const FILE_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Below the scratch dir: consistent copies of files on their way up.
 const STAGE_DIR: &str = "stage";
 /// Remote prefixes cvm-init owns inside the crypt remote.
@@ -352,19 +349,6 @@ fn local_path(name: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-enum Command {
-    Final {
-        deadline: Instant,
-        reply: oneshot::Sender<Result<(), Unreplicated>>,
-    },
-}
-
-/// The running replication loop and its inotify watch.
-pub struct Replication {
-    tx: mpsc::Sender<Command>,
-    task: JoinHandle<()>,
-}
-
 /// One inotify watch per directory rather than notify's recursive mode,
 /// which fails as a whole when one directory cannot be read (a mode-000
 /// one without `CAP_DAC_OVERRIDE`), leaving only the periodic scan.
@@ -431,18 +415,15 @@ struct Engine {
     retry_at: Option<Instant>,
     failures: u32,
     last_error: String,
+    /// inotify events, stamped on arrival.
+    events: mpsc::UnboundedReceiver<(Instant, notify::Result<notify::Event>)>,
 }
 
-impl Replication {
-    /// Starts watching `spec.root`. `remote` is what S3 holds now; with
-    /// `reconcile`, a full pass runs at once (local changes made while
-    /// cvm-init was down have no inotify event).
-    pub fn start(
-        spec: ReplicationSpec,
-        remote: Manifest,
-        tree: TreeMeta,
-        reconcile: bool,
-    ) -> Replication {
+/// Starts watching `spec.root` and the replication loop. `remote` is what
+/// S3 holds now; with `reconcile`, a full pass runs at once (local changes
+/// made while cvm-init was down have no inotify event).
+pub fn start(spec: ReplicationSpec, remote: Manifest, tree: TreeMeta, reconcile: bool) -> Worker {
+    {
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             // Stamped on arrival: events wait in the channel while a pass
@@ -483,88 +464,74 @@ impl Replication {
             retry_at: None,
             failures: 0,
             last_error: String::new(),
+            events: ev_rx,
         };
-        let (tx, rx) = mpsc::channel(1);
-        let task = tokio::spawn(engine.run(rx, ev_rx));
-        Replication { tx, task }
-    }
-
-    /// Replicates everything not yet on S3, before `deadline`; then stops.
-    pub async fn final_pass(self, deadline: Instant) -> Result<(), Unreplicated> {
-        let (reply, rx) = oneshot::channel();
-        let result = match self.tx.send(Command::Final { deadline, reply }).await {
-            Ok(()) => rx
-                .await
-                .unwrap_or_else(|_| Err(Unreplicated(vec!["(replication loop gone)".into()]))),
-            Err(_) => Err(Unreplicated(vec!["(replication loop gone)".into()])),
-        };
-        self.task.abort();
-        result
+        Worker::spawn("the file replication loop", engine)
     }
 }
 
-impl Engine {
-    async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Command>,
-        mut events: mpsc::UnboundedReceiver<(Instant, notify::Result<notify::Event>)>,
-    ) {
-        loop {
-            tokio::select! {
-                cmd = rx.recv() => match cmd {
-                    Some(Command::Final { deadline, reply }) => {
-                        let started = Instant::now();
-                        let r = match tokio::time::timeout_at(deadline, self.pass(true, true)).await {
-                            Ok(out) if out.failed.is_empty() => Ok(()),
-                            Ok(out) => Err(Unreplicated(out.failed)),
-                            Err(_) => Err(Unreplicated(self.pending())),
-                        };
-                        tracing::info!(took = ?started.elapsed(), ok = r.is_ok(), "replicate: final pass");
-                        let _ = reply.send(r);
-                        return;
-                    }
-                    None => return,
-                },
-                ev = events.recv() => {
-                    // Everything already queued, before deciding what is due:
-                    // one pass for a burst, not one per event.
-                    let mut next = ev;
-                    while let Some((at, ev)) = next {
-                        match ev {
-                            Ok(ev) => self.note(at, ev),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "inotify error; a full scan follows");
-                                self.next_full = Instant::now();
-                            }
+impl worker::Engine for Engine {
+    type Unsaved = Unreplicated;
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            ev = self.events.recv() => {
+                // Everything already queued, before deciding what is due:
+                // one pass for a burst, not one per event.
+                let mut next = ev;
+                while let Some((at, ev)) = next {
+                    match ev {
+                        Ok(ev) => self.note(at, ev),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "inotify error; a full scan follows");
+                            self.next_full = Instant::now();
                         }
-                        next = events.try_recv().ok();
                     }
+                    next = self.events.try_recv().ok();
                 }
-                _ = sleep(POLL) => {}
             }
-            let now = Instant::now();
-            let due = self
-                .dirty
-                .values()
-                .any(|&t| now.duration_since(t) >= self.spec.debounce)
-                || self.retry.values().any(|r| r.at <= now);
-            let full = now >= self.next_full;
-            if (due || full) && self.retry_at.is_none_or(|t| now >= t) {
-                let out = self.pass(full, false).await;
-                if !out.s3_down {
-                    self.failures = 0;
-                    self.retry_at = None;
-                } else {
-                    self.failures += 1;
-                    let delay = (Duration::from_secs(1) * 2u32.saturating_pow(self.failures - 1))
-                        .min(Duration::from_secs(30));
-                    self.retry_at = Some(Instant::now() + delay);
-                    tracing::error!(retry_in = ?delay, pending = out.failed.len(), "replicate: S3 cannot be reached; changes wait for it");
-                }
+            _ = sleep(POLL) => {}
+        }
+    }
+
+    /// A pass when a change, a file's retry or the full scan is due, unless
+    /// S3 is being waited for.
+    async fn act(&mut self) {
+        let now = Instant::now();
+        let due = self
+            .dirty
+            .values()
+            .any(|&t| now.duration_since(t) >= self.spec.debounce)
+            || self.retry.values().any(|r| r.at <= now);
+        let full = now >= self.next_full;
+        if (due || full) && self.retry_at.is_none_or(|t| now >= t) {
+            let out = self.pass(full, false).await;
+            if !out.s3_down {
+                self.failures = 0;
+                self.retry_at = None;
+            } else {
+                self.failures += 1;
+                let delay = Backoff::S3.delay(self.failures);
+                self.retry_at = Some(Instant::now() + delay);
+                tracing::error!(retry_in = ?delay, pending = out.failed.len(), "replicate: S3 cannot be reached; changes wait for it");
             }
         }
     }
 
+    /// Replicates everything not yet on S3, before `deadline`.
+    async fn finish(&mut self, deadline: Instant) -> Result<(), Unreplicated> {
+        let started = Instant::now();
+        let r = match tokio::time::timeout_at(deadline, self.pass(true, true)).await {
+            Ok(out) if out.failed.is_empty() => Ok(()),
+            Ok(out) => Err(Unreplicated(out.failed)),
+            Err(_) => Err(Unreplicated(self.pending())),
+        };
+        tracing::info!(took = ?started.elapsed(), ok = r.is_ok(), "replicate: final pass");
+        r
+    }
+}
+
+impl Engine {
     fn note(&mut self, at: Instant, ev: notify::Event) {
         use notify::EventKind;
         if matches!(ev.kind, EventKind::Access(_)) {
@@ -847,8 +814,7 @@ impl Engine {
                     if !e.is_unreachable() {
                         let r = self.retry.entry(name.clone()).or_default();
                         r.failures += 1;
-                        let delay = (FILE_RETRY_MIN * 2u32.saturating_pow(r.failures - 1))
-                            .min(FILE_RETRY_MAX);
+                        let delay = Backoff::FILE.delay(r.failures);
                         r.at = Instant::now() + delay;
                         tracing::warn!(file = %name, error = %e, retry_in = ?delay, failures = r.failures,
                             "replicate: this file failed; it is retried on its own schedule");

@@ -4,7 +4,6 @@
 //! an empty database while a remote one exists.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -12,17 +11,11 @@ use std::path::{Path, PathBuf};
 use tokio::time::Instant;
 
 use crate::backup::REMOTE_DIR;
-use crate::process::{Exit, Reaper};
-use crate::rclone::{self, rc, CRYPT_REMOTE};
+use crate::rclone::{rc, CRYPT_REMOTE};
 use crate::sqlite::{self, SqliteError};
-
-/// rclone's exit code for "directory not found": the bucket has no snapshots yet.
-const RCLONE_DIR_NOT_FOUND: i32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error("cannot start rclone ({bin}) to restore databases: {source}")]
-    Spawn { bin: String, source: io::Error },
     #[error(
         "restoring databases from {CRYPT_REMOTE}:{REMOTE_DIR} failed ({exit}); the gateway is not started \
          on empty databases while remote ones exist. rclone said:\n{stderr}"
@@ -68,67 +61,21 @@ fn files_below(root: &Path) -> Result<BTreeSet<PathBuf>, RestoreError> {
     Ok(out)
 }
 
-/// How the snapshots are fetched: a one-shot rclone (before any rclone runs,
-/// as in the mount layout) or a running `rclone rcd`.
-pub enum Fetch<'a> {
-    Spawn {
-        reaper: &'a Reaper,
-        rclone_bin: &'a str,
-        config: &'a Path,
-    },
-    Rc {
-        socket: &'a Path,
-    },
-}
-
-async fn fetch(how: Fetch<'_>, root: &Path) -> Result<(), RestoreError> {
+/// Copies the snapshots into `root` through the rclone rc server at `socket`.
+async fn fetch(socket: &Path, root: &Path) -> Result<(), RestoreError> {
     let remote = format!("{CRYPT_REMOTE}:{REMOTE_DIR}");
-    match how {
-        Fetch::Spawn {
-            reaper,
-            rclone_bin,
-            config,
-        } => {
-            let args: Vec<OsString> = vec![
-                "--config".into(),
-                config.into(),
-                "copy".into(),
-                remote.into(),
-                root.into(),
-                "--ignore-existing".into(),
-            ];
-            let (mut child, tail) =
-                rclone::spawn(reaper, rclone_bin, &args, &[]).map_err(|source| {
-                    RestoreError::Spawn {
-                        bin: rclone_bin.to_owned(),
-                        source,
-                    }
-                })?;
-            match child.wait().await {
-                Exit::Code(0) | Exit::Code(RCLONE_DIR_NOT_FOUND) => Ok(()),
-                exit => Err(RestoreError::Fetch {
-                    exit: exit.to_string(),
-                    stderr: tail.text(),
-                }),
-            }
-        }
-        Fetch::Rc { socket } => {
-            let params = serde_json::json!({
-                "srcFs": remote, "dstFs": root.to_string_lossy(),
-                "_config": { "IgnoreExisting": true, "Transfers": 8 },
-            });
-            match rc::call(socket, "sync/copy", &params).await {
-                Ok(_) => Ok(()),
-                // A bucket prefix without snapshots yet.
-                Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {
-                    Ok(())
-                }
-                Err(e) => Err(RestoreError::Fetch {
-                    exit: "rc sync/copy".to_owned(),
-                    stderr: e.to_string(),
-                }),
-            }
-        }
+    let params = serde_json::json!({
+        "srcFs": remote, "dstFs": root.to_string_lossy(),
+        "_config": { "IgnoreExisting": true, "Transfers": 8 },
+    });
+    match rc::call(socket, "sync/copy", &params).await {
+        Ok(_) => Ok(()),
+        // A bucket prefix without snapshots yet.
+        Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => Ok(()),
+        Err(e) => Err(RestoreError::Fetch {
+            exit: "rc sync/copy".to_owned(),
+            stderr: e.to_string(),
+        }),
     }
 }
 
@@ -136,23 +83,23 @@ async fn fetch(how: Fetch<'_>, root: &Path) -> Result<(), RestoreError> {
 /// of that name exists yet, and checks each one. Returns the restored
 /// databases (relative to `root`) with their content hashes.
 pub async fn restore_databases(
-    how: Fetch<'_>,
+    socket: &Path,
     root: &Path,
 ) -> Result<BTreeMap<PathBuf, [u8; 32]>, RestoreError> {
-    let fetched = fetch_databases(how, root).await?;
+    let fetched = fetch_databases(socket, root).await?;
     check_databases(root, &fetched).await
 }
 
 /// The fetch half of [`restore_databases`]: returns the files it added.
-pub async fn fetch_databases(how: Fetch<'_>, root: &Path) -> Result<Vec<PathBuf>, RestoreError> {
+async fn fetch_databases(socket: &Path, root: &Path) -> Result<Vec<PathBuf>, RestoreError> {
     let before = files_below(root)?;
-    fetch(how, root).await?;
+    fetch(socket, root).await?;
     Ok(files_below(root)?.difference(&before).cloned().collect())
 }
 
 /// The check half of [`restore_databases`]: `quick_check` and content hash of
 /// each fetched file; a failing one is moved aside and stops the boot.
-pub async fn check_databases(
+async fn check_databases(
     root: &Path,
     fetched: &[PathBuf],
 ) -> Result<BTreeMap<PathBuf, [u8; 32]>, RestoreError> {

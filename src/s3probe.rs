@@ -10,15 +10,11 @@ use std::time::Duration;
 
 use tokio::time::{sleep, Instant};
 
+use crate::backoff::{jitter_unit, Backoff};
 use crate::config::S3Config;
 use crate::notify;
 use crate::process::{Exit, Reaper};
 use crate::rclone;
-
-/// The first retry delay; it doubles up to [`MAX_DELAY`].
-const FIRST_DELAY: Duration = Duration::from_secs(1);
-/// An outage of minutes is retried at least twice a minute.
-const MAX_DELAY: Duration = Duration::from_secs(30);
 
 /// What one probe found, when it did not find S3 ready.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -183,37 +179,6 @@ pub async fn probe(
     classify(exit == Exit::Code(0), &stderr, s3)
 }
 
-/// Capped exponential backoff with ±20 % jitter, so a fleet rebooting
-/// together does not hit a recovering endpoint in lockstep.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self { next: FIRST_DELAY }
-    }
-}
-
-impl Backoff {
-    /// The next delay; `unit` in [0, 1) picks where in the jitter band it falls.
-    pub fn next(&mut self, unit: f64) -> Duration {
-        let d = self.next.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0));
-        self.next = (self.next * 2).min(MAX_DELAY);
-        d
-    }
-}
-
-/// A number in [0, 1) for jitter; a fixed one if the kernel will not give randomness.
-pub fn jitter_unit() -> f64 {
-    let mut b = [0u8; 4];
-    match getrandom::getrandom(&mut b) {
-        Ok(()) => f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0),
-        Err(_) => 0.5,
-    }
-}
-
 /// What to probe, and for how long.
 pub struct Target<'a> {
     pub rclone_bin: &'a str,
@@ -227,7 +192,6 @@ pub struct Target<'a> {
 /// limit has passed. Logs and reports (sd-notify STATUS) every failed attempt.
 pub async fn wait(reaper: &Reaper, target: &Target<'_>) -> Result<(), WaitError> {
     let started = Instant::now();
-    let mut backoff = Backoff::default();
     let mut attempts = 0u32;
     loop {
         attempts += 1;
@@ -242,7 +206,7 @@ pub async fn wait(reaper: &Reaper, target: &Target<'_>) -> Result<(), WaitError>
             Err(e) => e,
         };
         let waited = started.elapsed();
-        let mut delay = backoff.next(jitter_unit());
+        let mut delay = Backoff::S3.jittered(attempts, jitter_unit());
         if let Some(limit) = target.limit {
             if waited >= limit {
                 return Err(WaitError::GaveUp {
@@ -330,18 +294,6 @@ mod tests {
             "{rejected}"
         );
         assert!(!classify(false, "", &s3).unwrap_err().is_permanent());
-    }
-
-    #[test]
-    fn backoff_doubles_to_its_cap_within_the_jitter_band() {
-        let mut b = Backoff::default();
-        let mid: Vec<u64> = (0..8).map(|_| b.next(0.5).as_millis() as u64).collect();
-        assert_eq!(mid, [1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
-        let mut b = Backoff::default();
-        assert_eq!(b.next(0.0), Duration::from_millis(800));
-        assert_eq!(b.next(1.0), Duration::from_millis(2400));
-        let u = jitter_unit();
-        assert!((0.0..1.0).contains(&u));
     }
 
     #[test]

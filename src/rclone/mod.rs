@@ -2,6 +2,7 @@
 //! (which never carry a secret), and the rc client in [`rc`].
 
 pub mod rc;
+pub mod session;
 
 use std::collections::VecDeque;
 use std::ffi::OsString;

@@ -6,6 +6,7 @@ pub mod local;
 pub mod mount;
 pub mod redirect;
 pub mod replicate;
+pub mod worker;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, Layout};
 use crate::process::{Exit, Reaper};
+use crate::rclone::session::Session;
 
 pub use mount::StorageError;
 
@@ -24,28 +26,6 @@ pub(crate) fn prepare_err(
     move |source| StorageError::Prepare {
         path: path.to_owned(),
         source,
-    }
-}
-
-/// Stops an rclone this layout runs (`what` names it in the log): SIGTERM,
-/// SIGKILL at `deadline`. Killing it is an error: it may not have flushed.
-async fn stop_rclone(
-    rclone: Option<(crate::process::Child, crate::rclone::StderrTail)>,
-    deadline: Instant,
-    what: &str,
-) -> Result<(), StorageError> {
-    let Some((mut child, _)) = rclone else {
-        return Ok(());
-    };
-    match child.terminate(deadline).await {
-        (exit, false) => {
-            tracing::info!(%exit, "{what} stopped");
-            Ok(())
-        }
-        (exit, true) => {
-            tracing::error!(%exit, "{what} did not stop in time and was killed");
-            Err(StorageError::Killed)
-        }
     }
 }
 
@@ -79,6 +59,9 @@ pub enum StorageFailure {
     MountDead(std::io::Error),
     #[error("the rclone mount did not answer {0} looks in a row: rclone is hung")]
     MountHung(u32),
+    /// A bug: what the loop did is not known, so no recovery is tried.
+    #[error("{what} ended unexpectedly ({detail}): uploads from it stopped")]
+    WorkerDied { what: &'static str, detail: String },
 }
 
 /// What could not be made durable during shutdown.
@@ -99,9 +82,13 @@ pub enum FlushError {
     )]
     RcloneGone(Exit),
     #[error("{0}")]
-    Databases(crate::backup::FinalPassError),
+    Databases(#[from] crate::backup::FinalPassError),
     #[error("{0}")]
-    Files(crate::replication::Unreplicated),
+    Files(#[from] crate::replication::Unreplicated),
+    #[error("{0} had ended before the stop (see the error logged then); what it had not saved is not on S3")]
+    WorkerGone(&'static str),
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Several(Vec<FlushError>),
     #[error("cannot ask rclone for its upload queue: {0}")]
     Rc(#[from] crate::rclone::rc::RcError),
     #[error(
@@ -116,6 +103,20 @@ pub enum FlushError {
     NoRclone,
     #[error("syncing the state dir failed: {0}")]
     Sync(std::io::Error),
+}
+
+impl FlushError {
+    /// Every error of `results`, as one.
+    pub fn all(
+        results: impl IntoIterator<Item = Result<(), FlushError>>,
+    ) -> Result<(), FlushError> {
+        let mut errors: Vec<FlushError> = results.into_iter().filter_map(Result::err).collect();
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(FlushError::Several(errors)),
+        }
+    }
 }
 
 impl Storage {
@@ -134,53 +135,86 @@ impl Storage {
         }
     }
 
-    /// Restores and starts serving the state dir. Cancel-safe: what was
-    /// started is stopped by [`Storage::stop`].
-    ///
-    /// Nothing is restored, written or started before S3 has answered. A
-    /// boot that fails while S3 has gone away again (asked once more after
-    /// the failure) is undone and waited out like an outage before it; one
-    /// that fails while S3 answers is a real failure.
-    pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), StorageError> {
-        let started = tokio::time::Instant::now();
-        loop {
-            let Some(mut target) = self.s3_target() else {
-                return Ok(());
-            };
-            target.limit = target.limit.map(|l| l.saturating_sub(started.elapsed()));
-            crate::notify::status("reaching S3");
-            crate::s3probe::wait(reaper, &target).await?;
-            let result = match self {
-                Storage::Local(_) => Ok(()),
-                Storage::Mount(m) => m.boot(reaper, timeout).await,
-                Storage::Replicate(r) => r.boot(reaper, timeout).await,
-            };
-            let Err(e) = result else {
-                return Ok(());
-            };
-            let Some(target) = self.s3_target() else {
-                return Err(e);
-            };
-            match crate::s3probe::probe(reaper, target.rclone_bin, target.config, target.s3).await {
-                Err(gone @ crate::s3probe::ProbeError::Unreachable { .. }) => {
-                    tracing::warn!("the boot failed while S3 went away again ({gone}): {e}; undoing it and waiting for S3");
-                    self.undo_boot().await;
-                }
-                _ => return Err(e),
-            }
+    /// The rclone this layout runs; `None` without S3.
+    fn session(&self) -> Option<&Session> {
+        match self {
+            Storage::Local(_) => None,
+            Storage::Mount(m) => Some(m.session()),
+            Storage::Replicate(r) => Some(r.session()),
         }
     }
 
-    fn s3_target(&self) -> Option<crate::s3probe::Target<'_>> {
+    /// Boot: waits until S3 answers (`CVM_S3_WAIT`, counted from `since`).
+    pub async fn wait_for_s3(&self, reaper: &Reaper, since: Instant) -> Result<(), StorageError> {
+        let Some(session) = self.session() else {
+            return Ok(());
+        };
+        let mut target = session.s3_target();
+        target.limit = target.limit.map(|l| l.saturating_sub(since.elapsed()));
+        crate::notify::status("reaching S3");
+        Ok(crate::s3probe::wait(reaper, &target).await?)
+    }
+
+    /// Boot: starts rclone (`rclone rcd`, or the mount).
+    pub async fn start_rclone(
+        &mut self,
+        reaper: &Reaper,
+        timeout: Duration,
+    ) -> Result<(), StorageError> {
         match self {
-            Storage::Local(_) => None,
-            Storage::Mount(m) => Some(m.s3_target()),
-            Storage::Replicate(r) => Some(r.s3_target()),
+            Storage::Local(_) => Ok(()),
+            Storage::Mount(m) => m.start_rclone(reaper, timeout).await,
+            Storage::Replicate(r) => r.start_rclone(reaper, timeout).await,
+        }
+    }
+
+    /// Boot: checks the crypt key against the bucket prefix before anything
+    /// is restored or written (see `keycheck`).
+    pub async fn check_key(&self) -> Result<(), StorageError> {
+        let Some(session) = self.session() else {
+            return Ok(());
+        };
+        let outcome = crate::keycheck::check(
+            session.socket(),
+            &session.s3.raw_remote(),
+            &session.paths.scratch,
+        )
+        .await?;
+        tracing::info!(?outcome, "boot: crypt key checked");
+        Ok(())
+    }
+
+    /// Boot: restores what S3 holds (see each layout's `restore`).
+    pub async fn restore(&mut self) -> Result<(), StorageError> {
+        match self {
+            Storage::Local(_) => Ok(()),
+            Storage::Mount(m) => m.restore().await,
+            Storage::Replicate(r) => r.restore().await,
+        }
+    }
+
+    /// Boot: starts the loops that carry changes to S3.
+    pub fn start_workers(&mut self) {
+        match self {
+            Storage::Local(_) => {}
+            Storage::Mount(m) => m.start_workers(),
+            Storage::Replicate(r) => r.start_workers(),
+        }
+    }
+
+    /// After a failed boot step: whether S3 has gone away meanwhile (then
+    /// the failure is an outage's, to be waited out, not the state's).
+    pub async fn s3_gone(&self, reaper: &Reaper) -> Option<crate::s3probe::ProbeError> {
+        let session = self.session()?;
+        let t = session.s3_target();
+        match crate::s3probe::probe(reaper, t.rclone_bin, t.config, t.s3).await {
+            Err(gone @ crate::s3probe::ProbeError::Unreachable { .. }) => Some(gone),
+            _ => None,
         }
     }
 
     /// Ends what a failed boot started, so the next attempt starts clean.
-    async fn undo_boot(&mut self) {
+    pub async fn undo_boot(&mut self) {
         match self {
             Storage::Local(_) => {}
             Storage::Mount(m) => m.end_rclone().await,

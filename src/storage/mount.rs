@@ -15,14 +15,16 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 
 use super::redirect::{self, RedirectError};
+use super::worker::{self, Worker};
 use super::{prepare_err, Event, FlushError, StorageFailure};
-use crate::backup::{Backup, BackupSpec, REMOTE_DIR};
+use crate::backup::{self, BackupSpec, REMOTE_DIR};
 use crate::config::{Config, S3Config, SqliteConfig};
 use crate::health::Lag;
 use crate::mountinfo::{self, PROC_MOUNTINFO};
 use crate::notify;
-use crate::process::{Child, Exit, Reaper};
-use crate::rclone::{self, rc, RunPaths, StderrTail, CRYPT_REMOTE};
+use crate::process::{Exit, Reaper};
+use crate::rclone::session::Session;
+use crate::rclone::{self, rc, CRYPT_REMOTE};
 use crate::restore::{self, RestoreError};
 
 /// How often the flush loop asks rclone for its queue while waiting for it to drain.
@@ -40,8 +42,6 @@ const DB_LOOK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Unanswered looks in a row before the mount counts as hung: one slow
 /// answer on a loaded machine must not cost a gateway restart.
 const HUNG_AFTER: u32 = 3;
-/// How long a wedged rclone gets to exit before it is killed, when replaced.
-const RCLONE_STOP: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -80,8 +80,8 @@ pub enum StorageError {
         mountpoint: PathBuf,
         source: nix::Error,
     },
-    #[error("rclone did not stop in time and was killed")]
-    Killed,
+    #[error(transparent)]
+    Killed(#[from] crate::rclone::session::Killed),
     #[error("CVM_EXCLUDE holds a pattern that is not usable: {0}")]
     Exclude(globset::Error),
     #[error(transparent)]
@@ -97,18 +97,16 @@ pub enum StorageError {
 }
 
 pub struct Mount {
-    rclone_bin: String,
-    paths: RunPaths,
+    session: Session,
     mountpoint: PathBuf,
     /// Live databases: `CVM_LOCAL_DIR/sqlite`.
     db_root: PathBuf,
     sqlite: SqliteConfig,
-    rclone: Option<(Child, StderrTail)>,
     /// rclone's `NOTIFY_SOCKET`, kept bound while it runs (it reports `STOPPING=1` there).
     notify: Option<notify::Listener>,
     /// The mount was live, so the gateway may have written through it.
     served: bool,
-    backup: Option<Backup>,
+    backup: Option<Worker>,
     restored: BTreeMap<PathBuf, [u8; 32]>,
     next_full_scan: Instant,
     /// The bare mountpoint is a read-only bind of itself (see [`guard`]).
@@ -118,8 +116,6 @@ pub struct Mount {
     lag: Lag,
     /// The queue watcher and the lag reporter, ended at stop.
     tasks: Vec<JoinHandle<()>>,
-    s3: S3Config,
-    s3_wait: Option<Duration>,
 }
 
 /// What the kernel answers for a FUSE mount whose daemon is gone: ENOTCONN,
@@ -312,21 +308,17 @@ fn rclone_mounted(mountpoint: &Path) -> bool {
 impl Mount {
     /// Prepares directories and the rclone config; starts nothing.
     pub fn new(cfg: &Config, s3: &S3Config) -> Result<Self, StorageError> {
-        let paths = RunPaths::new(&cfg.run_dir, &cfg.local_dir);
-        let db_root = cfg.local_dir.join("sqlite");
-        paths
-            .prepare(s3)
+        let session = Session::prepare(cfg, s3)
             .map_err(|(path, source)| StorageError::Prepare { path, source })?;
-        for dir in [&paths.cache_dir, &db_root] {
+        let db_root = cfg.local_dir.join("sqlite");
+        for dir in [&session.paths.cache_dir, &db_root] {
             std::fs::create_dir_all(dir).map_err(prepare_err(dir))?;
         }
         Ok(Self {
-            rclone_bin: cfg.rclone_bin.clone(),
-            paths,
+            session,
             mountpoint: cfg.state_dir.clone(),
             db_root,
             sqlite: cfg.sqlite.clone(),
-            rclone: None,
             notify: None,
             served: false,
             backup: None,
@@ -336,71 +328,47 @@ impl Mount {
             unanswered: 0,
             lag: Lag::default(),
             tasks: Vec::new(),
-            s3: s3.clone(),
-            s3_wait: cfg.s3_wait,
         })
     }
 
-    /// Restores databases, mounts, moves databases to local disk and starts
-    /// the backup loop. Cancel-safe: whatever was started is in `self` and
-    /// [`Mount::stop`] ends it.
-    /// What boot probes before anything else (see `Storage::boot`).
-    pub fn s3_target(&self) -> crate::s3probe::Target<'_> {
-        crate::s3probe::Target {
-            rclone_bin: &self.rclone_bin,
-            config: &self.paths.config,
-            s3: &self.s3,
-            limit: self.s3_wait,
-        }
+    pub fn session(&self) -> &Session {
+        &self.session
     }
 
-    pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), StorageError> {
-        let t = Instant::now();
-        notify::status("restoring databases");
-        let fetched = restore::fetch_databases(
-            restore::Fetch::Spawn {
-                reaper,
-                rclone_bin: &self.rclone_bin,
-                config: &self.paths.config,
-            },
-            &self.db_root,
-        )
-        .await?;
-        tracing::info!(took = ?t.elapsed(), databases = fetched.len(), "boot: databases fetched");
-
-        // Checking the databases and starting the mount do not depend on each
-        // other; both must be done before the gateway starts.
-        let t = Instant::now();
+    /// Mounts the crypt remote at the state dir (boot step "start rclone").
+    pub async fn start_rclone(
+        &mut self,
+        reaper: &Reaper,
+        timeout: Duration,
+    ) -> Result<(), StorageError> {
         notify::status("mounting");
-        let db_root = self.db_root.clone();
-        let (checked, mounted) = tokio::join!(
-            restore::check_databases(&db_root, &fetched),
-            self.mount(reaper, timeout)
-        );
-        mounted?;
-        self.restored = checked?;
-        tracing::info!(took = ?t.elapsed(), "boot: mounted and databases checked");
-        // Nothing has been written yet: a wrong key stops the boot here.
-        let outcome = crate::keycheck::check(
-            &self.paths.rc_socket,
-            &self.s3.raw_remote(),
-            &self.paths.scratch,
-        )
-        .await?;
-        tracing::info!(?outcome, "boot: crypt key checked");
+        self.mount(reaper, timeout).await
+    }
 
+    /// Fetches the database snapshots S3 holds into local disk, where no
+    /// local copy exists, and checks each one.
+    pub async fn restore(&mut self) -> Result<(), StorageError> {
+        notify::status("restoring databases");
+        self.restored = restore::restore_databases(self.session.socket(), &self.db_root).await?;
+        Ok(())
+    }
+
+    /// Starts the snapshot loop, the watcher of rclone's upload queue and the
+    /// lag reporter.
+    pub fn start_workers(&mut self) {
+        let paths = &self.session.paths;
         let spec = BackupSpec::new(
             self.db_root.clone(),
-            self.paths.snapshots.clone(),
-            self.paths.rc_socket.clone(),
+            paths.snapshots.clone(),
+            paths.rc_socket.clone(),
             format!("{CRYPT_REMOTE}:{REMOTE_DIR}"),
             &self.sqlite,
             self.lag.clone(),
         );
-        self.backup = Some(Backup::start(spec, std::mem::take(&mut self.restored)));
+        self.backup = Some(backup::start(spec, std::mem::take(&mut self.restored)));
         self.tasks.push(tokio::spawn(watch_queue(
-            self.paths.rc_socket.clone(),
-            self.s3.raw_remote(),
+            paths.rc_socket.clone(),
+            self.session.s3.raw_remote(),
             self.lag.clone(),
         )));
         self.tasks.push(self.lag.spawn_reporter());
@@ -417,7 +385,6 @@ impl Mount {
                 );
             }
         });
-        Ok(())
     }
 
     /// Detaches a stale mount, starts `rclone mount` and waits until it is live.
@@ -448,22 +415,23 @@ impl Mount {
                  on local disk (give the container CAP_SYS_ADMIN, as FUSE needs anyway)"
             ),
         }
-        let _ = std::fs::remove_file(&self.paths.rc_socket);
-        let listener = notify::Listener::bind(&self.paths.notify_socket)
-            .map_err(prepare_err(&self.paths.notify_socket))?;
-        let args = rclone::mount_args(&self.paths, &self.mountpoint);
+        let paths = &self.session.paths;
+        let _ = std::fs::remove_file(&paths.rc_socket);
+        let listener = notify::Listener::bind(&paths.notify_socket)
+            .map_err(prepare_err(&paths.notify_socket))?;
+        let args = rclone::mount_args(paths, &self.mountpoint);
         let spawned = rclone::spawn(
             reaper,
-            &self.rclone_bin,
+            &self.session.rclone_bin,
             &args,
             &[("NOTIFY_SOCKET", listener.path())],
         );
         let (child, tail) = spawned.map_err(|source| StorageError::Spawn {
-            bin: self.rclone_bin.clone(),
+            bin: self.session.rclone_bin.clone(),
             source,
         })?;
         tracing::info!(pid = child.pid().as_raw(), mountpoint = %self.mountpoint.display(), "started rclone mount");
-        self.rclone = Some((child, tail));
+        self.session.adopt(child, tail);
         let mounted = self.wait_mounted(&listener, timeout).await;
         self.notify = Some(listener);
         mounted?;
@@ -478,7 +446,8 @@ impl Mount {
         timeout: Duration,
     ) -> Result<(), StorageError> {
         let deadline = Instant::now() + timeout;
-        let (child, tail) = self.rclone.as_mut().expect("rclone was just started");
+        let mountpoint = self.mountpoint.clone();
+        let (child, tail) = self.session.running().expect("rclone was just started");
         tokio::select! {
             r = listener.ready() => {
                 if let Err(e) = r {
@@ -488,15 +457,15 @@ impl Mount {
             }
             exit = child.wait() => {
                 let stderr = tail.text_when_closed(Duration::from_secs(1)).await;
-                return Err(StorageError::Exited { exit, mountpoint: self.mountpoint.clone(), stderr });
+                return Err(StorageError::Exited { exit, mountpoint, stderr });
             }
             _ = sleep_until(deadline) => {}
         }
-        if rclone_mounted(&self.mountpoint) {
+        if rclone_mounted(&mountpoint) {
             return Ok(());
         }
         Err(StorageError::Timeout {
-            mountpoint: self.mountpoint.clone(),
+            mountpoint,
             timeout,
             stderr: tail.text(),
         })
@@ -517,14 +486,10 @@ impl Mount {
     /// and need the gateway stopped to be moved. Cancel-safe.
     pub async fn next_event(&mut self) -> Event {
         loop {
-            let exited = async {
-                match &mut self.rclone {
-                    Some((child, _)) => child.wait().await,
-                    None => std::future::pending().await,
-                }
-            };
+            let exited = self.session.exited();
             tokio::select! {
                 exit = exited => return Event::Failed(StorageFailure::RcloneExited(exit)),
+                f = worker::died(&mut self.backup) => return Event::Failed(f),
                 _ = sleep(LINK_CHECK) => {}
             }
             match health(&self.mountpoint).await {
@@ -565,7 +530,7 @@ impl Mount {
             return None;
         }
         self.unanswered = 0;
-        if let Some((child, _)) = &self.rclone {
+        if let Some((child, _)) = self.session.running() {
             let _ = child.signal(nix::sys::signal::Signal::SIGKILL);
         }
         Some(Event::Failed(StorageFailure::MountHung(HUNG_AFTER)))
@@ -596,18 +561,14 @@ impl Mount {
     }
 
     async fn rc(&self, method: &str, params: Value) -> Result<Value, rc::RcError> {
-        rc::call(&self.paths.rc_socket, method, &params).await
+        self.session.rc(method, params).await
     }
 
     /// Ends rclone (after a failed boot, or before a remount); the next
     /// mount detaches what it leaves. Ended in place: if this is cancelled
     /// (a shutdown signal), `stop` still finds it.
     pub async fn end_rclone(&mut self) {
-        if let Some((child, _)) = self.rclone.as_mut() {
-            let (exit, killed) = child.terminate(Instant::now() + RCLONE_STOP).await;
-            tracing::info!(%exit, killed, "the old rclone mount is gone");
-        }
-        self.rclone = None;
+        self.session.end().await;
         self.notify = None;
     }
 
@@ -641,14 +602,12 @@ impl Mount {
     /// Final SQLite snapshots, then every file rclone holds in its write-back
     /// queue uploaded now; waits until nothing is queued or uploading.
     pub async fn flush(&mut self, deadline: Instant) -> Result<(), FlushError> {
-        let mut result = Ok(());
-        if let Some(backup) = self.backup.take() {
-            if let Err(e) = backup.final_pass(deadline).await {
-                result = Err(FlushError::Databases(e));
-            }
-        }
+        let databases = match self.backup.take() {
+            Some(backup) => backup.final_pass(deadline).await,
+            None => Ok(()),
+        };
         let queue = self.drain_queue(deadline).await;
-        result.and(queue)
+        FlushError::all([databases, queue])
     }
 
     async fn drain_queue(&mut self, deadline: Instant) -> Result<(), FlushError> {
@@ -669,7 +628,7 @@ impl Mount {
             e => e,
         };
         loop {
-            let exited = self.rclone.as_mut().map(|(c, _)| c.try_exit());
+            let exited = self.session.running().map(|(c, _)| c.try_exit());
             match exited {
                 // Never mounted in this run: nothing was written through it.
                 None | Some(Some(_)) if !self.served => return Ok(()),
@@ -730,12 +689,15 @@ impl Mount {
 
     /// Stops rclone (it unmounts on SIGTERM), kills it at `deadline`, and
     /// detaches the mount if it is still there.
-    pub async fn stop(mut self, deadline: Instant) -> Result<(), StorageError> {
+    pub async fn stop(self, deadline: Instant) -> Result<(), StorageError> {
         for t in &self.tasks {
             t.abort();
         }
-        let result = super::stop_rclone(self.rclone.take(), deadline, "rclone").await;
-        rclone::remove_config(&self.paths.config);
+        let result = self
+            .session
+            .stop(deadline)
+            .await
+            .map_err(StorageError::from);
         if rclone_mounted(&self.mountpoint) {
             tracing::warn!(mountpoint = %self.mountpoint.display(), "mount still present after rclone exited; detaching");
             detach(&self.mountpoint)?;

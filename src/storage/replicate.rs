@@ -12,16 +12,16 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::time::{sleep, Instant};
 
+use super::worker::{self, Worker};
 use super::{prepare_err, Event, FlushError, StorageError, StorageFailure};
-use crate::backup::{Backup, BackupSpec, REMOTE_DIR};
+use crate::backup::{self, BackupSpec, REMOTE_DIR};
 use crate::config::{Config, S3Config, SqliteConfig};
 use crate::health::Lag;
 use crate::notify;
-use crate::process::{Child, Reaper};
-use crate::rclone::{self, rc, RunPaths, StderrTail, CRYPT_REMOTE};
-use crate::replication::{
-    self, Excludes, Manifest, Replication, ReplicationSpec, META_DIR, TRASH_DIR,
-};
+use crate::process::Reaper;
+use crate::rclone::session::Session;
+use crate::rclone::{self, rc, CRYPT_REMOTE};
+use crate::replication::{self, Excludes, Manifest, ReplicationSpec, META_DIR, TRASH_DIR};
 use crate::restore;
 use crate::treemeta;
 
@@ -53,20 +53,30 @@ pub enum ReplicateError {
 }
 
 pub struct Replicate {
-    rclone_bin: String,
-    paths: RunPaths,
+    session: Session,
     state_dir: PathBuf,
     local_dir: PathBuf,
     sqlite: SqliteConfig,
     excludes: Excludes,
     trash_days: u32,
-    rcd: Option<(Child, StderrTail)>,
-    s3: S3Config,
-    s3_wait: Option<Duration>,
-    backup: Option<Backup>,
-    replication: Option<Replication>,
+    /// What the restore found, for the workers it starts.
+    restored: Option<Restored>,
+    backup: Option<Worker>,
+    replication: Option<Worker>,
     lag: Lag,
     reporter: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// What boot's restore hands to the workers.
+struct Restored {
+    /// What S3 holds, as far as it is known.
+    remote: Manifest,
+    /// The tree as S3's `tree.json` describes it.
+    tree: treemeta::TreeMeta,
+    /// Local changes may be unknown to S3: a full pass first.
+    reconcile: bool,
+    /// Databases restored from snapshots, with their content hashes.
+    databases: BTreeMap<PathBuf, [u8; 32]>,
 }
 
 fn missing_list(missing: &[String]) -> String {
@@ -85,25 +95,20 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReplicateError + '_ {
 
 impl Replicate {
     pub fn new(cfg: &Config, s3: &S3Config) -> Result<Self, StorageError> {
-        let paths = RunPaths::new(&cfg.run_dir, &cfg.local_dir);
-        paths
-            .prepare(s3)
+        let session = Session::prepare(cfg, s3)
             .map_err(|(path, source)| StorageError::Prepare { path, source })?;
         for dir in [&cfg.state_dir, &cfg.local_dir] {
             fs::create_dir_all(dir).map_err(prepare_err(dir))?;
         }
         Ok(Self {
-            rclone_bin: cfg.rclone_bin.clone(),
-            paths,
+            session,
             state_dir: cfg.state_dir.clone(),
             local_dir: cfg.local_dir.clone(),
             sqlite: cfg.sqlite.clone(),
             excludes: Excludes::new(&cfg.exclude, &cfg.sqlite.patterns)
                 .map_err(StorageError::Exclude)?,
             trash_days: cfg.trash_days,
-            rcd: None,
-            s3: s3.clone(),
-            s3_wait: cfg.s3_wait,
+            restored: None,
             backup: None,
             replication: None,
             lag: Lag::default(),
@@ -118,29 +123,28 @@ impl Replicate {
 
     /// This bucket prefix, as the evidence in a state dir names it.
     fn identity(&self) -> String {
-        format!("{} {}", self.s3.endpoint, self.s3.raw_remote())
+        let s3 = &self.session.s3;
+        format!("{} {}", s3.endpoint, s3.raw_remote())
     }
 
     async fn rc(&self, method: &str, params: Value) -> Result<Value, rc::RcError> {
-        rc::call(&self.paths.rc_socket, method, &params).await
+        self.session.rc(method, params).await
     }
 
-    async fn start_rcd(
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Starts `rclone rcd`, which serves every transfer (boot step "start rclone").
+    pub async fn start_rclone(
         &mut self,
         reaper: &Reaper,
         timeout: Duration,
-    ) -> Result<(), ReplicateError> {
-        self.rcd = Some(
-            rclone::start_rcd(
-                reaper,
-                &self.rclone_bin,
-                &self.paths.config,
-                &self.paths.rc_socket,
-                timeout,
-            )
-            .await?,
-        );
-        Ok(())
+    ) -> Result<(), StorageError> {
+        self.session
+            .start_rcd(reaper, timeout)
+            .await
+            .map_err(|e| StorageError::Replicate(e.into()))
     }
 
     fn filter(&self) -> Value {
@@ -200,7 +204,7 @@ impl Replicate {
             // `UpdateOlder`: a file already here and newer than S3's is kept.
             "_config": { "Links": true, "Transfers": 8, "Checkers": 16, "UpdateOlder": true },
         });
-        let id = rc::start_job(&self.paths.rc_socket, "sync/copy", params)
+        let id = rc::start_job(self.session.socket(), "sync/copy", params)
             .await
             .map_err(|e| fail(e.to_string()))?;
         let started = Instant::now();
@@ -210,7 +214,7 @@ impl Replicate {
         // sitting out rclone's retries of every file.
         let mut progress = (0u64, started);
         loop {
-            match rc::job_outcome(&self.paths.rc_socket, id)
+            match rc::job_outcome(self.session.socket(), id)
                 .await
                 .map_err(|e| fail(e.to_string()))?
             {
@@ -237,8 +241,8 @@ impl Replicate {
                         progress = (bytes, Instant::now());
                     } else if progress.1.elapsed() >= RESTORE_STALL
                         && !crate::s3probe::answers_via_rc(
-                            &self.paths.rc_socket,
-                            &self.s3.raw_remote(),
+                            self.session.socket(),
+                            &self.session.s3.raw_remote(),
                         )
                         .await
                     {
@@ -254,7 +258,7 @@ impl Replicate {
     /// The tree as S3 describes it, if it does: `.cvm/tree.json`, or, from an
     /// older cvm-init, `.cvm/dirs.json` (directory modes only).
     async fn fetch_tree_meta(&self) -> Result<Option<treemeta::TreeMeta>, ReplicateError> {
-        let scratch = self.paths.scratch.clone();
+        let scratch = self.session.paths.scratch.clone();
         fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
         let mut tree = None;
         for (name, legacy) in [(treemeta::FILE, false), (treemeta::LEGACY_DIR_MODES, true)] {
@@ -354,30 +358,10 @@ impl Replicate {
             .unwrap_or_default())
     }
 
-    /// What boot probes before anything else (see `Storage::boot`).
-    pub fn s3_target(&self) -> crate::s3probe::Target<'_> {
-        crate::s3probe::Target {
-            rclone_bin: &self.rclone_bin,
-            config: &self.paths.config,
-            s3: &self.s3,
-            limit: self.s3_wait,
-        }
-    }
-
-    pub async fn boot(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), StorageError> {
+    /// Restores the state dir and the databases, unless the state dir is
+    /// known to be newer than S3 (see [`decide_start`]).
+    pub async fn restore(&mut self) -> Result<(), StorageError> {
         let t = Instant::now();
-        self.start_rcd(reaper, timeout)
-            .await
-            .map_err(StorageError::from)?;
-        // Before anything is restored or written: a wrong key stops the boot here.
-        let outcome = crate::keycheck::check(
-            &self.paths.rc_socket,
-            &self.s3.raw_remote(),
-            &self.paths.scratch.clone(),
-        )
-        .await?;
-        tracing::info!(?outcome, "boot: crypt key checked");
-
         let marker = self.restore_marker();
         let evidence_path = self.state_dir.join(META_DIR).join(EVIDENCE);
         let evidence = fs::read_to_string(&evidence_path).ok();
@@ -425,10 +409,7 @@ impl Replicate {
             let ((), dbs) = tokio::try_join!(
                 async { self.restore_tree(&skip).await.map_err(StorageError::from) },
                 async {
-                    let fetch = restore::Fetch::Rc {
-                        socket: &self.paths.rc_socket,
-                    };
-                    restore::restore_databases(fetch, &staging)
+                    restore::restore_databases(self.session.socket(), &staging)
                         .await
                         .map_err(StorageError::from)
                 },
@@ -487,27 +468,51 @@ impl Replicate {
                 true,
             )
         };
+        self.restored = Some(Restored {
+            remote,
+            tree,
+            reconcile,
+            databases: restored_dbs,
+        });
+        Ok(())
+    }
+
+    /// Starts the snapshot loop, the replication loop (which watches the
+    /// state dir before it returns: nothing the gateway writes is missed),
+    /// the lag reporter and the trash purge.
+    pub fn start_workers(&mut self) {
+        let Restored {
+            remote,
+            tree,
+            reconcile,
+            databases,
+        } = self.restored.take().unwrap_or_else(|| Restored {
+            remote: Manifest::new(),
+            tree: treemeta::TreeMeta::new(),
+            reconcile: true,
+            databases: BTreeMap::new(),
+        });
         tokio::spawn(purge_old_trash(
-            self.paths.rc_socket.clone(),
+            self.session.paths.rc_socket.clone(),
             self.trash_days,
         ));
 
-        let scratch = self.paths.scratch.clone();
+        let scratch = self.session.paths.scratch.clone();
         let mut backup = BackupSpec::new(
             self.state_dir.clone(),
-            self.paths.snapshots.clone(),
-            self.paths.rc_socket.clone(),
+            self.session.paths.snapshots.clone(),
+            self.session.paths.rc_socket.clone(),
             format!("{CRYPT_REMOTE}:{REMOTE_DIR}"),
             &self.sqlite,
             self.lag.clone(),
         );
         // The state dir is the databases' only home: one deleted there is gone.
         backup.trash = Some(format!("{CRYPT_REMOTE}:{TRASH_DIR}"));
-        self.backup = Some(Backup::start(backup, restored_dbs));
-        self.replication = Some(Replication::start(
+        self.backup = Some(backup::start(backup, databases));
+        self.replication = Some(replication::start(
             ReplicationSpec {
                 root: self.state_dir.clone(),
-                rc_socket: self.paths.rc_socket.clone(),
+                rc_socket: self.session.paths.rc_socket.clone(),
                 excludes: self.excludes.clone(),
                 debounce: self.sqlite.debounce,
                 interval: self.sqlite.interval,
@@ -519,26 +524,21 @@ impl Replicate {
             reconcile,
         ));
         self.reporter = Some(self.lag.spawn_reporter());
-        Ok(())
     }
 
     pub async fn next_event(&mut self) -> Event {
-        match &mut self.rcd {
-            Some((child, _)) => Event::Failed(StorageFailure::RcloneExited(child.wait().await)),
-            None => std::future::pending().await,
-        }
+        Event::Failed(tokio::select! {
+            exit = self.session.exited() => StorageFailure::RcloneExited(exit),
+            f = worker::died(&mut self.backup) => f,
+            f = worker::died(&mut self.replication) => f,
+        })
     }
 
     /// Ends `rclone rcd` (after a failed boot, or one that died). After a
     /// failed boot the restore marker stays, so the next boot empties the
     /// state dir and restores it again.
     pub async fn end_rclone(&mut self) {
-        if let Some((child, _)) = self.rcd.as_mut() {
-            child
-                .terminate(Instant::now() + Duration::from_secs(5))
-                .await;
-        }
-        self.rcd = None;
+        self.session.end().await;
     }
 
     /// Restarts `rclone rcd` after it died; replication and backups retry
@@ -549,33 +549,29 @@ impl Replicate {
         timeout: Duration,
     ) -> Result<(), StorageError> {
         self.end_rclone().await;
-        self.start_rcd(reaper, timeout)
-            .await
-            .map_err(StorageError::from)
+        self.start_rclone(reaper, timeout).await
     }
 
     pub async fn flush(&mut self, deadline: Instant) -> Result<(), FlushError> {
-        let mut result = Ok(());
-        if let Some(b) = self.backup.take() {
-            if let Err(e) = b.final_pass(deadline).await {
-                result = Err(FlushError::Databases(e));
-            }
-        }
-        if let Some(r) = self.replication.take() {
-            if let Err(e) = r.final_pass(deadline).await {
-                result = result.and(Err(FlushError::Files(e)));
-            }
-        }
-        result
+        let databases = match self.backup.take() {
+            Some(b) => b.final_pass(deadline).await,
+            None => Ok(()),
+        };
+        let files = match self.replication.take() {
+            Some(r) => r.final_pass(deadline).await,
+            None => Ok(()),
+        };
+        FlushError::all([databases, files])
     }
 
     pub async fn stop(mut self, deadline: Instant) -> Result<(), StorageError> {
         if let Some(r) = self.reporter.take() {
             r.abort();
         }
-        let result = super::stop_rclone(self.rcd.take(), deadline, "rclone rcd").await;
-        rclone::remove_config(&self.paths.config);
-        result
+        self.session
+            .stop(deadline)
+            .await
+            .map_err(StorageError::from)
     }
 }
 

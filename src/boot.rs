@@ -1,0 +1,249 @@
+//! The boot, in one readable sequence. Each step names the exit status it
+//! ends with when it fails; nothing is restored, written or started before
+//! the step that needs it.
+//!
+//! 1. configuration from the environment, every problem at once (78);
+//! 2. PID-1 duties: `/proc`, child subreaper, `/dev/fuse` for the mount
+//!    layout (71);
+//! 3. signals and the reaper: from here a SIGTERM stops in data-safe order;
+//! 4. storage prepared: directories, the rclone config (69);
+//! 5. S3 answers: an outage is waited out with backoff; credentials or the
+//!    bucket refused (76), `CVM_S3_WAIT` passed (69);
+//! 6. rclone started: `rclone rcd`, or the mount (69);
+//! 7. the crypt key checked against the bucket prefix (77);
+//! 8. restore: the state dir and the databases. One that cannot succeed
+//!    while S3 answers exits 65; a step 6–8 that failed while S3 went away
+//!    again is undone and the boot goes back to step 5;
+//! 9. the workers that carry changes to S3 (replication, snapshots, lag);
+//! 10. supervision (`supervisor`): the gateway started, `READY=1`.
+
+use std::path::Path;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Instant;
+
+use crate::config::{self, Config};
+use crate::exit::Status;
+use crate::keycheck::KeyCheckError;
+use crate::notify;
+use crate::pid1;
+use crate::process::Reaper;
+use crate::restore::RestoreError;
+use crate::s3probe::{ProbeError, WaitError};
+use crate::shutdown;
+use crate::storage::replicate::ReplicateError;
+use crate::storage::{Storage, StorageError};
+use crate::supervisor::{self, signals::Signals};
+
+/// Boots and runs the appliance; returns its exit status.
+pub fn appliance() -> Status {
+    // 1. Configuration.
+    let cfg = match Config::from_env() {
+        Ok((cfg, warnings)) => {
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+            cfg
+        }
+        Err(e) => {
+            for p in &e.problems {
+                tracing::error!("configuration: {p}");
+            }
+            tracing::error!(
+                "{} configuration problem(s); nothing was started or changed",
+                e.problems.len()
+            );
+            return Status::Config;
+        }
+    };
+    let mode = match (&cfg.s3, cfg.layout) {
+        (None, _) => "local (no S3_BUCKET)",
+        (Some(_), config::Layout::Replicate) => "s3, replicate layout (local state dir replicated)",
+        (Some(_), config::Layout::Mount) => "s3, mount layout (rclone crypt mount)",
+    };
+    tracing::info!(mode, state_dir = %cfg.state_dir.display(), "configuration ok");
+
+    // 2. PID-1 duties.
+    if let Err(e) = pid1_duties(&cfg) {
+        tracing::error!("{e}");
+        return Status::Os;
+    }
+
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return Status::Failure;
+        }
+    };
+    runtime.block_on(run(cfg))
+}
+
+fn pid1_duties(cfg: &Config) -> Result<(), pid1::Pid1Error> {
+    pid1::ensure_proc()?;
+    if pid1::become_subreaper_unless_pid1()? {
+        tracing::info!("not PID 1: running as child subreaper");
+    }
+    if cfg.s3.is_some() && cfg.layout == config::Layout::Mount {
+        pid1::ensure_fuse(Path::new("/dev/fuse"), true)?;
+    }
+    Ok(())
+}
+
+async fn run(cfg: Config) -> Status {
+    // 3. Signals and the reaper.
+    let reaper = Reaper::default();
+    let installed = Signals::install().and_then(|s| Ok((s, signal(SignalKind::child())?)));
+    let (mut signals, sigchld) = match installed {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot install signal handlers: {e}");
+            return Status::Failure;
+        }
+    };
+    tokio::spawn(reaper.clone().run(sigchld));
+
+    // 4. Storage prepared.
+    let t = Instant::now();
+    notify::status("starting storage");
+    let mut storage = match Storage::new(&cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("storage could not start: {e}");
+            return Status::StorageUnavailable;
+        }
+    };
+
+    // 5.–9. Storage started, or a signal first.
+    let started = tokio::select! {
+        r = start_storage(&cfg, &reaper, &mut storage) => r,
+        action = signals.recv() => {
+            tracing::info!(?action, "signal during boot");
+            return shutdown::run(None, storage, cfg.stop_timeout).await;
+        }
+    };
+    if let Err(e) = started {
+        tracing::error!("storage could not start: {e}");
+        let status = failure_status(&e);
+        if status == Status::Unrestorable {
+            tracing::error!(
+                "S3 answers, so this restore would fail the same way on every boot: cvm-init exits {} \
+                 instead of starting it over. Fix the cause named above, then start again; nothing on S3 \
+                 was changed",
+                status as u8
+            );
+        }
+        return status.with_stop(shutdown::run(None, storage, cfg.stop_timeout).await);
+    }
+    tracing::info!(storage = storage.describe(), dir = %cfg.state_dir.display(), took = ?t.elapsed(), "storage ready");
+
+    // 10. Supervision.
+    supervisor::run(&cfg, &reaper, &mut signals, storage, t).await
+}
+
+/// Steps 5–9. Cancel-safe: what was started is in `storage`, and the
+/// shutdown stops it.
+async fn start_storage(
+    cfg: &Config,
+    reaper: &Reaper,
+    storage: &mut Storage,
+) -> Result<(), StorageError> {
+    let since = Instant::now();
+    loop {
+        // 5. S3 answers.
+        storage.wait_for_s3(reaper, since).await?;
+        let steps = async {
+            // 6. rclone started.
+            storage.start_rclone(reaper, cfg.mount_timeout).await?;
+            // 7. The crypt key checked: before anything is restored or written.
+            storage.check_key().await?;
+            // 8. Restore.
+            storage.restore().await
+        };
+        let Err(e) = steps.await else {
+            break;
+        };
+        match storage.s3_gone(reaper).await {
+            Some(gone) => {
+                tracing::warn!("the boot failed while S3 went away again ({gone}): {e}; undoing it and waiting for S3");
+                storage.undo_boot().await;
+            }
+            None => return Err(e),
+        }
+    }
+    // 9. The workers.
+    storage.start_workers();
+    Ok(())
+}
+
+/// The exit status for a boot that failed with `e`. Storage reports an error
+/// only once S3 has answered after it (an outage is waited out), so a
+/// restore that failed is one that would fail again.
+fn failure_status(e: &StorageError) -> Status {
+    match e {
+        StorageError::KeyCheck(KeyCheckError::WrongKey { .. }) => Status::WrongKey,
+        StorageError::S3(WaitError::Permanent(
+            ProbeError::CredentialsRejected { .. }
+            | ProbeError::BucketMissing { .. }
+            | ProbeError::Misdirected { .. },
+        )) => Status::S3Rejected,
+        StorageError::Replicate(ReplicateError::Restore { .. })
+        | StorageError::Restore(RestoreError::Fetch { .. } | RestoreError::Corrupt { .. }) => {
+            Status::Unrestorable
+        }
+        _ => Status::StorageUnavailable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    #[test]
+    fn boot_failures_map_to_documented_statuses() {
+        let restore = || ReplicateError::Restore {
+            dir: PathBuf::from("/data/openclaw"),
+            detail: "no space left on device".into(),
+            missing: vec!["a".into()],
+        };
+        let table: Vec<(StorageError, Status)> = vec![
+            (StorageError::Replicate(restore()), Status::Unrestorable),
+            (
+                StorageError::Restore(RestoreError::Fetch {
+                    exit: "exit code 1".into(),
+                    stderr: String::new(),
+                }),
+                Status::Unrestorable,
+            ),
+            (
+                StorageError::Replicate(ReplicateError::Stalled(Duration::from_secs(10))),
+                Status::StorageUnavailable,
+            ),
+            (
+                StorageError::Killed(crate::rclone::session::Killed),
+                Status::StorageUnavailable,
+            ),
+            (
+                StorageError::KeyCheck(KeyCheckError::WrongKey {
+                    raw: "s3:b/p".into(),
+                }),
+                Status::WrongKey,
+            ),
+            (
+                StorageError::S3(WaitError::Permanent(ProbeError::BucketMissing {
+                    endpoint: "http://s3".into(),
+                    bucket: "b".into(),
+                })),
+                Status::S3Rejected,
+            ),
+        ];
+        for (e, want) in table {
+            assert_eq!(failure_status(&e), want, "{e}");
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The background loop under both engines (database snapshots and file
+//! replication): it waits for work, does what is due, and at the stop runs
+//! one final pass before a deadline. A loop that panics is a bug, but not a
+//! silent one: [`Worker::died`] turns it into a storage failure the
+//! supervisor acts on, instead of uploads stopping unnoticed.
+
+use std::future::Future;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{FlushError, StorageFailure};
+
+/// What a worker runs.
+pub trait Engine: Send + 'static {
+    /// What the final pass could not save.
+    type Unsaved: Into<FlushError> + Send + 'static;
+    /// Waits until there may be work. Cancel-safe: the stop cancels it.
+    fn wait(&mut self) -> impl Future<Output = ()> + Send;
+    /// Does what is due. Never cancelled: the stop waits for it.
+    fn act(&mut self) -> impl Future<Output = ()> + Send;
+    /// Saves everything not saved yet, before `deadline`.
+    fn finish(
+        &mut self,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<(), Self::Unsaved>> + Send;
+}
+
+struct Final {
+    deadline: Instant,
+    reply: oneshot::Sender<Result<(), FlushError>>,
+}
+
+/// A running engine loop.
+pub struct Worker {
+    what: &'static str,
+    tx: mpsc::Sender<Final>,
+    /// `None` once [`Worker::died`] has reported its end.
+    task: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Runs `engine` until [`Worker::final_pass`]; `what` names it in errors.
+    pub fn spawn<E: Engine>(what: &'static str, mut engine: E) -> Worker {
+        let (tx, mut rx) = mpsc::channel::<Final>(1);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    cmd = rx.recv() => {
+                        if let Some(Final { deadline, reply }) = cmd {
+                            let r = engine.finish(deadline).await.map_err(Into::into);
+                            let _ = reply.send(r);
+                        }
+                        return;
+                    }
+                    () = engine.wait() => {}
+                }
+                engine.act().await;
+            }
+        });
+        Worker {
+            what,
+            tx,
+            task: Some(task),
+        }
+    }
+
+    /// Resolves when the loop has ended on its own, which only a panic
+    /// does; pending otherwise, and after it has resolved once. Cancel-safe.
+    pub async fn died(&mut self) -> StorageFailure {
+        let Some(task) = self.task.as_mut() else {
+            return std::future::pending().await;
+        };
+        let end = task.await;
+        self.task = None;
+        let detail = match end {
+            Ok(()) => "it returned".to_owned(),
+            Err(e) if e.is_panic() => {
+                let payload = e.into_panic();
+                payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_owned())
+            }
+            Err(e) => e.to_string(),
+        };
+        StorageFailure::WorkerDied {
+            what: self.what,
+            detail,
+        }
+    }
+
+    /// Runs the final pass before `deadline`, then ends the loop.
+    pub async fn final_pass(self, deadline: Instant) -> Result<(), FlushError> {
+        let gone = || FlushError::WorkerGone(self.what);
+        let (reply, rx) = oneshot::channel();
+        let result = match self.tx.send(Final { deadline, reply }).await {
+            Ok(()) => rx.await.unwrap_or_else(|_| Err(gone())),
+            Err(_) => Err(gone()),
+        };
+        if let Some(task) = self.task {
+            task.abort();
+        }
+        result
+    }
+}
+
+/// [`Worker::died`] of a worker that may not be running: pending when none is.
+pub async fn died(worker: &mut Option<Worker>) -> StorageFailure {
+    match worker {
+        Some(w) => w.died().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    struct Counting {
+        acts: Arc<AtomicU32>,
+        panic_at: u32,
+    }
+
+    impl Engine for Counting {
+        type Unsaved = FlushError;
+        async fn wait(&mut self) {
+            tokio::task::yield_now().await;
+        }
+        async fn act(&mut self) {
+            let n = self.acts.fetch_add(1, Ordering::SeqCst) + 1;
+            assert!(n != self.panic_at, "engine bug at act {n}");
+        }
+        async fn finish(&mut self, _: Instant) -> Result<(), FlushError> {
+            Err(FlushError::WorkerGone("finish ran"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_loop_is_a_failure_and_its_final_pass_says_so() {
+        let acts = Arc::new(AtomicU32::new(0));
+        let mut w = Worker::spawn(
+            "test engine",
+            Counting {
+                acts: acts.clone(),
+                panic_at: 3,
+            },
+        );
+        let StorageFailure::WorkerDied { what, detail } = w.died().await else {
+            panic!("not a worker failure")
+        };
+        assert_eq!(
+            (what, detail.as_str()),
+            ("test engine", "engine bug at act 3")
+        );
+        let r = w.final_pass(Instant::now()).await;
+        assert!(
+            matches!(r, Err(FlushError::WorkerGone("test engine"))),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_final_pass_runs_the_engines_finish() {
+        let acts = Arc::new(AtomicU32::new(0));
+        let w = Worker::spawn(
+            "test engine",
+            Counting {
+                acts: acts.clone(),
+                panic_at: 0,
+            },
+        );
+        let r = w.final_pass(Instant::now()).await;
+        assert!(
+            matches!(r, Err(FlushError::WorkerGone("finish ran"))),
+            "{r:?}"
+        );
+    }
+}
