@@ -338,7 +338,7 @@ fn litestream(root: &Path, writer: &Path, load: Duration, idle: Duration) -> Opt
     );
     let mut w = spawn_writer(&state, &out, writer);
     wait_until(T, "the writer", || !commits(&out).is_empty());
-    // Litestream's S3 client fails with AWS_CA_BUNDLE set (facts.md §7).
+    // Litestream's S3 client fails with AWS_CA_BUNDLE set (docs/facts.md §7).
     let mut ls = Command::new(&bin)
         .args(["replicate", "-config"])
         .arg(&config)

@@ -24,16 +24,16 @@ use tokio::time::Instant;
 
 use crate::config::{self, Config};
 use crate::exit::Status;
-use crate::keycheck::KeyCheckError;
-use crate::notify;
-use crate::pid1;
-use crate::process::Reaper;
-use crate::restore::RestoreError;
-use crate::s3probe::{ProbeError, WaitError};
+use crate::remote::keycheck::KeyCheckError;
+use crate::remote::probe::{ProbeError, WaitError};
 use crate::shutdown;
+use crate::sqlite::restore::RestoreError;
 use crate::storage::replicate::ReplicateError;
 use crate::storage::{Storage, StorageError};
 use crate::supervisor::{self, signals::Signals};
+use crate::sys::pid1;
+use crate::sys::process::Reaper;
+use crate::sys::sdnotify;
 
 /// Boots and runs the appliance; returns its exit status.
 pub fn appliance() -> Status {
@@ -108,7 +108,7 @@ async fn run(cfg: Config) -> Status {
 
     // 4. Storage prepared.
     let t = Instant::now();
-    notify::status("starting storage");
+    sdnotify::status("starting storage");
     let mut storage = match Storage::new(&cfg) {
         Ok(s) => s,
         Err(e) => {

@@ -214,7 +214,11 @@ impl Config {
         let mut v = Validator::default();
         let mut unknown: Vec<&String> = vars
             .keys()
-            .filter(|k| k.starts_with("CVM_") && !KNOWN_CVM_VARS.contains(&k.as_str()))
+            .filter(|k| {
+                k.starts_with("CVM_")
+                    && !KNOWN_CVM_VARS.contains(&k.as_str())
+                    && !READ_ELSEWHERE.contains(&k.as_str())
+            })
             .collect();
         unknown.sort();
         for name in unknown {
@@ -242,6 +246,10 @@ const KNOWN_CVM_VARS: [&str; 13] = [
     "CVM_TRASH_DAYS",
     "CVM_GATEWAY_MAX_FAILED_STARTS",
 ];
+
+/// `CVM_*` variables read outside the configuration: `logging` reads `CVM_LOG`
+/// before anything else, so its own problems are logged.
+const READ_ELSEWHERE: [&str; 1] = ["CVM_LOG"];
 
 /// The warning for an unknown `CVM_*` variable, naming the known one it is
 /// closest to when that is a likely typo.
@@ -773,6 +781,7 @@ mod tests {
             ("CVM_STOP_TIMOUT", "5s"),
             ("CVM_FROBNICATE", "1"),
             ("CVM_STOP_TIMEOUT", "5s"),
+            ("CVM_LOG", "debug"),
         ]))
         .unwrap();
         assert_eq!(

@@ -10,8 +10,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tokio::time::timeout;
 
-use crate::process::{Child, Exit, Reaper};
 use crate::rclone::is_secret_env;
+use crate::sys::process::{Child, Exit, Reaper};
 
 /// Spawning failed in a way a restart cannot fix.
 #[derive(Debug, thiserror::Error)]

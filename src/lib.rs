@@ -1,41 +1,46 @@
 //! cvm-init: PID 1 for a confidential VM whose app keeps its state in an
 //! S3 bucket, encrypted client-side by rclone crypt.
 //!
-//! Where things live: `config` (environment), `pid1` (/proc, /dev/fuse,
-//! subreaper), `process` (spawning and reaping), `rclone` (config, command
-//! lines, rc API), `storage` (layouts), `gateway` (the app), `supervisor`
-//! (boot and supervision), `shutdown` (the data-safe stop order), `exit`
-//! (exit codes).
+//! The lifecycle reads top to bottom in three files: `boot` (the numbered
+//! boot sequence), `supervisor` (the loop that acts, `supervisor::policy`
+//! decides) and `shutdown` (the numbered, data-safe stop); `exit` maps how
+//! a run ended to its exit code.
+//!
+//! Module map (docs/architecture.md has the long form):
+//! - `config`: environment → `Config`, every problem at once;
+//! - `gateway`: the app's process group, started and stopped;
+//! - `storage`: the layouts behind one interface: `local`, `mount`
+//!   (with `redirect` of databases to local disk), `replicate` (its
+//!   `engine`, `plan`, `stage`, `treemeta`), and the `worker` loop under
+//!   both engines;
+//! - `sqlite`: snapshots and checks, `patterns`, the `backup` engine, `restore`;
+//! - `rclone`: rendered config and command lines, `rc` client, `session`;
+//! - `remote`: S3 `probe`, crypt `keycheck`, upload `lag`;
+//! - `sys`: `pid1` duties, `process` (the one owner of waitpid), `mountinfo`,
+//!   `sdnotify`;
+//! - `cli`: `check` and `attest`;
+//! - `backoff`, `filter` (rclone filter patterns), `logging`, `secret`,
+//!   `obscure` (rclone's password obscuring, MASTER_KEY derivation).
 
 #![forbid(unsafe_code)]
 
-pub mod attest;
 pub mod backoff;
-pub mod backup;
 pub mod boot;
-pub mod check;
+pub mod cli;
 pub mod config;
 pub mod exit;
 pub mod filter;
 pub mod gateway;
-pub mod health;
-pub mod keycheck;
 pub mod logging;
-pub mod mountinfo;
-pub mod notify;
 pub mod obscure;
-pub mod pid1;
-pub mod process;
 pub mod rclone;
-pub mod replication;
-pub mod restore;
-pub mod s3probe;
+pub mod remote;
 pub mod secret;
 pub mod shutdown;
 pub mod sqlite;
 pub mod storage;
 pub mod supervisor;
-pub mod treemeta;
+pub mod sys;
 
 use exit::Status;
 
@@ -53,9 +58,9 @@ fn attest_cmd(file: &str, digest: &str) -> Status {
             return Status::Usage;
         }
     };
-    match attest::attest(&bytes, digest) {
+    match cli::attest::attest(&bytes, digest) {
         Ok(report) => {
-            attest::print(&report, digest);
+            cli::attest::print(&report, digest);
             if report.ok() {
                 Status::Clean
             } else {
@@ -81,7 +86,7 @@ pub fn main(args: &[String]) -> Status {
         [cmd] if cmd == "check" => {
             // Its report is on stdout; rclone's chatter is not part of it.
             logging::init("error");
-            return check::run();
+            return cli::check::run();
         }
         [a] if a == "--help" || a == "-h" => {
             println!("{USAGE}");

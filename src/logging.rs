@@ -14,7 +14,21 @@ const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
 pub const DEFAULT: &str = "info,notify=warn";
 
 pub fn init(default: &str) {
-    let filter = EnvFilter::try_from_env("CVM_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // A filter that does not parse is said, not silently replaced.
+    let (filter, bad) = match std::env::var("CVM_LOG") {
+        Ok(given) if !given.is_empty() => match EnvFilter::try_new(&given) {
+            Ok(f) => (f, None),
+            Err(e) => (EnvFilter::new(default), Some((given, e))),
+        },
+        _ => (EnvFilter::new(default), None),
+    };
+    install(filter);
+    if let Some((given, e)) = bad {
+        tracing::warn!("CVM_LOG={given:?} is not a log filter ({e}); logging with {default:?}");
+    }
+}
+
+fn install(filter: EnvFilter) {
     let registry = tracing_subscriber::registry().with(filter);
     if Path::new(JOURNALD_SOCKET).exists() {
         if let Ok(journald) = tracing_journald::layer() {

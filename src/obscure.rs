@@ -1,5 +1,5 @@
 //! rclone's password obscuring and the `MASTER_KEY` derivation of the earlier
-//! shell entrypoint (facts.md §2 and §6), done in Rust so a password can be
+//! shell entrypoint (docs/facts.md §2 and §6), done in Rust so a password can be
 //! checked before anything starts and derived without spawning rclone.
 
 use aes::cipher::{KeyIvInit, StreamCipher};

@@ -13,9 +13,9 @@ use tokio::time::Instant;
 
 use crate::exit::Status;
 use crate::gateway;
-use crate::notify;
-use crate::process::Child;
 use crate::storage::Storage;
+use crate::sys::process::Child;
+use crate::sys::sdnotify;
 
 /// Share of the budget the gateway gets to exit after SIGTERM.
 const GATEWAY_SHARE: f64 = 0.5;
@@ -25,7 +25,7 @@ const FLUSH_SHARE: f64 = 0.85;
 pub async fn run(gateway: Option<Child>, mut storage: Storage, budget: Duration) -> Status {
     let start = Instant::now();
     let deadline = start + budget;
-    notify::stopping();
+    sdnotify::stopping();
     tracing::info!(?budget, "shutdown: begin");
     let mut status = Status::Clean;
 
@@ -35,7 +35,7 @@ pub async fn run(gateway: Option<Child>, mut storage: Storage, budget: Duration)
         tracing::info!(%exit, killed, took = ?t.elapsed(), "shutdown: gateway stopped");
     }
 
-    notify::status("stopping: flushing state to storage");
+    sdnotify::status("stopping: flushing state to storage");
     let t = Instant::now();
     match storage.flush(start + budget.mul_f64(FLUSH_SHARE)).await {
         Ok(()) => {
@@ -47,7 +47,7 @@ pub async fn run(gateway: Option<Child>, mut storage: Storage, budget: Duration)
         }
     }
 
-    notify::status("stopping: releasing storage");
+    sdnotify::status("stopping: releasing storage");
     let t = Instant::now();
     match storage.stop(deadline).await {
         Ok(()) => tracing::info!(took = ?t.elapsed(), "shutdown: storage stopped"),

@@ -14,7 +14,7 @@ use common::{
 
 const T: Duration = Duration::from_secs(30);
 const MASTER_KEY: &str = "correct horse battery staple";
-/// facts.md §6: what the shell entrypoint derived from MASTER_KEY.
+/// docs/facts.md §6: what the shell entrypoint derived from MASTER_KEY.
 const DERIVED_PASSWORD: &str = "fWxyhzuLSQizHmoLLNCIFuPKNGAgWm3D5LziNPZ2UdM=";
 const DERIVED_SALT: &str = "H4BgUUYEIHkdwOCdLFt/MPbFWIl/8cxJmZmD5D/fVwU=";
 /// Plaintext that must never appear in the bucket.
@@ -341,7 +341,7 @@ fn a_hung_rclone_is_replaced() {
 }
 
 /// `/sys/fs/fuse/connections/<n>/abort` exists only with fusectl mounted,
-/// which a new machine does not have (facts.md §9).
+/// which a new machine does not have (docs/facts.md §9).
 fn ensure_fusectl() {
     let dir = Path::new("/sys/fs/fuse/connections");
     if fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {

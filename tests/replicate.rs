@@ -338,7 +338,7 @@ fn trash_older_than_cvm_trash_days_is_purged_at_boot() {
     );
     let today = format!(
         "crypt:.cvm-trash/{}/recent.md",
-        cvm_init::replication::trash_day(std::time::SystemTime::now())
+        cvm_init::remote::bucket::trash_day(std::time::SystemTime::now())
     );
     rclone(&conf, &["copyto", f.to_str().unwrap(), &today]);
     let (mut app, _) = s.boot("a", &[("CVM_TRASH_DAYS", "7")]);

@@ -17,7 +17,7 @@ use common::{
 
 const T: Duration = Duration::from_secs(60);
 const MASTER_KEY: &str = "correct horse battery staple";
-/// facts.md §6: what MASTER_KEY derives to (the crypt password and salt).
+/// docs/facts.md §6: what MASTER_KEY derives to (the crypt password and salt).
 const DERIVED_PASSWORD: &str = "fWxyhzuLSQizHmoLLNCIFuPKNGAgWm3D5LziNPZ2UdM=";
 const DERIVED_SALT: &str = "H4BgUUYEIHkdwOCdLFt/MPbFWIl/8cxJmZmD5D/fVwU=";
 

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use crate::config::S3Config;
-use crate::process::{Child, Reaper};
+use crate::sys::process::{Child, Reaper};
 
 /// The crypt remote everything goes through; the name the spec and the shell
 /// entrypoint use, so their configs and ours read the same bucket.
@@ -46,7 +46,7 @@ pub fn is_secret_env(name: &str) -> bool {
 }
 
 /// The rclone config: remote `s3` and the crypt overlay `s3-crypt` over
-/// `s3:<bucket>/<prefix>`, as in the spec and facts.md §6.
+/// `s3:<bucket>/<prefix>`, as in the spec and docs/facts.md §6.
 pub fn render_config(s3: &S3Config) -> String {
     let mut out = String::new();
     out.push_str("[s3]\ntype = s3\n");
@@ -300,7 +300,7 @@ pub enum RcdError {
     },
     #[error("rclone rcd exited ({exit}) at start. rclone said:\n{stderr}")]
     Exited {
-        exit: crate::process::Exit,
+        exit: crate::sys::process::Exit,
         stderr: String,
     },
 }

@@ -11,8 +11,8 @@ use tokio::time::Instant;
 use super::rc::{self, RcError};
 use super::{RcdError, RunPaths, StderrTail};
 use crate::config::{Config, S3Config};
-use crate::process::{Child, Exit, Reaper};
-use crate::s3probe::Target;
+use crate::remote::probe::Target;
+use crate::sys::process::{Child, Exit, Reaper};
 
 /// How long an rclone being replaced (after a failed boot, or a failure)
 /// gets to exit on SIGTERM before it is killed.

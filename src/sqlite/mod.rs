@@ -1,7 +1,9 @@
 //! SQLite handling: which files are databases, consistent snapshots of live
-//! ones, and checks. Never copies a live database file (facts.md §3).
+//! ones, and checks. Never copies a live database file (docs/facts.md §3).
 
+pub mod backup;
 pub mod patterns;
+pub mod restore;
 
 use std::fs;
 use std::io::{self, Read};

@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 
 use globset::{Glob, GlobMatcher};
 
-/// The spec's `agents/*/memory.db` plus what OpenClaw releases really write (facts.md §1).
+/// The spec's `agents/*/memory.db` plus what OpenClaw releases really write (docs/facts.md §1).
 pub const DEFAULT: &str =
     "state/*.sqlite,memory/*.sqlite,agents/*/agent/*.sqlite,agents/*/memory.db";
 

@@ -4,7 +4,6 @@
 
 pub mod local;
 pub mod mount;
-pub mod redirect;
 pub mod replicate;
 pub mod worker;
 
@@ -14,10 +13,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::{Config, Layout};
-use crate::process::{Exit, Reaper};
 use crate::rclone::session::Session;
+use crate::sys::process::Reaper;
 
-pub use mount::StorageError;
+mod error;
+
+pub use error::{FlushError, StorageError, StorageFailure};
 
 /// The `StorageError::Prepare` for a failure at `path`.
 pub(crate) fn prepare_err(
@@ -46,77 +47,6 @@ pub enum Event {
     /// Databases sit on the mount as regular files: stop the gateway, then
     /// the next start moves them to local disk.
     Pause(Vec<PathBuf>),
-}
-
-/// Why storage stopped serving while the gateway ran.
-#[derive(Debug, thiserror::Error)]
-pub enum StorageFailure {
-    #[error("rclone exited unexpectedly ({0})")]
-    RcloneExited(Exit),
-    #[error("the rclone mount is gone from the mount table")]
-    MountGone,
-    #[error("the rclone mount is dead ({0})")]
-    MountDead(std::io::Error),
-    #[error("the rclone mount did not answer {0} looks in a row: rclone is hung")]
-    MountHung(u32),
-    /// A bug: what the loop did is not known, so no recovery is tried.
-    #[error("{what} ended unexpectedly ({detail}): uploads from it stopped")]
-    WorkerDied { what: &'static str, detail: String },
-}
-
-/// What could not be made durable during shutdown.
-#[derive(Debug, thiserror::Error)]
-pub enum FlushError {
-    #[error(
-        "{in_progress} upload(s) in progress and {queued} queued when the stop budget ran out; \
-         not on S3: {files:?}. They stay in rclone's cache under CVM_LOCAL_DIR and upload on the next boot"
-    )]
-    Timeout {
-        in_progress: u64,
-        queued: u64,
-        files: Vec<String>,
-    },
-    #[error(
-        "rclone exited ({0}) before its upload queue could be drained; files written since their \
-         last upload stay in rclone's cache under CVM_LOCAL_DIR and upload on the next boot"
-    )]
-    RcloneGone(Exit),
-    #[error("{0}")]
-    Databases(#[from] crate::backup::FinalPassError),
-    #[error("{0}")]
-    Files(#[from] crate::replication::Unreplicated),
-    #[error("{0} had ended before the stop (see the error logged then); what it had not saved is not on S3")]
-    WorkerGone(&'static str),
-    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
-    Several(Vec<FlushError>),
-    #[error("cannot ask rclone for its upload queue: {0}")]
-    Rc(#[from] crate::rclone::rc::RcError),
-    #[error(
-        "rclone did not answer about its upload queue before the stop budget ran out; files written \
-         since their last upload stay in rclone's cache under CVM_LOCAL_DIR and upload on the next boot"
-    )]
-    Unresponsive,
-    #[error(
-        "rclone was not running at the stop (the last remount failed); files written since their last \
-         upload stay in rclone's cache under CVM_LOCAL_DIR and upload on the next boot"
-    )]
-    NoRclone,
-    #[error("syncing the state dir failed: {0}")]
-    Sync(std::io::Error),
-}
-
-impl FlushError {
-    /// Every error of `results`, as one.
-    pub fn all(
-        results: impl IntoIterator<Item = Result<(), FlushError>>,
-    ) -> Result<(), FlushError> {
-        let mut errors: Vec<FlushError> = results.into_iter().filter_map(Result::err).collect();
-        match errors.len() {
-            0 => Ok(()),
-            1 => Err(errors.remove(0)),
-            _ => Err(FlushError::Several(errors)),
-        }
-    }
 }
 
 impl Storage {
@@ -151,8 +81,8 @@ impl Storage {
         };
         let mut target = session.s3_target();
         target.limit = target.limit.map(|l| l.saturating_sub(since.elapsed()));
-        crate::notify::status("reaching S3");
-        Ok(crate::s3probe::wait(reaper, &target).await?)
+        crate::sys::sdnotify::status("reaching S3");
+        Ok(crate::remote::probe::wait(reaper, &target).await?)
     }
 
     /// Boot: starts rclone (`rclone rcd`, or the mount).
@@ -174,7 +104,7 @@ impl Storage {
         let Some(session) = self.session() else {
             return Ok(());
         };
-        let outcome = crate::keycheck::check(
+        let outcome = crate::remote::keycheck::check(
             session.socket(),
             &session.s3.raw_remote(),
             &session.paths.scratch,
@@ -204,11 +134,11 @@ impl Storage {
 
     /// After a failed boot step: whether S3 has gone away meanwhile (then
     /// the failure is an outage's, to be waited out, not the state's).
-    pub async fn s3_gone(&self, reaper: &Reaper) -> Option<crate::s3probe::ProbeError> {
+    pub async fn s3_gone(&self, reaper: &Reaper) -> Option<crate::remote::probe::ProbeError> {
         let session = self.session()?;
         let t = session.s3_target();
-        match crate::s3probe::probe(reaper, t.rclone_bin, t.config, t.s3).await {
-            Err(gone @ crate::s3probe::ProbeError::Unreachable { .. }) => Some(gone),
+        match crate::remote::probe::probe(reaper, t.rclone_bin, t.config, t.s3).await {
+            Err(gone @ crate::remote::probe::ProbeError::Unreachable { .. }) => Some(gone),
             _ => None,
         }
     }

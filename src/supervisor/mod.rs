@@ -16,10 +16,10 @@ use crate::backoff::jitter_unit;
 use crate::config::Config;
 use crate::exit::Status;
 use crate::gateway;
-use crate::notify;
-use crate::process::{Child, Reaper};
 use crate::shutdown;
 use crate::storage::{Event as StorageEvent, Storage, StorageFailure};
+use crate::sys::process::{Child, Reaper};
+use crate::sys::sdnotify;
 use policy::{Action, Event, Policy};
 use signals::{SignalAction, Signals};
 
@@ -121,7 +121,7 @@ pub async fn run(
                         tracing::info!(pid = child.pid().as_raw(), cmd = ?cfg.gateway_cmd, "gateway started");
                         if !announced {
                             tracing::info!(took = ?booted.elapsed(), "ready");
-                            notify::ready();
+                            sdnotify::ready();
                             announced = true;
                         }
                         gw = Gateway::Running {
@@ -158,7 +158,7 @@ pub async fn run(
                 match policy.decide(Event::GatewayExited { ran_for }, Instant::now()) {
                     Action::RestartGateway { after } => {
                         tracing::warn!(%exit, ?ran_for, restart_in = ?after, "gateway exited; restarting");
-                        notify::status(&format!("gateway exited ({exit}); restarting in {after:?}"));
+                        sdnotify::status(&format!("gateway exited ({exit}); restarting in {after:?}"));
                         gw = Gateway::Backoff { until: Instant::now() + after };
                     }
                     action => {
@@ -193,7 +193,7 @@ pub async fn run(
                         );
                         return finish(stop_status(action), gw, storage, cfg).await;
                     }
-                    notify::status(&format!("storage failed ({failure}); recovering"));
+                    sdnotify::status(&format!("storage failed ({failure}); recovering"));
                     if storage.recovery_stops_gateway() {
                         tracing::error!("{failure}; stopping the gateway so nothing writes to the bare directory, then remounting");
                         gw.pause(cfg.stop_timeout / 2, "for the remount").await;
@@ -204,7 +204,7 @@ pub async fn run(
                         return finish(status, gw, storage, cfg).await;
                     }
                     tracing::warn!(storage = storage.describe(), "storage recovered");
-                    notify::status("running");
+                    sdnotify::status("running");
                 }
             },
         }

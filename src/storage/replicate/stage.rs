@@ -8,7 +8,7 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-use super::{stamp, Stamp};
+use super::scan::{stamp, Stamp};
 
 /// Copies tried before the last one is taken as it is.
 const ATTEMPTS: u32 = 3;

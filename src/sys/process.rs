@@ -2,7 +2,7 @@
 //! and a single reaper collects every exit, ours and orphans' alike.
 //!
 //! A `waitpid(-1)` reaper next to `tokio::process` steals exit statuses
-//! (facts.md §4), so nothing in cvm-init uses `tokio::process`. Spawning and
+//! (docs/facts.md §4), so nothing in cvm-init uses `tokio::process`. Spawning and
 //! registering happen under the same lock the reaper takes, so a child that
 //! exits at once is never reaped before its owner is known.
 

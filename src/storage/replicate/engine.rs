@@ -11,27 +11,27 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 
-use globset::GlobSet;
 use notify::{RecursiveMode, Watcher};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::{sleep, Instant};
 
+use super::plan;
+use super::scan::{scan, stamp, Excludes, Manifest, Stamp};
 use crate::backoff::Backoff;
 use crate::rclone::rc::{self, RcError};
 use crate::rclone::CRYPT_REMOTE;
-use crate::sqlite::{Patterns, SIDECARS};
+use crate::remote::bucket::{
+    local_path, trash_day, LINK_SUFFIX, META_DIR, TRASH_DIR, TREE_FILE, USER_DIR,
+};
+use crate::storage::replicate::treemeta::{self, Kind, TreeMeta};
 use crate::storage::worker::{self, Worker};
-use crate::treemeta::{self, Kind, TreeMeta};
-
-mod stage;
 
 const POLL: Duration = Duration::from_millis(250);
 /// Transfers that could not reach S3 at which a pass stops starting more (see `Engine::pass`).
@@ -44,199 +44,6 @@ const BATCH_MIN: usize = 64;
 const PASS_LIMIT: usize = 1024;
 /// Below the scratch dir: consistent copies of files on their way up.
 const STAGE_DIR: &str = "stage";
-/// Remote prefixes cvm-init owns inside the crypt remote.
-pub const TRASH_DIR: &str = ".cvm-trash";
-pub const META_DIR: &str = ".cvm";
-/// Deleting more than this share of the remote tree in one pass is refused…
-const MAX_DELETE_SHARE: f64 = 0.5;
-/// …unless it is only a handful of files.
-const MAX_DELETE_FREE: usize = 10;
-/// rclone's name for a symlink stored as an object (`--links`).
-pub const LINK_SUFFIX: &str = ".rclonelink";
-
-/// What is never replicated as a file: the user's excludes, live databases
-/// and their sidecars (snapshots carry them), and cvm-init's own prefixes.
-#[derive(Debug, Clone)]
-pub struct Excludes {
-    rules: Vec<String>,
-    set: GlobSet,
-    /// Paths `CVM_SQLITE_PATHS` matches: excluded when they hold a SQLite
-    /// database (its snapshots carry it), replicated as files otherwise.
-    db: GlobSet,
-}
-
-impl Excludes {
-    pub fn new(user: &[String], dbs: &Patterns) -> Result<Excludes, globset::Error> {
-        // cvm-init's own prefixes on the remote. Locally only `.cvm` is
-        // cvm-init's; a user's own top-level `sqlite/` or `.cvm-trash/` is
-        // replicated under `.cvm/user/` (see `remote_name`).
-        let remote_only = RESERVED.map(|r| format!("/{r}/**"));
-        let mut rules: Vec<String> = vec![format!("/{META_DIR}"), format!("/{META_DIR}/**")];
-        rules.extend(user.iter().cloned());
-        let mut db = Vec::new();
-        for p in dbs
-            .as_str()
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-        {
-            db.push(format!("/{p}"));
-            rules.extend(SIDECARS.iter().map(|s| format!("/{p}{s}")));
-            // The mount layout keeps a link where each database was: on a bucket
-            // that switches layouts it must not come back in place of the database.
-            rules.push(format!("/{p}{LINK_SUFFIX}"));
-        }
-        let set = crate::filter::globset(&rules)?;
-        rules.extend(remote_only);
-        Ok(Excludes {
-            rules,
-            set,
-            db: crate::filter::globset(&db)?,
-        })
-    }
-
-    /// The rules in rclone filter syntax (`ExcludeRule`), for the remote
-    /// tree: they also leave out cvm-init's prefixes there.
-    pub fn rules(&self) -> &[String] {
-        &self.rules
-    }
-
-    pub fn excluded(&self, rel: &Path) -> bool {
-        self.set.is_match(rel)
-    }
-
-    /// Whether `rel` below `root` is a live database (a database pattern's
-    /// match that starts with the SQLite header), never replicated as a file.
-    pub fn is_database(&self, root: &Path, rel: &Path) -> bool {
-        self.db.is_match(rel) && crate::sqlite::is_sqlite(&root.join(rel)).unwrap_or(false)
-    }
-}
-
-/// Size, mtime and change time of a file as last replicated (see `stamp`).
-type Stamp = (u64, i64, i64);
-/// Remote name (symlinks with `.rclonelink`) → stamp.
-pub type Manifest = BTreeMap<String, Stamp>;
-
-/// What a local scan found.
-#[derive(Debug, Default)]
-pub struct Scan {
-    /// Every replicated file, keyed by its remote name.
-    pub files: Manifest,
-    /// Every entry's type, mode and owner (`treemeta`).
-    pub tree: TreeMeta,
-    /// Directories that could not be read (without `CAP_DAC_OVERRIDE`, a
-    /// mode-000 one): what is below them is unknown, never "deleted".
-    pub unreadable: Vec<String>,
-    /// Entries whose names rclone cannot carry byte for byte, with why:
-    /// never replicated (see [`refusal`]).
-    pub refused: Vec<(String, &'static str)>,
-}
-
-impl Scan {
-    /// Whether `name` lies below a directory the scan could not read.
-    pub fn unknown(&self, name: &str) -> bool {
-        let p = local_path(name);
-        self.unreadable.iter().any(|d| p.starts_with(d))
-    }
-}
-
-/// Why an entry named `name` cannot be replicated, if it cannot. Checked
-/// with rclone 1.75: a name containing `‛` (U+201B, rclone's quoting
-/// character) comes back with it doubled, even with `--local-encoding None`;
-/// a regular file named `*.rclonelink` comes back as a symlink (`--links`);
-/// a name that is not UTF-8 cannot travel through the rc API (JSON).
-/// Refused names are named in a warning when they appear, never uploaded.
-pub fn refusal(name: &std::ffi::OsStr, regular_file: bool) -> Option<&'static str> {
-    let Some(name) = name.to_str() else {
-        return Some("the name is not UTF-8");
-    };
-    if name.contains('\u{201B}') {
-        return Some("the name contains ‛ (U+201B), which rclone's name encoding does not carry");
-    }
-    if regular_file && name.ends_with(LINK_SUFFIX) {
-        return Some("a regular file named *.rclonelink would come back as a symbolic link");
-    }
-    None
-}
-
-/// Scans `root` for what is replicated.
-pub fn scan(root: &Path, excludes: &Excludes) -> Scan {
-    fn walk(root: &Path, rel: &Path, ex: &Excludes, out: &mut Scan) {
-        let entries = match fs::read_dir(root.join(rel)) {
-            Ok(e) => e,
-            // Gone since its parent was read: nothing below it any more.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-            Err(_) => {
-                out.unreadable.push(rel.to_string_lossy().into_owned());
-                return;
-            }
-        };
-        for e in entries.flatten() {
-            let child = rel.join(e.file_name());
-            let Ok(meta) = e.path().symlink_metadata() else {
-                continue;
-            };
-            if ex.excluded(&child) {
-                continue;
-            }
-            if meta.is_file() && ex.is_database(root, &child) {
-                continue;
-            }
-            let name = child.to_string_lossy().into_owned();
-            if let Some(why) = refusal(&e.file_name(), meta.is_file()) {
-                out.refused.push((name, why));
-                continue;
-            }
-            let Some(entry) = treemeta::Entry::of(&meta) else {
-                continue;
-            };
-            match entry.kind {
-                Kind::Dir => walk(root, &child, ex, out),
-                Kind::Link => {
-                    out.files
-                        .insert(format!("{}{LINK_SUFFIX}", remote_name(&name)), stamp(&meta));
-                }
-                Kind::File => {
-                    out.files.insert(remote_name(&name), stamp(&meta));
-                }
-            }
-            out.tree.insert(name, entry);
-        }
-    }
-    let mut out = Scan::default();
-    walk(root, Path::new(""), excludes, &mut out);
-    out
-}
-
-/// Size, mtime (ms) and change time (ns) of a file. The change time moves
-/// with any write, also one that puts the old size and mtime back (`cp -p`,
-/// `touch -r`, `tar x`), and with a mode or owner change (see `Engine::pass`).
-fn stamp(meta: &fs::Metadata) -> Stamp {
-    (
-        meta.len(),
-        meta.mtime() * 1000 + meta.mtime_nsec() / 1_000_000,
-        meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-    )
-}
-
-/// Today's trash directory, by UTC day.
-pub fn trash_day(now: SystemTime) -> String {
-    let days = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() / 86_400)
-        .unwrap_or(0) as i64;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
-}
 
 #[derive(Debug, Clone)]
 pub struct ReplicationSpec {
@@ -248,7 +55,7 @@ pub struct ReplicationSpec {
     /// Where `tree.json` is written before upload.
     pub scratch: PathBuf,
     /// Where the backlog is reported while uploads fail.
-    pub lag: crate::health::Lag,
+    pub lag: crate::remote::lag::Lag,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -309,44 +116,6 @@ impl Default for FileRetry {
             error: String::new(),
         }
     }
-}
-
-/// Whether the remote file `name`, gone locally, went because its path
-/// changed shape: it is a directory now, or a directory above it is now a
-/// file or a link.
-fn shape_changed(name: &str, tree: &TreeMeta) -> bool {
-    let p = local_path(name);
-    let kind = |a: &Path| tree.get(a.to_string_lossy().as_ref()).map(|e| e.kind);
-    kind(&p) == Some(Kind::Dir)
-        || p.ancestors()
-            .skip(1)
-            .any(|a| matches!(kind(a), Some(Kind::File | Kind::Link)))
-}
-
-/// Top-level names cvm-init uses on the remote besides `.cvm`.
-const RESERVED: [&str; 2] = [crate::backup::REMOTE_DIR, TRASH_DIR];
-/// Where a user's own top-level entries with a reserved name live on the remote.
-pub const USER_DIR: &str = ".cvm/user";
-
-/// The remote name of the local relative path `local`: the same, but below
-/// `.cvm/user/` when its first component is one of cvm-init's prefixes.
-fn remote_name(local: &str) -> String {
-    let first = local.split('/').next().unwrap_or_default();
-    if RESERVED.contains(&first) {
-        format!("{USER_DIR}/{local}")
-    } else {
-        local.to_owned()
-    }
-}
-
-/// The local path of a remote name (a link's object has `.rclonelink`).
-fn local_path(name: &str) -> PathBuf {
-    let name = name.strip_suffix(LINK_SUFFIX).unwrap_or(name);
-    let name = name
-        .strip_prefix(USER_DIR)
-        .and_then(|n| n.strip_prefix('/'))
-        .unwrap_or(name);
-    PathBuf::from(name)
 }
 
 /// One inotify watch per directory rather than notify's recursive mode,
@@ -643,34 +412,21 @@ impl Engine {
             Some(paths) => local_path(name).ancestors().any(|a| paths.contains(a)),
         };
         // A file whose own retry is not due waits for it, however often it changes.
-        let waiting =
-            |name: &String| !force && self.retry.get(name).is_some_and(|r| r.at > started);
-        let mut failed: Vec<String> = Vec::new();
-        let mut uploads = Vec::new();
-        let mut meta_only = Vec::new();
-        for (k, v) in local {
-            if in_scope(k) && self.remote.get(k) != Some(v) {
-                // Same size and mtime, a new change time, and a new mode or
-                // owner: a chmod or chown, which tree.json carries; the
-                // content is not uploaded again. A new change time with the
-                // same mode and owner is a write that kept size and mtime.
-                let p = local_path(k);
-                let key = p.to_string_lossy();
-                let attrs_changed = scan.tree.get(key.as_ref()) != self.tree.get(key.as_ref());
-                if attrs_changed && self.remote.get(k).is_some_and(|r| (r.0, r.1) == (v.0, v.1)) {
-                    meta_only.push((k.clone(), *v));
-                } else if waiting(k) {
-                    failed.push(k.clone());
-                } else {
-                    uploads.push(k.clone());
-                }
-            }
-        }
+        let waiting = |name: &str| !force && self.retry.get(name).is_some_and(|r| r.at > started);
+        let view = plan::View {
+            local,
+            remote: &self.remote,
+            tree: &scan.tree,
+            tree_on_s3: &self.tree,
+        };
+        let planned = plan::plan(&view, in_scope, |n| scan.unknown(n), waiting);
+        let mut failed = planned.held;
+        let mut uploads = planned.uploads;
         // Oldest change first, and at most `PASS_LIMIT` per pass (all at the
         // stop): a file written during a long burst waits behind what was
         // written before it, not behind the whole burst, and the loop comes
         // back often enough to pick up new changes.
-        for (k, v) in meta_only {
+        for (k, v) in planned.meta_only {
             self.remote.insert(k, v);
         }
         // A file's own first change, else its nearest changed directory's.
@@ -691,25 +447,14 @@ impl Engine {
                 self.dirty.entry(local_path(&name)).or_insert(at);
             }
         }
-        let (shape_changes, mut deletes): (Vec<String>, Vec<String>) = self
-            .remote
-            .keys()
-            .filter(|k| in_scope(k) && !local.contains_key(*k) && !scan.unknown(k))
-            .cloned()
-            .partition(|k| shape_changed(k, &scan.tree));
-        // What a shape change removes (a directory that became a file, a file
-        // that became a directory) is the user's intent, not a wiped state
-        // dir: the guard counts only the other deletes.
-        if deletes.len() > MAX_DELETE_FREE
-            && deletes.len() as f64 > self.remote.len() as f64 * MAX_DELETE_SHARE
-        {
+        let (shape_changes, deletes) = (planned.shape_changes, planned.deletes);
+        if planned.refused_deletes > 0 {
             tracing::error!(
-                deletes = deletes.len(),
+                deletes = planned.refused_deletes,
                 remote_files = self.remote.len(),
                 "replicate: refusing to delete more than half of the remote tree in one pass; was the local state \
                  wiped? Nothing is deleted on S3 (restore it, or remove the files on S3 by hand)"
             );
-            deletes.clear();
         }
         let trash = format!(
             "{CRYPT_REMOTE}:{TRASH_DIR}/{}",
@@ -836,7 +581,7 @@ impl Engine {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "replicate: modes, owners and directories not uploaded");
-                    failed.push(format!("{META_DIR}/{}", treemeta::FILE));
+                    failed.push(format!("{META_DIR}/{}", TREE_FILE));
                 }
             }
         }
@@ -958,7 +703,7 @@ impl Engine {
     /// Uploads `name` so that S3 always holds a complete copy: the live
     /// object is overwritten only by a finished upload (an S3 PUT replaces
     /// an object whole), after a server-side copy of it to the trash. A file
-    /// is uploaded from a consistent local copy (`stage::copy`), so one that
+    /// is uploaded from a consistent local copy (`super::stage::copy`), so one that
     /// changes while it uploads still reaches S3. Returns the stamp of what
     /// was uploaded.
     async fn upload(&self, name: &str, trash: &str, slot: usize) -> Result<Stamp, TransferError> {
@@ -989,7 +734,7 @@ impl Engine {
         let src = self.spec.root.join(&local);
         let stamp = {
             let (src, staged) = (src.clone(), staged.clone());
-            tokio::task::spawn_blocking(move || stage::copy(&src, &staged))
+            tokio::task::spawn_blocking(move || super::stage::copy(&src, &staged))
                 .await
                 .expect("staging does not panic")
         }
@@ -1041,7 +786,7 @@ impl Engine {
     }
 
     async fn upload_tree(&self, tree: &TreeMeta) -> Result<(), RcError> {
-        let path = self.spec.scratch.join(treemeta::FILE);
+        let path = self.spec.scratch.join(TREE_FILE);
         let io = |source| RcError::Io {
             path: path.clone(),
             source,
@@ -1051,162 +796,12 @@ impl Engine {
         self.rc(
             "operations/copyfile",
             json!({
-                "srcFs": self.spec.scratch.to_string_lossy(), "srcRemote": treemeta::FILE,
-                "dstFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "dstRemote": treemeta::FILE,
+                "srcFs": self.spec.scratch.to_string_lossy(), "srcRemote": TREE_FILE,
+                "dstFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "dstRemote": TREE_FILE,
                 "_config": { "NoCheckDest": true },
             }),
         )
         .await
         .map(drop)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn excludes_follow_rclone_semantics() {
-        let ex = Excludes::new(
-            &crate::config::DEFAULT_EXCLUDE
-                .split(',')
-                .map(str::to_owned)
-                .collect::<Vec<_>>(),
-            &Patterns::default(),
-        )
-        .unwrap();
-        for yes in [
-            "tmp/openclaw-0/x.lock",
-            "cache/a/b",
-            "agents/a/x.lock",
-            "state/openclaw.sqlite-wal",
-            "state/openclaw.sqlite-shm",
-            ".cvm/replica",
-        ] {
-            assert!(ex.excluded(Path::new(yes)), "{yes}");
-        }
-        for no in [
-            // A user's own: replicated below `.cvm/user/`.
-            ".cvm-trash/2026-01-01/a",
-            "sqlite/state/openclaw.sqlite",
-            "openclaw.json",
-            "workspace/tmp/notes.md",
-            "agents/main/agent/auth.json",
-            "state/other.json",
-        ] {
-            assert!(!ex.excluded(Path::new(no)), "{no}");
-        }
-        assert!(ex.rules().contains(&"/state/*.sqlite-wal".to_owned()));
-        assert!(ex.excluded(Path::new("state/openclaw.sqlite.rclonelink")));
-        // A database path is a database only with the SQLite header.
-        let dir = tempfile::tempdir().unwrap();
-        fs::create_dir_all(dir.path().join("state")).unwrap();
-        let db = Path::new("state/openclaw.sqlite");
-        fs::write(dir.path().join(db), "{\"not\": \"a database\"}").unwrap();
-        assert!(!ex.excluded(db) && !ex.is_database(dir.path(), db));
-        fs::remove_file(dir.path().join(db)).unwrap();
-        rusqlite::Connection::open(dir.path().join(db))
-            .unwrap()
-            .execute_batch("CREATE TABLE t(x)")
-            .unwrap();
-        assert!(ex.is_database(dir.path(), db));
-    }
-
-    #[test]
-    fn a_users_own_top_level_sqlite_dir_lives_below_cvm_user() {
-        assert_eq!(
-            remote_name("sqlite/notes.txt"),
-            ".cvm/user/sqlite/notes.txt"
-        );
-        assert_eq!(remote_name(".cvm-trash"), ".cvm/user/.cvm-trash");
-        assert_eq!(remote_name("state/sqlite/x"), "state/sqlite/x");
-        assert_eq!(remote_name("sqlite-like"), "sqlite-like");
-        for local in ["sqlite/notes.txt", "state/x", ".cvm-trash/a"] {
-            assert_eq!(local_path(&remote_name(local)), Path::new(local));
-        }
-        assert_eq!(
-            local_path(".cvm/user/sqlite/l.rclonelink"),
-            Path::new("sqlite/l")
-        );
-        let ex = Excludes::new(&[], &Patterns::default()).unwrap();
-        assert!(!ex.excluded(Path::new("sqlite/notes.txt")));
-        assert!(ex.excluded(Path::new(".cvm/replica")));
-        assert!(ex.rules().contains(&"/sqlite/**".to_owned()));
-    }
-
-    #[test]
-    fn names_rclone_cannot_carry_are_refused() {
-        use std::os::unix::ffi::OsStrExt;
-        let os = |b: &[u8]| std::ffi::OsStr::from_bytes(b).to_owned();
-        assert!(refusal(&os(b"bad\xff"), true).is_some());
-        assert!(refusal(&os("a\u{201B}b".as_bytes()), true).is_some());
-        assert!(refusal(&os(b"x.rclonelink"), true).is_some());
-        assert!(
-            refusal(&os(b"x.rclonelink"), false).is_none(),
-            "a directory may have that name"
-        );
-        assert!(refusal(&os("caf\u{e9} (1).md".as_bytes()), true).is_none());
-    }
-
-    #[test]
-    fn shape_changes_are_told_from_deletions() {
-        let e = |kind| treemeta::Entry {
-            kind,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-        };
-        let tree: TreeMeta = [
-            ("x", e(Kind::File)),
-            ("d", e(Kind::Dir)),
-            ("l", e(Kind::Link)),
-            ("keep", e(Kind::Dir)),
-        ]
-        .into_iter()
-        .map(|(p, e)| (p.to_owned(), e))
-        .collect();
-        for (name, want) in [
-            ("x/f1", true),         // a directory replaced by a file
-            ("x/deep/f", true),     // …at any depth
-            ("d", true),            // a file replaced by a directory
-            ("d.rclonelink", true), // a link replaced by a directory
-            ("l/f", true),          // a directory replaced by a link
-            ("keep/gone", false),   // a plain deletion
-            ("gone", false),
-        ] {
-            assert_eq!(shape_changed(name, &tree), want, "{name}");
-        }
-    }
-
-    #[test]
-    fn trash_days_are_utc_dates() {
-        let at = |s| UNIX_EPOCH + Duration::from_secs(s);
-        assert_eq!(trash_day(at(0)), "1970-01-01");
-        assert_eq!(trash_day(at(951_782_400)), "2000-02-29");
-        assert_eq!(trash_day(at(1_795_564_799)), "2026-11-24");
-        assert_eq!(trash_day(at(1_795_564_800)), "2026-11-25");
-    }
-
-    #[test]
-    fn scan_lists_files_links_and_dir_modes() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = dir.path();
-        fs::create_dir_all(r.join("a/b")).unwrap();
-        fs::set_permissions(r.join("a"), fs::Permissions::from_mode(0o700)).unwrap();
-        fs::write(r.join("a/b/f"), "x").unwrap();
-        std::os::unix::fs::symlink("f", r.join("a/b/l")).unwrap();
-        fs::create_dir_all(r.join("tmp")).unwrap();
-        fs::write(r.join("tmp/skip"), "x").unwrap();
-        let ex = Excludes::new(&["/tmp/**".to_owned()], &Patterns::default()).unwrap();
-        let Scan { files, tree, .. } = scan(r, &ex);
-        assert_eq!(
-            files.keys().collect::<Vec<_>>(),
-            ["a/b/f", "a/b/l.rclonelink"]
-        );
-        assert_eq!(tree["a"].kind, Kind::Dir);
-        assert_eq!(tree["a"].mode, 0o700);
-        assert_eq!(tree["a/b/l"].kind, Kind::Link);
-        assert!(!tree.contains_key("tmp/skip"));
     }
 }

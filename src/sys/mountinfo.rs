@@ -13,7 +13,7 @@ use procfs_core::FromBufRead;
 pub const PROC_MOUNTINFO: &str = "/proc/self/mountinfo";
 
 /// A mount stacked at a mountpoint.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mounted {
     pub fs_type: String,
     /// Read-only as a mount (the per-mount `ro` flag, as a read-only bind has).

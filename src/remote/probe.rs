@@ -12,9 +12,9 @@ use tokio::time::{sleep, Instant};
 
 use crate::backoff::{jitter_unit, Backoff};
 use crate::config::S3Config;
-use crate::notify;
-use crate::process::{Exit, Reaper};
 use crate::rclone;
+use crate::sys::process::{Exit, Reaper};
+use crate::sys::sdnotify;
 
 /// What one probe found, when it did not find S3 ready.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -223,7 +223,7 @@ pub async fn wait(reaper: &Reaper, target: &Target<'_>) -> Result<(), WaitError>
             retry_in = ?delay,
             "{last}; the gateway waits until S3 answers and the state is restored"
         );
-        notify::status(&format!(
+        sdnotify::status(&format!(
             "waiting for S3 (attempt {attempts}, {}s so far): {last}",
             waited.as_secs()
         ));

@@ -18,11 +18,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The file name inside cvm-init's remote `.cvm/` directory.
-pub const FILE: &str = "tree.json";
-/// What cvm-init wrote before `tree.json`: directory modes only.
-pub const LEGACY_DIR_MODES: &str = "dirs.json";
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
     #[serde(rename = "d")]

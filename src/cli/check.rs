@@ -12,11 +12,11 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{Config, Layout, S3Config};
 use crate::exit::Status;
-use crate::keycheck::{self, KeyCheckError, Outcome};
-use crate::pid1;
-use crate::process::Reaper;
 use crate::rclone::{self, RunPaths};
-use crate::s3probe::{self, ProbeError};
+use crate::remote::keycheck::{self, KeyCheckError, Outcome};
+use crate::remote::probe::{self, ProbeError};
+use crate::sys::pid1;
+use crate::sys::process::Reaper;
 
 /// How long rclone gets to start its rc server.
 const RCD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -181,7 +181,7 @@ async fn check_s3(r: &mut Report, cfg: &Config, s3: &S3Config) {
         );
         return;
     }
-    match s3probe::probe(&reaper, &cfg.rclone_bin, &paths.config, s3).await {
+    match probe::probe(&reaper, &cfg.rclone_bin, &paths.config, s3).await {
         Ok(()) => r.ok(
             "s3",
             &format!(

@@ -15,8 +15,9 @@ use tokio::time::{sleep, Instant};
 
 use crate::backoff::Backoff;
 use crate::config::SqliteConfig;
-use crate::health::Lag;
 use crate::rclone::rc;
+use crate::remote::bucket::SQLITE_DIR;
+use crate::remote::lag::Lag;
 use crate::sqlite::{self, Fingerprint, Patterns, Snapshot, SqliteError};
 use crate::storage::worker::{self, Worker};
 
@@ -24,9 +25,6 @@ use crate::storage::worker::{self, Worker};
 const POLL: Duration = Duration::from_millis(250);
 /// How often the database directory is searched for new databases (local disk, cheap).
 const RESCAN: Duration = Duration::from_secs(1);
-
-/// The remote directory (inside the crypt remote) that holds the snapshots.
-pub const REMOTE_DIR: &str = "sqlite";
 
 #[derive(Debug, Clone)]
 pub struct BackupSpec {
@@ -258,12 +256,12 @@ impl Engine {
         let Some(trash) = self.spec.trash.clone() else {
             return;
         };
-        let day = crate::replication::trash_day(std::time::SystemTime::now());
+        let day = crate::remote::bucket::trash_day(std::time::SystemTime::now());
         for rel in std::mem::take(&mut self.gone) {
             let rel_str = rel.to_string_lossy();
             let params = json!({
                 "srcFs": self.spec.remote, "srcRemote": rel_str,
-                "dstFs": format!("{trash}/{day}/{REMOTE_DIR}"), "dstRemote": rel_str,
+                "dstFs": format!("{trash}/{day}/{SQLITE_DIR}"), "dstRemote": rel_str,
             });
             match rc::call(&self.spec.rc_socket, "operations/movefile", &params).await {
                 Ok(_) | Err(rc::RcError::Status { status: 404, .. }) => {

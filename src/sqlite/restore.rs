@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 
 use tokio::time::Instant;
 
-use crate::backup::REMOTE_DIR;
 use crate::rclone::{rc, CRYPT_REMOTE};
+use crate::remote::bucket::SQLITE_DIR;
 use crate::sqlite::{self, SqliteError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     #[error(
-        "restoring databases from {CRYPT_REMOTE}:{REMOTE_DIR} failed ({exit}); the gateway is not started \
+        "restoring databases from {CRYPT_REMOTE}:{SQLITE_DIR} failed ({exit}); the gateway is not started \
          on empty databases while remote ones exist. rclone said:\n{stderr}"
     )]
     Fetch { exit: String, stderr: String },
@@ -63,7 +63,7 @@ fn files_below(root: &Path) -> Result<BTreeSet<PathBuf>, RestoreError> {
 
 /// Copies the snapshots into `root` through the rclone rc server at `socket`.
 async fn fetch(socket: &Path, root: &Path) -> Result<(), RestoreError> {
-    let remote = format!("{CRYPT_REMOTE}:{REMOTE_DIR}");
+    let remote = format!("{CRYPT_REMOTE}:{SQLITE_DIR}");
     let params = serde_json::json!({
         "srcFs": remote, "dstFs": root.to_string_lossy(),
         "_config": { "IgnoreExisting": true, "Transfers": 8 },

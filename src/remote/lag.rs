@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
 
-use crate::notify;
+use crate::sys::sdnotify;
 
 /// A backlog younger than this is normal operation (debounce, an upload in
 /// flight) and not reported.
@@ -95,7 +95,7 @@ impl Lag {
                 match lag.summary(now) {
                     Some((d, line)) if d >= REPORT_AFTER => {
                         worst = Some(worst.map_or(d, |w| w.max(d)));
-                        notify::status(&line);
+                        sdnotify::status(&line);
                         if last_warn.is_none_or(|t| now - t >= WARN_EVERY) {
                             tracing::warn!("{line}");
                             last_warn = Some(now);
@@ -107,7 +107,7 @@ impl Lag {
                                 "S3 writes caught up: nothing older than {REPORT_AFTER:?} is pending (they were up to {}s behind)",
                                 w.as_secs()
                             );
-                            notify::status("running");
+                            sdnotify::status("running");
                             last_warn = None;
                         }
                     }

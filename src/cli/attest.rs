@@ -1,6 +1,6 @@
 //! `cvm-init attest`: what a user checks before trusting a Phala/dstack CVM
 //! with their bucket. dstack measures an app by the compose hash: SHA-256 of
-//! the exact bytes of `app-compose.json`, extended into RTMR3 (facts.md §5).
+//! the exact bytes of `app-compose.json`, extended into RTMR3 (docs/facts.md §5).
 //! Env values are not measured, so the image must be pinned by digest, and
 //! that digest must be the one a reproducible build produced.
 

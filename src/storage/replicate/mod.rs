@@ -1,7 +1,14 @@
 //! The replicate layout (the default): the state dir is a plain local
 //! directory, restored from the crypt remote at boot and replicated to it
-//! while the gateway runs (`replication`), databases as snapshots (`backup`).
+//! while the gateway runs (`engine`, which plans each pass with `plan` over
+//! a `scan`), databases as snapshots (`sqlite::backup`).
 //! One long-lived `rclone rcd` serves every transfer. No FUSE, no privileges.
+
+pub mod engine;
+mod plan;
+pub mod scan;
+mod stage;
+pub mod treemeta;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -14,16 +21,19 @@ use tokio::time::{sleep, Instant};
 
 use super::worker::{self, Worker};
 use super::{prepare_err, Event, FlushError, StorageError, StorageFailure};
-use crate::backup::{self, BackupSpec, REMOTE_DIR};
 use crate::config::{Config, S3Config, SqliteConfig};
-use crate::health::Lag;
-use crate::notify;
-use crate::process::Reaper;
 use crate::rclone::session::Session;
 use crate::rclone::{self, rc, CRYPT_REMOTE};
-use crate::replication::{self, Excludes, Manifest, ReplicationSpec, META_DIR, TRASH_DIR};
-use crate::restore;
-use crate::treemeta;
+use crate::remote::bucket::{
+    trash_day, LEGACY_DIR_MODES, LINK_SUFFIX, META_DIR, SQLITE_DIR, TRASH_DIR, TREE_FILE, USER_DIR,
+};
+use crate::remote::lag::Lag;
+use crate::sqlite::backup::{self, BackupSpec};
+use crate::sqlite::restore;
+use crate::sys::process::Reaper;
+use crate::sys::sdnotify;
+use engine::ReplicationSpec;
+use scan::{Excludes, Manifest};
 
 /// A restore with no progress for this long asks whether S3 still answers.
 const RESTORE_STALL: Duration = Duration::from_secs(10);
@@ -83,7 +93,7 @@ fn missing_list(missing: &[String]) -> String {
     if missing.is_empty() {
         return String::new();
     }
-    format!("; not restored: {}", replication::shortlist(missing, 10))
+    format!("; not restored: {}", engine::shortlist(missing, 10))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReplicateError + '_ {
@@ -164,8 +174,8 @@ impl Replicate {
         let copied = async {
             self.copy_tree("", self.filter_with(skip)).await?;
             // A user's own top-level `sqlite/` or `.cvm-trash/` (see
-            // `replication::remote_name`): nothing else is stored there.
-            self.copy_tree(replication::USER_DIR, json!({})).await
+            // `engine::remote_name`): nothing else is stored there.
+            self.copy_tree(USER_DIR, json!({})).await
         };
         match copied.await {
             Err(ReplicateError::Restore { dir, detail, .. }) => Err(ReplicateError::Restore {
@@ -183,7 +193,7 @@ impl Replicate {
         let Ok(remote) = self.remote_manifest().await else {
             return Vec::new();
         };
-        let local = replication::scan(&self.state_dir, &self.excludes).files;
+        let local = scan::scan(&self.state_dir, &self.excludes).files;
         remote
             .into_iter()
             .filter(|(name, (size, _, _))| local.get(name).map(|s| s.0) != Some(*size))
@@ -240,7 +250,7 @@ impl Replicate {
                     if bytes > progress.0 {
                         progress = (bytes, Instant::now());
                     } else if progress.1.elapsed() >= RESTORE_STALL
-                        && !crate::s3probe::answers_via_rc(
+                        && !crate::remote::probe::answers_via_rc(
                             self.session.socket(),
                             &self.session.s3.raw_remote(),
                         )
@@ -261,7 +271,7 @@ impl Replicate {
         let scratch = self.session.paths.scratch.clone();
         fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
         let mut tree = None;
-        for (name, legacy) in [(treemeta::FILE, false), (treemeta::LEGACY_DIR_MODES, true)] {
+        for (name, legacy) in [(TREE_FILE, false), (LEGACY_DIR_MODES, true)] {
             let target = scratch.join(name);
             let _ = fs::remove_file(&target);
             let fetched = self
@@ -378,7 +388,7 @@ impl Replicate {
             // baked into an image, a state dir of an older cvm-init) is
             // restored into: nothing remote is deleted, a local file newer
             // than S3's copy is kept and uploaded.
-            let before = replication::scan(&self.state_dir, &self.excludes);
+            let before = scan::scan(&self.state_dir, &self.excludes);
             if !before.files.is_empty() {
                 tracing::info!(
                     dir = %self.state_dir.display(), files = before.files.len(),
@@ -387,7 +397,7 @@ impl Replicate {
                      (S3's copy wins unless the local file is newer; nothing on S3 is deleted)"
                 );
             }
-            notify::status("restoring state");
+            sdnotify::status("restoring state");
             let remote_tree = self.fetch_tree_meta().await?;
             let listing = self.remote_manifest().await?;
             let (skip, losers) = shape_conflicts(&listing, remote_tree.as_ref());
@@ -436,7 +446,7 @@ impl Replicate {
             write_evidence(&evidence_path, &this)
                 .map_err(|e| StorageError::from(io_err(&evidence_path)(e)))?;
             fs::remove_file(&marker).map_err(|e| StorageError::from(io_err(&marker)(e)))?;
-            let files = replication::scan(&self.state_dir, &self.excludes).files;
+            let files = scan::scan(&self.state_dir, &self.excludes).files;
             let bytes: u64 = files.values().map(|s| s.0).sum();
             tracing::info!(files = files.len(), bytes, databases = restored_dbs.len(), took = ?t.elapsed(), "boot: state restored");
             // What the restore wrote is what S3 holds; a file it left alone
@@ -502,14 +512,14 @@ impl Replicate {
             self.state_dir.clone(),
             self.session.paths.snapshots.clone(),
             self.session.paths.rc_socket.clone(),
-            format!("{CRYPT_REMOTE}:{REMOTE_DIR}"),
+            format!("{CRYPT_REMOTE}:{SQLITE_DIR}"),
             &self.sqlite,
             self.lag.clone(),
         );
         // The state dir is the databases' only home: one deleted there is gone.
         backup.trash = Some(format!("{CRYPT_REMOTE}:{TRASH_DIR}"));
         self.backup = Some(backup::start(backup, databases));
-        self.replication = Some(replication::start(
+        self.replication = Some(engine::start(
             ReplicationSpec {
                 root: self.state_dir.clone(),
                 rc_socket: self.session.paths.rc_socket.clone(),
@@ -585,7 +595,7 @@ fn shape_conflicts(
 ) -> (Vec<String>, Vec<String>) {
     let (mut rules, mut losers) = (Vec::new(), Vec::new());
     for name in remote.keys() {
-        let path = name.strip_suffix(replication::LINK_SUFFIX).unwrap_or(name);
+        let path = name.strip_suffix(LINK_SUFFIX).unwrap_or(name);
         let below = format!("{path}/");
         let inside: Vec<&String> = remote
             .range(below.clone()..)
@@ -670,9 +680,8 @@ async fn purge_old_trash(socket: PathBuf, days: u32) {
     else {
         return;
     };
-    let cutoff = replication::trash_day(
-        std::time::SystemTime::now() - Duration::from_secs(86_400 * u64::from(days)),
-    );
+    let cutoff =
+        trash_day(std::time::SystemTime::now() - Duration::from_secs(86_400 * u64::from(days)));
     for day in listing["list"]
         .as_array()
         .into_iter()

@@ -1,31 +1,33 @@
 //! The spec's layout: `rclone mount s3-crypt: $OPENCLAW_STATE_DIR`, with an rc
 //! socket so shutdown can drain rclone's upload queue (rclone itself cancels
-//! queued uploads on SIGTERM: facts.md §2). Live SQLite databases stay on
+//! queued uploads on SIGTERM: docs/facts.md §2). Live SQLite databases stay on
 //! local disk (`redirect`), restored before the mount and backed up as
 //! snapshots (`backup`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 
-use super::redirect::{self, RedirectError};
+mod queue;
+pub mod redirect;
+
 use super::worker::{self, Worker};
-use super::{prepare_err, Event, FlushError, StorageFailure};
-use crate::backup::{self, BackupSpec, REMOTE_DIR};
+use super::{prepare_err, Event, FlushError, StorageError, StorageFailure};
 use crate::config::{Config, S3Config, SqliteConfig};
-use crate::health::Lag;
-use crate::mountinfo::{self, PROC_MOUNTINFO};
-use crate::notify;
-use crate::process::{Exit, Reaper};
 use crate::rclone::session::Session;
 use crate::rclone::{self, rc, CRYPT_REMOTE};
-use crate::restore::{self, RestoreError};
+use crate::remote::bucket::SQLITE_DIR;
+use crate::remote::lag::Lag;
+use crate::sqlite::backup::{self, BackupSpec};
+use crate::sqlite::restore::{self};
+use crate::sys::process::Reaper;
+use crate::sys::sdnotify;
+use crate::sys::seam::{Linux, Mounts};
 
 /// How often the flush loop asks rclone for its queue while waiting for it to drain.
 const FLUSH_POLL: Duration = Duration::from_millis(100);
@@ -43,59 +45,6 @@ const DB_LOOK_TIMEOUT: Duration = Duration::from_secs(10);
 /// answer on a loaded machine must not cost a gateway restart.
 const HUNG_AFTER: u32 = 3;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    #[error("cannot prepare {path}: {source}")]
-    Prepare { path: PathBuf, source: io::Error },
-    #[error("cannot start rclone ({bin}): {source}; install rclone >= 1.75 or set RCLONE_BIN")]
-    Spawn { bin: String, source: io::Error },
-    #[error(
-        "rclone mount exited ({exit}) before {mountpoint} was mounted. rclone said:\n{stderr}"
-    )]
-    Exited {
-        exit: Exit,
-        mountpoint: PathBuf,
-        stderr: String,
-    },
-    #[error(
-        "{mountpoint} was not mounted within {timeout:?} (CVM_MOUNT_TIMEOUT); check S3_ENDPOINT and the network. \
-         rclone said:\n{stderr}"
-    )]
-    Timeout {
-        mountpoint: PathBuf,
-        timeout: Duration,
-        stderr: String,
-    },
-    #[error(
-        "{mountpoint} is not empty before it was mounted: it holds {entries:?}. They are not on S3 \
-         (written while the mount was down, or shipped in the image) and the mount would hide them; \
-         move them away or into the bucket, then start again"
-    )]
-    NotEmpty {
-        mountpoint: PathBuf,
-        entries: Vec<String>,
-    },
-    #[error("cannot unmount {mountpoint}: {source}")]
-    Unmount {
-        mountpoint: PathBuf,
-        source: nix::Error,
-    },
-    #[error(transparent)]
-    Killed(#[from] crate::rclone::session::Killed),
-    #[error("CVM_EXCLUDE holds a pattern that is not usable: {0}")]
-    Exclude(globset::Error),
-    #[error(transparent)]
-    Restore(#[from] RestoreError),
-    #[error(transparent)]
-    Redirect(#[from] RedirectError),
-    #[error(transparent)]
-    Replicate(#[from] super::replicate::ReplicateError),
-    #[error(transparent)]
-    KeyCheck(#[from] crate::keycheck::KeyCheckError),
-    #[error(transparent)]
-    S3(#[from] crate::s3probe::WaitError),
-}
-
 pub struct Mount {
     session: Session,
     mountpoint: PathBuf,
@@ -103,7 +52,7 @@ pub struct Mount {
     db_root: PathBuf,
     sqlite: SqliteConfig,
     /// rclone's `NOTIFY_SOCKET`, kept bound while it runs (it reports `STOPPING=1` there).
-    notify: Option<notify::Listener>,
+    notify: Option<sdnotify::Listener>,
     /// The mount was live, so the gateway may have written through it.
     served: bool,
     backup: Option<Worker>,
@@ -129,23 +78,23 @@ pub fn is_dead_mount_error(e: &io::Error) -> bool {
 }
 
 /// Lazily unmounts the top mount at `mountpoint`.
-fn detach(mountpoint: &Path) -> Result<(), StorageError> {
-    umount2(mountpoint, MntFlags::MNT_DETACH).map_err(|source| StorageError::Unmount {
-        mountpoint: mountpoint.to_owned(),
-        source,
-    })
+fn detach(ops: &dyn Mounts, mountpoint: &Path) -> Result<(), StorageError> {
+    ops.detach(mountpoint)
+        .map_err(|source| StorageError::Unmount {
+            mountpoint: mountpoint.to_owned(),
+            source,
+        })
 }
 
 /// A mount left behind by a previous run (rclone killed with the container's
 /// namespace alive, or a crashed rclone) makes every access fail; detach it
 /// so the new mount can take its place.
-fn detach_stale(mountpoint: &Path) -> Result<(), StorageError> {
-    let listed =
-        mountinfo::rclone_mounted_at(Path::new(PROC_MOUNTINFO), mountpoint).unwrap_or(false);
+fn detach_stale(ops: &dyn Mounts, mountpoint: &Path) -> Result<(), StorageError> {
+    let listed = rclone_mounted(ops, mountpoint);
     let dead = matches!(std::fs::metadata(mountpoint), Err(e) if is_dead_mount_error(&e));
     if listed || dead {
         tracing::warn!(mountpoint = %mountpoint.display(), "detaching a mount left by a previous run");
-        detach(mountpoint)?;
+        detach(ops, mountpoint)?;
     }
     Ok(())
 }
@@ -155,126 +104,48 @@ fn detach_stale(mountpoint: &Path) -> Result<(), StorageError> {
 /// under the mount once it is back. A read-only bind of the mountpoint onto
 /// itself, under the FUSE mount, makes them fail with EROFS instead. A guard
 /// left by an earlier run (the top mount already read-only) is kept.
-fn guard(mountpoint: &Path) -> nix::Result<()> {
-    let mounts = mountinfo::mounts_at(Path::new(PROC_MOUNTINFO), mountpoint).unwrap_or_default();
-    if mounts.last().is_some_and(|m| m.read_only) {
+fn guard(ops: &dyn Mounts, mountpoint: &Path) -> nix::Result<()> {
+    if ops
+        .mounts_at(mountpoint)
+        .last()
+        .is_some_and(|m| m.read_only)
+    {
         return Ok(());
     }
-    mount(
-        Some(mountpoint),
-        mountpoint,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )?;
-    let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-    if let Err(e) = mount(None::<&str>, mountpoint, None::<&str>, ro, None::<&str>) {
-        let _ = umount2(mountpoint, MntFlags::MNT_DETACH);
+    ops.bind(mountpoint)?;
+    if let Err(e) = ops.remount_read_only(mountpoint) {
+        // A writable bind is no guard: it must not stay.
+        let _ = ops.detach(mountpoint);
         return Err(e);
     }
     Ok(())
 }
 
-/// How often rclone's upload queue is looked at.
-const QUEUE_WATCH: Duration = Duration::from_secs(5);
-/// The longest a file waits in rclone's queue before it is made due.
-const QUEUE_MAX_AGE: Duration = Duration::from_secs(30);
-/// How often S3 is asked whether it answers while uploads fail but it did
-/// the last time (they fail for another reason; rclone's backoff stands).
-const RETRY_PROBE_EVERY: Duration = Duration::from_secs(30);
-
-/// rclone's write-back queue has two ways of keeping a file off S3 for long:
-/// a file closed again within `--vfs-write-back` (5 s) restarts its timer, so
-/// one rewritten every few seconds is never uploaded while that goes on; and
-/// a failed upload is retried 10 s later, doubling up to 5 min, so after an
-/// outage files could wait minutes for an S3 that is back. Every
-/// [`QUEUE_WATCH`] this looks at the queue (`vfs/queue`); a file's first
-/// sighting dates its oldest unsaved change within one look, and a file
-/// waiting longer than
-/// [`QUEUE_MAX_AGE`] is made due now, and failed ones as soon as S3 answers
-/// a listing again (one request a look while it does not). It also reports
-/// the backlog.
-async fn watch_queue(socket: PathBuf, raw: String, lag: Lag) {
-    const WHAT: &str = "files in rclone's upload queue";
-    // By name: (first sighting, looks in a row it was missing). A file is
-    // out of the queue while it is open for writing, so one missed look does
-    // not end its wait.
-    let mut first_seen: HashMap<String, (Instant, u8)> = HashMap::new();
-    // Whether the last listing failed: failed uploads are made due when S3
-    // comes back, not on every look (a file S3 refuses for its own reasons
-    // keeps rclone's backoff). While S3 answers, it is asked at most every
-    // RETRY_PROBE_EVERY.
-    let mut s3_down = false;
-    let mut last_probe: Option<Instant> = None;
-    loop {
-        sleep(QUEUE_WATCH).await;
-        let Ok(queue) = rc::call(&socket, "vfs/queue", &json!({})).await else {
-            continue;
-        };
-        let items = queue["queue"].as_array().cloned().unwrap_or_default();
-        let now = Instant::now();
-        let name_of = |i: &Value| i["name"].as_str().map(str::to_owned);
-        let names: Vec<String> = items.iter().filter_map(name_of).collect();
-        for seen in first_seen.values_mut() {
-            seen.1 = seen.1.saturating_add(1);
+/// After rclone has stopped: detaches its mount if it is still there, then
+/// the guard under it. Every step runs whatever failed before it; the
+/// errors are returned, each already logged.
+fn release(ops: &dyn Mounts, mountpoint: &Path, guarded: bool) -> Vec<StorageError> {
+    let mut errors = Vec::new();
+    let mut step = |what: &str| {
+        if let Err(e) = detach(ops, mountpoint) {
+            tracing::error!(mountpoint = %mountpoint.display(), "cannot detach {what}: {e}");
+            errors.push(e);
         }
-        for name in &names {
-            first_seen.entry(name.clone()).or_insert((now, 0)).1 = 0;
-        }
-        first_seen.retain(|_, (_, missed)| *missed < 2);
-        let Some(oldest) = names.iter().map(|n| first_seen[n].0).min() else {
-            lag.caught_up(WHAT);
-            continue;
-        };
-        let tried = |i: &Value| i["tries"].as_u64().unwrap_or(0) > 0;
-        let why = if items.iter().any(tried) {
-            "uploads fail and rclone retries them"
-        } else {
-            "waiting for rclone's write-back"
-        };
-        lag.behind(WHAT, items.len(), oldest, why.into());
-
-        // Neither uploading nor already due (waiting for a transfer slot).
-        let put_off = |i: &&Value| {
-            !i["uploading"].as_bool().unwrap_or(false) && i["expiry"].as_f64().unwrap_or(0.0) > 0.0
-        };
-        let id_of = |i: &Value| i["id"].as_i64();
-        let waited_long =
-            |i: &&Value| name_of(i).is_some_and(|n| now - first_seen[&n].0 >= QUEUE_MAX_AGE);
-        let mut due: Vec<i64> = items
-            .iter()
-            .filter(put_off)
-            .filter(|i| !tried(i))
-            .filter(waited_long)
-            .filter_map(id_of)
-            .collect();
-        if !due.is_empty() {
-            tracing::info!(files = due.len(), "uploading files rclone kept back for over {QUEUE_MAX_AGE:?} (rewritten before their write-back came)");
-        }
-        let retry: Vec<i64> = items
-            .iter()
-            .filter(put_off)
-            .filter(|i| tried(i))
-            .filter_map(id_of)
-            .collect();
-        let probe_due = s3_down || last_probe.is_none_or(|t| now - t >= RETRY_PROBE_EVERY);
-        if !retry.is_empty() && probe_due {
-            last_probe = Some(now);
-            let answers = crate::s3probe::answers_via_rc(&socket, &raw).await;
-            if answers && s3_down {
-                tracing::info!(
-                    files = retry.len(),
-                    "S3 answers again: uploading now what rclone had put off for a later retry"
-                );
-                due.extend(retry);
-            }
-            s3_down = !answers;
-        }
-        for id in due {
-            let due_now = json!({ "id": id, "expiry": -1e9 });
-            let _ = rc::call(&socket, "vfs/queue-set-expiry", &due_now).await;
-        }
+    };
+    if rclone_mounted(ops, mountpoint) {
+        tracing::warn!(mountpoint = %mountpoint.display(), "mount still present after rclone exited; detaching");
+        step("rclone's mount");
     }
+    if guarded {
+        step("the read-only guard");
+    }
+    errors
+}
+
+fn rclone_mounted(ops: &dyn Mounts, mountpoint: &Path) -> bool {
+    ops.mounts_at(mountpoint)
+        .iter()
+        .any(|m| m.fs_type == "fuse.rclone")
 }
 
 /// What one watchdog look at a live mount found.
@@ -289,7 +160,7 @@ enum Health {
 /// `stat` answering. The `stat` runs on a blocking thread so a hung daemon
 /// cannot stall the supervisor.
 async fn health(mountpoint: &Path) -> Health {
-    if !rclone_mounted(mountpoint) {
+    if !rclone_mounted(&Linux, mountpoint) {
         return Health::Failed(StorageFailure::MountGone);
     }
     let mp = mountpoint.to_owned();
@@ -299,10 +170,6 @@ async fn health(mountpoint: &Path) -> Health {
         Err(_) => Health::Unanswered,
         _ => Health::Serving,
     }
-}
-
-fn rclone_mounted(mountpoint: &Path) -> bool {
-    mountinfo::rclone_mounted_at(Path::new(PROC_MOUNTINFO), mountpoint).unwrap_or(false)
 }
 
 impl Mount {
@@ -341,14 +208,14 @@ impl Mount {
         reaper: &Reaper,
         timeout: Duration,
     ) -> Result<(), StorageError> {
-        notify::status("mounting");
+        sdnotify::status("mounting");
         self.mount(reaper, timeout).await
     }
 
     /// Fetches the database snapshots S3 holds into local disk, where no
     /// local copy exists, and checks each one.
     pub async fn restore(&mut self) -> Result<(), StorageError> {
-        notify::status("restoring databases");
+        sdnotify::status("restoring databases");
         self.restored = restore::restore_databases(self.session.socket(), &self.db_root).await?;
         Ok(())
     }
@@ -361,12 +228,12 @@ impl Mount {
             self.db_root.clone(),
             paths.snapshots.clone(),
             paths.rc_socket.clone(),
-            format!("{CRYPT_REMOTE}:{REMOTE_DIR}"),
+            format!("{CRYPT_REMOTE}:{SQLITE_DIR}"),
             &self.sqlite,
             self.lag.clone(),
         );
         self.backup = Some(backup::start(spec, std::mem::take(&mut self.restored)));
-        self.tasks.push(tokio::spawn(watch_queue(
+        self.tasks.push(tokio::spawn(queue::watch(
             paths.rc_socket.clone(),
             self.session.s3.raw_remote(),
             self.lag.clone(),
@@ -389,7 +256,7 @@ impl Mount {
 
     /// Detaches a stale mount, starts `rclone mount` and waits until it is live.
     async fn mount(&mut self, reaper: &Reaper, timeout: Duration) -> Result<(), StorageError> {
-        detach_stale(&self.mountpoint)?;
+        detach_stale(&Linux, &self.mountpoint)?;
         std::fs::create_dir_all(&self.mountpoint).map_err(prepare_err(&self.mountpoint))?;
         // rclone's own check would also refuse the guard below as "already
         // mounted", so it runs with --allow-non-empty and the check is here.
@@ -406,7 +273,7 @@ impl Mount {
                 entries,
             });
         }
-        match guard(&self.mountpoint) {
+        match guard(&Linux, &self.mountpoint) {
             Ok(()) => self.guarded = true,
             Err(e) => tracing::warn!(
                 mountpoint = %self.mountpoint.display(),
@@ -417,7 +284,7 @@ impl Mount {
         }
         let paths = &self.session.paths;
         let _ = std::fs::remove_file(&paths.rc_socket);
-        let listener = notify::Listener::bind(&paths.notify_socket)
+        let listener = sdnotify::Listener::bind(&paths.notify_socket)
             .map_err(prepare_err(&paths.notify_socket))?;
         let args = rclone::mount_args(paths, &self.mountpoint);
         let spawned = rclone::spawn(
@@ -442,7 +309,7 @@ impl Mount {
     /// Waits for rclone's `READY=1`, then confirms the mount in mountinfo.
     async fn wait_mounted(
         &mut self,
-        listener: &notify::Listener,
+        listener: &sdnotify::Listener,
         timeout: Duration,
     ) -> Result<(), StorageError> {
         let deadline = Instant::now() + timeout;
@@ -461,7 +328,7 @@ impl Mount {
             }
             _ = sleep_until(deadline) => {}
         }
-        if rclone_mounted(&mountpoint) {
+        if rclone_mounted(&Linux, &mountpoint) {
             return Ok(());
         }
         Err(StorageError::Timeout {
@@ -698,13 +565,68 @@ impl Mount {
             .stop(deadline)
             .await
             .map_err(StorageError::from);
-        if rclone_mounted(&self.mountpoint) {
-            tracing::warn!(mountpoint = %self.mountpoint.display(), "mount still present after rclone exited; detaching");
-            detach(&self.mountpoint)?;
+        let released = release(&Linux, &self.mountpoint, self.guarded);
+        // rclone's own result first: one killed may not have flushed.
+        result.and(released.into_iter().next().map_or(Ok(()), Err))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::mountinfo::Mounted;
+    use crate::sys::seam::fake::Recording;
+
+    fn mounted(fs_type: &str, read_only: bool) -> Mounted {
+        Mounted {
+            fs_type: fs_type.to_owned(),
+            read_only,
         }
-        if self.guarded {
-            detach(&self.mountpoint)?;
-        }
-        result
+    }
+
+    #[test]
+    fn the_guard_is_a_read_only_bind_and_never_left_writable() {
+        let mp = Path::new("/data/openclaw");
+        let ops = Recording::default();
+        guard(&ops, mp).unwrap();
+        assert_eq!(*ops.calls.borrow(), ["bind", "remount_ro"]);
+
+        let ops = Recording::default();
+        ops.fail.borrow_mut().push("remount_ro");
+        assert!(guard(&ops, mp).is_err());
+        assert_eq!(*ops.calls.borrow(), ["bind", "remount_ro", "detach"]);
+
+        // A guard an earlier run left is kept.
+        let ops = Recording::default();
+        ops.mounted.borrow_mut().push(mounted("ext4", true));
+        guard(&ops, mp).unwrap();
+        assert!(ops.calls.borrow().is_empty());
+    }
+
+    #[test]
+    fn the_stop_releases_the_guard_even_when_the_mount_will_not_detach() {
+        let mp = Path::new("/data/openclaw");
+        let ops = Recording::default();
+        ops.mounted.borrow_mut().push(mounted("fuse.rclone", false));
+        ops.fail.borrow_mut().push("detach");
+        let errors = release(&ops, mp, true);
+        assert_eq!(
+            *ops.calls.borrow(),
+            ["detach", "detach"],
+            "the guard is still detached"
+        );
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0]
+                .to_string()
+                .starts_with("cannot unmount /data/openclaw"),
+            "{}",
+            errors[0]
+        );
+
+        // Nothing mounted, no guard: nothing to do.
+        let ops = Recording::default();
+        assert!(release(&ops, mp, false).is_empty());
+        assert!(ops.calls.borrow().is_empty());
     }
 }

@@ -11,9 +11,8 @@ use serde_json::json;
 
 use crate::rclone::rc::{self, RcError};
 use crate::rclone::CRYPT_REMOTE;
-use crate::replication::META_DIR;
+use crate::remote::bucket::{KEY_MARKER, META_DIR};
 
-const MARKER: &str = "key-check";
 const CONTENT: &str = "cvm-init key check v1\n";
 
 #[derive(Debug, thiserror::Error)]
@@ -66,14 +65,14 @@ async fn count(socket: &Path, fs: &str) -> Result<usize, RcError> {
 
 async fn write_marker(socket: &Path, scratch: &Path) -> Result<(), KeyCheckError> {
     let io = |source| KeyCheckError::Io {
-        path: scratch.join(MARKER),
+        path: scratch.join(KEY_MARKER),
         source,
     };
     fs::create_dir_all(scratch).map_err(io)?;
-    fs::write(scratch.join(MARKER), CONTENT).map_err(io)?;
+    fs::write(scratch.join(KEY_MARKER), CONTENT).map_err(io)?;
     let params = json!({
-        "srcFs": scratch.to_string_lossy(), "srcRemote": MARKER,
-        "dstFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "dstRemote": MARKER,
+        "srcFs": scratch.to_string_lossy(), "srcRemote": KEY_MARKER,
+        "dstFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "dstRemote": KEY_MARKER,
     });
     rc::call(socket, "operations/copyfile", &params)
         .await
@@ -114,7 +113,7 @@ pub async fn inspect(socket: &Path, raw: &str, scratch: &Path) -> Result<Outcome
     let fetched = scratch.join("key-check.read");
     let _ = fs::remove_file(&fetched);
     let params = json!({
-        "srcFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "srcRemote": MARKER,
+        "srcFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "srcRemote": KEY_MARKER,
         "dstFs": scratch.to_string_lossy(), "dstRemote": "key-check.read",
     });
     let read = rc::call(socket, "operations/copyfile", &params).await;
