@@ -24,7 +24,7 @@ use serde_json::json;
 const T: Duration = Duration::from_secs(180);
 const TOKEN: &str = "cvm-test-gateway-token";
 const SESSION: &str = "cvm-e2e";
-/// The crash bound the README promises for a change: lost at most this.
+/// The crash bound docs/durability.md promises for a change: lost at most this.
 const CRASH_BOUND: Duration = Duration::from_secs(3);
 
 /// The directory whose `node_modules/.bin` has `node` and `openclaw`, or

@@ -11,7 +11,7 @@ use common::load::{commits, inspect, lost_seconds, now, DB, WRITER};
 use common::{rclone, script, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD};
 
 const T: Duration = Duration::from_secs(40);
-/// The crash RPO this design claims at CVM_BACKUP_DEBOUNCE=1s (README):
+/// The crash RPO this design claims at CVM_BACKUP_DEBOUNCE=1s (docs/durability.md):
 /// debounce + snapshot + upload, with room for a loaded CI machine.
 const RPO_BOUND: f64 = 3.0;
 

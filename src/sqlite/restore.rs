@@ -23,7 +23,7 @@ pub enum RestoreError {
     Fetch { exit: String, stderr: String },
     #[error(
         "restored database {db} fails its check ({source}); it was moved aside to {aside} and the gateway \
-         is not started. Restore an older copy by hand (see README) or remove the remote one"
+         is not started. Restore an older copy by hand (docs/operations.md, manual restore with stock rclone) or remove the remote one"
     )]
     Corrupt {
         db: PathBuf,

@@ -178,18 +178,17 @@ impl Storage {
         matches!(self, Storage::Mount(_))
     }
 
-    /// Brings storage back after [`Event::Failed`]: remounts, or restarts
-    /// `rclone rcd`. Pending uploads are kept and resume.
+    /// Brings storage back after [`Event::Failed`]: ends rclone if it still
+    /// runs and starts it again (the mount layout detaches the dead mount
+    /// and mounts again). Pending uploads are kept and resume: the mount's
+    /// in rclone's cache under `CVM_LOCAL_DIR`, the workers' in their state.
     pub async fn recover(
         &mut self,
         reaper: &Reaper,
         timeout: Duration,
     ) -> Result<(), StorageError> {
-        match self {
-            Storage::Local(_) => Ok(()),
-            Storage::Mount(m) => m.recover(reaper, timeout).await,
-            Storage::Replicate(r) => r.recover(reaper, timeout).await,
-        }
+        self.undo_boot().await;
+        self.start_rclone(reaper, timeout).await
     }
 
     /// Makes everything written so far durable, before `deadline`.

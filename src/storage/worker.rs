@@ -107,6 +107,15 @@ impl Worker {
     }
 }
 
+/// [`Worker::final_pass`] of a worker that may not be running: nothing to
+/// save when none is.
+pub async fn final_pass(worker: Option<Worker>, deadline: Instant) -> Result<(), FlushError> {
+    match worker {
+        Some(w) => w.final_pass(deadline).await,
+        None => Ok(()),
+    }
+}
+
 /// [`Worker::died`] of a worker that may not be running: pending when none is.
 pub async fn died(worker: &mut Option<Worker>) -> StorageFailure {
     match worker {

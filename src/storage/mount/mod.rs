@@ -453,26 +453,10 @@ impl Mount {
         }
     }
 
-    /// After a failure, with the gateway stopped: ends rclone if it still
-    /// runs, detaches the dead mount and mounts again. Files rclone had not
-    /// uploaded wait in its cache under `CVM_LOCAL_DIR`; the new rclone
-    /// uploads them. The backup loop keeps its state and retries.
-    pub async fn recover(
-        &mut self,
-        reaper: &Reaper,
-        timeout: Duration,
-    ) -> Result<(), StorageError> {
-        self.end_rclone().await;
-        self.mount(reaper, timeout).await
-    }
-
     /// Final SQLite snapshots, then every file rclone holds in its write-back
     /// queue uploaded now; waits until nothing is queued or uploading.
     pub async fn flush(&mut self, deadline: Instant) -> Result<(), FlushError> {
-        let databases = match self.backup.take() {
-            Some(backup) => backup.final_pass(deadline).await,
-            None => Ok(()),
-        };
+        let databases = worker::final_pass(self.backup.take(), deadline).await;
         let queue = self.drain_queue(deadline).await;
         FlushError::all([databases, queue])
     }

@@ -551,26 +551,9 @@ impl Replicate {
         self.session.end().await;
     }
 
-    /// Restarts `rclone rcd` after it died; replication and backups retry
-    /// their failed transfers against the new one.
-    pub async fn recover(
-        &mut self,
-        reaper: &Reaper,
-        timeout: Duration,
-    ) -> Result<(), StorageError> {
-        self.end_rclone().await;
-        self.start_rclone(reaper, timeout).await
-    }
-
     pub async fn flush(&mut self, deadline: Instant) -> Result<(), FlushError> {
-        let databases = match self.backup.take() {
-            Some(b) => b.final_pass(deadline).await,
-            None => Ok(()),
-        };
-        let files = match self.replication.take() {
-            Some(r) => r.final_pass(deadline).await,
-            None => Ok(()),
-        };
+        let databases = worker::final_pass(self.backup.take(), deadline).await;
+        let files = worker::final_pass(self.replication.take(), deadline).await;
         FlushError::all([databases, files])
     }
 
