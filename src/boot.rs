@@ -144,6 +144,52 @@ async fn run(cfg: Config) -> Status {
     supervisor::run(&cfg, &reaper, &mut signals, storage, t).await
 }
 
+/// Steps 5–9 as storage does them, so their order and failure paths are
+/// tested with a recording double; [`Booting`] is the real one.
+pub(crate) trait StorageSteps {
+    async fn wait_for_s3(&mut self, since: Instant) -> Result<(), StorageError>;
+    async fn start_rclone(&mut self) -> Result<(), StorageError>;
+    async fn check_key(&mut self) -> Result<(), StorageError>;
+    async fn restore(&mut self) -> Result<(), StorageError>;
+    /// After a failed step: S3's answer if it has gone away meanwhile.
+    async fn s3_gone(&mut self) -> Option<ProbeError>;
+    /// Ends what the failed steps started.
+    async fn undo(&mut self);
+    fn start_workers(&mut self);
+}
+
+struct Booting<'a> {
+    storage: &'a mut Storage,
+    reaper: &'a Reaper,
+    cfg: &'a Config,
+}
+
+impl StorageSteps for Booting<'_> {
+    async fn wait_for_s3(&mut self, since: Instant) -> Result<(), StorageError> {
+        self.storage.wait_for_s3(self.reaper, since).await
+    }
+    async fn start_rclone(&mut self) -> Result<(), StorageError> {
+        self.storage
+            .start_rclone(self.reaper, self.cfg.mount_timeout)
+            .await
+    }
+    async fn check_key(&mut self) -> Result<(), StorageError> {
+        self.storage.check_key().await
+    }
+    async fn restore(&mut self) -> Result<(), StorageError> {
+        self.storage.restore().await
+    }
+    async fn s3_gone(&mut self) -> Option<ProbeError> {
+        self.storage.s3_gone(self.reaper).await
+    }
+    async fn undo(&mut self) {
+        self.storage.undo_boot().await;
+    }
+    fn start_workers(&mut self) {
+        self.storage.start_workers();
+    }
+}
+
 /// Steps 5–9. Cancel-safe: what was started is in `storage`, and the
 /// shutdown stops it.
 async fn start_storage(
@@ -151,31 +197,40 @@ async fn start_storage(
     reaper: &Reaper,
     storage: &mut Storage,
 ) -> Result<(), StorageError> {
+    storage_steps(Booting {
+        storage,
+        reaper,
+        cfg,
+    })
+    .await
+}
+
+pub(crate) async fn storage_steps(mut s: impl StorageSteps) -> Result<(), StorageError> {
     let since = Instant::now();
     loop {
         // 5. S3 answers.
-        storage.wait_for_s3(reaper, since).await?;
+        s.wait_for_s3(since).await?;
         let steps = async {
             // 6. rclone started.
-            storage.start_rclone(reaper, cfg.mount_timeout).await?;
+            s.start_rclone().await?;
             // 7. The crypt key checked: before anything is restored or written.
-            storage.check_key().await?;
+            s.check_key().await?;
             // 8. Restore.
-            storage.restore().await
+            s.restore().await
         };
         let Err(e) = steps.await else {
             break;
         };
-        match storage.s3_gone(reaper).await {
+        match s.s3_gone().await {
             Some(gone) => {
                 tracing::warn!("the boot failed while S3 went away again ({gone}): {e}; undoing it and waiting for S3");
-                storage.undo_boot().await;
+                s.undo().await;
             }
             None => return Err(e),
         }
     }
     // 9. The workers.
-    storage.start_workers();
+    s.start_workers();
     Ok(())
 }
 
@@ -203,6 +258,112 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
     use std::time::Duration;
+
+    /// Records each step; `fail` names the steps that fail, in order, each
+    /// once; `gone` says whether S3 has gone away after each failure.
+    #[derive(Default)]
+    struct Recording {
+        log: Vec<&'static str>,
+        fail: Vec<&'static str>,
+        gone: Vec<bool>,
+    }
+
+    impl Recording {
+        fn step(&mut self, name: &'static str) -> Result<(), StorageError> {
+            self.log.push(name);
+            if self.fail.first() == Some(&name) {
+                self.fail.remove(0);
+                return Err(match name {
+                    "key" => StorageError::KeyCheck(KeyCheckError::WrongKey {
+                        raw: "s3:b/p".into(),
+                    }),
+                    _ => StorageError::Replicate(ReplicateError::Stalled(Duration::from_secs(10))),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    impl StorageSteps for &mut Recording {
+        async fn wait_for_s3(&mut self, _: Instant) -> Result<(), StorageError> {
+            self.step("wait")
+        }
+        async fn start_rclone(&mut self) -> Result<(), StorageError> {
+            self.step("rclone")
+        }
+        async fn check_key(&mut self) -> Result<(), StorageError> {
+            self.step("key")
+        }
+        async fn restore(&mut self) -> Result<(), StorageError> {
+            self.step("restore")
+        }
+        async fn s3_gone(&mut self) -> Option<ProbeError> {
+            self.log.push("probe");
+            self.gone.remove(0).then(|| ProbeError::Unreachable {
+                endpoint: "http://s3".into(),
+                detail: "connection refused".into(),
+            })
+        }
+        async fn undo(&mut self) {
+            self.log.push("undo");
+        }
+        fn start_workers(&mut self) {
+            self.log.push("workers");
+        }
+    }
+
+    #[tokio::test]
+    async fn storage_boots_in_order_and_a_failure_while_s3_is_gone_is_waited_out() {
+        // (failing steps, S3 gone after each failure, boot ok, steps taken)
+        type Row = (
+            &'static [&'static str],
+            &'static [bool],
+            bool,
+            &'static [&'static str],
+        );
+        let table: [Row; 4] = [
+            (
+                &[],
+                &[],
+                true,
+                &["wait", "rclone", "key", "restore", "workers"],
+            ),
+            // A wrong key while S3 answers: nothing restored, no workers.
+            (
+                &["key"],
+                &[false],
+                false,
+                &["wait", "rclone", "key", "probe"],
+            ),
+            // A restore that failed while S3 went away: undone, back to waiting.
+            (
+                &["restore"],
+                &[true],
+                true,
+                &[
+                    "wait", "rclone", "key", "restore", "probe", "undo", "wait", "rclone", "key",
+                    "restore", "workers",
+                ],
+            ),
+            // One that fails while S3 answers is the state's: the boot fails.
+            (
+                &["restore"],
+                &[false],
+                false,
+                &["wait", "rclone", "key", "restore", "probe"],
+            ),
+        ];
+        for (fail, gone, ok, want) in table {
+            let mut r = Recording {
+                fail: fail.to_vec(),
+                gone: gone.to_vec(),
+                ..Recording::default()
+            };
+            let result = storage_steps(&mut r).await;
+            assert_eq!(result.is_ok(), ok, "{fail:?}: {result:?}");
+            assert_eq!(r.log, want, "{fail:?}");
+        }
+    }
 
     #[test]
     fn boot_failures_map_to_documented_statuses() {
