@@ -10,12 +10,15 @@
 //! 5. S3 answers: an outage is waited out with backoff; credentials or the
 //!    bucket refused (76), `CVM_S3_WAIT` passed (69);
 //! 6. rclone started: `rclone rcd`, or the mount (69);
-//! 7. the crypt key checked against the bucket prefix (77);
-//! 8. restore: the state dir and the databases. One that cannot succeed
-//!    while S3 answers exits 65; a step 6–8 that failed while S3 went away
-//!    again is undone and the boot goes back to step 5;
-//! 9. the workers that carry changes to S3 (replication, snapshots, lag);
-//! 10. supervision (`supervisor`): the gateway started, `READY=1`.
+//! 7. the crypt key checked against the bucket prefix, reading only (77);
+//! 8. the bucket prefix's lease taken: while another instance holds it,
+//!    nothing is restored or written; `CVM_LEASE_WAIT` passed (75);
+//! 9. restore: the key-check marker on first use, then the state dir and
+//!    the databases. One that cannot succeed while S3 answers exits 65; a
+//!    step 6–9 that failed while S3 went away again is undone and the boot
+//!    goes back to step 5;
+//! 10. the workers that carry changes to S3 (replication, snapshots, lag);
+//! 11. supervision (`supervisor`): the gateway started, `READY=1`.
 
 use std::path::Path;
 
@@ -25,6 +28,7 @@ use tokio::time::Instant;
 use crate::config::{self, Config};
 use crate::exit::Status;
 use crate::remote::keycheck::KeyCheckError;
+use crate::remote::lease::LeaseError;
 use crate::remote::probe::{ProbeError, WaitError};
 use crate::shutdown;
 use crate::sqlite::restore::RestoreError;
@@ -117,7 +121,7 @@ async fn run(cfg: Config) -> Status {
         }
     };
 
-    // 5.–9. Storage started, or a signal first.
+    // 5.–10. Storage started, or a signal first.
     let started = tokio::select! {
         r = start_storage(&cfg, &reaper, &mut storage) => r,
         action = signals.recv() => {
@@ -140,16 +144,17 @@ async fn run(cfg: Config) -> Status {
     }
     tracing::info!(storage = storage.describe(), dir = %cfg.state_dir.display(), took = ?t.elapsed(), "storage ready");
 
-    // 10. Supervision.
+    // 11. Supervision.
     supervisor::run(&cfg, &reaper, &mut signals, storage, t).await
 }
 
-/// Steps 5–9 as storage does them, so their order and failure paths are
+/// Steps 5–10 as storage does them, so their order and failure paths are
 /// tested with a recording double; [`Booting`] is the real one.
 pub(crate) trait StorageSteps {
     async fn wait_for_s3(&mut self, since: Instant) -> Result<(), StorageError>;
     async fn start_rclone(&mut self) -> Result<(), StorageError>;
     async fn check_key(&mut self) -> Result<(), StorageError>;
+    async fn acquire_lease(&mut self) -> Result<(), StorageError>;
     async fn restore(&mut self) -> Result<(), StorageError>;
     /// After a failed step: S3's answer if it has gone away meanwhile.
     async fn s3_gone(&mut self) -> Option<ProbeError>;
@@ -176,6 +181,9 @@ impl StorageSteps for Booting<'_> {
     async fn check_key(&mut self) -> Result<(), StorageError> {
         self.storage.check_key().await
     }
+    async fn acquire_lease(&mut self) -> Result<(), StorageError> {
+        self.storage.acquire_lease(&self.cfg.lease).await
+    }
     async fn restore(&mut self) -> Result<(), StorageError> {
         self.storage.restore().await
     }
@@ -190,7 +198,7 @@ impl StorageSteps for Booting<'_> {
     }
 }
 
-/// Steps 5–9. Cancel-safe: what was started is in `storage`, and the
+/// Steps 5–10. Cancel-safe: what was started is in `storage`, and the
 /// shutdown stops it.
 async fn start_storage(
     cfg: &Config,
@@ -213,9 +221,11 @@ pub(crate) async fn storage_steps(mut s: impl StorageSteps) -> Result<(), Storag
         let steps = async {
             // 6. rclone started.
             s.start_rclone().await?;
-            // 7. The crypt key checked: before anything is restored or written.
+            // 7. The crypt key checked: before anything is written.
             s.check_key().await?;
-            // 8. Restore.
+            // 8. The lease: before anything is restored or written.
+            s.acquire_lease().await?;
+            // 9. Restore.
             s.restore().await
         };
         let Err(e) = steps.await else {
@@ -229,7 +239,7 @@ pub(crate) async fn storage_steps(mut s: impl StorageSteps) -> Result<(), Storag
             None => return Err(e),
         }
     }
-    // 9. The workers.
+    // 10. The workers.
     s.start_workers();
     Ok(())
 }
@@ -245,6 +255,7 @@ fn failure_status(e: &StorageError) -> Status {
             | ProbeError::BucketMissing { .. }
             | ProbeError::Misdirected { .. },
         )) => Status::S3Rejected,
+        StorageError::Lease(LeaseError::Busy { .. }) => Status::LeaseBusy,
         StorageError::Replicate(ReplicateError::Restore { .. })
         | StorageError::Restore(RestoreError::Fetch { .. } | RestoreError::Corrupt { .. }) => {
             Status::Unrestorable
@@ -294,6 +305,9 @@ mod tests {
         async fn check_key(&mut self) -> Result<(), StorageError> {
             self.step("key")
         }
+        async fn acquire_lease(&mut self) -> Result<(), StorageError> {
+            self.step("lease")
+        }
         async fn restore(&mut self) -> Result<(), StorageError> {
             self.step("restore")
         }
@@ -321,19 +335,26 @@ mod tests {
             bool,
             &'static [&'static str],
         );
-        let table: [Row; 4] = [
+        let table: [Row; 5] = [
             (
                 &[],
                 &[],
                 true,
-                &["wait", "rclone", "key", "restore", "workers"],
+                &["wait", "rclone", "key", "lease", "restore", "workers"],
             ),
-            // A wrong key while S3 answers: nothing restored, no workers.
+            // A wrong key while S3 answers: no lease taken, nothing restored, no workers.
             (
                 &["key"],
                 &[false],
                 false,
                 &["wait", "rclone", "key", "probe"],
+            ),
+            // Another holder past CVM_LEASE_WAIT: nothing restored.
+            (
+                &["lease"],
+                &[false],
+                false,
+                &["wait", "rclone", "key", "lease", "probe"],
             ),
             // A restore that failed while S3 went away: undone, back to waiting.
             (
@@ -341,8 +362,8 @@ mod tests {
                 &[true],
                 true,
                 &[
-                    "wait", "rclone", "key", "restore", "probe", "undo", "wait", "rclone", "key",
-                    "restore", "workers",
+                    "wait", "rclone", "key", "lease", "restore", "probe", "undo", "wait", "rclone",
+                    "key", "lease", "restore", "workers",
                 ],
             ),
             // One that fails while S3 answers is the state's: the boot fails.
@@ -350,7 +371,7 @@ mod tests {
                 &["restore"],
                 &[false],
                 false,
-                &["wait", "rclone", "key", "restore", "probe"],
+                &["wait", "rclone", "key", "lease", "restore", "probe"],
             ),
         ];
         for (fail, gone, ok, want) in table {

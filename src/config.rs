@@ -45,6 +45,9 @@ struct RawEnv {
     cvm_exclude: Option<String>,
     cvm_trash_days: Option<String>,
     cvm_gateway_max_failed_starts: Option<String>,
+    cvm_lease_ttl: Option<String>,
+    cvm_lease_wait: Option<String>,
+    cvm_lease_takeover: Option<String>,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/data/openclaw";
@@ -83,7 +86,26 @@ pub struct Config {
     pub exclude: Vec<String>,
     /// How long deleted and overwritten files are kept in the remote trash.
     pub trash_days: u32,
+    /// The single-writer lease on the bucket prefix (S3 mode).
+    pub lease: LeaseConfig,
 }
+
+/// The lease one running instance holds on its bucket prefix (`remote::lease`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// How long a lease lasts unrenewed: a crashed holder's is taken over
+    /// after this (`CVM_LEASE_TTL`).
+    pub ttl: Duration,
+    /// How long boot waits for another holder; `None` waits forever (`CVM_LEASE_WAIT`).
+    pub wait: Option<Duration>,
+    /// The instance id of a holder the operator knows is dead: its lease is
+    /// taken at once (`CVM_LEASE_TAKEOVER`).
+    pub takeover: Option<String>,
+}
+
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+/// Below this a lease would be renewed several times a second.
+const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
 
 /// The storage layout in S3 mode (`CVM_STORAGE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,7 +253,7 @@ impl Config {
 
 /// Every `CVM_*` variable `RawEnv` reads; any other is a misspelling to warn
 /// about, not something to ignore in silence.
-const KNOWN_CVM_VARS: [&str; 13] = [
+const KNOWN_CVM_VARS: [&str; 16] = [
     "CVM_LOCAL_DIR",
     "CVM_RUN_DIR",
     "CVM_GATEWAY_CMD",
@@ -245,6 +267,9 @@ const KNOWN_CVM_VARS: [&str; 13] = [
     "CVM_EXCLUDE",
     "CVM_TRASH_DAYS",
     "CVM_GATEWAY_MAX_FAILED_STARTS",
+    "CVM_LEASE_TTL",
+    "CVM_LEASE_WAIT",
+    "CVM_LEASE_TAKEOVER",
 ];
 
 /// `CVM_*` variables read outside the configuration: `logging` reads `CVM_LOG`
@@ -462,6 +487,22 @@ impl Validator {
             Some(s) => Some(self.duration("CVM_S3_WAIT", Some(s), Duration::ZERO)),
             None => None,
         };
+        let ttl = self.duration("CVM_LEASE_TTL", raw.cvm_lease_ttl, DEFAULT_LEASE_TTL);
+        if ttl < MIN_LEASE_TTL {
+            self.problem(
+                "CVM_LEASE_TTL",
+                format!("{ttl:?} is too short; give at least {MIN_LEASE_TTL:?} (the default is {DEFAULT_LEASE_TTL:?})"),
+            );
+        }
+        let lease = LeaseConfig {
+            ttl,
+            wait: match given(raw.cvm_lease_wait) {
+                Some(s) if s.trim() == "forever" => None,
+                Some(s) => Some(self.duration("CVM_LEASE_WAIT", Some(s), Duration::ZERO)),
+                None => None,
+            },
+            takeover: given(raw.cvm_lease_takeover).map(|t| t.trim().to_owned()),
+        };
 
         let patterns = match given(raw.cvm_sqlite_paths) {
             None => Patterns::default(),
@@ -584,6 +625,7 @@ impl Validator {
                     layout,
                     exclude,
                     trash_days,
+                    lease,
                 },
                 self.warnings,
             ))
@@ -790,6 +832,35 @@ mod tests {
                 "CVM_FROBNICATE is not a variable cvm-init knows and is ignored (see README, Configuration)",
                 "CVM_STOP_TIMOUT is not a variable cvm-init knows and is ignored; did you mean CVM_STOP_TIMEOUT?",
             ]
+        );
+    }
+
+    #[test]
+    fn the_lease_takes_a_ttl_a_wait_and_an_explicit_takeover() {
+        let (c, _) = Config::from_vars(env(&[])).unwrap();
+        assert_eq!(
+            c.lease,
+            LeaseConfig {
+                ttl: Duration::from_secs(30),
+                wait: None,
+                takeover: None
+            }
+        );
+        let (c, _) = Config::from_vars(env(&[
+            ("CVM_LEASE_TTL", "5s"),
+            ("CVM_LEASE_WAIT", "2m"),
+            ("CVM_LEASE_TAKEOVER", " 1f2e3d4c5b6a7988 "),
+        ]))
+        .unwrap();
+        assert_eq!(c.lease.ttl, Duration::from_secs(5));
+        assert_eq!(c.lease.wait, Some(Duration::from_secs(120)));
+        assert_eq!(c.lease.takeover.as_deref(), Some("1f2e3d4c5b6a7988"));
+        let e = Config::from_vars(env(&[("CVM_LEASE_TTL", "500ms")])).unwrap_err();
+        assert!(
+            e.problems[0]
+                .to_string()
+                .starts_with("CVM_LEASE_TTL: 500ms is too short"),
+            "{e}"
         );
     }
 

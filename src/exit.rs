@@ -29,6 +29,12 @@ pub enum Status {
     Config = 78,
     /// S3 answered but refused: credentials rejected or bucket missing; nothing was written.
     S3Rejected = 76,
+    /// Another instance took over this bucket prefix's lease while this one
+    /// ran: it uploaded nothing more and stopped; its state dir is untouched.
+    LeaseLost = 73,
+    /// Another instance holds the bucket prefix's lease and `CVM_LEASE_WAIT`
+    /// ran out; nothing was restored or written.
+    LeaseBusy = 75,
     /// The gateway command exists but cannot be executed.
     GatewayNotExecutable = 126,
     /// The gateway command does not exist.
@@ -38,11 +44,13 @@ pub enum Status {
 impl Status {
     /// The status of a run that ended for `self` (a signal: `Clean`, or a
     /// failure) and whose data-safe stop ended with `stop`. A stop that could
-    /// not flush wins over every other reason: state that is not on S3 is
+    /// not flush wins over every other reason but a lost lease: state that is not on S3 is
     /// what an operator must act on before the volume is thrown away, and
     /// the reason the run ended is in the log above it.
     pub fn with_stop(self, stop: Status) -> Status {
         match (self, stop) {
+            // What it did not upload it must not upload: the cause is the news.
+            (Status::LeaseLost, _) => Status::LeaseLost,
             (_, Status::NotFlushed) => Status::NotFlushed,
             (Status::Clean, stop) => stop,
             (reason, _) => reason,
@@ -71,6 +79,8 @@ mod tests {
             (Unrestorable, Clean, Unrestorable),
             (WrongKey, Clean, WrongKey),
             (Failure, NotFlushed, NotFlushed),
+            (LeaseLost, NotFlushed, LeaseLost),
+            (LeaseBusy, Clean, LeaseBusy),
         ];
         for (reason, stop, want) in table {
             assert_eq!(reason.with_stop(stop), want, "{reason:?} then {stop:?}");

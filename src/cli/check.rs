@@ -14,6 +14,7 @@ use crate::config::{Config, Layout, S3Config};
 use crate::exit::Status;
 use crate::rclone::{self, RunPaths};
 use crate::remote::keycheck::{self, KeyCheckError, Outcome};
+use crate::remote::lease;
 use crate::remote::probe::{self, ProbeError};
 use crate::sys::pid1;
 use crate::sys::process::Reaper;
@@ -218,7 +219,8 @@ async fn check_s3(r: &mut Report, cfg: &Config, s3: &S3Config) {
             return;
         }
     };
-    match keycheck::inspect(&paths.rc_socket, &s3.raw_remote(), &paths.scratch).await {
+    let key_ok = keycheck::inspect(&paths.rc_socket, &s3.raw_remote(), &paths.scratch).await;
+    match &key_ok {
         Ok(Outcome::Matched) => r.ok("key", "the key marker decrypts with this key"),
         Ok(Outcome::FirstUse) => r.ok(
             "key",
@@ -231,6 +233,39 @@ async fn check_s3(r: &mut Report, cfg: &Config, s3: &S3Config) {
         Err(e @ KeyCheckError::WrongKey { .. }) => r.problem("key", &e.to_string(), Status::WrongKey),
         Err(e) => r.problem("key", &e.to_string(), Status::StorageUnavailable),
     }
+    if key_ok.is_ok() {
+        lease(r, &paths, s3).await;
+    } else {
+        r.skipped("lease", "the key must match first");
+    }
     rcd.terminate(tokio::time::Instant::now() + Duration::from_secs(5))
         .await;
+}
+
+/// Who holds the bucket prefix's lease, and whether S3 enforces it.
+async fn lease(r: &mut Report, paths: &RunPaths, s3: &S3Config) {
+    let io = match lease::Io::open(&paths.rc_socket, &paths.scratch, &s3.raw_remote()).await {
+        Ok(io) => io,
+        Err(e) => return r.problem("lease", &e.to_string(), Status::StorageUnavailable),
+    };
+    let mode = match io.mode_if_probed().await {
+        Ok(Some(m)) => m.describe().to_owned(),
+        Ok(None) => "conditional writes not probed yet (the first boot does)".to_owned(),
+        Err(e) => return r.problem("lease", &e.to_string(), Status::StorageUnavailable),
+    };
+    match io.read().await {
+        Ok(None) => r.ok("lease", &format!("free; {mode}")),
+        Ok(Some((rec, _))) if rec.released => r.ok(
+            "lease",
+            &format!("free (released by {}); {mode}", rec.describe()),
+        ),
+        Ok(Some((rec, _))) => r.ok(
+            "lease",
+            &format!(
+                "held by {}: a new instance waits until it is released or unrenewed for CVM_LEASE_TTL; {mode}",
+                rec.describe()
+            ),
+        ),
+        Err(e) => r.problem("lease", &e.to_string(), Status::StorageUnavailable),
+    }
 }

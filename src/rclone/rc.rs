@@ -25,6 +25,9 @@ pub enum RcError {
     },
     #[error("rclone rc {method} answered something that is not HTTP/JSON: {detail}")]
     Malformed { method: String, detail: String },
+    /// Not sent: this instance may not upload now (see `remote::lease::Fence`).
+    #[error("not uploaded: {0}")]
+    Fenced(String),
 }
 
 impl RcError {
@@ -51,6 +54,8 @@ impl RcError {
             .iter()
             .any(|m| body.contains(m)),
             RcError::Malformed { .. } => false,
+            // About every upload, not this one: wait as for an outage.
+            RcError::Fenced(_) => true,
         }
     }
 }

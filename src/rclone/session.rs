@@ -10,7 +10,9 @@ use tokio::time::Instant;
 
 use super::rc::{self, RcError};
 use super::{RcdError, RunPaths, StderrTail};
-use crate::config::{Config, S3Config};
+use crate::config::{Config, LeaseConfig, S3Config};
+use crate::remote::keycheck::{self, KeyCheckError, Outcome};
+use crate::remote::lease::{self, Fence, Keeper, LeaseError};
 use crate::remote::probe::Target;
 use crate::sys::process::{Child, Exit, Reaper};
 
@@ -24,6 +26,12 @@ const REPLACE_GRACE: Duration = Duration::from_secs(2);
 #[error("rclone did not stop in time and was killed")]
 pub struct Killed;
 
+/// Why a session stopped serving.
+pub enum Ended {
+    LeaseLost(String),
+    Exited(Exit),
+}
+
 pub struct Session {
     pub rclone_bin: String,
     pub paths: RunPaths,
@@ -31,6 +39,13 @@ pub struct Session {
     /// How long boot waits for an unreachable S3 (`CVM_S3_WAIT`).
     s3_wait: Option<Duration>,
     running: Option<(Child, StderrTail)>,
+    /// This instance's id (`CVM_LOCAL_DIR/instance-id`).
+    instance: String,
+    /// Opens while this instance holds the lease with margin; every upload checks it.
+    pub fence: Fence,
+    lease: Option<Keeper>,
+    /// What the key check found, until the marker is written.
+    key: Option<Outcome>,
 }
 
 impl Session {
@@ -42,12 +57,18 @@ impl Session {
     ) -> Result<Session, (std::path::PathBuf, std::io::Error)> {
         let paths = RunPaths::new(&cfg.run_dir, &cfg.local_dir);
         paths.prepare(s3)?;
+        let instance = lease::instance_id(&cfg.local_dir)
+            .map_err(|e| (cfg.local_dir.join("instance-id"), e))?;
         Ok(Session {
             rclone_bin: cfg.rclone_bin.clone(),
             paths,
             s3: s3.clone(),
             s3_wait: cfg.s3_wait,
             running: None,
+            instance,
+            fence: Fence::default(),
+            lease: None,
+            key: None,
         })
     }
 
@@ -112,10 +133,89 @@ impl Session {
         self.running = None;
     }
 
+    /// Checks the crypt key against the bucket prefix, writing nothing: the
+    /// marker is written by [`Session::write_key_marker`], once the lease is held.
+    pub async fn check_key(&mut self) -> Result<Outcome, KeyCheckError> {
+        let outcome = keycheck::inspect(
+            &self.paths.rc_socket,
+            &self.s3.raw_remote(),
+            &self.paths.scratch,
+        )
+        .await?;
+        self.key = Some(outcome);
+        Ok(outcome)
+    }
+
+    /// Writes the key-check marker if the key check found none.
+    pub async fn write_key_marker(&mut self) -> Result<(), KeyCheckError> {
+        if matches!(self.key, Some(Outcome::FirstUse | Outcome::Adopted)) {
+            keycheck::write_marker(&self.paths.rc_socket, &self.paths.scratch).await?;
+        }
+        self.key = Some(Outcome::Matched);
+        Ok(())
+    }
+
+    /// Takes the bucket prefix's lease (waiting for another holder) and
+    /// keeps it renewed; from here the fence opens. Held already: nothing to do.
+    pub async fn acquire_lease(&mut self, cfg: &LeaseConfig) -> Result<(), LeaseError> {
+        if self.lease.is_some() {
+            return Ok(());
+        }
+        let io = lease::Io::open(
+            &self.paths.rc_socket,
+            &self.paths.scratch,
+            &self.s3.raw_remote(),
+        )
+        .await?;
+        let mode = io.mode().await?;
+        tracing::info!(?mode, "lease: the bucket has {}", mode.describe());
+        let me = lease::record_for(&self.instance, cfg.ttl);
+        let held = lease::acquire(io, mode, me, cfg, self.fence.clone()).await?;
+        self.lease = Some(held.keep());
+        Ok(())
+    }
+
+    /// Resolves when rclone exits, or when another instance has taken the
+    /// lease: then rclone is killed at once, so nothing it holds goes up.
+    /// Cancel-safe.
+    pub async fn ended(&mut self) -> Ended {
+        let lost = async {
+            match self.lease.as_mut() {
+                Some(keeper) => keeper.lost().await,
+                None => std::future::pending().await,
+            }
+        };
+        let exited = async {
+            match &mut self.running {
+                Some((child, _)) => child.wait().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            by = lost => {
+                if let Some((child, _)) = self.running.as_mut() {
+                    let _ = child.signal(nix::sys::signal::Signal::SIGKILL);
+                }
+                Ended::LeaseLost(by)
+            }
+            exit = exited => Ended::Exited(exit),
+        }
+    }
+
     /// Stops rclone at the end of the run: SIGTERM, SIGKILL at `deadline`
     /// (an error: it may not have flushed); then removes the config, which
-    /// holds the S3 keys.
+    /// holds the S3 keys. The lease is released first, while rclone runs.
     pub async fn stop(mut self, deadline: Instant) -> Result<(), Killed> {
+        if let Some(keeper) = self.lease.take() {
+            if tokio::time::timeout_at(deadline, keeper.release())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "lease: not released before the stop deadline; it expires on its own"
+                );
+            }
+        }
         let result = match self.running.take() {
             None => Ok(()),
             Some((mut child, _)) => match child.terminate(deadline).await {

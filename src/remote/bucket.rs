@@ -2,7 +2,9 @@
 //! them are below the crypt remote: on S3 they are encrypted like the data.
 //!
 //! - `sqlite/<path>`: the newest snapshot of each database;
-//! - `.cvm/key-check`: the key-check marker; `.cvm/tree.json`: types, modes,
+//! - `.cvm/key-check`: the key-check marker; `.cvm/lease`: the single-writer
+//!   lease, `.cvm/cas-probe` what tells whether S3 honours conditional
+//!   writes; `.cvm/tree.json`: types, modes,
 //!   owners and empty directories of the state dir (`.cvm/dirs.json` from
 //!   older versions); `.cvm/user/…`: a user's own top-level `sqlite/` or
 //!   `.cvm-trash/`;
@@ -19,6 +21,10 @@ pub const SQLITE_DIR: &str = "sqlite";
 pub const META_DIR: &str = ".cvm";
 /// The key-check marker, in [`META_DIR`].
 pub const KEY_MARKER: &str = "key-check";
+/// The single-writer lease (`lease`), in [`META_DIR`].
+pub const LEASE_FILE: &str = "lease";
+/// The object that tells whether S3 honours conditional writes, in [`META_DIR`].
+pub const CAS_PROBE: &str = "cas-probe";
 /// The state dir's tree (`treemeta`), in [`META_DIR`].
 pub const TREE_FILE: &str = "tree.json";
 /// What cvm-init wrote before [`TREE_FILE`]: directory modes only.

@@ -33,7 +33,7 @@ pub enum KeyCheckError {
     },
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// The prefix was empty; the marker is written.
     FirstUse,
@@ -63,7 +63,7 @@ async fn count(socket: &Path, fs: &str) -> Result<usize, RcError> {
     }
 }
 
-async fn write_marker(socket: &Path, scratch: &Path) -> Result<(), KeyCheckError> {
+pub async fn write_marker(socket: &Path, scratch: &Path) -> Result<(), KeyCheckError> {
     let io = |source| KeyCheckError::Io {
         path: scratch.join(KEY_MARKER),
         source,

@@ -4,4 +4,5 @@
 pub mod bucket;
 pub mod keycheck;
 pub mod lag;
+pub mod lease;
 pub mod probe;

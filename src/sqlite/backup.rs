@@ -18,6 +18,7 @@ use crate::config::SqliteConfig;
 use crate::rclone::rc;
 use crate::remote::bucket::SQLITE_DIR;
 use crate::remote::lag::Lag;
+use crate::remote::lease::Fence;
 use crate::sqlite::{self, Fingerprint, Patterns, Snapshot, SqliteError};
 use crate::storage::worker::{self, Worker};
 
@@ -44,6 +45,8 @@ pub struct BackupSpec {
     /// database deleted or renamed away, so it does not come back at the
     /// next restore; `None` keeps every snapshot.
     pub trash: Option<String>,
+    /// Open while this instance holds the lease: no upload without it.
+    pub fence: Fence,
 }
 
 impl BackupSpec {
@@ -54,6 +57,7 @@ impl BackupSpec {
         remote: String,
         cfg: &SqliteConfig,
         lag: Lag,
+        fence: Fence,
     ) -> Self {
         Self {
             root,
@@ -64,6 +68,7 @@ impl BackupSpec {
             debounce: cfg.debounce,
             lag,
             trash: None,
+            fence,
         }
     }
 }
@@ -257,6 +262,9 @@ impl Engine {
             return;
         };
         let day = crate::remote::bucket::trash_day(std::time::SystemTime::now());
+        if self.spec.fence.check().is_err() {
+            return;
+        }
         for rel in std::mem::take(&mut self.gone) {
             let rel_str = rel.to_string_lossy();
             let params = json!({
@@ -324,6 +332,11 @@ impl Engine {
             // Upload without asking S3 first: the snapshot is known to differ.
             "_config": { "NoCheckDest": true },
         });
+        let fenced = |why| BackupError::Upload {
+            db: snap.path.clone(),
+            source: rc::RcError::Fenced(why),
+        };
+        self.spec.fence.check().map_err(fenced)?;
         rc::call(&self.spec.rc_socket, "operations/copyfile", &params)
             .await
             .map(drop)

@@ -9,6 +9,16 @@ use crate::sqlite::restore::RestoreError;
 use crate::storage::mount::redirect::RedirectError;
 use crate::sys::process::Exit;
 
+impl From<crate::rclone::session::Ended> for StorageFailure {
+    fn from(e: crate::rclone::session::Ended) -> StorageFailure {
+        use crate::rclone::session::Ended;
+        match e {
+            Ended::LeaseLost(by) => StorageFailure::LeaseLost(by),
+            Ended::Exited(exit) => StorageFailure::RcloneExited(exit),
+        }
+    }
+}
+
 /// Why storage could not start, or be brought back.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -61,6 +71,8 @@ pub enum StorageError {
     KeyCheck(#[from] crate::remote::keycheck::KeyCheckError),
     #[error(transparent)]
     S3(#[from] crate::remote::probe::WaitError),
+    #[error(transparent)]
+    Lease(#[from] crate::remote::lease::LeaseError),
 }
 
 /// Why storage stopped serving while the gateway ran.
@@ -74,6 +86,9 @@ pub enum StorageFailure {
     MountDead(std::io::Error),
     #[error("the rclone mount did not answer {0} looks in a row: rclone is hung")]
     MountHung(u32),
+    /// Another instance holds the lease now: nothing more may be uploaded.
+    #[error("another instance took over the bucket prefix: {0}")]
+    LeaseLost(String),
     /// A bug: what the loop did is not known, so no recovery is tried.
     #[error("{what} ended unexpectedly ({detail}): uploads from it stopped")]
     WorkerDied { what: &'static str, detail: String },

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::{Config, Layout};
+use crate::config::{Config, Layout, LeaseConfig};
 use crate::rclone::session::Session;
 use crate::sys::process::Reaper;
 
@@ -74,6 +74,14 @@ impl Storage {
         }
     }
 
+    fn session_mut(&mut self) -> Option<&mut Session> {
+        match self {
+            Storage::Local(_) => None,
+            Storage::Mount(m) => Some(m.session_mut()),
+            Storage::Replicate(r) => Some(r.session_mut()),
+        }
+    }
+
     /// Boot: waits until S3 answers (`CVM_S3_WAIT`, counted from `since`).
     pub async fn wait_for_s3(&self, reaper: &Reaper, since: Instant) -> Result<(), StorageError> {
         let Some(session) = self.session() else {
@@ -100,22 +108,31 @@ impl Storage {
 
     /// Boot: checks the crypt key against the bucket prefix before anything
     /// is restored or written (see `keycheck`).
-    pub async fn check_key(&self) -> Result<(), StorageError> {
-        let Some(session) = self.session() else {
+    pub async fn check_key(&mut self) -> Result<(), StorageError> {
+        let Some(session) = self.session_mut() else {
             return Ok(());
         };
-        let outcome = crate::remote::keycheck::check(
-            session.socket(),
-            &session.s3.raw_remote(),
-            &session.paths.scratch,
-        )
-        .await?;
+        let outcome = session.check_key().await?;
         tracing::info!(?outcome, "boot: crypt key checked");
         Ok(())
     }
 
-    /// Boot: restores what S3 holds (see each layout's `restore`).
+    /// Boot: takes the bucket prefix's lease, waiting while another instance
+    /// holds it (see `remote::lease`).
+    pub async fn acquire_lease(&mut self, cfg: &LeaseConfig) -> Result<(), StorageError> {
+        let Some(session) = self.session_mut() else {
+            return Ok(());
+        };
+        crate::sys::sdnotify::status("taking the lease on the bucket prefix");
+        Ok(session.acquire_lease(cfg).await?)
+    }
+
+    /// Boot: restores what S3 holds (see each layout's `restore`), after
+    /// writing the key-check marker if the prefix had none.
     pub async fn restore(&mut self) -> Result<(), StorageError> {
+        if let Some(session) = self.session_mut() {
+            session.write_key_marker().await?;
+        }
         match self {
             Storage::Local(_) => Ok(()),
             Storage::Mount(m) => m.restore().await,

@@ -181,16 +181,26 @@ pub async fn run(
                     gw.pause(cfg.stop_timeout / 2, "for the move").await;
                 }
                 StorageEvent::Failed(failure) => {
-                    let recoverable = !matches!(failure, StorageFailure::WorkerDied { .. });
-                    let event = Event::StorageFailed { recoverable };
+                    let event = match failure {
+                        StorageFailure::LeaseLost(_) => Event::LeaseLost,
+                        StorageFailure::WorkerDied { .. } => Event::StorageFailed { recoverable: false },
+                        _ => Event::StorageFailed { recoverable: true },
+                    };
                     let action = policy.decide(event, Instant::now());
                     if action != Action::Recover {
-                        let n = policy.storage_failures();
-                        tracing::error!(
-                            "{failure}: giving up ({n} failure(s) in a row, each within {:?} of the last \
-                             recovery, or a failure no recovery can fix): the log above says why",
-                            policy::STORAGE_STEADY
-                        );
+                        if let StorageFailure::LeaseLost(_) = failure {
+                            tracing::error!(
+                                "{failure}: stopping the gateway and uploading nothing more; the state dir is kept \
+                                 as it is (what it holds that is not on S3 is named below)"
+                            );
+                        } else {
+                            let n = policy.storage_failures();
+                            tracing::error!(
+                                "{failure}: giving up ({n} failure(s) in a row, each within {:?} of the last \
+                                 recovery, or a failure no recovery can fix): the log above says why",
+                                policy::STORAGE_STEADY
+                            );
+                        }
                         return finish(stop_status(action), gw, storage, cfg).await;
                     }
                     sdnotify::status(&format!("storage failed ({failure}); recovering"));

@@ -31,6 +31,8 @@ pub enum Event {
     RecoveryFailed { jitter: f64 },
     /// Storage serves again.
     Recovered,
+    /// Another instance took the bucket prefix's lease.
+    LeaseLost,
 }
 
 /// What to do about it.
@@ -118,6 +120,7 @@ impl Policy {
                     }
                 }
             }
+            Event::LeaseLost => Action::Stop(Status::LeaseLost),
             Event::Recovered => {
                 self.last_recovery = now;
                 Action::Continue
@@ -324,6 +327,7 @@ mod tests {
                 Stop(Status::Failure),
             )],
         );
+        run(5, &[(1, LeaseLost, Stop(Status::LeaseLost))]);
     }
 
     #[test]

@@ -93,6 +93,8 @@ pub struct Garage {
 }
 
 pub const REGION: &str = "garage";
+/// `CVM_LEASE_TTL` in tests.
+pub const LEASE_TTL: &str = "3s";
 
 impl Garage {
     pub fn start(dir: &Path) -> Garage {
@@ -305,6 +307,9 @@ impl Garage {
             ("S3_REGION", REGION),
             ("AWS_ACCESS_KEY_ID", self.key_id.as_str()),
             ("AWS_SECRET_ACCESS_KEY", self.secret.as_str()),
+            // A crashed instance's lease is taken over after this: short, so
+            // a test's "new container after a crash" boots within seconds.
+            ("CVM_LEASE_TTL", LEASE_TTL),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -672,5 +677,67 @@ impl Drop for Appliance {
                 self.log_text()
             );
         }
+    }
+}
+
+/// An S3 server that honours conditional writes (`If-None-Match`,
+/// `If-Match`), which Garage ignores: moto's, from PyPI.
+pub struct Moto {
+    server: Child,
+    pub endpoint: String,
+    pub bucket: String,
+}
+
+impl Moto {
+    pub fn start(dir: &Path) -> Moto {
+        let port = free_port();
+        let server = Command::new(find_program("moto_server", "MOTO_SERVER"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(fs::File::create(dir.join("moto.log")).unwrap())
+            .stderr(fs::File::create(dir.join("moto.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let m = Moto {
+            server,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            bucket: "cvm-cas".into(),
+        };
+        // Bucket creation needs no signature on moto.
+        wait_until(Duration::from_secs(30), "moto to create the bucket", || {
+            use std::io::{Read, Write as _};
+            let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                return false;
+            };
+            let req = format!(
+                "PUT /{} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                m.bucket
+            );
+            let mut answer = String::new();
+            c.write_all(req.as_bytes()).is_ok()
+                && c.read_to_string(&mut answer).is_ok()
+                && answer.starts_with("HTTP/1.1 200")
+        });
+        m
+    }
+
+    pub fn s3_env(&self) -> Vec<(String, String)> {
+        [
+            ("S3_BUCKET", self.bucket.as_str()),
+            ("S3_ENDPOINT", self.endpoint.as_str()),
+            ("S3_REGION", "us-east-1"),
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("CVM_LEASE_TTL", LEASE_TTL),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
     }
 }

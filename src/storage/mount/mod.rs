@@ -202,6 +202,10 @@ impl Mount {
         &self.session
     }
 
+    pub fn session_mut(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
     /// Mounts the crypt remote at the state dir (boot step "start rclone").
     pub async fn start_rclone(
         &mut self,
@@ -231,6 +235,7 @@ impl Mount {
             format!("{CRYPT_REMOTE}:{SQLITE_DIR}"),
             &self.sqlite,
             self.lag.clone(),
+            self.session.fence.clone(),
         );
         self.backup = Some(backup::start(spec, std::mem::take(&mut self.restored)));
         self.tasks.push(tokio::spawn(queue::watch(
@@ -353,9 +358,8 @@ impl Mount {
     /// and need the gateway stopped to be moved. Cancel-safe.
     pub async fn next_event(&mut self) -> Event {
         loop {
-            let exited = self.session.exited();
             tokio::select! {
-                exit = exited => return Event::Failed(StorageFailure::RcloneExited(exit)),
+                ended = self.session.ended() => return Event::Failed(ended.into()),
                 f = worker::died(&mut self.backup) => return Event::Failed(f),
                 _ = sleep(LINK_CHECK) => {}
             }

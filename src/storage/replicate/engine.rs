@@ -56,6 +56,8 @@ pub struct ReplicationSpec {
     pub scratch: PathBuf,
     /// Where the backlog is reported while uploads fail.
     pub lag: crate::remote::lag::Lag,
+    /// Open while this instance holds the lease: no transfer starts without it.
+    pub fence: crate::remote::lease::Fence,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -611,6 +613,7 @@ impl Engine {
     /// Uploads `names` (new regular files, none on S3 yet, nothing writing
     /// them) in one rclone `sync/copy` job with a file list.
     async fn upload_batch(&self, names: &[String]) -> Result<(), RcError> {
+        self.spec.fence.check().map_err(RcError::Fenced)?;
         let list = self.spec.scratch.join("batch-files");
         let io = |source| RcError::Io {
             path: list.clone(),
@@ -707,6 +710,7 @@ impl Engine {
     /// changes while it uploads still reaches S3. Returns the stamp of what
     /// was uploaded.
     async fn upload(&self, name: &str, trash: &str, slot: usize) -> Result<Stamp, TransferError> {
+        self.spec.fence.check().map_err(RcError::Fenced)?;
         let replaces = self.remote.contains_key(name);
         let local = local_path(name);
         if name.ends_with(LINK_SUFFIX) {
@@ -764,6 +768,7 @@ impl Engine {
     /// when it is about to be overwritten (`keep`), a move when it is
     /// deleted. Nothing to do when it is gone already.
     async fn to_trash(&self, name: &str, trash: &str, keep: bool) -> Result<(), RcError> {
+        self.spec.fence.check().map_err(RcError::Fenced)?;
         let method = if keep {
             "operations/copyfile"
         } else {
@@ -786,6 +791,7 @@ impl Engine {
     }
 
     async fn upload_tree(&self, tree: &TreeMeta) -> Result<(), RcError> {
+        self.spec.fence.check().map_err(RcError::Fenced)?;
         let path = self.spec.scratch.join(TREE_FILE);
         let io = |source| RcError::Io {
             path: path.clone(),

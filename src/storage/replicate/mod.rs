@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::time::{sleep, Instant};
 
 use super::worker::{self, Worker};
-use super::{prepare_err, Event, FlushError, StorageError, StorageFailure};
+use super::{prepare_err, Event, FlushError, StorageError};
 use crate::config::{Config, S3Config, SqliteConfig};
 use crate::rclone::session::Session;
 use crate::rclone::{self, rc, CRYPT_REMOTE};
@@ -143,6 +143,10 @@ impl Replicate {
 
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    pub fn session_mut(&mut self) -> &mut Session {
+        &mut self.session
     }
 
     /// Starts `rclone rcd`, which serves every transfer (boot step "start rclone").
@@ -505,6 +509,7 @@ impl Replicate {
         tokio::spawn(purge_old_trash(
             self.session.paths.rc_socket.clone(),
             self.trash_days,
+            self.session.fence.clone(),
         ));
 
         let scratch = self.session.paths.scratch.clone();
@@ -515,6 +520,7 @@ impl Replicate {
             format!("{CRYPT_REMOTE}:{SQLITE_DIR}"),
             &self.sqlite,
             self.lag.clone(),
+            self.session.fence.clone(),
         );
         // The state dir is the databases' only home: one deleted there is gone.
         backup.trash = Some(format!("{CRYPT_REMOTE}:{TRASH_DIR}"));
@@ -528,6 +534,7 @@ impl Replicate {
                 interval: self.sqlite.interval,
                 scratch,
                 lag: self.lag.clone(),
+                fence: self.session.fence.clone(),
             },
             remote,
             tree,
@@ -538,7 +545,7 @@ impl Replicate {
 
     pub async fn next_event(&mut self) -> Event {
         Event::Failed(tokio::select! {
-            exit = self.session.exited() => StorageFailure::RcloneExited(exit),
+            ended = self.session.ended() => ended.into(),
             f = worker::died(&mut self.backup) => f,
             f = worker::died(&mut self.replication) => f,
         })
@@ -654,7 +661,7 @@ fn move_file(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 /// Purges trash days older than `days`; runs beside the gateway, nothing waits for it.
-async fn purge_old_trash(socket: PathBuf, days: u32) {
+async fn purge_old_trash(socket: PathBuf, days: u32, fence: crate::remote::lease::Fence) {
     let Ok(listing) = rc::call(&socket,
             "operations/list",
             &json!({ "fs": format!("{CRYPT_REMOTE}:{TRASH_DIR}"), "remote": "", "opt": { "dirsOnly": true } }),
@@ -671,7 +678,7 @@ async fn purge_old_trash(socket: PathBuf, days: u32) {
         .flatten()
         .filter_map(|i| i["Path"].as_str())
     {
-        if day < cutoff.as_str() {
+        if day < cutoff.as_str() && fence.check().is_ok() {
             let r = rc::call(
                 &socket,
                 "operations/purge",

@@ -1,0 +1,263 @@
+//! One writer per bucket prefix: a second instance with the same environment
+//! waits for the first one's lease, takes over when it stops or dies, and a
+//! holder whose lease was taken uploads nothing more. Against Garage (no
+//! conditional writes: the timed protocol) and moto (conditional writes).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use common::replica::{write, Setup};
+use common::{descendants, script, wait_until, Appliance, Dirs, Moto, PASSWORD};
+
+const T: Duration = Duration::from_secs(40);
+/// `common::LEASE_TTL`.
+const TTL: Duration = Duration::from_secs(3);
+
+fn ready(app: &mut Appliance) -> bool {
+    app.notified().iter().any(|l| l == "READY=1")
+}
+
+/// How many times `app` has said it waits for the lease.
+fn waits(app: &mut Appliance) -> usize {
+    app.notified()
+        .iter()
+        .filter(|l| l.starts_with("STATUS=waiting for the lease"))
+        .count()
+}
+
+fn on_s3(s: &Setup, name: &str) -> bool {
+    s.remote("").iter().any(|n| n == name)
+}
+
+#[test]
+fn a_second_instance_waits_and_takes_over_within_seconds_of_a_graceful_stop() {
+    let s = Setup::new();
+    let (mut a, ad) = s.boot("a", &[]);
+    assert!(a.log_text().contains("lease: held"), "{}", a.log_text());
+    write(&ad.state, "from-a.txt", "a1");
+    wait_until(T, "a's file on S3", || on_s3(&s, "from-a.txt"));
+    let before = s.remote("");
+
+    let bd = Dirs::new(s.tmp.path(), "b");
+    let mut b = s.start(&bd, &[]);
+    // Three TTLs of waiting (a poll a second) while a renews.
+    wait_until(T, "b to wait through three TTLs", || waits(&mut b) >= 9);
+    assert!(!ready(&mut b), "b's gateway started beside a's");
+    assert!(
+        b.log_text().contains("held by instance"),
+        "{}",
+        b.log_text()
+    );
+    assert!(
+        !bd.state.join("from-a.txt").exists(),
+        "b restored while a held the lease"
+    );
+    // a keeps working; the bucket holds what a wrote and nothing from b.
+    write(&ad.state, "from-a-2.txt", "a2");
+    wait_until(T, "a's second file on S3", || on_s3(&s, "from-a-2.txt"));
+    let mut after = s.remote("");
+    after.retain(|n| n != "from-a-2.txt");
+    assert_eq!(after, before, "b changed the bucket while it waited");
+
+    assert_eq!(a.stop(T), 0);
+    let stopped = Instant::now();
+    b.wait_ready(T);
+    let took = stopped.elapsed();
+    assert!(
+        took <= Duration::from_secs(5),
+        "b took {took:?} to take over"
+    );
+    assert_eq!(
+        std::fs::read_to_string(bd.state.join("from-a.txt")).unwrap(),
+        "a1"
+    );
+    assert_eq!(
+        std::fs::read_to_string(bd.state.join("from-a-2.txt")).unwrap(),
+        "a2"
+    );
+    assert_eq!(b.stop(T), 0);
+    eprintln!("takeover after a graceful stop: {took:?}");
+}
+
+#[test]
+fn a_crashed_holder_is_taken_over_after_the_ttl_and_its_own_volume_at_once() {
+    let s = Setup::new();
+    let (mut a, ad) = s.boot("a", &[]);
+    write(&ad.state, "from-a.txt", "a1");
+    wait_until(T, "a's file on S3", || on_s3(&s, "from-a.txt"));
+    a.kill_all();
+    let killed = Instant::now();
+    let bd = Dirs::new(s.tmp.path(), "b");
+    let mut b = s.start(&bd, &[]);
+    b.wait_ready(T);
+    let took = killed.elapsed();
+    assert!(took >= TTL, "b took a live-looking lease after {took:?}");
+    assert!(took <= TTL + Duration::from_secs(5), "b took {took:?}");
+    assert_eq!(
+        std::fs::read_to_string(bd.state.join("from-a.txt")).unwrap(),
+        "a1"
+    );
+    eprintln!("takeover after SIGKILL: {took:?}");
+
+    // b dies too, and comes back on its own volume: its own lease, at once.
+    b.kill_all();
+    let killed = Instant::now();
+    let mut b2 = s.start(&bd, &[]);
+    b2.wait_ready(T);
+    let took = killed.elapsed();
+    assert!(
+        took < TTL,
+        "the same volume waited {took:?} for its own lease"
+    );
+    assert!(b2.log_text().contains("Own"), "{}", b2.log_text());
+    assert_eq!(b2.stop(T), 0);
+}
+
+#[test]
+fn a_holder_frozen_past_its_lease_uploads_nothing_when_it_wakes_and_exits_73() {
+    let s = Setup::new();
+    let (mut a, ad) = s.boot("a", &[]);
+    write(&ad.state, "before.txt", "a1");
+    wait_until(T, "a's file on S3", || on_s3(&s, "before.txt"));
+    let mut tree = descendants(a.pid());
+    tree.push(a.pid());
+    for p in &tree {
+        kill(Pid::from_raw(*p), Signal::SIGSTOP).unwrap();
+    }
+    let bd = Dirs::new(s.tmp.path(), "b");
+    let mut b = s.start(&bd, &[]);
+    b.wait_ready(T);
+    write(&bd.state, "from-b.txt", "b1");
+    wait_until(T, "b's file on S3", || on_s3(&s, "from-b.txt"));
+
+    for p in &tree {
+        let _ = kill(Pid::from_raw(*p), Signal::SIGCONT);
+    }
+    write(&ad.state, "late-a.txt", "written after a woke");
+    assert_eq!(a.wait_exit(T), 73, "{}", a.log_text());
+    let log = a.log_text();
+    assert!(log.contains("lost the bucket prefix's lease"), "{log}");
+    assert!(
+        log.contains("late-a.txt"),
+        "what a could not upload is named: {log}"
+    );
+    assert!(
+        !on_s3(&s, "late-a.txt"),
+        "a uploaded after its lease was taken"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ad.state.join("late-a.txt")).unwrap(),
+        "written after a woke"
+    );
+
+    assert_eq!(b.stop(T), 0);
+    let (mut c, cd) = s.boot("c", &[]);
+    assert_eq!(
+        std::fs::read_to_string(cd.state.join("from-b.txt")).unwrap(),
+        "b1"
+    );
+    assert_eq!(
+        std::fs::read_to_string(cd.state.join("before.txt")).unwrap(),
+        "a1"
+    );
+    assert!(!cd.state.join("late-a.txt").exists());
+    assert_eq!(c.stop(T), 0);
+}
+
+#[test]
+fn s3_down_longer_than_the_ttl_keeps_the_gateway_and_verifies_the_lease_on_return() {
+    let mut s = Setup::new();
+    let (mut a, ad) = s.boot("a", &[]);
+    let gateway = common::descendant_with(&a, "100000");
+    s.g.stop();
+    write(&ad.state, "during.txt", "written while S3 was down");
+    // More than three TTLs behind, by a's own report.
+    wait_until(T, "three TTLs of S3 outage", || {
+        a.notified().iter().any(|l| {
+            l.strip_prefix("STATUS=S3 writes ")
+                .and_then(|r| r.split('s').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|secs| secs > 3 * TTL.as_secs())
+        })
+    });
+    assert!(a.log_text().contains("lease: cannot"), "{}", a.log_text());
+    s.g.restart();
+    wait_until(T, "the lease verified again", || {
+        a.log_text().contains("lease: verified again")
+    });
+    wait_until(T, "the file written during the outage on S3", || {
+        on_s3(&s, "during.txt")
+    });
+    assert_eq!(
+        common::descendant_with(&a, "100000"),
+        gateway,
+        "the gateway was restarted"
+    );
+    assert_eq!(a.stop(T), 0);
+}
+
+#[test]
+fn with_conditional_writes_exactly_one_of_two_simultaneous_instances_holds_the_lease() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = Moto::start(tmp.path());
+    let idle = script(tmp.path(), "idle.sh", "exec sleep 100000")
+        .display()
+        .to_string();
+    for round in 0..20 {
+        let start = |name: &str| {
+            let dirs = Dirs::new(tmp.path(), &format!("{round}-{name}"));
+            let mut env = m.s3_env();
+            env.extend(dirs.env());
+            env.push(("S3_PREFIX".into(), format!("round-{round}")));
+            env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
+            env.push(("CVM_GATEWAY_CMD".into(), idle.clone()));
+            (Appliance::start(&dirs, &env), dirs)
+        };
+        let (mut a, _) = start("a");
+        let (mut b, _) = start("b");
+        wait_until(T, "one instance ready", || ready(&mut a) || ready(&mut b));
+        let (winner, loser) = if ready(&mut a) {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
+        wait_until(T, "the other to wait", || waits(loser) >= 2);
+        assert!(!ready(loser), "round {round}: both hold the lease");
+        assert!(
+            winner.log_text().contains("Conditional"),
+            "{}",
+            winner.log_text()
+        );
+        assert_eq!(loser.stop(T), 0, "round {round}: {}", loser.log_text());
+        assert_eq!(winner.stop(T), 0, "round {round}: {}", winner.log_text());
+    }
+}
+
+#[test]
+fn the_mount_layout_waits_for_the_lease_too() {
+    let s = Setup::new();
+    let mount = [("CVM_STORAGE", "mount")];
+    let (mut a, ad) = s.boot("a", &mount);
+    write(&ad.state, "from-a.txt", "a1");
+    let bd = Dirs::new(s.tmp.path(), "b");
+    let mut b = s.start(&bd, &mount);
+    wait_until(T, "b to wait", || waits(&mut b) >= 3);
+    assert!(!ready(&mut b), "b's gateway started beside a's");
+    assert_eq!(a.stop(T), 0);
+    let stopped = Instant::now();
+    b.wait_ready(T);
+    assert!(
+        stopped.elapsed() <= Duration::from_secs(5),
+        "took {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(
+        std::fs::read_to_string(bd.state.join("from-a.txt")).unwrap(),
+        "a1"
+    );
+    assert_eq!(b.stop(T), 0);
+}
