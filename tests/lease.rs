@@ -11,7 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use common::replica::{write, Setup};
-use common::{descendants, script, wait_until, Appliance, Dirs, Moto, PASSWORD};
+use common::{descendants, script, wait_until, Appliance, Dirs, Moto, BIN, PASSWORD};
 
 const T: Duration = Duration::from_secs(40);
 /// `common::LEASE_TTL`.
@@ -29,6 +29,24 @@ fn waits(app: &mut Appliance) -> usize {
         .count()
 }
 
+/// `cvm-init check` with `s`'s environment: (exit code, stdout).
+fn check(s: &Setup, dirs: &Dirs) -> (i32, String) {
+    let mut env = s.g.s3_env();
+    env.extend(dirs.env());
+    env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
+    let out = std::process::Command::new(BIN)
+        .arg("check")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+    )
+}
+
 fn on_s3(s: &Setup, name: &str) -> bool {
     s.remote("").iter().any(|n| n == name)
 }
@@ -41,6 +59,25 @@ fn a_second_instance_waits_and_takes_over_within_seconds_of_a_graceful_stop() {
     write(&ad.state, "from-a.txt", "a1");
     wait_until(T, "a's file on S3", || on_s3(&s, "from-a.txt"));
     let before = s.remote("");
+    let (code, out) = check(&s, &Dirs::new(s.tmp.path(), "check"));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok       lease: held by instance"), "{out}");
+    assert!(
+        out.contains("no conditional writes"),
+        "Garage ignores them: {out}"
+    );
+
+    // One that may not wait gives up, naming the holder.
+    let impatient = Dirs::new(s.tmp.path(), "impatient");
+    let mut i = s.start(&impatient, &[("CVM_LEASE_WAIT", "1s")]);
+    assert_eq!(i.wait_exit(T), 75, "{}", i.log_text());
+    assert!(
+        i.log_text().contains("CVM_LEASE_TAKEOVER="),
+        "{}",
+        i.log_text()
+    );
+    assert!(!ready(&mut i));
+    assert_eq!(s.remote(""), before, "the impatient one changed the bucket");
 
     let bd = Dirs::new(s.tmp.path(), "b");
     let mut b = s.start(&bd, &[]);
@@ -114,7 +151,18 @@ fn a_crashed_holder_is_taken_over_after_the_ttl_and_its_own_volume_at_once() {
         "the same volume waited {took:?} for its own lease"
     );
     assert!(b2.log_text().contains("Own"), "{}", b2.log_text());
-    assert_eq!(b2.stop(T), 0);
+
+    // An operator who knows b2 is dead names it: taken at once.
+    b2.kill_all();
+    let id = std::fs::read_to_string(bd.local.join("instance-id")).unwrap();
+    let killed = Instant::now();
+    let cd = Dirs::new(s.tmp.path(), "c");
+    let mut c = s.start(&cd, &[("CVM_LEASE_TAKEOVER", id.trim())]);
+    c.wait_ready(T);
+    let took = killed.elapsed();
+    assert!(took < TTL, "an explicit takeover waited {took:?}");
+    assert!(c.log_text().contains("TakeOver"), "{}", c.log_text());
+    assert_eq!(c.stop(T), 0);
 }
 
 #[test]

@@ -286,25 +286,33 @@ pub struct Io {
     raw: String,
     /// The lease object's encrypted path below `raw`.
     encoded: String,
+    /// The conditional-write probe's encrypted path below `raw`.
+    encoded_probe: String,
 }
 
 impl Io {
-    /// Finds the lease object's encrypted name.
+    /// Finds the encrypted names of the lease and the probe objects.
     pub async fn open(socket: &Path, scratch: &Path, raw: &str) -> Result<Io, LeaseError> {
-        let name = format!("{META_DIR}/{LEASE_FILE}");
+        let names = [
+            format!("{META_DIR}/{LEASE_FILE}"),
+            format!("{META_DIR}/{CAS_PROBE}"),
+        ];
         let answer = rc::call(
             socket,
             "backend/command",
-            &json!({ "command": "encode", "fs": format!("{CRYPT_REMOTE}:"), "arg": [name] }),
+            &json!({ "command": "encode", "fs": format!("{CRYPT_REMOTE}:"), "arg": names }),
         )
         .await?;
-        let encoded = answer["result"][0]
-            .as_str()
-            .ok_or_else(|| RcError::Malformed {
-                method: "backend/command encode".into(),
-                detail: answer.to_string(),
-            })?
-            .to_owned();
+        let encoded = |i: usize| {
+            answer["result"][i]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| RcError::Malformed {
+                    method: "backend/command encode".into(),
+                    detail: answer.to_string(),
+                })
+        };
+        let (encoded, encoded_probe) = (encoded(0)?, encoded(1)?);
         std::fs::create_dir_all(scratch).map_err(|source| LeaseError::Io {
             path: scratch.to_owned(),
             source,
@@ -314,6 +322,7 @@ impl Io {
             scratch: scratch.to_owned(),
             raw: raw.to_owned(),
             encoded,
+            encoded_probe,
         })
     }
 
@@ -378,7 +387,7 @@ impl Io {
             return Err(WriteError::Rc(RcError::Io { path, source }));
         }
         let headers = match cond {
-            Cond::Create => json!([{ "Key": "If-None-Match", "Value": "*" }]),
+            Cond::Create => IF_NONE_MATCH.clone(),
             Cond::Match(etag) => json!([{ "Key": "If-Match", "Value": format!("\"{etag}\"") }]),
             Cond::Blind => json!([]),
         };
@@ -399,29 +408,20 @@ impl Io {
         }
     }
 
-    /// [`Io::mode`], without writing: known only once a boot has written the
-    /// probe object (`cvm-init check` writes nothing).
+    /// [`Io::mode`] without changing the bucket: known only once a boot
+    /// has made the probe object (`cvm-init check`).
     pub async fn mode_if_probed(&self) -> Result<Option<Mode>, RcError> {
-        let listed = self
-            .rc(
-                "operations/stat",
-                json!({ "fs": format!("{CRYPT_REMOTE}:{META_DIR}"), "remote": CAS_PROBE }),
-            )
-            .await;
-        match listed {
-            Ok(v) if v["item"].is_null() => return Ok(None),
-            Ok(_) => {}
-            Err(RcError::Status { body, .. }) if body.contains("not found") => return Ok(None),
-            Err(e) => return Err(e),
+        match self.rewrite_probe().await {
+            Err(RcError::Status { body, .. }) if body.contains("not found") => Ok(None),
+            r => r.map(Some),
         }
-        self.mode().await.map(Some)
     }
 
     /// Whether S3 honours conditional writes: a create-only write of an
-    /// object that exists must fail. The probe object holds a constant, so
-    /// where the write goes through nothing changes. Two instances probing
-    /// at once may collide on a server without conditional writes (rclone
-    /// then sees its upload overwritten): that probe is made again.
+    /// object that exists must fail. The probe object is made through the
+    /// crypt remote if missing; the write that must fail puts its own
+    /// encrypted bytes back, so where it goes through, not a byte changes
+    /// (and two instances probing at once write the same bytes).
     pub async fn mode(&self) -> Result<Mode, RcError> {
         let path = self.scratch.join(CAS_PROBE);
         std::fs::write(&path, "cvm-init conditional-write probe\n").map_err(|source| {
@@ -430,33 +430,58 @@ impl Io {
                 source,
             }
         })?;
-        let create = || {
-            self.rc(
+        let created = self
+            .rc(
                 "operations/copyfile",
                 json!({
                     "srcFs": self.scratch.to_string_lossy(), "srcRemote": CAS_PROBE,
                     "dstFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "dstRemote": CAS_PROBE,
-                    "_config": { "NoCheckDest": true, "UploadHeaders": [{ "Key": "If-None-Match", "Value": "*" }] },
+                    "_config": { "NoCheckDest": true, "UploadHeaders": IF_NONE_MATCH.clone() },
                 }),
             )
-        };
-        // The first create makes the object if it is missing; a second one
-        // must fail where conditions are honoured.
-        let (mut created, mut collisions) = (0, 0u64);
-        while created < 2 {
-            match create().await {
-                Ok(_) => created += 1,
-                Err(e) if is_precondition_failed(&e) => return Ok(Mode::Conditional),
-                Err(e) if is_conflict(&e) && collisions < 5 => {
-                    collisions += 1;
-                    sleep(Duration::from_millis(100 * collisions)).await;
-                }
-                Err(e) => return Err(e),
-            }
+            .await;
+        match created {
+            Err(e) if is_precondition_failed(&e) => return Ok(Mode::Conditional),
+            // Two instances making it at once where conditions are ignored.
+            Err(e) if is_conflict(&e) => {}
+            Err(e) => return Err(e),
+            Ok(_) => {}
         }
-        Ok(Mode::Timed)
+        self.rewrite_probe().await
+    }
+
+    /// Puts the probe object's encrypted bytes back with `If-None-Match: *`.
+    async fn rewrite_probe(&self) -> Result<Mode, RcError> {
+        let copy = "cas-probe.raw";
+        self.rc(
+            "operations/copyfile",
+            json!({
+                "srcFs": self.raw, "srcRemote": self.encoded_probe,
+                "dstFs": self.scratch.to_string_lossy(), "dstRemote": copy,
+            }),
+        )
+        .await?;
+        let put = self
+            .rc(
+                "operations/copyfile",
+                json!({
+                    "srcFs": self.scratch.to_string_lossy(), "srcRemote": copy,
+                    "dstFs": self.raw, "dstRemote": self.encoded_probe,
+                    "_config": { "NoCheckDest": true, "UploadHeaders": IF_NONE_MATCH.clone() },
+                }),
+            )
+            .await;
+        let _ = std::fs::remove_file(self.scratch.join(copy));
+        match put {
+            Ok(_) => Ok(Mode::Timed),
+            Err(e) if is_precondition_failed(&e) => Ok(Mode::Conditional),
+            Err(e) => Err(e),
+        }
     }
 }
+
+static IF_NONE_MATCH: std::sync::LazyLock<Value> =
+    std::sync::LazyLock::new(|| json!([{ "Key": "If-None-Match", "Value": "*" }]));
 
 fn is_precondition_failed(e: &RcError) -> bool {
     matches!(e, RcError::Status { body, .. }
