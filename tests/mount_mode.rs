@@ -38,7 +38,8 @@ fn boot(g: &Garage, dirs: &Dirs, gateway: &str, extra: &[(&str, &str)]) -> Appli
     Appliance::start(dirs, &env(g, dirs, &e))
 }
 
-/// Every regular file below `root`, relative path → bytes.
+/// Every regular file below `root`, relative path → bytes, but the lease and
+/// its probe: cvm-init rewrites them while it runs (the mount shows `.cvm/`).
 fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
         for e in fs::read_dir(dir).unwrap().flatten() {
@@ -55,6 +56,8 @@ fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
     }
     let mut out = BTreeMap::new();
     walk(root, root, &mut out);
+    out.remove(".cvm/lease");
+    out.remove(".cvm/cas-probe");
     out
 }
 

@@ -213,6 +213,8 @@ fn idle_databases_cost_no_uploads() {
             ("LIMIT", "20"),
             ("CVM_BACKUP_DEBOUNCE", "200ms"),
             ("CVM_BACKUP_INTERVAL", "1s"),
+            // A lease renewed less often than the test lasts.
+            ("CVM_LEASE_TTL", "1h"),
         ],
     );
     wait_until(T, "the move and 20 commits", || {
@@ -225,10 +227,12 @@ fn idle_databases_cost_no_uploads() {
                 .is_some_and(|&(_, ts)| ts + 1.5 < now())
     });
     // The key-check marker written at boot, the link the move left on the mount
-    // (a file rclone uploads after its 5 s write-back), and one per snapshot.
+    // (a file rclone uploads after its 5 s write-back), one per snapshot, and
+    // three for the lease at boot: the probe object made, the write to it that
+    // must fail (Garage lets it through), the lease taken.
     wait_until(T, "the marker, the link and the snapshots on S3", || {
         let snapshots = app.log_text().matches("sqlite: snapshot uploaded").count() as u64;
-        snapshots >= 1 && s.g.s3_requests().get("PutObject").copied().unwrap_or(0) == snapshots + 2
+        snapshots >= 1 && s.g.s3_requests().get("PutObject").copied().unwrap_or(0) == snapshots + 5
     });
     let uploads_before = app.log_text().matches("sqlite: snapshot uploaded").count();
     let puts_before = s.g.s3_requests().get("PutObject").copied().unwrap_or(0);
@@ -257,9 +261,10 @@ fn idle_databases_cost_no_uploads() {
         uploads_before,
         "an unchanged database is not uploaded at stop either"
     );
+    // One write at the stop: the lease released.
     assert_eq!(
         s.g.s3_requests().get("PutObject").copied().unwrap_or(0),
-        puts_before,
+        puts_before + 1,
         "{:?}",
         s.g.s3_requests()
     );

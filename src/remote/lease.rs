@@ -223,6 +223,17 @@ impl Fence {
         Ok(())
     }
 
+    /// Waits until uploads may start (the keeper has verified the lease
+    /// after an outage), the lease is lost, or `deadline`.
+    pub async fn opened(&self, deadline: tokio::time::Instant) {
+        while self.check().is_err()
+            && self.lock().lost.is_none()
+            && tokio::time::Instant::now() < deadline
+        {
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn extend(&self, until: Duration) {
         let mut st = self.lock();
         if st.lost.is_none() {
@@ -430,22 +441,36 @@ impl Io {
                 source,
             }
         })?;
-        let created = self
+        // Made once per bucket prefix: later boots only probe it.
+        let exists = self
             .rc(
-                "operations/copyfile",
-                json!({
-                    "srcFs": self.scratch.to_string_lossy(), "srcRemote": CAS_PROBE,
-                    "dstFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "dstRemote": CAS_PROBE,
-                    "_config": { "NoCheckDest": true, "UploadHeaders": IF_NONE_MATCH.clone() },
-                }),
+                "operations/stat",
+                json!({ "fs": format!("{CRYPT_REMOTE}:{META_DIR}"), "remote": CAS_PROBE }),
             )
             .await;
-        match created {
-            Err(e) if is_precondition_failed(&e) => return Ok(Mode::Conditional),
-            // Two instances making it at once where conditions are ignored.
-            Err(e) if is_conflict(&e) => {}
+        let missing = match exists {
+            Ok(v) => v["item"].is_null(),
+            Err(RcError::Status { body, .. }) if body.contains("not found") => true,
             Err(e) => return Err(e),
-            Ok(_) => {}
+        };
+        if missing {
+            let created = self
+                .rc(
+                    "operations/copyfile",
+                    json!({
+                        "srcFs": self.scratch.to_string_lossy(), "srcRemote": CAS_PROBE,
+                        "dstFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "dstRemote": CAS_PROBE,
+                        "_config": { "NoCheckDest": true, "UploadHeaders": IF_NONE_MATCH.clone() },
+                    }),
+                )
+                .await;
+            match created {
+                Err(e) if is_precondition_failed(&e) => return Ok(Mode::Conditional),
+                // Two instances making it at once where conditions are ignored.
+                Err(e) if is_conflict(&e) => {}
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
         }
         self.rewrite_probe().await
     }
@@ -651,11 +676,12 @@ impl Held {
             }
             // A renewal that hangs (rclone wedged) must not hold the loop:
             // the fence closes on its own, and the next try reads first.
-            let renewed = tokio::time::timeout(renew_every(self.ttl), self.renew()).await;
+            // Bounded by the margin: past it the fence is closed anyway.
+            let renewed = tokio::time::timeout(valid_for(self.ttl), self.renew()).await;
             if renewed.is_err() {
                 tracing::warn!(
                     "lease: cannot renew it: no answer within {:?} (S3 or rclone not answering); retrying",
-                    renew_every(self.ttl)
+                    valid_for(self.ttl)
                 );
                 // Whether its write landed is unknown: read before the next one.
                 self.etag = None;

@@ -208,8 +208,17 @@ impl Storage {
         self.start_rclone(reaper, timeout).await
     }
 
-    /// Makes everything written so far durable, before `deadline`.
+    /// Makes everything written so far durable, before `deadline`. A lease
+    /// not confirmed at this moment (S3 just came back, rclone was just
+    /// restarted) gets up to half the time to be verified again first.
     pub async fn flush(&mut self, deadline: Instant) -> Result<(), FlushError> {
+        if let Some(session) = self.session() {
+            let now = Instant::now();
+            session
+                .fence
+                .opened(now + deadline.saturating_duration_since(now) / 2)
+                .await;
+        }
         match self {
             Storage::Local(l) => l.flush().map_err(FlushError::Sync),
             Storage::Mount(m) => m.flush(deadline).await,

@@ -369,11 +369,26 @@ pub fn rclone(config: &Path, args: &[&str]) -> Vec<u8> {
 }
 
 /// Every raw object of the bucket with its hash, sorted: what "byte-identical" means here.
+/// The lease (rewritten by every boot that takes it) is left out: it is
+/// cvm-init's, not state.
 pub fn raw_state(g: &Garage, dir: &Path) -> String {
     let conf = stock_config(g, dir);
     let out = String::from_utf8(rclone(&conf, &["md5sum", &format!("s3:{}", g.bucket)])).unwrap();
+    let lease = String::from_utf8(rclone(
+        &conf,
+        &["cryptdecode", "--reverse", "crypt:", ".cvm/lease"],
+    ))
+    .unwrap();
+    let lease = lease
+        .split_whitespace()
+        .last()
+        .unwrap_or_default()
+        .to_owned();
     // rclone lists in whatever order its checkers finish.
-    let mut lines: Vec<&str> = out.lines().collect();
+    let mut lines: Vec<&str> = out
+        .lines()
+        .filter(|l| !l.ends_with(&format!("/{lease}")))
+        .collect();
     lines.sort_unstable();
     lines.join("\n")
 }
