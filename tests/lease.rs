@@ -220,7 +220,15 @@ fn a_holder_frozen_past_its_lease_uploads_nothing_when_it_wakes_and_exits_73() {
 fn s3_down_longer_than_the_ttl_keeps_the_gateway_and_verifies_the_lease_on_return() {
     let mut s = Setup::new();
     let (mut a, ad) = s.boot("a", &[]);
-    let gateway = common::descendant_with(&a, "100000");
+    // READY comes as the gateway is spawned; its script then execs sleep.
+    let gateway_pid = |a: &Appliance| {
+        descendants(a.pid()).into_iter().find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.contains("100000"))
+        })
+    };
+    wait_until(T, "the gateway's sleep", || gateway_pid(&a).is_some());
+    let gateway = gateway_pid(&a);
     s.g.stop();
     write(&ad.state, "during.txt", "written while S3 was down");
     // More than three TTLs behind, by a's own report.
@@ -240,11 +248,7 @@ fn s3_down_longer_than_the_ttl_keeps_the_gateway_and_verifies_the_lease_on_retur
     wait_until(T, "the file written during the outage on S3", || {
         on_s3(&s, "during.txt")
     });
-    assert_eq!(
-        common::descendant_with(&a, "100000"),
-        gateway,
-        "the gateway was restarted"
-    );
+    assert_eq!(gateway_pid(&a), gateway, "the gateway was restarted");
     assert_eq!(a.stop(T), 0);
 }
 
