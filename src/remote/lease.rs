@@ -808,6 +808,23 @@ impl Keeper {
         let mut record = held.record.clone();
         record.counter += 1;
         record.released = true;
+        // As before a renewal: a lease that may have changed hands is read
+        // first, and only this instance's own is released.
+        if held.mode == Mode::Timed || held.etag.is_none() {
+            match held.io.read().await {
+                Ok(Some((r, etag))) if r.instance == held.record.instance && !r.released => {
+                    held.etag = Some(etag);
+                }
+                Ok(_) => {
+                    tracing::warn!("lease: not released: it is no longer this instance's");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!("lease: cannot release it ({e}); the next instance takes over once it expires");
+                    return;
+                }
+            }
+        }
         let cond = match (held.mode, held.etag.take()) {
             (Mode::Conditional, Some(e)) => Cond::Match(e),
             _ => Cond::Blind,
