@@ -200,6 +200,8 @@ struct FenceState {
     valid_until: Duration,
     /// Set once the lease is known to be someone else's.
     lost: Option<String>,
+    /// How often the keeper renews ([`renew_every`]).
+    period: Duration,
 }
 
 impl Fence {
@@ -223,13 +225,21 @@ impl Fence {
         Ok(())
     }
 
-    /// Waits until uploads may start (the keeper has verified the lease
-    /// after an outage), the lease is lost, or `deadline`.
+    /// Waits until the lease is confirmed for at least one more renewal
+    /// period (so a pass that starts now does not run into the margin while
+    /// the keeper is still retrying after an outage or an rclone restart),
+    /// the lease is lost, or `deadline`.
     pub async fn opened(&self, deadline: tokio::time::Instant) {
-        while self.check().is_err()
-            && self.lock().lost.is_none()
-            && tokio::time::Instant::now() < deadline
-        {
+        loop {
+            {
+                let st = self.lock();
+                if st.lost.is_some() || clock().saturating_add(st.period) < st.valid_until {
+                    return;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
             sleep(Duration::from_millis(50)).await;
         }
     }
@@ -619,6 +629,7 @@ pub async fn acquire(
                     Mode::Conditional => io.etag().await?,
                     Mode::Timed => None,
                 };
+                fence.lock().period = renew_every(cfg.ttl);
                 fence.extend(start + valid_for(cfg.ttl));
                 if why == Why::TakeOver || why == Why::Expired {
                     let from = seen
