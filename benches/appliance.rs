@@ -38,6 +38,8 @@ fn env_for(
         ("S3_PREFIX", prefix),
         ("CVM_STORAGE", layout),
         ("CVM_GATEWAY_CMD", gateway),
+        // The default, not the tests' short lease: what a deployment pays.
+        ("CVM_LEASE_TTL", "30s"),
         ("CVM_LOG", "info"),
     ] {
         e.push((k.into(), v.into()));
