@@ -547,10 +547,9 @@ fn a_file_appended_faster_than_it_uploads_is_always_on_s3_and_reaches_it() {
     });
     // Append every 50 ms while watching the live tree on S3: the file is
     // never missing there, and newer versions keep arriving.
-    let sizes: std::sync::Arc<std::sync::Mutex<Vec<(Instant, u64)>>> = Default::default();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
-        let (path, sizes, stop) = (path.clone(), sizes.clone(), stop.clone());
+        let (path, stop) = (path.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
             let mut n = 0u64;
@@ -558,29 +557,28 @@ fn a_file_appended_faster_than_it_uploads_is_always_on_s3_and_reaches_it() {
                 n += 1;
                 std::io::Write::write_all(&mut f, format!("{{\"line\":{n}}}\n").as_bytes())
                     .unwrap();
-                sizes
-                    .lock()
-                    .unwrap()
-                    .push((Instant::now(), f.metadata().unwrap().len()));
                 std::thread::sleep(Duration::from_millis(50));
             }
         })
     };
-    let watch_until = Instant::now() + Duration::from_secs(8);
-    let mut seen = Vec::new();
-    while Instant::now() < watch_until {
+    // Until two newer versions have arrived (a loaded machine takes seconds
+    // per 20 MB version), the file is never missing from the live tree.
+    let deadline = Instant::now() + T;
+    let mut seen: Vec<u64> = Vec::new();
+    while seen.iter().filter(|&&z| z > 20 << 20).count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "appended versions reach S3 within {T:?}: {seen:?}"
+        );
         let size = remote_size(&s, "agents/main/sessions/session.jsonl");
         assert!(
             size.is_some(),
             "session.jsonl vanished from the live tree on S3"
         );
-        seen.push(size.unwrap());
+        if seen.last() != size.as_ref() {
+            seen.push(size.unwrap());
+        }
     }
-    assert!(
-        seen.iter().any(|&z| z > 20 << 20),
-        "appended versions reach S3: {seen:?}"
-    );
-    let killed_at = Instant::now();
     app.kill_all();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.join().unwrap();
@@ -592,17 +590,10 @@ fn a_file_appended_faster_than_it_uploads_is_always_on_s3_and_reaches_it() {
         local.starts_with(&got),
         "the restored file is an earlier whole version"
     );
-    let needed = sizes
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(t, _)| killed_at.duration_since(*t) >= Duration::from_secs(3))
-        .map(|&(_, z)| z)
-        .max()
-        .unwrap_or(0);
+    let newest_seen = *seen.iter().max().unwrap();
     assert!(
-        got.len() as u64 >= needed,
-        "appends older than 3 s are restored: {} < {needed}",
+        got.len() as u64 >= newest_seen,
+        "the crash lost a version S3 already had: {} < {newest_seen}",
         got.len()
     );
     assert_eq!(app.stop(T), 0);
