@@ -41,6 +41,7 @@ struct RawEnv {
     cvm_sqlite_paths: Option<String>,
     cvm_backup_debounce: Option<String>,
     cvm_backup_interval: Option<String>,
+    cvm_sqlite_base_max_age: Option<String>,
     cvm_storage: Option<String>,
     cvm_exclude: Option<String>,
     cvm_trash_days: Option<String>,
@@ -134,6 +135,9 @@ pub struct SqliteConfig {
     /// How often the slower checks run: a full search of the state dir for
     /// new databases, and the upper bound on how late a change is saved.
     pub interval: Duration,
+    /// A WAL database's whole snapshot (its base, what stock rclone restores)
+    /// is taken again once it is this old and the database changed since.
+    pub base_max_age: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,7 +257,7 @@ impl Config {
 
 /// Every `CVM_*` variable `RawEnv` reads; any other is a misspelling to warn
 /// about, not something to ignore in silence.
-const KNOWN_CVM_VARS: [&str; 16] = [
+const KNOWN_CVM_VARS: [&str; 17] = [
     "CVM_LOCAL_DIR",
     "CVM_RUN_DIR",
     "CVM_GATEWAY_CMD",
@@ -263,6 +267,7 @@ const KNOWN_CVM_VARS: [&str; 16] = [
     "CVM_SQLITE_PATHS",
     "CVM_BACKUP_DEBOUNCE",
     "CVM_BACKUP_INTERVAL",
+    "CVM_SQLITE_BASE_MAX_AGE",
     "CVM_STORAGE",
     "CVM_EXCLUDE",
     "CVM_TRASH_DAYS",
@@ -533,10 +538,19 @@ impl Validator {
                 format!("{debounce:?} is longer than CVM_BACKUP_INTERVAL {interval:?}, which bounds how late a change is saved"),
             );
         }
+        let base_max_age = self.duration(
+            "CVM_SQLITE_BASE_MAX_AGE",
+            raw.cvm_sqlite_base_max_age,
+            Duration::from_secs(3600),
+        );
+        if base_max_age.is_zero() {
+            self.problem("CVM_SQLITE_BASE_MAX_AGE", "must be more than zero");
+        }
         let mut sqlite = SqliteConfig {
             patterns,
             debounce,
             interval,
+            base_max_age,
         };
 
         let layout = match given(raw.cvm_storage).as_deref() {

@@ -25,6 +25,10 @@ pub const KEY_MARKER: &str = "key-check";
 pub const LEASE_FILE: &str = "lease";
 /// The object that tells whether S3 honours conditional writes, in [`META_DIR`].
 pub const CAS_PROBE: &str = "cas-probe";
+/// Each WAL database's segments and manifest (`sqlite::line`), in [`META_DIR`].
+pub const WAL_DIR: &str = "wal";
+/// A WAL database's manifest, in its directory below [`WAL_DIR`].
+pub const WAL_MANIFEST: &str = "manifest";
 /// The state dir's tree (`treemeta`), in [`META_DIR`].
 pub const TREE_FILE: &str = "tree.json";
 /// What cvm-init wrote before [`TREE_FILE`]: directory modes only.

@@ -1,12 +1,17 @@
-//! SQLite backups: consistent snapshots of every live database, uploaded
-//! through the crypt remote soon after a change, and a final pass at stop.
+//! SQLite backups through the crypt remote, soon after a change, and a final
+//! pass at stop.
 //!
 //! The loop polls cheap fingerprints (two `stat`s per database). A database
-//! whose fingerprint moved is snapshotted `debounce` after its first unsaved
-//! change, however busy it stays; a snapshot whose content hash equals the
-//! last uploaded one is not uploaded. An idle database costs no S3 request.
+//! whose fingerprint moved is saved `debounce` after its first unsaved
+//! change, however busy it stays. A WAL database is followed page by page
+//! (`pin`): what is saved is a segment of the pages its new commits changed
+//! (`segment`), on top of a whole snapshot taken again once it is
+//! `base_max_age` old or the segments since it outweigh it (`line`). A
+//! database in another journal mode is saved as a whole snapshot, uploaded
+//! unless its content hash equals the last uploaded one. An idle database
+//! costs no S3 request.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,9 +21,11 @@ use tokio::time::{sleep, Instant};
 use crate::backoff::Backoff;
 use crate::config::SqliteConfig;
 use crate::rclone::rc;
-use crate::remote::bucket::SQLITE_DIR;
+use crate::remote::bucket::{META_DIR, SQLITE_DIR, WAL_DIR};
 use crate::remote::lag::Lag;
 use crate::remote::lease::Fence;
+use crate::sqlite::line::{self, BaseRef, Manifest};
+use crate::sqlite::pin::Tracker;
 use crate::sqlite::{self, Fingerprint, Patterns, Snapshot, SqliteError};
 use crate::storage::worker::{self, Worker};
 
@@ -26,6 +33,8 @@ use crate::storage::worker::{self, Worker};
 const POLL: Duration = Duration::from_millis(250);
 /// How often the database directory is searched for new databases (local disk, cheap).
 const RESCAN: Duration = Duration::from_secs(1);
+/// Segments waiting for upload, below the scratch dir.
+const SPOOL_DIR: &str = ".wal-spool";
 
 #[derive(Debug, Clone)]
 pub struct BackupSpec {
@@ -39,6 +48,8 @@ pub struct BackupSpec {
     pub remote: String,
     pub patterns: Patterns,
     pub debounce: Duration,
+    /// A WAL database's base is taken again once this old.
+    pub base_max_age: Duration,
     /// Where the backlog is reported while uploads fail.
     pub lag: Lag,
     /// The trash (`s3-crypt:.cvm-trash`) that takes the snapshot of a
@@ -66,6 +77,7 @@ impl BackupSpec {
             remote,
             patterns: cfg.patterns.clone(),
             debounce: cfg.debounce,
+            base_max_age: cfg.base_max_age,
             lag,
             trash: None,
             fence,
@@ -79,6 +91,10 @@ pub enum BackupError {
     Snapshot { db: PathBuf, source: SqliteError },
     #[error("upload of {db}'s snapshot failed: {source}")]
     Upload { db: PathBuf, source: rc::RcError },
+    #[error("upload of {db}'s changes failed: {source}")]
+    Segment { db: PathBuf, source: rc::RcError },
+    #[error("cannot spool {db}'s changes: {source}")]
+    Spool { db: PathBuf, source: std::io::Error },
     #[error("snapshot task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -90,7 +106,33 @@ pub struct FinalPassError {
     pub unsaved: Vec<PathBuf>,
 }
 
-#[derive(Debug, Default)]
+/// Where a restored or followed database's line stands on S3.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub gen: String,
+    /// The last segment number given out.
+    pub seq: u64,
+    /// The manifest as S3 holds it.
+    pub manifest: Manifest,
+    /// The base: segments after `after` apply to it; taken at `at` (Unix s).
+    pub base: BaseRef,
+    pub base_bytes: u64,
+    /// Bytes of segments uploaded since the base.
+    pub since_base: u64,
+}
+
+/// A WAL database followed page by page.
+struct Follow {
+    /// `None` only while a blocking call has it. In a mutex only so the
+    /// engine is `Sync` (a connection is not); it is never contended.
+    tracker: Option<std::sync::Mutex<Tracker>>,
+    /// `None` until the first base of a new line is on S3.
+    line: Option<Line>,
+    /// Spooled segments not yet uploaded, oldest first.
+    queue: VecDeque<u64>,
+}
+
+#[derive(Default)]
 struct DbState {
     /// Fingerprint when the last saved snapshot was taken.
     saved: Option<Fingerprint>,
@@ -100,6 +142,16 @@ struct DbState {
     dirty_since: Option<Instant>,
     retry_at: Option<Instant>,
     failures: u32,
+    follow: Option<Follow>,
+    /// The line a restored database continues, until it is followed.
+    restored_line: Option<Line>,
+}
+
+/// What the restore brought back for one database.
+#[derive(Debug, Clone)]
+pub struct Known {
+    pub sha256: [u8; 32],
+    pub line: Option<Line>,
 }
 
 struct Engine {
@@ -111,9 +163,11 @@ struct Engine {
     last_error: String,
 }
 
-/// Starts the snapshot loop. `known` maps databases just restored from S3
-/// to the content hash S3 holds, so they are not uploaded again unchanged.
-pub fn start(spec: BackupSpec, known: BTreeMap<PathBuf, [u8; 32]>) -> Worker {
+/// Starts the backup loop. `known` maps databases just restored from S3 to
+/// what S3 holds of them, so they are not uploaded again unchanged and a
+/// WAL database continues its line. Every WAL database is pinned before
+/// this returns, so before the gateway can write.
+pub fn start(spec: BackupSpec, known: BTreeMap<PathBuf, Known>) -> Worker {
     let mut engine = Engine {
         spec,
         dbs: BTreeMap::new(),
@@ -121,16 +175,56 @@ pub fn start(spec: BackupSpec, known: BTreeMap<PathBuf, [u8; 32]>) -> Worker {
         last_scan: None,
         last_error: String::new(),
     };
-    for (rel, hash) in known {
+    for (rel, known) in known {
         engine.dbs.insert(
             rel,
             DbState {
-                remote_hash: Some(hash),
+                remote_hash: Some(known.sha256),
+                restored_line: known.line,
                 ..DbState::default()
             },
         );
     }
-    Worker::spawn("the database snapshot loop", engine)
+    engine.rescan();
+    engine.last_scan = Some(Instant::now());
+    for (rel, st) in engine.dbs.iter_mut() {
+        st.follow = follow(&engine.spec.root.join(rel), st.restored_line.take());
+    }
+    Worker::spawn("the database backup loop", engine)
+}
+
+/// Pins `live` if it is a WAL database; `None` otherwise or when it cannot
+/// be opened now (the next save tries again).
+fn follow(live: &Path, line: Option<Line>) -> Option<Follow> {
+    match Tracker::open(live) {
+        Ok(Some(t)) => Some(Follow {
+            tracker: Some(std::sync::Mutex::new(t)),
+            line,
+            queue: VecDeque::new(),
+        }),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(db = %live.display(), error = %e, "sqlite: cannot follow the database yet");
+            None
+        }
+    }
+}
+
+/// Runs `f` on the tracker off the async threads.
+async fn with_tracker<T: Send + 'static>(
+    follow: &mut Follow,
+    f: impl FnOnce(&mut Tracker) -> T + Send + 'static,
+) -> T {
+    let t = follow.tracker.take().expect("one call at a time");
+    let (t, r) = tokio::task::spawn_blocking(move || {
+        let mut t = t.into_inner().expect("never poisoned: one user at a time");
+        let r = f(&mut t);
+        (t, r)
+    })
+    .await
+    .expect("tracker calls do not panic");
+    follow.tracker = Some(std::sync::Mutex::new(t));
+    r
 }
 
 impl worker::Engine for Engine {
@@ -242,7 +336,7 @@ impl Engine {
                 continue;
             }
             self.report_lag();
-            if let Err(e) = self.save(&rel, fp).await {
+            if let Err(e) = self.save(&rel, fp, force).await {
                 let state = self.dbs.get_mut(&rel).expect("listed above");
                 state.failures += 1;
                 let delay = Backoff::S3.delay(state.failures);
@@ -271,8 +365,27 @@ impl Engine {
                 "srcFs": self.spec.remote, "srcRemote": rel_str,
                 "dstFs": format!("{trash}/{day}/{SQLITE_DIR}"), "dstRemote": rel_str,
             });
-            match rc::call(&self.spec.rc_socket, "operations/movefile", &params).await {
+            let moved = match rc::call(&self.spec.rc_socket, "operations/movefile", &params).await {
                 Ok(_) | Err(rc::RcError::Status { status: 404, .. }) => {
+                    // Its segments and manifest follow it, so the trash holds
+                    // its newest state, not only its base.
+                    let params = json!({
+                        "srcFs": line::dir(&rel),
+                        "dstFs": format!("{trash}/{day}/{META_DIR}/{WAL_DIR}/{rel_str}"),
+                    });
+                    match rc::call(&self.spec.rc_socket, "sync/move", &params).await {
+                        Err(rc::RcError::Status { body, .. })
+                            if body.contains("directory not found") =>
+                        {
+                            Ok(())
+                        }
+                        r => r.map(drop),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match moved {
+                Ok(()) => {
                     tracing::info!(db = %rel.display(), "sqlite: database gone from the state dir; its snapshot moved to the trash")
                 }
                 Err(e) => {
@@ -283,8 +396,217 @@ impl Engine {
         }
     }
 
-    /// Snapshots `rel` and uploads the snapshot unless S3 already holds that content.
-    async fn save(&mut self, rel: &Path, fp_before: Fingerprint) -> Result<(), BackupError> {
+    /// Saves `rel`'s changes: a segment if it is a WAL database, else a
+    /// whole snapshot. `stopping` leaves the base alone (the stop's budget is
+    /// for the changes).
+    async fn save(
+        &mut self,
+        rel: &Path,
+        fp_before: Fingerprint,
+        stopping: bool,
+    ) -> Result<(), BackupError> {
+        let started = Instant::now();
+        let live = self.spec.root.join(rel);
+        let state = self.dbs.get_mut(rel).expect("saved databases are listed");
+        if let Some(f) = &state.follow {
+            let same = f
+                .tracker
+                .as_ref()
+                .and_then(|t| t.lock().ok().map(|t| t.same_file() && !t.lost()));
+            if same != Some(true) {
+                tracing::info!(db = %rel.display(), "sqlite: the database file was replaced, or its WAL no longer followed; starting a new line");
+                state.follow = None;
+            }
+        }
+        if state.follow.is_none() {
+            let line = state.restored_line.take();
+            let l = live.clone();
+            state.follow = tokio::task::spawn_blocking(move || follow(&l, line)).await?;
+        }
+        let state = self.dbs.get_mut(rel).expect("saved databases are listed");
+        let Some(mut f) = state.follow.take() else {
+            return self.save_whole(rel, fp_before).await;
+        };
+        let r = self.ship(rel, &mut f, stopping).await;
+        let state = self.dbs.get_mut(rel).expect("saved databases are listed");
+        let queued = f.queue.len();
+        state.follow = Some(f);
+        r?;
+        let changed_since = Fingerprint::of(&live) != fp_before;
+        state.saved = (queued == 0).then_some(fp_before);
+        state.dirty_since = changed_since.then_some(started);
+        self.last_error.clear();
+        state.retry_at = None;
+        state.failures = 0;
+        Ok(())
+    }
+
+    /// A WAL database's round: a new line if it has none, its new commits
+    /// as the next segment, every spooled segment uploaded in order, and a
+    /// new base when the old one is due.
+    async fn ship(
+        &mut self,
+        rel: &Path,
+        f: &mut Follow,
+        stopping: bool,
+    ) -> Result<(), BackupError> {
+        if f.line.is_none() {
+            self.start_line(rel, f).await?;
+        }
+        let before = f.line.as_ref().expect("started above").seq;
+        let db = rel.to_owned();
+        let seg =
+            with_tracker(f, |t| t.changes())
+                .await
+                .map_err(|source| BackupError::Snapshot {
+                    db: db.clone(),
+                    source,
+                })?;
+        let spool = self.spool(rel);
+        if let Some(seg) = seg {
+            let line = f.line.as_mut().expect("started above");
+            let seq = line.seq + 1;
+            let bytes = seg.encode().and_then(|b| {
+                std::fs::create_dir_all(&spool)?;
+                let path = spool.join(line::segment_name(seq));
+                std::fs::write(&path, b)?;
+                Ok(())
+            });
+            if let Err(source) = bytes {
+                // Those commits are read and not kept: only a new base has them.
+                f.line = None;
+                return Err(BackupError::Spool { db, source });
+            }
+            line.seq = seq;
+            f.queue.push_back(seq);
+        }
+        let gen = f.line.as_ref().expect("started above").gen.clone();
+        while let Some(&seq) = f.queue.front() {
+            let name = line::segment_name(seq);
+            let size = std::fs::metadata(spool.join(&name)).map_or(0, |m| m.len());
+            self.spec
+                .fence
+                .check()
+                .map_err(|why| BackupError::Segment {
+                    db: db.clone(),
+                    source: rc::RcError::Fenced(why),
+                })?;
+            let params = json!({
+                "srcFs": spool.to_string_lossy(), "srcRemote": name,
+                "dstFs": format!("{}/{gen}", line::dir(rel)), "dstRemote": name,
+                "_config": { "NoCheckDest": true },
+            });
+            rc::call(&self.spec.rc_socket, "operations/copyfile", &params)
+                .await
+                .map_err(|source| BackupError::Segment {
+                    db: db.clone(),
+                    source,
+                })?;
+            let _ = std::fs::remove_file(spool.join(&name));
+            f.queue.pop_front();
+            let line = f.line.as_mut().expect("started above");
+            line.since_base += size;
+            tracing::info!(db = %rel.display(), seq, bytes = size, "sqlite: segment uploaded");
+        }
+        let line = f.line.as_ref().expect("started above");
+        let age = Duration::from_secs(line::unix_now().saturating_sub(line.base.at));
+        let due = line.seq > line.base.after
+            && (age >= self.spec.base_max_age || line.since_base >= line.base_bytes.max(1 << 20));
+        if due && !stopping {
+            self.new_base(rel, f, Some(before)).await?;
+        }
+        Ok(())
+    }
+
+    fn spool(&self, rel: &Path) -> PathBuf {
+        self.spec.scratch.join(SPOOL_DIR).join(rel)
+    }
+
+    /// Starts `rel`'s line: a new generation whose base is the database as
+    /// of the tracker's pin (its segments start from the WAL's first frame).
+    async fn start_line(&mut self, rel: &Path, f: &mut Follow) -> Result<(), BackupError> {
+        let _ = std::fs::remove_dir_all(self.spool(rel));
+        f.queue.clear();
+        self.new_base(rel, f, None).await
+    }
+
+    /// Uploads a base taken through the tracker's pin: the manifest naming
+    /// it first, then the base, then the segments it makes unneeded are
+    /// deleted. `after` is the last segment read before the pin was taken;
+    /// `None` starts a new generation.
+    async fn new_base(
+        &mut self,
+        rel: &Path,
+        f: &mut Follow,
+        after: Option<u64>,
+    ) -> Result<(), BackupError> {
+        let started = Instant::now();
+        let dst = self.spec.scratch.join(rel);
+        let db = rel.to_owned();
+        let snap = {
+            let dst = dst.clone();
+            with_tracker(f, move |t| t.base(&dst)).await
+        }
+        .map_err(|source| BackupError::Snapshot {
+            db: db.clone(),
+            source,
+        })?;
+        let upload_err = |source| BackupError::Upload {
+            db: db.clone(),
+            source,
+        };
+        let manifest = match &f.line {
+            Some(l) => l.manifest.clone(),
+            None => {
+                let scratch = self.spec.scratch.join(SPOOL_DIR);
+                line::read_manifest(&self.spec.rc_socket, rel, &scratch)
+                    .await
+                    .map_err(upload_err)?
+                    .unwrap_or_default()
+            }
+        };
+        let (gen, seq) = match (&f.line, after) {
+            (Some(l), Some(after)) => (l.gen.clone(), (after, l.seq)),
+            _ => (line::new_gen(), (0, 0)),
+        };
+        let base = BaseRef {
+            gen: gen.clone(),
+            after: seq.0,
+            sha256: line::hex(&snap.sha256),
+            at: line::unix_now(),
+        };
+        let manifest = manifest.with(base.clone());
+        let scratch = self.spec.scratch.join(SPOOL_DIR);
+        line::write_manifest(
+            &self.spec.rc_socket,
+            rel,
+            &manifest,
+            &scratch,
+            &self.spec.fence,
+        )
+        .await
+        .map_err(upload_err)?;
+        self.upload(rel, &snap).await?;
+        let _ = std::fs::remove_file(&snap.path);
+        tracing::info!(db = %rel.display(), bytes = snap.bytes, generation = %gen, after = seq.0,
+            took = ?started.elapsed(), "sqlite: snapshot uploaded (base)");
+        line::prune(&self.spec.rc_socket, rel, &gen, seq.0, &self.spec.fence).await;
+        if let Some(st) = self.dbs.get_mut(rel) {
+            st.remote_hash = Some(snap.sha256);
+        }
+        f.line = Some(Line {
+            gen,
+            seq: seq.1,
+            manifest,
+            base,
+            base_bytes: snap.bytes,
+            since_base: 0,
+        });
+        Ok(())
+    }
+
+    /// Snapshots `rel` whole and uploads the snapshot unless S3 already holds that content.
+    async fn save_whole(&mut self, rel: &Path, fp_before: Fingerprint) -> Result<(), BackupError> {
         let started = Instant::now();
         let live = self.spec.root.join(rel);
         let dst = self.spec.scratch.join(rel);

@@ -2,8 +2,12 @@
 //! ones, and checks. Never copies a live database file (docs/facts.md §3).
 
 pub mod backup;
+pub mod line;
 pub mod patterns;
+pub mod pin;
 pub mod restore;
+pub mod segment;
+pub mod wal;
 
 use std::fs;
 use std::io::{self, Read};
@@ -31,6 +35,8 @@ pub enum SqliteError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("{path}: cvm-init lost its hold on the WAL; following it anew from a new base")]
+    PinLost { path: PathBuf },
     #[error("{path}: the source stayed busy; snapshot not taken")]
     Busy { path: PathBuf },
     #[error("{path}: integrity check failed: {detail}")]
@@ -133,33 +139,59 @@ pub fn snapshot(src: &Path, dst: &Path) -> Result<Snapshot, SqliteError> {
         )
         .map_err(sql_err(src))?;
         from.busy_timeout(BUSY_TIMEOUT).map_err(sql_err(src))?;
-        let mut to = Connection::open(&tmp).map_err(sql_err(&tmp))?;
-        {
-            let backup = Backup::new(&from, &mut to).map_err(sql_err(src))?;
-            // One step copies every page under a single read transaction: a
-            // consistent snapshot even while the writer keeps committing.
-            match backup.step(-1).map_err(sql_err(src))? {
-                StepResult::Done => {}
-                _ => {
-                    return Err(SqliteError::Busy {
-                        path: src.to_owned(),
-                    })
-                }
-            }
-        }
-        to.pragma_update(None, "journal_mode", "DELETE")
-            .map_err(sql_err(&tmp))?;
-        quick_check_conn(&to, &tmp)?;
+        copy_out(&from, src, &tmp)?;
     }
-    let f = fs::File::open(&tmp).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    let (sha256, bytes) = content_hash(&tmp)?;
-    fs::rename(&tmp, dst).map_err(io_err(dst))?;
+    finish_snapshot(&tmp, dst)
+}
+
+/// Syncs the copy `tmp`, hashes it and renames it to `dst`.
+fn finish_snapshot(tmp: &Path, dst: &Path) -> Result<Snapshot, SqliteError> {
+    let f = fs::File::open(tmp).map_err(io_err(tmp))?;
+    f.sync_all().map_err(io_err(tmp))?;
+    let (sha256, bytes) = content_hash(tmp)?;
+    fs::rename(tmp, dst).map_err(io_err(dst))?;
     Ok(Snapshot {
         path: dst.to_owned(),
         sha256,
         bytes,
     })
+}
+
+/// Copies the database `from` reads (as of its open read transaction, if it
+/// has one) into a new self-contained file `tmp` in rollback-journal mode,
+/// page for page, and checks it. One step copies every page under a single
+/// read transaction: a consistent snapshot even while the writer commits.
+fn copy_out(from: &Connection, src: &Path, tmp: &Path) -> Result<(), SqliteError> {
+    let mut to = Connection::open(tmp).map_err(sql_err(tmp))?;
+    {
+        let backup = Backup::new(from, &mut to).map_err(sql_err(src))?;
+        match backup.step(-1).map_err(sql_err(src))? {
+            StepResult::Done => {}
+            _ => {
+                return Err(SqliteError::Busy {
+                    path: src.to_owned(),
+                })
+            }
+        }
+    }
+    to.pragma_update(None, "journal_mode", "DELETE")
+        .map_err(sql_err(tmp))?;
+    quick_check_conn(&to, tmp)
+}
+
+/// [`snapshot`] through an open connection (a tracker's pin).
+pub(crate) fn backup_into(
+    from: &Connection,
+    src: &Path,
+    dst: &Path,
+) -> Result<Snapshot, SqliteError> {
+    if let Some(parent) = dst.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    let tmp = sidecar(dst, ".tmp");
+    let _ = fs::remove_file(&tmp);
+    copy_out(from, src, &tmp)?;
+    finish_snapshot(&tmp, dst)
 }
 
 /// Header fields that change when a database is merely reopened or switched

@@ -56,7 +56,7 @@ pub struct Mount {
     /// The mount was live, so the gateway may have written through it.
     served: bool,
     backup: Option<Worker>,
-    restored: BTreeMap<PathBuf, [u8; 32]>,
+    restored: BTreeMap<PathBuf, backup::Known>,
     next_full_scan: Instant,
     /// The bare mountpoint is a read-only bind of itself (see [`guard`]).
     guarded: bool,
@@ -220,7 +220,9 @@ impl Mount {
     /// local copy exists, and checks each one.
     pub async fn restore(&mut self) -> Result<(), StorageError> {
         sdnotify::status("restoring databases");
-        self.restored = restore::restore_databases(self.session.socket(), &self.db_root).await?;
+        let scratch = self.session.paths.scratch.join("restore-sqlite");
+        self.restored =
+            restore::restore_databases(self.session.socket(), &self.db_root, &scratch).await?;
         Ok(())
     }
 

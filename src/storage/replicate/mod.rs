@@ -86,7 +86,7 @@ struct Restored {
     /// Local changes may be unknown to S3: a full pass first.
     reconcile: bool,
     /// Databases restored from snapshots, with their content hashes.
-    databases: BTreeMap<PathBuf, [u8; 32]>,
+    databases: BTreeMap<PathBuf, crate::sqlite::backup::Known>,
 }
 
 fn missing_list(missing: &[String]) -> String {
@@ -423,9 +423,13 @@ impl Replicate {
             let ((), dbs) = tokio::try_join!(
                 async { self.restore_tree(&skip).await.map_err(StorageError::from) },
                 async {
-                    restore::restore_databases(self.session.socket(), &staging)
-                        .await
-                        .map_err(StorageError::from)
+                    restore::restore_databases(
+                        self.session.socket(),
+                        &staging,
+                        &self.session.paths.scratch.join("restore-sqlite"),
+                    )
+                    .await
+                    .map_err(StorageError::from)
                 },
             )?;
             restored_dbs = dbs;
