@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{rclone_bin, script, unmount_below, wait_until, Appliance, Dirs, Garage, PASSWORD};
 use rusqlite::Connection;
-use support::{secs, stats, write_report};
+use support::{proc_cpu_secs, proc_rss_mib, rclone_under, secs, stats, write_report};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -417,50 +417,6 @@ struct Idle {
     /// `rclone mount --daemon` replaces its first process.
     root: PathBuf,
     g: Garage,
-}
-
-fn proc_cpu_secs(pid: i32) -> f64 {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest: Vec<&str> = s
-        .rsplit(") ")
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = rest
-        .get(11)
-        .and_then(|u| u.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + rest
-            .get(12)
-            .and_then(|u| u.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    ticks / 100.0
-}
-
-fn proc_rss_mib(pid: i32) -> f64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-/// The rclone process whose command line names `dir` (its config or mountpoint).
-fn rclone_under(dir: &Path) -> Option<i32> {
-    let needle = dir.display().to_string();
-    fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .find(|p| {
-            fs::read_link(format!("/proc/{p}/exe"))
-                .is_ok_and(|e| e.to_string_lossy().contains("rclone"))
-                && fs::read_to_string(format!("/proc/{p}/cmdline"))
-                    .unwrap_or_default()
-                    .contains(&needle)
-        })
 }
 
 fn main() {

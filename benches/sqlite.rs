@@ -2,8 +2,9 @@
 //! procedure (copy the database file every 60 s) and Litestream 0.5, each
 //! replicating the same write load to its own fresh Garage, in one run.
 //!
-//! RPO is sampled: every few seconds the copy on S3 is fetched, checked, and
-//! compared with the writer's commit log: the seconds of commits a crash at
+//! RPO is sampled: every few seconds the copy on S3 is fetched (cvm-init:
+//! `cvm-init restore`; the spec: stock rclone), checked, and compared with
+//! the writer's commit log: the seconds of commits a crash at
 //! that moment would lose. cvm-init is also measured by real crash rounds
 //! (SIGKILL of everything, then a fresh container). Bytes are what Garage
 //! wrote to its block store (compression off). Results: bench/sqlite.md.
@@ -134,6 +135,27 @@ fn fetch_snapshot(conf: &Path, dst: &Path) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Copies what S3 holds of the database to `dst` the way a user would:
+/// `cvm-init restore --to` (the base plus its segments).
+fn fetch_restored(g: &Garage, root: &Path, dst: &Path) -> bool {
+    let to = root.join("restored");
+    let _ = fs::remove_dir_all(&to);
+    let elsewhere = Dirs::new(root, "elsewhere");
+    let ok = Command::new(common::BIN)
+        .args(["restore", "--to"])
+        .arg(&to)
+        .envs(g.s3_env())
+        .envs(elsewhere.env())
+        .env("RCLONE_CRYPT_PASSWORD", PASSWORD)
+        .env("CVM_GATEWAY_CMD", "true")
+        .env("CVM_STORAGE", "mount")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok && fs::rename(to.join(DB), dst).is_ok()
+}
+
 /// Pauses the writer, lets the last change settle, and meters S3 over `idle`.
 fn measure_idle(g: &Garage, out: &Path, idle: Duration) -> Option<(f64, f64, f64)> {
     fs::write(out.join("pause"), "").unwrap();
@@ -220,8 +242,7 @@ fn cvm_init(
     e.push(("OUT", &out_s));
     let (mut app, _) = boot(&g, root, "load", &cmd, &e);
     wait_until(T, "the writer", || !commits(&out).is_empty());
-    let conf = stock_config(&g, root);
-    let fetch = |dst: &Path| fetch_snapshot(&conf, dst);
+    let fetch = |dst: &Path| fetch_restored(&g, root, dst);
     let meter = Meter::start(&g);
     sample_lags(&out, load, root, &fetch, &mut stats);
     stats.load_bytes_per_hour = meter.per_hour().0;

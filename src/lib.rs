@@ -18,7 +18,7 @@
 //! - `remote`: S3 `probe`, crypt `keycheck`, upload `lag`;
 //! - `sys`: `pid1` duties, `process` (the one owner of waitpid), `mountinfo`,
 //!   `sdnotify`;
-//! - `cli`: `check` and `attest`;
+//! - `cli`: `check`, `restore` and `attest`;
 //! - `backoff`, `filter` (rclone filter patterns), `logging`, `secret`,
 //!   `obscure` (rclone's password obscuring, MASTER_KEY derivation).
 
@@ -47,6 +47,8 @@ use exit::Status;
 const USAGE: &str =
     "usage: cvm-init            run the appliance (configured by environment variables; see README)
        cvm-init check      check the configuration, S3, the crypt key and FUSE; writes nothing
+       cvm-init restore --to DIR
+                           write the state S3 holds (files and databases, latest) into DIR; writes nothing to S3
        cvm-init attest <app-compose.json> <sha256:image digest>
        cvm-init --version";
 
@@ -83,6 +85,27 @@ pub fn main(args: &[String]) -> Status {
             return Status::Clean;
         }
         [cmd, file, digest] if cmd == "attest" => return attest_cmd(file, digest),
+        [cmd, rest @ ..] if cmd == "restore" => {
+            let (mut to, mut at) = (None, None);
+            let mut it = rest.iter();
+            while let Some(flag) = it.next() {
+                match (flag.as_str(), it.next()) {
+                    ("--to", Some(v)) => to = Some(v),
+                    ("--at", Some(v)) => at = Some(v),
+                    _ => {
+                        eprintln!("cvm-init restore: unexpected arguments {rest:?}\n{USAGE}");
+                        return Status::Usage;
+                    }
+                }
+            }
+            let Some(to) = to else {
+                eprintln!("cvm-init restore: --to DIR is required\n{USAGE}");
+                return Status::Usage;
+            };
+            // Its summary is on stdout; problems and rclone's errors on stderr.
+            logging::init("warn");
+            return cli::restore::run(std::path::Path::new(to), at.map(String::as_str));
+        }
         [cmd] if cmd == "check" => {
             // Its report is on stdout; rclone's chatter is not part of it.
             logging::init("error");

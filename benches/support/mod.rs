@@ -1,6 +1,8 @@
 //! What both benchmarks share: knobs from the environment, summary
 //! statistics, and writing the result table where the README says.
 
+#![allow(dead_code)] // each benchmark uses a different part
+
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
@@ -33,4 +35,50 @@ pub fn write_report(name: &str, md: &str) {
         .join(format!("{name}.md"));
     fs::write(&path, md).unwrap();
     eprintln!("bench: wrote {}", path.display());
+}
+
+/// CPU seconds (user + system) `pid` has used.
+pub fn proc_cpu_secs(pid: i32) -> f64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest: Vec<&str> = s
+        .rsplit(") ")
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = rest
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + rest
+            .get(12)
+            .and_then(|u| u.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Resident memory of `pid`, MiB.
+pub fn proc_rss_mib(pid: i32) -> f64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The rclone process whose command line names `dir` (its config or mountpoint).
+pub fn rclone_under(dir: &Path) -> Option<i32> {
+    let needle = dir.display().to_string();
+    fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|p| {
+            fs::read_link(format!("/proc/{p}/exe"))
+                .is_ok_and(|e| e.to_string_lossy().contains("rclone"))
+                && fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .unwrap_or_default()
+                    .contains(&needle)
+        })
 }

@@ -4,12 +4,12 @@
 //! to S3, `CVM_RUN_DIR`, `CVM_LOCAL_DIR` or the state dir: the rclone config
 //! it needs lives in a private temporary directory, removed at the end.
 
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 
+use super::TempRun;
 use crate::config::{Config, Layout, S3Config};
 use crate::exit::Status;
 use crate::rclone::{self, RunPaths};
@@ -111,36 +111,6 @@ pub fn run() -> Status {
     r.status
 }
 
-/// A private directory for the rendered config, removed when dropped.
-struct TempRun(PathBuf);
-
-impl TempRun {
-    /// A new 0700 directory under `$TMPDIR` with an unguessable name; one
-    /// that already exists (planted by someone else) is an error, never reused.
-    fn create() -> Result<Self, (PathBuf, std::io::Error)> {
-        let mut b = [0u8; 8];
-        getrandom::getrandom(&mut b)
-            .map_err(|e| (std::env::temp_dir(), std::io::Error::other(e.to_string())))?;
-        let name = format!(
-            "cvm-init-check-{}-{}",
-            std::process::id(),
-            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-        );
-        let path = std::env::temp_dir().join(name);
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map_err(|e| (path.clone(), e))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for TempRun {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 async fn check_s3(r: &mut Report, cfg: &Config, s3: &S3Config) {
     let reaper = Reaper::default();
     match signal(SignalKind::child()) {
@@ -156,7 +126,7 @@ async fn check_s3(r: &mut Report, cfg: &Config, s3: &S3Config) {
             return;
         }
     }
-    let tmp = match TempRun::create() {
+    let tmp = match TempRun::create("check") {
         Ok(t) => t,
         Err((path, e)) => {
             r.problem(

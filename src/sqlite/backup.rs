@@ -26,6 +26,7 @@ use crate::remote::lag::Lag;
 use crate::remote::lease::Fence;
 use crate::sqlite::line::{self, BaseRef, Manifest};
 use crate::sqlite::pin::Tracker;
+use crate::sqlite::segment::Segment;
 use crate::sqlite::{self, Fingerprint, Patterns, Snapshot, SqliteError};
 use crate::storage::worker::{self, Worker};
 
@@ -130,6 +131,8 @@ struct Follow {
     line: Option<Line>,
     /// Spooled segments not yet uploaded, oldest first.
     queue: VecDeque<u64>,
+    /// Commits read by [`Engine::move_pins`] since the last segment.
+    pending: Option<Segment>,
 }
 
 #[derive(Default)]
@@ -201,6 +204,7 @@ fn follow(live: &Path, line: Option<Line>) -> Option<Follow> {
             tracker: Some(std::sync::Mutex::new(t)),
             line,
             queue: VecDeque::new(),
+            pending: None,
         }),
         Ok(None) => None,
         Err(e) => {
@@ -320,6 +324,7 @@ impl Engine {
             self.last_scan = Some(now);
             self.trash_gone().await;
         }
+        self.move_pins().await;
         let mut unsaved = Vec::new();
         let rels: Vec<PathBuf> = self.dbs.keys().cloned().collect();
         for rel in rels {
@@ -347,6 +352,26 @@ impl Engine {
             }
         }
         unsaved
+    }
+
+    /// Moves every pin forward (local reads only, no S3 request), keeping
+    /// what it read for the next segment, so an app's checkpoint never waits
+    /// long for cvm-init's reader.
+    async fn move_pins(&mut self) {
+        for (rel, st) in self.dbs.iter_mut() {
+            let Some(f) = st.follow.as_mut() else {
+                continue;
+            };
+            if f.tracker.is_none() {
+                continue;
+            }
+            match with_tracker(f, |t| t.move_pin()).await {
+                Ok(seg) => f.pending = Segment::join(f.pending.take(), seg),
+                Err(e) => {
+                    tracing::debug!(db = %rel.display(), error = %e, "sqlite: moving the pin failed")
+                }
+            }
+        }
     }
 
     /// Moves the snapshots of databases gone from the state dir to today's
@@ -462,6 +487,7 @@ impl Engine {
                     db: db.clone(),
                     source,
                 })?;
+        let seg = Segment::join(f.pending.take(), seg);
         let spool = self.spool(rel);
         if let Some(seg) = seg {
             let line = f.line.as_mut().expect("started above");

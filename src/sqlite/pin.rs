@@ -131,17 +131,7 @@ impl Tracker {
                 self.seal_locked()
             };
             match more {
-                Ok(Some(more)) => {
-                    seg = Some(match seg {
-                        Some(mut s) => {
-                            s.pages.extend(more.pages);
-                            s.db_pages = more.db_pages;
-                            s
-                        }
-                        None => more,
-                    })
-                }
-                Ok(None) => {}
+                Ok(more) => seg = Segment::join(seg, more),
                 // What was read is returned all the same; a lost pin is
                 // seen by the caller (`lost`).
                 Err(e) => {
@@ -204,6 +194,14 @@ impl Tracker {
     /// database must be followed anew from a new base.
     pub fn lost(&self) -> bool {
         self.held.is_none()
+    }
+
+    /// Moves the pin to now without sealing, and returns what it read. Run
+    /// often: an app checkpoint waiting for cvm-init's reader (OpenClaw runs
+    /// TRUNCATE checkpoints, at its stop too) gets through within two calls,
+    /// as the new pin lands past the WAL, then off it.
+    pub fn move_pin(&mut self) -> Result<Option<Segment>, SqliteError> {
+        self.handoff()
     }
 
     fn handoff(&mut self) -> Result<Option<Segment>, SqliteError> {

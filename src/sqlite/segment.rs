@@ -91,6 +91,21 @@ impl Segment {
         })
     }
 
+    /// This segment followed by `later`: the newest image of each page.
+    pub fn then(mut self, later: Segment) -> Segment {
+        self.pages.extend(later.pages);
+        self.db_pages = later.db_pages;
+        self
+    }
+
+    /// `a` then `b`, either possibly absent.
+    pub fn join(a: Option<Segment>, b: Option<Segment>) -> Option<Segment> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.then(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Writes the pages into the database file `db` and sets its size.
     pub fn apply(&self, db: &Path) -> io::Result<()> {
         let f = fs::OpenOptions::new().write(true).open(db)?;
