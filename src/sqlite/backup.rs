@@ -34,6 +34,9 @@ use crate::storage::worker::{self, Worker};
 const POLL: Duration = Duration::from_millis(250);
 /// How often the database directory is searched for new databases (local disk, cheap).
 const RESCAN: Duration = Duration::from_secs(1);
+/// Pages read ahead of a segment held in memory at most; beyond, the pin
+/// waits for the next save.
+const PENDING_MAX: usize = 8 << 20;
 /// Segments waiting for upload, below the scratch dir.
 const SPOOL_DIR: &str = ".wal-spool";
 
@@ -362,7 +365,10 @@ impl Engine {
             let Some(f) = st.follow.as_mut() else {
                 continue;
             };
-            if f.tracker.is_none() {
+            // While uploads fail, commits wait in the WAL (and the spool), not
+            // in memory.
+            let held = f.pending.as_ref().map_or(0, Segment::bytes);
+            if f.tracker.is_none() || !f.queue.is_empty() || held >= PENDING_MAX {
                 continue;
             }
             match with_tracker(f, |t| t.move_pin()).await {
@@ -519,7 +525,7 @@ impl Engine {
                 })?;
             let params = json!({
                 "srcFs": spool.to_string_lossy(), "srcRemote": name,
-                "dstFs": format!("{}/{gen}", line::dir(rel)), "dstRemote": name,
+                "dstFs": line::root(), "dstRemote": format!("{}/{gen}/{name}", line::path(rel)),
                 "_config": { "NoCheckDest": true },
             });
             rc::call(&self.spec.rc_socket, "operations/copyfile", &params)

@@ -79,12 +79,23 @@ pub fn new_gen() -> String {
     format!("{ms:013}-{}", hex(&r))
 }
 
-/// `.cvm/wal/<rel>` in the crypt remote.
+/// `.cvm/wal/<rel>` in the crypt remote, as an rclone fs (for whole-tree
+/// copies only).
 pub fn dir(rel: &Path) -> String {
-    format!(
-        "{CRYPT_REMOTE}:{META_DIR}/{WAL_DIR}/{}",
-        rel.to_string_lossy()
-    )
+    format!("{CRYPT_REMOTE}:{}", path(rel))
+}
+
+/// `.cvm/wal/<rel>`, a path inside the crypt remote. Single objects are
+/// addressed from the remote's root: an rclone fs rooted at a deeper path
+/// stayed "a file not a directory" in rclone's fs cache long after an S3
+/// outage (seen in the S3-outage test), failing every later call.
+pub fn path(rel: &Path) -> String {
+    format!("{META_DIR}/{WAL_DIR}/{}", rel.to_string_lossy())
+}
+
+/// The crypt remote's root, as an rclone fs.
+pub fn root() -> String {
+    format!("{CRYPT_REMOTE}:")
 }
 
 pub fn segment_name(seq: u64) -> String {
@@ -103,7 +114,7 @@ pub async fn read_manifest(
 ) -> Result<Option<Manifest>, rc::RcError> {
     let local = scratch.join(format!("manifest-{}", std::process::id()));
     let params = json!({
-        "srcFs": dir(rel), "srcRemote": WAL_MANIFEST,
+        "srcFs": root(), "srcRemote": format!("{}/{WAL_MANIFEST}", path(rel)),
         "dstFs": scratch.to_string_lossy(), "dstRemote": local.file_name().expect("a name").to_string_lossy(),
     });
     std::fs::create_dir_all(scratch).map_err(|source| rc::RcError::Io {
@@ -128,7 +139,7 @@ pub async fn read_manifest(
     serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|e| rc::RcError::Io {
-            path: PathBuf::from(format!("{}/{WAL_MANIFEST}", dir(rel))),
+            path: PathBuf::from(format!("{}/{WAL_MANIFEST}", path(rel))),
             source: std::io::Error::other(e),
         })
 }
@@ -155,7 +166,7 @@ pub async fn write_manifest(
         "operations/copyfile",
         &json!({
             "srcFs": scratch.to_string_lossy(), "srcRemote": name,
-            "dstFs": dir(rel), "dstRemote": WAL_MANIFEST,
+            "dstFs": root(), "dstRemote": format!("{}/{WAL_MANIFEST}", path(rel)),
             "_config": { "NoCheckDest": true },
         }),
     )
@@ -172,7 +183,7 @@ pub async fn prune(socket: &Path, rel: &Path, keep: &str, upto: u64, fence: &Fen
     let listed = rc::call(
         socket,
         "operations/list",
-        &json!({ "fs": dir(rel), "remote": "", "opt": { "recurse": true, "filesOnly": true } }),
+        &json!({ "fs": root(), "remote": path(rel), "opt": { "recurse": true, "filesOnly": true } }),
     )
     .await;
     let Ok(listed) = listed else {
@@ -180,29 +191,32 @@ pub async fn prune(socket: &Path, rel: &Path, keep: &str, upto: u64, fence: &Fen
     };
     let mut doomed = Vec::new();
     for item in listed["list"].as_array().into_iter().flatten() {
-        let Some(path) = item["Path"].as_str() else {
+        let Some(full) = item["Path"].as_str() else {
             continue;
         };
-        let Some((gen, name)) = path.split_once('/') else {
+        let Some((gen, name)) = full
+            .strip_prefix(&format!("{}/", path(rel)))
+            .and_then(|p| p.split_once('/'))
+        else {
             continue;
         };
         let old = gen != keep || parse_seq(name).is_some_and(|s| s <= upto);
         if old {
-            doomed.push(path.to_owned());
+            doomed.push(full.to_owned());
         }
     }
-    for path in doomed {
+    for object in doomed {
         if fence.check().is_err() {
             return;
         }
         let r = rc::call(
             socket,
             "operations/deletefile",
-            &json!({ "fs": dir(rel), "remote": path }),
+            &json!({ "fs": root(), "remote": object }),
         )
         .await;
         if let Err(e) = r {
-            tracing::debug!(db = %rel.display(), %path, error = %e, "sqlite: prune left an old segment");
+            tracing::debug!(db = %rel.display(), %object, error = %e, "sqlite: prune left an old segment");
         }
     }
 }

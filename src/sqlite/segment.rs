@@ -91,6 +91,11 @@ impl Segment {
         })
     }
 
+    /// Bytes of page images held.
+    pub fn bytes(&self) -> usize {
+        self.pages.len() * self.page_size as usize
+    }
+
     /// This segment followed by `later`: the newest image of each page.
     pub fn then(mut self, later: Segment) -> Segment {
         self.pages.extend(later.pages);
