@@ -1066,3 +1066,62 @@ fn a_users_own_top_level_sqlite_and_trash_dirs_are_replicated() {
     assert_eq!(n, 1, "cvm-init's own sqlite/ still holds the snapshot");
     assert_eq!(app.stop(T), 0);
 }
+
+#[test]
+fn a_database_truncated_to_nothing_never_replaces_the_good_one() {
+    let s = Setup::new();
+    let gateway = common::script(
+        s.tmp.path(),
+        "fill.sh",
+        r#"exec python3 - <<'PY'
+import os, sqlite3, time
+state = os.environ["OPENCLAW_STATE_DIR"]
+os.makedirs(os.path.join(state, "state"), exist_ok=True)
+db = sqlite3.connect(os.path.join(state, "state", "b.sqlite"))
+db.execute("pragma journal_mode=wal")
+db.execute("create table t(i integer primary key, pad blob)")
+db.executemany("insert into t values (?, randomblob(500))", [(i,) for i in range(1, 2001)])
+db.commit()
+open(os.path.join(state, "filled"), "w").close()
+time.sleep(100000)  # the connection stays open, idle
+PY"#,
+    );
+    let gateway = gateway.to_str().unwrap();
+    let (mut app, a) = s.boot("a", &[("CVM_GATEWAY_CMD", gateway)]);
+    wait_until(T, "2,000 rows on S3", || {
+        a.state.join("filled").exists()
+            && app
+                .log_text()
+                .contains("sqlite: segment uploaded db=state/b.sqlite")
+    });
+    // `: > state/b.sqlite`: no longer a database, so the file is replicated
+    // as a file (an empty one).
+    fs::File::create(a.state.join("state/b.sqlite")).unwrap();
+    wait_until(T, "the empty file on S3", || {
+        s.remote("state").contains(&"b.sqlite".to_owned())
+    });
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    let (mut app, b) = s.boot("b", &[]);
+    let rows: i64 = rusqlite::Connection::open(b.state.join("state/b.sqlite"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        rows, 2000,
+        "the good database is restored, not the empty file"
+    );
+    let aside: Vec<_> = fs::read_dir(b.state.join("state"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".not-a-database-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the empty file is kept beside it");
+    assert_eq!(aside[0].metadata().unwrap().len(), 0);
+    assert!(
+        app.log_text().contains("is not a database"),
+        "{}",
+        app.log_text()
+    );
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}

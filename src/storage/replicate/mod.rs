@@ -433,19 +433,37 @@ impl Replicate {
                 },
             )?;
             restored_dbs = dbs;
+            let mut kept = Vec::new();
             for rel in restored_dbs.keys() {
                 let live = self.state_dir.join(rel);
-                if before
+                let here = before
                     .files
                     .contains_key(&rel.to_string_lossy().into_owned())
-                    || live.exists()
-                {
+                    || live.exists();
+                // A file at a database's path that is no database (truncated to
+                // nothing, say) never silently replaces the database S3 holds:
+                // both are kept, the database in place.
+                if here && !crate::sqlite::is_sqlite(&live).unwrap_or(true) {
+                    let aside = crate::sqlite::sidecar(
+                        &live,
+                        &format!(".not-a-database-{}", crate::sqlite::line::unix_now()),
+                    );
+                    tracing::warn!(db = %rel.display(), aside = %aside.display(), "restore: the file at a database's path \
+                        is not a database (empty or overwritten); S3's database is put in its place and the file kept beside it");
+                    fs::rename(&live, &aside).map_err(|e| StorageError::from(io_err(&live)(e)))?;
+                } else if here {
                     tracing::warn!(db = %rel.display(), "restore: a database is already in the state dir; keeping it, \
                         not S3's snapshot");
+                    kept.push(rel.clone());
                     continue;
                 }
                 move_file(&staging.join(rel), &live)
                     .map_err(|e| StorageError::from(io_err(rel)(e)))?;
+            }
+            // What S3 holds of a database kept from the state dir is not what
+            // is here: it starts a line of its own.
+            for rel in kept {
+                restored_dbs.remove(&rel);
             }
             let _ = fs::remove_dir_all(&staging);
             let remote_tree = remote_tree.unwrap_or_default();
