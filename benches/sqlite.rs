@@ -25,7 +25,10 @@ use std::time::{Duration, Instant};
 
 use common::load::{commits, inspect, lost_seconds, now, DB, WRITER};
 use common::{rclone_bin, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD};
-use support::{secs, stats, write_report};
+use support::{
+    litestream_bin, litestream_cmd, litestream_config, litestream_restore, secs, stats,
+    write_report,
+};
 
 const T: Duration = Duration::from_secs(60);
 const SAMPLE_EVERY: Duration = Duration::from_secs(3);
@@ -198,6 +201,8 @@ fn boot(
     env.push(("CVM_GATEWAY_CMD".into(), cmd.into()));
     env.push(("CVM_LOG".into(), "info".into()));
     env.push(("CVM_STORAGE".into(), "mount".into()));
+    // The default lease, not the tests' 3 s: its renewals are part of the idle cost.
+    env.push(("CVM_LEASE_TTL".into(), "30s".into()));
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let mut app = Appliance::start(&dirs, &env);
     app.wait_ready(T);
@@ -333,58 +338,24 @@ fn spec_procedure(root: &Path, writer: &Path, load: Duration, idle: Duration) ->
 }
 
 fn litestream(root: &Path, writer: &Path, load: Duration, idle: Duration) -> Option<Stats> {
-    let bin = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("litestream"))
-            .find(|p| p.is_file())
-    })?;
+    let bin = litestream_bin()?;
     let g = Garage::start(&root.join("g"));
     let state = root.join("state");
     let out = root.join("out");
     let db = state.join(DB);
     fs::create_dir_all(db.parent().unwrap()).unwrap();
-    let config = write_file(
-        &root.join("litestream.yml"),
-        &format!(
-            "dbs:\n  - path: {}\n    replica:\n      type: s3\n      bucket: {}\n      path: litestream\n      \
-             endpoint: {}\n      region: {}\n      access-key-id: {}\n      secret-access-key: {}\n      \
-             force-path-style: true\n      sync-interval: 1s\n",
-            db.display(),
-            g.bucket,
-            g.endpoint,
-            common::REGION,
-            g.key_id,
-            g.secret
-        ),
-    );
+    let config = root.join("litestream.yml");
+    litestream_config(&g, &db, &config);
     let mut w = spawn_writer(&state, &out, writer);
     wait_until(T, "the writer", || !commits(&out).is_empty());
-    // Litestream's S3 client fails with AWS_CA_BUNDLE set (docs/facts.md §7).
-    let mut ls = Command::new(&bin)
-        .args(["replicate", "-config"])
-        .arg(&config)
-        .env_remove("AWS_CA_BUNDLE")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let mut ls = litestream_cmd(&bin, "replicate", &config)
         .spawn()
         .expect("start litestream");
     let mut stats = Stats {
         name: "Litestream 0.5 (sync-interval 1s)".into(),
         ..Stats::default()
     };
-    let fetch = |dst: &Path| {
-        Command::new(&bin)
-            .args(["restore", "-config"])
-            .arg(&config)
-            .arg("-o")
-            .arg(dst)
-            .arg(&db)
-            .env_remove("AWS_CA_BUNDLE")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
+    let fetch = |dst: &Path| litestream_restore(&bin, &config, &db, dst);
     let meter = Meter::start(&g);
     sample_lags(&out, load, root, &fetch, &mut stats);
     stats.load_bytes_per_hour = meter.per_hour().0;

@@ -24,7 +24,10 @@ use std::time::{Duration, Instant};
 
 use common::load::{commits, inspect, lost_seconds, now, DB, WRITER};
 use common::{rclone_bin, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD};
-use support::{proc_cpu_secs, rclone_under, secs, stats, write_report};
+use support::{
+    litestream_bin, litestream_cmd, litestream_config, litestream_restore, proc_cpu_secs,
+    rclone_under, secs, stats, write_report,
+};
 
 const T: Duration = Duration::from_secs(600);
 const EVERY: &str = "0.1";
@@ -219,31 +222,13 @@ fn litestream(
     warmup: Duration,
     load: Duration,
 ) -> Option<Row> {
-    let bin = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("litestream"))
-            .find(|p| p.is_file())
-    })?;
+    let bin = litestream_bin()?;
     let g = Garage::start(&root.join("g"));
     let state = root.join("state");
     let db = state.join(DB);
     prefill(root, &db, mb);
     let config = root.join("litestream.yml");
-    fs::write(
-        &config,
-        format!(
-            "dbs:\n  - path: {}\n    replica:\n      type: s3\n      bucket: {}\n      path: litestream\n      \
-             endpoint: {}\n      region: {}\n      access-key-id: {}\n      secret-access-key: {}\n      \
-             force-path-style: true\n      sync-interval: 1s\n",
-            db.display(),
-            g.bucket,
-            g.endpoint,
-            common::REGION,
-            g.key_id,
-            g.secret
-        ),
-    )
-    .unwrap();
+    litestream_config(&g, &db, &config);
     let out = root.join("out");
     fs::create_dir_all(&out).unwrap();
     let mut w: Child = Command::new("python3")
@@ -254,13 +239,7 @@ fn litestream(
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    // Litestream's S3 client fails with AWS_CA_BUNDLE set (docs/facts.md §7).
-    let mut ls = Command::new(&bin)
-        .args(["replicate", "-config"])
-        .arg(&config)
-        .env_remove("AWS_CA_BUNDLE")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let mut ls = litestream_cmd(&bin, "replicate", &config)
         .spawn()
         .expect("start litestream");
     pause_until(Instant::now() + warmup);
@@ -271,19 +250,7 @@ fn litestream(
         mb,
         ..Row::default()
     };
-    let restore = |dst: &PathBuf| {
-        Command::new(&bin)
-            .args(["restore", "-config"])
-            .arg(&config)
-            .arg("-o")
-            .arg(dst)
-            .arg(&db)
-            .env_remove("AWS_CA_BUNDLE")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
+    let restore = |dst: &PathBuf| litestream_restore(&bin, &config, &db, dst);
     // A sample every 20 s: each restores the whole database.
     while t0.elapsed() < load {
         let next = Instant::now() + Duration::from_secs(20);

@@ -82,3 +82,54 @@ pub fn rclone_under(dir: &Path) -> Option<i32> {
                     .contains(&needle)
         })
 }
+
+/// Litestream on `PATH`, if installed (`scripts/bench` installs it).
+pub fn litestream_bin() -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("litestream"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Writes a Litestream config at `path` replicating `db` to `g`'s bucket
+/// with a 1 s sync interval.
+pub fn litestream_config(g: &crate::common::Garage, db: &Path, path: &Path) {
+    fs::write(
+        path,
+        format!(
+            "dbs:\n  - path: {}\n    replica:\n      type: s3\n      bucket: {}\n      path: litestream\n      \
+             endpoint: {}\n      region: {}\n      access-key-id: {}\n      secret-access-key: {}\n      \
+             force-path-style: true\n      sync-interval: 1s\n",
+            db.display(),
+            g.bucket,
+            g.endpoint,
+            crate::common::REGION,
+            g.key_id,
+            g.secret
+        ),
+    )
+    .unwrap();
+}
+
+/// `litestream <args> -config <config> …`, quiet, without `AWS_CA_BUNDLE`:
+/// Litestream's S3 client fails with it set (docs/facts.md §7).
+pub fn litestream_cmd(bin: &Path, cmd: &str, config: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(bin);
+    c.args([cmd, "-config"])
+        .arg(config)
+        .env_remove("AWS_CA_BUNDLE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    c
+}
+
+/// Restores `db` with Litestream into `dst`.
+pub fn litestream_restore(bin: &Path, config: &Path, db: &Path, dst: &Path) -> bool {
+    litestream_cmd(bin, "restore", config)
+        .arg("-o")
+        .arg(dst)
+        .arg(db)
+        .status()
+        .is_ok_and(|s| s.success())
+}

@@ -351,20 +351,26 @@ impl Io {
         rc::call(&self.socket, method, &params).await
     }
 
-    /// The object's ETag (its MD5: it is always one small PUT), if it exists.
-    async fn etag(&self) -> Result<Option<String>, RcError> {
+    /// rclone's listing item for `remote` in `fs`; `None` when there is no such object.
+    async fn stat(&self, fs: &str, remote: &str, hash: bool) -> Result<Option<Value>, RcError> {
         let r = self
             .rc(
                 "operations/stat",
-                json!({ "fs": self.raw, "remote": self.encoded, "opt": { "showHash": true } }),
+                json!({ "fs": fs, "remote": remote, "opt": { "showHash": hash } }),
             )
             .await;
         match r {
             Ok(v) if v["item"].is_null() => Ok(None),
-            Ok(v) => Ok(v["item"]["Hashes"]["md5"].as_str().map(str::to_owned)),
+            Ok(mut v) => Ok(Some(v["item"].take())),
             Err(RcError::Status { body, .. }) if body.contains("not found") => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The object's ETag (its MD5: it is always one small PUT), if it exists.
+    async fn etag(&self) -> Result<Option<String>, RcError> {
+        let item = self.stat(&self.raw, &self.encoded, true).await?;
+        Ok(item.and_then(|i| i["Hashes"]["md5"].as_str().map(str::to_owned)))
     }
 
     /// The lease as it is, with its ETag; `None` when there is none.
@@ -452,18 +458,8 @@ impl Io {
             }
         })?;
         // Made once per bucket prefix: later boots only probe it.
-        let exists = self
-            .rc(
-                "operations/stat",
-                json!({ "fs": format!("{CRYPT_REMOTE}:{META_DIR}"), "remote": CAS_PROBE }),
-            )
-            .await;
-        let missing = match exists {
-            Ok(v) => v["item"].is_null(),
-            Err(RcError::Status { body, .. }) if body.contains("not found") => true,
-            Err(e) => return Err(e),
-        };
-        if missing {
+        let meta = format!("{CRYPT_REMOTE}:{META_DIR}");
+        if self.stat(&meta, CAS_PROBE, false).await?.is_none() {
             let created = self
                 .rc(
                     "operations/copyfile",
@@ -653,6 +649,15 @@ pub async fn acquire(
     }
 }
 
+/// What reading the lease says about this instance's hold on it.
+enum Whose {
+    Ours,
+    /// Someone else's (described), or nobody's.
+    Theirs(String),
+    /// S3 did not answer.
+    Unknown(LeaseError),
+}
+
 /// A running lease keeper: renews until stopped, and says when the lease was lost.
 pub struct Keeper {
     task: JoinHandle<Held>,
@@ -712,6 +717,19 @@ impl Held {
         }
     }
 
+    /// Reads the lease; while it is still this instance's, keeps its ETag.
+    async fn verify_own(&mut self) -> Whose {
+        match self.io.read().await {
+            Ok(Some((r, etag))) if r.instance == self.record.instance && !r.released => {
+                self.etag = Some(etag);
+                Whose::Ours
+            }
+            Ok(Some((r, _))) => Whose::Theirs(r.describe()),
+            Ok(None) => Whose::Theirs("nobody (the lease object is gone)".into()),
+            Err(e) => Whose::Unknown(e),
+        }
+    }
+
     /// One renewal. `Err(Some(holder))`: the lease is someone else's now;
     /// `Err(None)`: S3 did not answer, try again.
     async fn renew(&mut self) -> Result<(), Option<String>> {
@@ -725,19 +743,13 @@ impl Held {
         // the object's ETag. Only a lease that is still this instance's is
         // written again.
         if !was_valid || self.mode == Mode::Timed || self.etag.is_none() {
-            let current = match self.io.read().await {
-                Ok(c) => c,
-                Err(e) => {
+            match self.verify_own().await {
+                Whose::Ours => {}
+                Whose::Theirs(by) => return Err(Some(by)),
+                Whose::Unknown(e) => {
                     tracing::warn!("lease: cannot verify it ({e}); uploads wait");
                     return Err(None);
                 }
-            };
-            match current {
-                Some((r, etag)) if r.instance == self.record.instance && !r.released => {
-                    self.etag = Some(etag);
-                }
-                Some((r, _)) => return Err(Some(r.describe())),
-                None => return Err(Some("nobody (the lease object is gone)".into())),
             }
         }
         let cond = match (self.mode, &self.etag) {
@@ -747,15 +759,10 @@ impl Held {
         match self.io.write(&record, cond).await {
             Ok(()) => {}
             Err(WriteError::Conflict) => {
-                return match self.io.read().await {
+                return match self.verify_own().await {
                     // An earlier write of this instance landed after all.
-                    Ok(Some((r, etag))) if r.instance == self.record.instance && !r.released => {
-                        self.etag = Some(etag);
-                        Err(None)
-                    }
-                    Ok(Some((r, _))) => Err(Some(r.describe())),
-                    Ok(None) => Err(Some("nobody (the lease object is gone)".into())),
-                    Err(_) => Err(None),
+                    Whose::Ours | Whose::Unknown(_) => Err(None),
+                    Whose::Theirs(by) => Err(Some(by)),
                 };
             }
             Err(WriteError::Rc(e)) => {
@@ -822,15 +829,13 @@ impl Keeper {
         // As before a renewal: a lease that may have changed hands is read
         // first, and only this instance's own is released.
         if held.mode == Mode::Timed || held.etag.is_none() {
-            match held.io.read().await {
-                Ok(Some((r, etag))) if r.instance == held.record.instance && !r.released => {
-                    held.etag = Some(etag);
-                }
-                Ok(_) => {
+            match held.verify_own().await {
+                Whose::Ours => {}
+                Whose::Theirs(_) => {
                     tracing::warn!("lease: not released: it is no longer this instance's");
                     return;
                 }
-                Err(e) => {
+                Whose::Unknown(e) => {
                     tracing::warn!("lease: cannot release it ({e}); the next instance takes over once it expires");
                     return;
                 }

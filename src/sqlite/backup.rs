@@ -6,10 +6,10 @@
 //! change, however busy it stays. A WAL database is followed page by page
 //! (`pin`): what is saved is a segment of the pages its new commits changed
 //! (`segment`), on top of a whole snapshot taken again once it is
-//! `base_max_age` old or the segments since it outweigh it (`line`). A
-//! database in another journal mode is saved as a whole snapshot, uploaded
-//! unless its content hash equals the last uploaded one. An idle database
-//! costs no S3 request.
+//! `base_max_age` old or the segments since it weigh four times as much
+//! (`line`). A database in another journal mode is saved as a whole
+//! snapshot, uploaded unless its content hash equals the last uploaded one.
+//! An idle database costs no S3 request.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -37,6 +37,13 @@ const RESCAN: Duration = Duration::from_secs(1);
 /// Pages read ahead of a segment held in memory at most; beyond, the pin
 /// waits for the next save.
 const PENDING_MAX: usize = 8 << 20;
+/// A new base is taken once the segments since the last one weigh this many
+/// times the base (and at least `SEGMENTS_MIN`): a restore reads at most
+/// about five times the database, and on an append-only database (each base
+/// bigger than the last) the bases cost about a quarter of the segments
+/// instead of as much again.
+const SEGMENTS_PER_BASE: u64 = 4;
+const SEGMENTS_MIN: u64 = 16 << 20;
 /// Segments waiting for upload, below the scratch dir.
 const SPOOL_DIR: &str = ".wal-spool";
 
@@ -543,7 +550,8 @@ impl Engine {
         let line = f.line.as_ref().expect("started above");
         let age = Duration::from_secs(line::unix_now().saturating_sub(line.base.at));
         let due = line.seq > line.base.after
-            && (age >= self.spec.base_max_age || line.since_base >= line.base_bytes.max(1 << 20));
+            && (age >= self.spec.base_max_age
+                || line.since_base >= (SEGMENTS_PER_BASE * line.base_bytes).max(SEGMENTS_MIN));
         if due && !stopping {
             self.new_base(rel, f, Some(before)).await?;
         }
