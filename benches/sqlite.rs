@@ -256,15 +256,21 @@ fn cvm_init(
     assert_eq!(app.stop(T), 0);
 
     let mut seed = (now() * 1e6) as u64 | 1;
-    let mut prev: Option<(PathBuf, f64)> = None;
+    let mut prev: Option<(PathBuf, f64, String)> = None;
     for round in 0..=crash_rounds {
         let out = root.join(format!("crash-{round}"));
         let out_s = out.display().to_string();
         fs::create_dir_all(&out).unwrap();
         let mut e = extra.to_vec();
         e.push(("OUT", &out_s));
+        // The killed holder's lease is taken over at once, as an operator
+        // would after a crash (`CVM_LEASE_TAKEOVER`), not after its TTL.
+        let holder = prev.as_ref().map(|p| p.2.clone()).unwrap_or_default();
+        if !holder.is_empty() {
+            e.push(("CVM_LEASE_TAKEOVER", &holder));
+        }
         let (mut app, dirs) = boot(&g, root, &format!("crash-{round}"), &cmd, &e);
-        if let Some((prev_out, killed_at)) = prev.take() {
+        if let Some((prev_out, killed_at, _)) = prev.take() {
             let (max, _) =
                 inspect(&dirs.state.join(DB)).expect("restored database passes its check");
             stats
@@ -282,7 +288,8 @@ fn cvm_init(
         pause_until(Instant::now() + Duration::from_millis(500 + (seed >> 33) % 2500));
         let killed_at = now();
         app.kill_all();
-        prev = Some((out, killed_at));
+        let id = fs::read_to_string(dirs.local.join("instance-id")).unwrap();
+        prev = Some((out, killed_at, id.trim().to_owned()));
     }
     stats
 }
