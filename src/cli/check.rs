@@ -12,15 +12,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use super::TempRun;
 use crate::config::{Config, Layout, S3Config};
 use crate::exit::Status;
-use crate::rclone::{self, RunPaths};
+use crate::rclone::RunPaths;
 use crate::remote::keycheck::{self, KeyCheckError, Outcome};
 use crate::remote::lease;
 use crate::remote::probe::{self, ProbeError};
 use crate::sys::pid1;
 use crate::sys::process::Reaper;
-
-/// How long rclone gets to start its rc server.
-const RCD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The lines printed so far and the first problem's exit status.
 struct Report {
@@ -174,15 +171,7 @@ async fn check_s3(r: &mut Report, cfg: &Config, s3: &S3Config) {
             return;
         }
     }
-    let (mut rcd, _) = match rclone::start_rcd(
-        &reaper,
-        &cfg.rclone_bin,
-        &paths.config,
-        &paths.rc_socket,
-        RCD_TIMEOUT,
-    )
-    .await
-    {
+    let (mut rcd, _) = match super::start_rcd(&reaper, cfg, &paths).await {
         Ok(rcd) => rcd,
         Err(e) => {
             r.problem("key", &e.to_string(), Status::StorageUnavailable);

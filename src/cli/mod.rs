@@ -3,6 +3,11 @@
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::rclone::{self, RcdError, RunPaths, StderrTail};
+use crate::sys::process::{Child, Reaper};
 
 pub mod attest;
 pub mod check;
@@ -36,4 +41,24 @@ impl Drop for TempRun {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// How long rclone gets to start its rc server.
+const RCD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Starts `rclone rcd` on the rendered config and socket of `paths` (a
+/// [`TempRun`]'s).
+async fn start_rcd(
+    reaper: &Reaper,
+    cfg: &Config,
+    paths: &RunPaths,
+) -> Result<(Child, StderrTail), RcdError> {
+    rclone::start_rcd(
+        reaper,
+        &cfg.rclone_bin,
+        &paths.config,
+        &paths.rc_socket,
+        RCD_TIMEOUT,
+    )
+    .await
 }

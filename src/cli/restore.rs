@@ -8,7 +8,7 @@
 //! as its base plus every segment after it.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
@@ -17,14 +17,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use super::TempRun;
 use crate::config::Config;
 use crate::exit::Status;
-use crate::rclone::{self, rc, RunPaths, CRYPT_REMOTE};
-use crate::remote::bucket::{META_DIR, TREE_FILE, USER_DIR};
+use crate::rclone::{rc, RunPaths, CRYPT_REMOTE};
+use crate::remote::bucket::USER_DIR;
 use crate::remote::keycheck::{self, KeyCheckError};
 use crate::sqlite::restore::restore_databases;
 use crate::storage::replicate::{scan::Excludes, treemeta};
 use crate::sys::process::Reaper;
-
-const RCD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A failure, with the exit status it maps to.
 struct Failed(Status, String);
@@ -135,15 +133,9 @@ fn restore(to: &Path) -> Result<String, Failed> {
                 ),
             )
         })?;
-        let (mut rcd, _) = rclone::start_rcd(
-            &reaper,
-            &cfg.rclone_bin,
-            &paths.config,
-            &paths.rc_socket,
-            RCD_TIMEOUT,
-        )
-        .await
-        .map_err(|e| fail(Status::StorageUnavailable)(e.to_string()))?;
+        let (mut rcd, _) = super::start_rcd(&reaper, &cfg, &paths)
+            .await
+            .map_err(|e| fail(Status::StorageUnavailable)(e.to_string()))?;
         let r = fetch(&paths, &s3.raw_remote(), to, &excludes).await;
         rcd.terminate(tokio::time::Instant::now() + Duration::from_secs(5))
             .await;
@@ -182,10 +174,10 @@ async fn fetch(
             Err(e) => return Err(unavailable(format!("copying the files: {e}"))),
         }
     }
-    let tree = tree_meta(socket, &paths.scratch)
+    let tree = treemeta::fetch(socket, &paths.scratch)
         .await
-        .map_err(&unavailable)?;
-    if let Some(tree) = &tree {
+        .map_err(|e| unavailable(e.to_string()))?;
+    if let Some((tree, _)) = &tree {
         treemeta::apply(to, tree);
     }
     let dbs = restore_databases(socket, to, &paths.scratch.join("restore-sqlite"))
@@ -201,23 +193,4 @@ async fn fetch(
         if tree.is_some() { "" } else { "; no tree.json, so default modes" },
         dbs.len()
     ))
-}
-
-async fn tree_meta(socket: &Path, scratch: &Path) -> Result<Option<treemeta::TreeMeta>, String> {
-    fs::create_dir_all(scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
-    let params = json!({
-        "srcFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "srcRemote": TREE_FILE,
-        "dstFs": scratch.to_string_lossy(), "dstRemote": TREE_FILE,
-    });
-    match rc::call(socket, "operations/copyfile", &params).await {
-        Ok(_) => {}
-        Err(rc::RcError::Status { status: 404, .. }) => return Ok(None),
-        Err(rc::RcError::Status { body, .. }) if body.contains("not found") => return Ok(None),
-        Err(e) => return Err(format!("reading {META_DIR}/{TREE_FILE}: {e}")),
-    }
-    let path: PathBuf = scratch.join(TREE_FILE);
-    let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    treemeta::decode(&bytes, false)
-        .map(Some)
-        .map_err(|e| format!("{META_DIR}/{TREE_FILE}: {e}"))
 }

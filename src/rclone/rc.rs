@@ -79,6 +79,42 @@ pub async fn call(socket: &Path, method: &str, params: &Value) -> Result<Value, 
     parse_response(method, &response)
 }
 
+/// Reads the small object `remote` of the rclone fs `fs` (e.g. a manifest)
+/// through the local directory `scratch`; `None` when there is no such
+/// object.
+pub async fn read_object(
+    socket: &Path,
+    fs: &str,
+    remote: &str,
+    scratch: &Path,
+) -> Result<Option<Vec<u8>>, RcError> {
+    static READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("read-{}-{n}", std::process::id());
+    let local = scratch.join(&name);
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| RcError::Io { path, source }
+    };
+    std::fs::create_dir_all(scratch).map_err(io(scratch))?;
+    let params = serde_json::json!({
+        "srcFs": fs, "srcRemote": remote,
+        "dstFs": scratch.to_string_lossy(), "dstRemote": name,
+    });
+    match call(socket, "operations/copyfile", &params).await {
+        Ok(_) => {}
+        Err(RcError::Status { status, body, .. })
+            if status == 404 || body.contains("not found") || body.contains("doesn't exist") =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    }
+    let bytes = std::fs::read(&local).map_err(io(&local));
+    let _ = std::fs::remove_file(&local);
+    bytes.map(Some)
+}
+
 /// Starts `method` as an rc job (`_async`) and returns its id.
 pub async fn start_job(socket: &Path, method: &str, mut params: Value) -> Result<i64, RcError> {
     params["_async"] = Value::Bool(true);

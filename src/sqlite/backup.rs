@@ -467,16 +467,25 @@ impl Engine {
         };
         let r = self.ship(rel, &mut f, stopping).await;
         let state = self.dbs.get_mut(rel).expect("saved databases are listed");
-        let queued = f.queue.len();
+        let all_up = f.queue.is_empty();
         state.follow = Some(f);
         r?;
-        let changed_since = Fingerprint::of(&live) != fp_before;
-        state.saved = (queued == 0).then_some(fp_before);
+        self.record_saved(rel, fp_before, started, all_up);
+        Ok(())
+    }
+
+    /// A save of `rel` that began at `started`, with `fp_before`, succeeded;
+    /// `all_up` when nothing of it still waits for upload.
+    fn record_saved(&mut self, rel: &Path, fp_before: Fingerprint, started: Instant, all_up: bool) {
+        let changed_since = Fingerprint::of(&self.spec.root.join(rel)) != fp_before;
+        let state = self.dbs.get_mut(rel).expect("saved databases are listed");
+        state.saved = all_up.then_some(fp_before);
+        // A change made while the save ran is unsaved since then at the
+        // latest, not since the next poll notices it.
         state.dirty_since = changed_since.then_some(started);
-        self.last_error.clear();
         state.retry_at = None;
         state.failures = 0;
-        Ok(())
+        self.last_error.clear();
     }
 
     /// A WAL database's round: a new line if it has none, its new commits
@@ -595,28 +604,25 @@ impl Engine {
             db: db.clone(),
             source,
         };
+        let scratch = self.spec.scratch.join(SPOOL_DIR);
         let manifest = match &f.line {
             Some(l) => l.manifest.clone(),
-            None => {
-                let scratch = self.spec.scratch.join(SPOOL_DIR);
-                line::read_manifest(&self.spec.rc_socket, rel, &scratch)
-                    .await
-                    .map_err(upload_err)?
-                    .unwrap_or_default()
-            }
+            None => line::read_manifest(&self.spec.rc_socket, rel, &scratch)
+                .await
+                .map_err(upload_err)?
+                .unwrap_or_default(),
         };
-        let (gen, seq) = match (&f.line, after) {
-            (Some(l), Some(after)) => (l.gen.clone(), (after, l.seq)),
-            _ => (line::new_gen(), (0, 0)),
+        let (gen, after, seq) = match (&f.line, after) {
+            (Some(l), Some(after)) => (l.gen.clone(), after, l.seq),
+            _ => (line::new_gen(), 0, 0),
         };
         let base = BaseRef {
             gen: gen.clone(),
-            after: seq.0,
+            after,
             sha256: line::hex(&snap.sha256),
             at: line::unix_now(),
         };
         let manifest = manifest.with(base.clone());
-        let scratch = self.spec.scratch.join(SPOOL_DIR);
         line::write_manifest(
             &self.spec.rc_socket,
             rel,
@@ -628,15 +634,15 @@ impl Engine {
         .map_err(upload_err)?;
         self.upload(rel, &snap).await?;
         let _ = std::fs::remove_file(&snap.path);
-        tracing::info!(db = %rel.display(), bytes = snap.bytes, generation = %gen, after = seq.0,
+        tracing::info!(db = %rel.display(), bytes = snap.bytes, generation = %gen, after,
             took = ?started.elapsed(), "sqlite: snapshot uploaded (base)");
-        line::prune(&self.spec.rc_socket, rel, &gen, seq.0, &self.spec.fence).await;
+        line::prune(&self.spec.rc_socket, rel, &gen, after, &self.spec.fence).await;
         if let Some(st) = self.dbs.get_mut(rel) {
             st.remote_hash = Some(snap.sha256);
         }
         f.line = Some(Line {
             gen,
-            seq: seq.1,
+            seq,
             manifest,
             base,
             base_bytes: snap.bytes,
@@ -671,16 +677,9 @@ impl Engine {
         } else {
             tracing::debug!(db = %rel.display(), "sqlite: unchanged content, nothing uploaded");
         }
-        let changed_since = Fingerprint::of(&live) != fp_before;
         let state = self.dbs.get_mut(rel).expect("saved databases are listed");
-        state.saved = Some(fp_before);
         state.remote_hash = Some(snap.sha256);
-        // A change made while the snapshot was taken or uploaded is unsaved
-        // since then at the latest, not since the next poll notices it.
-        state.dirty_since = changed_since.then_some(started);
-        self.last_error.clear();
-        state.retry_at = None;
-        state.failures = 0;
+        self.record_saved(rel, fp_before, started, true);
         Ok(())
     }
 

@@ -112,34 +112,14 @@ pub async fn read_manifest(
     rel: &Path,
     scratch: &Path,
 ) -> Result<Option<Manifest>, rc::RcError> {
-    let local = scratch.join(format!("manifest-{}", std::process::id()));
-    let params = json!({
-        "srcFs": root(), "srcRemote": format!("{}/{WAL_MANIFEST}", path(rel)),
-        "dstFs": scratch.to_string_lossy(), "dstRemote": local.file_name().expect("a name").to_string_lossy(),
-    });
-    std::fs::create_dir_all(scratch).map_err(|source| rc::RcError::Io {
-        path: scratch.to_owned(),
-        source,
-    })?;
-    match rc::call(socket, "operations/copyfile", &params).await {
-        Ok(_) => {}
-        Err(rc::RcError::Status { status: 404, .. }) => return Ok(None),
-        Err(rc::RcError::Status { body, .. })
-            if body.contains("not found") || body.contains("doesn't exist") =>
-        {
-            return Ok(None)
-        }
-        Err(e) => return Err(e),
-    }
-    let bytes = std::fs::read(&local).map_err(|source| rc::RcError::Io {
-        path: local.clone(),
-        source,
-    })?;
-    let _ = std::fs::remove_file(&local);
+    let remote = format!("{}/{WAL_MANIFEST}", path(rel));
+    let Some(bytes) = rc::read_object(socket, &root(), &remote, scratch).await? else {
+        return Ok(None);
+    };
     serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|e| rc::RcError::Io {
-            path: PathBuf::from(format!("{}/{WAL_MANIFEST}", path(rel))),
+            path: PathBuf::from(remote),
             source: std::io::Error::other(e),
         })
 }

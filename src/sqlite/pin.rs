@@ -62,13 +62,6 @@ fn open(db: &Path) -> Result<Connection, SqliteError> {
     Ok(c)
 }
 
-/// The database's journal mode as its file says (`wal`, `delete`, …).
-pub fn journal_mode(db: &Path) -> Result<String, SqliteError> {
-    let c = open(db)?;
-    c.query_row("PRAGMA journal_mode", [], |r| r.get(0))
-        .map_err(sql_err(db))
-}
-
 impl Tracker {
     /// Opens `db` and pins it; `None` when it is not in WAL mode (a reader
     /// there would block the app's writes, so it is never pinned).
@@ -79,13 +72,17 @@ impl Tracker {
                 source: std::io::ErrorKind::NotFound.into(),
             });
         };
-        if journal_mode(db)? != "wal" {
+        let first = open(db)?;
+        let mode: String = first
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(sql_err(db))?;
+        if mode != "wal" {
             return Ok(None);
         }
         let mut t = Tracker {
             file,
             db: db.to_owned(),
-            conns: [open(db)?, open(db)?],
+            conns: [first, open(db)?],
             held: None,
             pos: None,
             wal_frames: 0,
@@ -93,10 +90,6 @@ impl Tracker {
         t.pin(0)?;
         t.held = Some(0);
         Ok(Some(t))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.db
     }
 
     fn pin(&self, i: usize) -> Result<(), SqliteError> {
@@ -117,13 +110,13 @@ impl Tracker {
     /// call (the first call: everything in the WAL), or `None`. Seals the
     /// WAL when it has grown long.
     pub fn changes(&mut self) -> Result<Option<Segment>, SqliteError> {
-        let mut seg = self.handoff()?;
+        let mut seg = self.move_pin()?;
         if self.wal_frames >= SEAL_FRAMES {
             // Without a lock first; a WAL that keeps growing because commits
             // slip into every try is sealed under the write lock.
             let more = if self.wal_frames < 2 * SEAL_FRAMES {
                 match self.seal() {
-                    Ok(true) => self.handoff(),
+                    Ok(true) => self.move_pin(),
                     Ok(false) => Ok(None),
                     Err(e) => Err(e),
                 }
@@ -196,15 +189,11 @@ impl Tracker {
         self.held.is_none()
     }
 
-    /// Moves the pin to now without sealing, and returns what it read. Run
-    /// often: an app checkpoint waiting for cvm-init's reader (OpenClaw runs
-    /// TRUNCATE checkpoints, at its stop too) gets through within two calls,
-    /// as the new pin lands past the WAL, then off it.
+    /// Moves the pin to now without sealing (the handoff), and returns what
+    /// it read. Run often: an app checkpoint waiting for cvm-init's reader
+    /// (OpenClaw runs TRUNCATE checkpoints, at its stop too) gets through
+    /// within two calls, as the new pin lands past the WAL, then off it.
     pub fn move_pin(&mut self) -> Result<Option<Segment>, SqliteError> {
-        self.handoff()
-    }
-
-    fn handoff(&mut self) -> Result<Option<Segment>, SqliteError> {
         let old = self.pinned()?;
         let new = 1 - old;
         self.pin(new)?;
@@ -227,7 +216,7 @@ impl Tracker {
     }
 
     /// A PASSIVE checkpoint on the free connection: true when the whole WAL
-    /// was copied into the database, so the next handoff lets it restart.
+    /// was copied into the database, so the next move of the pin lets it restart.
     fn seal(&mut self) -> Result<bool, SqliteError> {
         let free = 1 - self.pinned()?;
         self.checkpoint(free)

@@ -129,18 +129,19 @@ async fn catch_up(
         return Ok(None);
     };
     let path = root.join(rel);
-    let blocking = |path: PathBuf| async move {
+    let hashed = {
+        let path = path.clone();
         tokio::task::spawn_blocking(move || sqlite::content_hash(&path))
             .await
             .expect("hashing does not panic")
     };
-    let (hash, base_bytes) = match blocking(path.clone()).await {
+    let (hash, base_bytes) = match hashed {
         Ok(h) => h,
         // Left to the check, which names the file and stops the boot.
         Err(_) => return Ok(None),
     };
     let Some(base) = manifest.entry_for(&hash).cloned() else {
-        tracing::warn!(db = %rel.display(), "sqlite: the base on S3 is not the one its manifest names;             restoring the base alone (written without cvm-init's segments, or by an older cvm-init)");
+        tracing::warn!(db = %rel.display(), "sqlite: the base on S3 is not the one its manifest names; restoring the base alone (written without cvm-init's segments, or by an older cvm-init)");
         return Ok(None);
     };
     let dir = scratch.join("segments");
@@ -178,7 +179,7 @@ async fn catch_up(
     let _ = fs::remove_dir_all(&dir);
     let last = base.after + applied;
     if let Some(why) = &stopped {
-        tracing::error!(db = %rel.display(), restored_to = last, "sqlite: restore stopped at segment {}/{}: {why};             the database is restored as of the segment before it", remote, line::segment_name(last + 1));
+        tracing::error!(db = %rel.display(), restored_to = last, "sqlite: restore stopped at segment {}/{}: {why}; the database is restored as of the segment before it", remote, line::segment_name(last + 1));
     }
     tracing::info!(db = %rel.display(), generation = %base.gen, segments = applied, "sqlite: restored base and segments");
     Ok(stopped.is_none().then(|| Line {

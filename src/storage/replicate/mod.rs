@@ -24,9 +24,7 @@ use super::{prepare_err, Event, FlushError, StorageError};
 use crate::config::{Config, S3Config, SqliteConfig};
 use crate::rclone::session::Session;
 use crate::rclone::{self, rc, CRYPT_REMOTE};
-use crate::remote::bucket::{
-    trash_day, LEGACY_DIR_MODES, LINK_SUFFIX, META_DIR, SQLITE_DIR, TRASH_DIR, TREE_FILE, USER_DIR,
-};
+use crate::remote::bucket::{trash_day, LINK_SUFFIX, META_DIR, SQLITE_DIR, TRASH_DIR, USER_DIR};
 use crate::remote::lag::Lag;
 use crate::sqlite::backup::{self, BackupSpec};
 use crate::sqlite::restore;
@@ -272,44 +270,25 @@ impl Replicate {
     /// The tree as S3 describes it, if it does: `.cvm/tree.json`, or, from an
     /// older cvm-init, `.cvm/dirs.json` (directory modes only).
     async fn fetch_tree_meta(&self) -> Result<Option<treemeta::TreeMeta>, ReplicateError> {
-        let scratch = self.session.paths.scratch.clone();
-        fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
-        let mut tree = None;
-        for (name, legacy) in [(TREE_FILE, false), (LEGACY_DIR_MODES, true)] {
-            let target = scratch.join(name);
-            let _ = fs::remove_file(&target);
-            let fetched = self
-                .rc(
-                    "operations/copyfile",
-                    json!({
-                        "srcFs": format!("{CRYPT_REMOTE}:{META_DIR}"), "srcRemote": name,
-                        "dstFs": scratch.to_string_lossy(), "dstRemote": name,
-                    }),
-                )
-                .await;
-            match fetched {
-                Ok(_) => {
-                    let bytes = fs::read(&target).map_err(io_err(&target))?;
-                    tree = Some(treemeta::decode(&bytes, legacy).map_err(io_err(&target))?);
-                    let _ = fs::remove_file(&target);
-                    if legacy {
-                        tracing::warn!("restore: the bucket has directory modes only (written by an older cvm-init); \
-                            files get default modes and owners until the first pass records them");
-                    }
-                    break;
+        let scratch = &self.session.paths.scratch;
+        match treemeta::fetch(self.session.socket(), scratch).await {
+            Ok(Some((tree, legacy))) => {
+                if legacy {
+                    tracing::warn!("restore: the bucket has directory modes only (written by an older cvm-init); \
+                        files get default modes and owners until the first pass records them");
                 }
-                Err(rc::RcError::Status { body, .. })
-                    if body.contains("not found") || body.contains("doesn't exist") => {}
-                Err(e) => {
-                    return Err(ReplicateError::Restore {
-                        dir: self.state_dir.clone(),
-                        detail: format!("cannot fetch {META_DIR}/{name}: {e}"),
-                        missing: vec![format!("{META_DIR}/{name}")],
-                    })
-                }
+                Ok(Some(tree))
             }
+            Ok(None) => Ok(None),
+            Err(treemeta::FetchError::Decode { name, source }) => {
+                Err(io_err(&Path::new(META_DIR).join(name))(source))
+            }
+            Err(e @ treemeta::FetchError::Rc { name, .. }) => Err(ReplicateError::Restore {
+                dir: self.state_dir.clone(),
+                detail: e.to_string(),
+                missing: vec![format!("{META_DIR}/{name}")],
+            }),
         }
-        Ok(tree)
     }
 
     /// Makes the restored state dir's empty directories, modes and owners

@@ -18,6 +18,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::rclone::rc::{self, RcError};
+use crate::rclone::CRYPT_REMOTE;
+use crate::remote::bucket::{LEGACY_DIR_MODES, META_DIR, TREE_FILE};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
     #[serde(rename = "d")]
@@ -90,6 +94,37 @@ pub fn decode(bytes: &[u8], legacy: bool) -> io::Result<TreeMeta> {
             (p, e)
         })
         .collect())
+}
+
+/// Why [`fetch`] failed, naming the object in the bucket.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot fetch {META_DIR}/{name}: {source}")]
+    Rc { name: &'static str, source: RcError },
+    #[error("{META_DIR}/{name}: {source}")]
+    Decode {
+        name: &'static str,
+        source: io::Error,
+    },
+}
+
+/// The tree as S3 describes it, if it does: `.cvm/tree.json`, or, from an
+/// older cvm-init, `.cvm/dirs.json` (directory modes only; `true` beside
+/// it). Read through the local directory `scratch`.
+pub async fn fetch(socket: &Path, scratch: &Path) -> Result<Option<(TreeMeta, bool)>, FetchError> {
+    let meta = format!("{CRYPT_REMOTE}:{META_DIR}");
+    for (name, legacy) in [(TREE_FILE, false), (LEGACY_DIR_MODES, true)] {
+        let read = rc::read_object(socket, &meta, name, scratch).await;
+        match read.map_err(|source| FetchError::Rc { name, source })? {
+            Some(bytes) => {
+                let tree =
+                    decode(&bytes, legacy).map_err(|source| FetchError::Decode { name, source })?;
+                return Ok(Some((tree, legacy)));
+            }
+            None => continue,
+        }
+    }
+    Ok(None)
 }
 
 /// What [`apply`] did.
