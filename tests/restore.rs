@@ -105,3 +105,55 @@ fn restore_writes_the_latest_files_and_databases_and_nothing_to_s3() {
     );
     assert_eq!(code, 77, "{stderr}");
 }
+
+#[test]
+fn a_missing_segment_ends_the_restore_there_and_is_named() {
+    let s = Setup::new();
+    let writer = s.tmp.path().join("writer.py");
+    fs::write(&writer, WRITER).unwrap();
+    let out = s.tmp.path().join("out");
+    fs::create_dir_all(&out).unwrap();
+    let cmd = format!("python3 {}", writer.display());
+    let out_s = out.display().to_string();
+    // Commits spread over 3 s: at least two segments.
+    let (mut app, _) = s.boot(
+        "a",
+        &[
+            ("CVM_GATEWAY_CMD", cmd.as_str()),
+            ("OUT", &out_s),
+            ("LIMIT", "10"),
+            ("EVERY", "0.3"),
+        ],
+    );
+    wait_until(T, "10 commits and a second segment", || {
+        commits(&out).len() >= 10
+            && app
+                .log_text()
+                .contains("sqlite: segment uploaded db=state/openclaw.sqlite seq=2")
+    });
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let conf = common::stock_config(&s.g, s.tmp.path());
+    let dir = ".cvm/wal/state/openclaw.sqlite";
+    let listing = String::from_utf8(common::rclone(
+        &conf,
+        &["lsf", "-R", "--files-only", &format!("crypt:{dir}")],
+    ))
+    .unwrap();
+    let first = listing
+        .lines()
+        .find(|l| l.ends_with("/000000000001"))
+        .unwrap_or_else(|| panic!("segment 1 in {listing}"))
+        .to_owned();
+    common::rclone(&conf, &["deletefile", &format!("crypt:{dir}/{first}")]);
+
+    let to = s.tmp.path().join("restored");
+    let (code, _, stderr) = restore(&s, PASSWORD, &["--to", to.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("restore stopped at segment") && stderr.contains(&first),
+        "the missing segment is named: {stderr}"
+    );
+    let (max, count) = inspect(&to.join(DB)).expect("what is restored passes integrity_check");
+    assert_eq!(max, count, "no gap inside what was restored");
+    assert!(max < 10, "nothing after the missing segment is applied");
+}
