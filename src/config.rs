@@ -45,6 +45,7 @@ struct RawEnv {
     cvm_storage: Option<String>,
     cvm_exclude: Option<String>,
     cvm_trash_days: Option<String>,
+    cvm_history_days: Option<String>,
     cvm_gateway_max_failed_starts: Option<String>,
     cvm_lease_ttl: Option<String>,
     cvm_lease_wait: Option<String>,
@@ -85,8 +86,9 @@ pub struct Config {
     pub layout: Layout,
     /// rclone filter patterns never replicated (replicate layout).
     pub exclude: Vec<String>,
-    /// How long deleted and overwritten files are kept in the remote trash.
-    pub trash_days: u32,
+    /// Days of history kept: hourly database restore points, and deleted
+    /// and overwritten files in the remote trash.
+    pub history_days: u32,
     /// The single-writer lease on the bucket prefix (S3 mode).
     pub lease: LeaseConfig,
 }
@@ -257,7 +259,7 @@ impl Config {
 
 /// Every `CVM_*` variable `RawEnv` reads; any other is a misspelling to warn
 /// about, not something to ignore in silence.
-const KNOWN_CVM_VARS: [&str; 17] = [
+const KNOWN_CVM_VARS: [&str; 18] = [
     "CVM_LOCAL_DIR",
     "CVM_RUN_DIR",
     "CVM_GATEWAY_CMD",
@@ -271,6 +273,7 @@ const KNOWN_CVM_VARS: [&str; 17] = [
     "CVM_STORAGE",
     "CVM_EXCLUDE",
     "CVM_TRASH_DAYS",
+    "CVM_HISTORY_DAYS",
     "CVM_GATEWAY_MAX_FAILED_STARTS",
     "CVM_LEASE_TTL",
     "CVM_LEASE_WAIT",
@@ -327,6 +330,41 @@ fn given(v: Option<String>) -> Option<String> {
 }
 
 impl Validator {
+    /// `CVM_HISTORY_DAYS`, or the deprecated `CVM_TRASH_DAYS` it replaced
+    /// (the trash was the only history then).
+    fn history_days(&mut self, history: Option<String>, trash: Option<String>) -> u32 {
+        let mut days = |var: &'static str, v: String| {
+            v.parse().unwrap_or_else(|_| {
+                self.problem(var, format!("{v:?} is not a whole number of days"));
+                7
+            })
+        };
+        match (given(history), given(trash)) {
+            (None, None) => 7,
+            (Some(h), None) => days("CVM_HISTORY_DAYS", h),
+            (None, Some(t)) => {
+                let d = days("CVM_TRASH_DAYS", t);
+                self.warnings.push(format!(
+                    "CVM_TRASH_DAYS is deprecated: CVM_HISTORY_DAYS replaces it (days of history: database \
+                     restore points and old file versions); using {d} days"
+                ));
+                d
+            }
+            (Some(h), Some(t)) => {
+                let d = days("CVM_HISTORY_DAYS", h);
+                if t.parse::<u32>().ok() != Some(d) {
+                    self.problem(
+                        "CVM_TRASH_DAYS",
+                        format!(
+                            "{t:?} disagrees with CVM_HISTORY_DAYS={d}, which replaced it; unset CVM_TRASH_DAYS"
+                        ),
+                    );
+                }
+                d
+            }
+        }
+    }
+
     fn problem(&mut self, var: &'static str, message: impl Into<String>) {
         self.problems.push(Problem {
             var,
@@ -588,16 +626,7 @@ impl Validator {
         if let Ok(patterns) = sqlite.patterns.clone().except(&exclude) {
             sqlite.patterns = patterns;
         }
-        let trash_days = match given(raw.cvm_trash_days) {
-            None => 7,
-            Some(d) => d.parse().unwrap_or_else(|_| {
-                self.problem(
-                    "CVM_TRASH_DAYS",
-                    format!("{d:?} is not a whole number of days"),
-                );
-                7
-            }),
-        };
+        let history_days = self.history_days(raw.cvm_history_days, raw.cvm_trash_days);
 
         let s3 = match raw.s3_bucket.as_deref() {
             None => None,
@@ -638,7 +667,7 @@ impl Validator {
                     sqlite,
                     layout,
                     exclude,
-                    trash_days,
+                    history_days,
                     lease,
                 },
                 self.warnings,
@@ -874,6 +903,39 @@ mod tests {
             e.problems[0]
                 .to_string()
                 .starts_with("CVM_LEASE_TTL: 500ms is too short"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn history_days_replace_trash_days() {
+        for (given, days, warned) in [
+            (vec![], 7, false),
+            (vec![("CVM_HISTORY_DAYS", "30")], 30, false),
+            (vec![("CVM_TRASH_DAYS", "3")], 3, true),
+            (
+                vec![("CVM_HISTORY_DAYS", "3"), ("CVM_TRASH_DAYS", "3")],
+                3,
+                false,
+            ),
+        ] {
+            let (c, w) = Config::from_vars(env(&given)).unwrap();
+            assert_eq!(c.history_days, days, "{given:?}");
+            assert_eq!(
+                w.iter()
+                    .any(|w| w
+                        .contains("CVM_TRASH_DAYS is deprecated: CVM_HISTORY_DAYS replaces it")),
+                warned,
+                "{given:?}: {w:?}"
+            );
+        }
+        let e = Config::from_vars(env(&[("CVM_HISTORY_DAYS", "3"), ("CVM_TRASH_DAYS", "9")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("unset CVM_TRASH_DAYS"), "{e}");
+        let e = Config::from_vars(env(&[("CVM_HISTORY_DAYS", "a week")])).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("CVM_HISTORY_DAYS: \"a week\" is not a whole number of days"),
             "{e}"
         );
     }

@@ -41,14 +41,18 @@ pub mod sqlite;
 pub mod storage;
 pub mod supervisor;
 pub mod sys;
+pub mod timepoint;
 
 use exit::Status;
 
 const USAGE: &str =
     "usage: cvm-init            run the appliance (configured by environment variables; see README)
        cvm-init check      check the configuration, S3, the crypt key and FUSE; writes nothing
-       cvm-init restore --to DIR
-                           write the state S3 holds (files and databases, latest) into DIR; writes nothing to S3
+       cvm-init restore --to DIR [--at TIME]
+                           write the state S3 holds into DIR: the latest, or databases as of TIME
+                           (RFC 3339, or ago: -15m, -2h30m, -1d); writes nothing to S3
+       cvm-init history [--json]
+                           list what restore --at can restore
        cvm-init attest <app-compose.json> <sha256:image digest>
        cvm-init --version";
 
@@ -105,6 +109,18 @@ pub fn main(args: &[String]) -> Status {
             // Its summary is on stdout; problems and rclone's errors on stderr.
             logging::init("warn");
             return cli::restore::run(std::path::Path::new(to), at.map(String::as_str));
+        }
+        [cmd, rest @ ..] if cmd == "history" => {
+            let as_json = match rest {
+                [] => false,
+                [j] if j == "--json" => true,
+                _ => {
+                    eprintln!("cvm-init history: unexpected arguments {rest:?}\n{USAGE}");
+                    return Status::Usage;
+                }
+            };
+            logging::init("warn");
+            return cli::history::run(as_json);
         }
         [cmd] if cmd == "check" => {
             // Its report is on stdout; rclone's chatter is not part of it.

@@ -327,7 +327,7 @@ fn idle_costs_no_s3_request_and_a_busy_file_is_uploaded_once_per_debounce() {
 }
 
 #[test]
-fn trash_older_than_cvm_trash_days_is_purged_at_boot() {
+fn trash_older_than_cvm_history_days_is_purged_at_boot() {
     let s = Setup::new();
     let conf = stock_config(&s.g, s.tmp.path());
     let f = s.tmp.path().join("old");
@@ -345,10 +345,10 @@ fn trash_older_than_cvm_trash_days_is_purged_at_boot() {
         cvm_init::remote::bucket::trash_day(std::time::SystemTime::now())
     );
     rclone(&conf, &["copyto", f.to_str().unwrap(), &today]);
-    let (mut app, _) = s.boot("a", &[("CVM_TRASH_DAYS", "7")]);
+    let (mut app, _) = s.boot("a", &[("CVM_HISTORY_DAYS", "7")]);
     wait_until(T, "the purge", || {
         app.log_text()
-            .contains("trash: purged a day older than CVM_TRASH_DAYS")
+            .contains("trash: purged a day older than CVM_HISTORY_DAYS")
     });
     let trash = s.remote(".cvm-trash");
     assert!(

@@ -93,10 +93,10 @@ fn restore_writes_the_latest_files_and_databases_and_nothing_to_s3() {
     let (code, _, stderr) = restore(&s, PASSWORD, &["--to", to.to_str().unwrap()]);
     assert_eq!(code, 64, "{stderr}");
     assert!(stderr.contains("is not empty"), "{stderr}");
-    // A point in time is refused until the history exists, not answered with "latest".
-    let (code, _, stderr) = restore(&s, PASSWORD, &["--to", "/nonexistent/x", "--at", "-5m"]);
+    // A moment that is not one: refused before anything is read.
+    let (code, _, stderr) = restore(&s, PASSWORD, &["--to", "/nonexistent/x", "--at", "+5m"]);
     assert_eq!(code, 64, "{stderr}");
-    assert!(stderr.contains("latest state only"), "{stderr}");
+    assert!(stderr.contains("RFC 3339"), "{stderr}");
     // The wrong key: 77, as the appliance.
     let (code, _, stderr) = restore(
         &s,
@@ -141,7 +141,7 @@ fn a_missing_segment_ends_the_restore_there_and_is_named() {
     .unwrap();
     let first = listing
         .lines()
-        .find(|l| l.ends_with("/000000000001"))
+        .find(|l| l.contains("/000000000001-"))
         .unwrap_or_else(|| panic!("segment 1 in {listing}"))
         .to_owned();
     common::rclone(&conf, &["deletefile", &format!("crypt:{dir}/{first}")]);
@@ -150,10 +150,185 @@ fn a_missing_segment_ends_the_restore_there_and_is_named() {
     let (code, _, stderr) = restore(&s, PASSWORD, &["--to", to.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stderr.contains("restore stopped at segment") && stderr.contains(&first),
+        stderr.contains("restore stopped at segment")
+            && stderr.contains(first.split('-').next().unwrap()),
         "the missing segment is named: {stderr}"
     );
     let (max, count) = inspect(&to.join(DB)).expect("what is restored passes integrity_check");
     assert_eq!(max, count, "no gap inside what was restored");
     assert!(max < 10, "nothing after the missing segment is applied");
+}
+
+/// `cvm-init history --json`'s summary of the one database.
+fn history(s: &Setup) -> serde_json::Value {
+    let elsewhere = Dirs::new(s.tmp.path(), "history");
+    let mut env = s.g.s3_env();
+    env.extend(elsewhere.env());
+    env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
+    env.push(("CVM_GATEWAY_CMD".into(), s.idle.clone()));
+    let out = Command::new(common::BIN)
+        .args(["history", "--json"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["databases"][DB].clone()
+}
+
+/// `ts` (the time the row was inserted, before its commit) of row `i`.
+fn row_time(db: &Path, i: i64) -> f64 {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row("SELECT ts FROM tx WHERE i = ?1", [i], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn restore_at_a_moment_has_every_commit_before_it_and_none_after() {
+    let s = Setup::new();
+    let writer = s.tmp.path().join("writer.py");
+    fs::write(&writer, WRITER).unwrap();
+    let out = s.tmp.path().join("out");
+    fs::create_dir_all(&out).unwrap();
+    let cmd = format!("python3 {}", writer.display());
+    let out_s = out.display().to_string();
+    // About 20 s of commits, with a new base every few seconds: moments
+    // fall on several bases and between them.
+    let (mut app, _) = s.boot(
+        "a",
+        &[
+            ("CVM_GATEWAY_CMD", cmd.as_str()),
+            ("OUT", &out_s),
+            ("LIMIT", "250"),
+            ("EVERY", "0.08"),
+            ("CVM_SQLITE_BASE_MAX_AGE", "4s"),
+        ],
+    );
+    wait_until(
+        Duration::from_secs(120),
+        "250 commits and three bases",
+        || {
+            commits(&out).len() >= 250
+                && app
+                    .log_text()
+                    .matches("sqlite: snapshot uploaded (base)")
+                    .count()
+                    >= 3
+        },
+    );
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let log = commits(&out);
+
+    let h = history(&s);
+    let oldest = h["oldest"].as_u64().expect("an oldest point");
+    let newest = h["newest"].as_u64().expect("a newest point");
+    assert_eq!(
+        h["continuous_from"].as_u64(),
+        Some(oldest),
+        "every change kept: {h}"
+    );
+    assert_eq!(h["hourly_points"], 0, "{h}");
+    assert!(
+        newest as f64 / 1000.0 >= log.last().unwrap().1,
+        "the last commit is a point: {h}"
+    );
+
+    // Ten moments from the oldest point to just after the last commit.
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("moments seeded with {seed}");
+    let span = newest + 1000 - oldest;
+    for k in 0..10 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let at_ms = oldest + (seed >> 33) % span;
+        let at = at_ms as f64 / 1000.0;
+        let rfc =
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(at_ms))
+                .to_string();
+        let to = s.tmp.path().join(format!("at-{k}"));
+        let (code, stdout, stderr) =
+            restore(&s, PASSWORD, &["--to", to.to_str().unwrap(), "--at", &rfc]);
+        assert_eq!(code, 0, "--at {rfc}: {stderr}");
+        assert!(stdout.contains(&format!("as of {rfc}")), "{stdout}");
+        let (max, count) = inspect(&to.join(DB)).expect("integrity_check passes");
+        assert_eq!(max, count, "no gap");
+        let before: i64 = log
+            .iter()
+            .filter(|&&(_, ts)| ts <= at - 3.0)
+            .map(|&(i, _)| i)
+            .max()
+            .unwrap_or(0);
+        assert!(
+            max >= before,
+            "--at {rfc}: commits up to {before} were made 3 s before it; restored up to {max}"
+        );
+        if max > 0 {
+            let made = row_time(&to.join(DB), max);
+            assert!(
+                made <= at,
+                "--at {rfc}: row {max} was inserted at {made}, after the moment"
+            );
+        }
+    }
+
+    // Before the oldest point: refused, named, and nothing left in DIR.
+    let early = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + Duration::from_millis(oldest - 60_000),
+    )
+    .to_string();
+    let to = s.tmp.path().join("too-early");
+    let (code, _, stderr) = restore(
+        &s,
+        PASSWORD,
+        &["--to", to.to_str().unwrap(), "--at", &early],
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("outside the history") && stderr.contains("oldest restore point"),
+        "{stderr}"
+    );
+    assert_eq!(
+        fs::read_dir(&to).unwrap().count(),
+        0,
+        "a failed restore leaves DIR empty"
+    );
+
+    // A kept base deleted from the bucket: a restore that needs it stops
+    // and names it, and takes nothing else in its place.
+    let conf = common::stock_config(&s.g, s.tmp.path());
+    let dir = ".cvm/wal/state/openclaw.sqlite";
+    let listing = String::from_utf8(common::rclone(
+        &conf,
+        &["lsf", "--files-only", &format!("crypt:{dir}/bases")],
+    ))
+    .unwrap();
+    let mut bases: Vec<&str> = listing.lines().collect();
+    bases.sort();
+    assert!(bases.len() >= 3, "{listing}");
+    let first = bases[0];
+    common::rclone(
+        &conf,
+        &["deletefile", &format!("crypt:{dir}/bases/{first}")],
+    );
+    let to = s.tmp.path().join("no-base");
+    let at = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + Duration::from_millis(oldest + 100),
+    )
+    .to_string();
+    let (code, _, stderr) = restore(&s, PASSWORD, &["--to", to.to_str().unwrap(), "--at", &at]);
+    assert_eq!(code, 65, "{stderr}");
+    assert!(
+        stderr.contains(first) && stderr.contains("history object"),
+        "{stderr}"
+    );
 }

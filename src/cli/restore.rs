@@ -1,47 +1,30 @@
-//! `cvm-init restore --to DIR`: the state dir as S3 holds it now, written
-//! into DIR from any machine with the appliance's environment. No FUSE, no
-//! lease (it only reads), nothing written to the bucket: the rclone config
-//! lives in a private temporary directory, removed at the end.
+//! `cvm-init restore --to DIR [--at TIME]`: the state dir as S3 holds it,
+//! written into DIR from any machine with the appliance's environment. No
+//! FUSE, no lease (it only reads), nothing written to the bucket: the
+//! rclone config lives in a private temporary directory, removed at the end.
 //!
 //! Files come as the last replication pass left them (content, symlinks,
-//! then modes, owners and empty directories from `tree.json`); each database
-//! as its base plus every segment after it.
+//! then modes, owners and empty directories from `tree.json`). Each
+//! database as its base plus every segment after it, or with `--at`, as
+//! of the newest restore point at or before TIME.
 
 use std::fs;
 use std::path::Path;
-use std::time::Duration;
 
 use serde_json::json;
-use tokio::signal::unix::{signal, SignalKind};
 
-use super::TempRun;
-use crate::config::Config;
+use super::{bucket_config, fail, with_bucket, Failed};
 use crate::exit::Status;
 use crate::rclone::{rc, RunPaths, CRYPT_REMOTE};
 use crate::remote::bucket::USER_DIR;
-use crate::remote::keycheck::{self, KeyCheckError};
-use crate::sqlite::restore::restore_databases;
+use crate::sqlite::restore::restore_databases_at;
 use crate::storage::replicate::{scan::Excludes, treemeta};
-use crate::sys::process::Reaper;
+use crate::timepoint;
 
-/// A failure, with the exit status it maps to.
-struct Failed(Status, String);
-
-fn fail(status: Status) -> impl Fn(String) -> Failed {
-    move |msg| Failed(status, msg)
-}
-
-/// Restores into `to` (absent or empty). `at` is refused until the state
-/// history lands: a silent "latest" would restore the wrong moment.
+/// Restores into `to` (absent or empty) as of `at` (see
+/// [`crate::timepoint::parse`]; `None`: the latest state).
 pub fn run(to: &Path, at: Option<&str>) -> Status {
-    if let Some(at) = at {
-        eprintln!(
-            "cvm-init restore: --at {at}: point-in-time restore is not available yet; this version restores \
-             the latest state only (omit --at)"
-        );
-        return Status::Usage;
-    }
-    match restore(to) {
+    match restore(to, at) {
         Ok(summary) => {
             println!("{summary}");
             Status::Clean
@@ -53,23 +36,12 @@ pub fn run(to: &Path, at: Option<&str>) -> Status {
     }
 }
 
-fn restore(to: &Path) -> Result<String, Failed> {
-    let (cfg, _) = Config::from_env().map_err(|e| {
-        Failed(
-            Status::Config,
-            e.problems
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    })?;
-    let s3 = cfg.s3.clone().ok_or_else(|| {
-        Failed(
-            Status::Config,
-            "S3_BUCKET is not set: there is no bucket to restore from".into(),
-        )
-    })?;
+fn restore(to: &Path, at: Option<&str>) -> Result<String, Failed> {
+    let at = at
+        .map(|a| timepoint::parse(a, timepoint::now_ms()))
+        .transpose()
+        .map_err(|e| Failed(Status::Usage, format!("--at {e}")))?;
+    let (cfg, s3) = bucket_config()?;
     match fs::read_dir(to) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -99,64 +71,35 @@ fn restore(to: &Path) -> Result<String, Failed> {
     }
     let excludes = Excludes::new(&cfg.exclude, &cfg.sqlite.patterns)
         .map_err(|e| Failed(Status::Config, format!("CVM_EXCLUDE: {e}")))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            Failed(
-                Status::Failure,
-                format!("cannot start the async runtime: {e}"),
-            )
-        })?;
-    runtime.block_on(async {
-        let reaper = Reaper::default();
-        let sigchld = signal(SignalKind::child()).map_err(|e| {
-            Failed(
-                Status::Failure,
-                format!("cannot watch child processes: {e}"),
-            )
-        })?;
-        tokio::spawn(reaper.clone().run(sigchld));
-        let tmp = TempRun::create("restore").map_err(|(p, e)| {
-            Failed(
-                Status::Failure,
-                format!("cannot create a private directory at {}: {e}", p.display()),
-            )
-        })?;
-        let paths = RunPaths::new(&tmp.0, &tmp.0);
-        paths.prepare(&s3).map_err(|(p, e)| {
-            Failed(
-                Status::Failure,
-                format!(
-                    "cannot write a temporary rclone config at {}: {e}",
-                    p.display()
-                ),
-            )
-        })?;
-        let (mut rcd, _) = super::start_rcd(&reaper, &cfg, &paths)
-            .await
-            .map_err(|e| fail(Status::StorageUnavailable)(e.to_string()))?;
-        let r = fetch(&paths, &s3.raw_remote(), to, &excludes).await;
-        rcd.terminate(tokio::time::Instant::now() + Duration::from_secs(5))
-            .await;
-        r
-    })
+    let r = with_bucket("restore", &cfg, &s3, async |paths| {
+        fetch(paths, to, &excludes, at).await
+    });
+    if r.is_err() {
+        // It was absent or empty: a failed restore leaves no half state to
+        // be mistaken for a whole one.
+        empty(to);
+    }
+    r
+}
+
+fn empty(dir: &Path) {
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let _ = if e.file_type().is_ok_and(|t| t.is_dir()) {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
+    }
 }
 
 async fn fetch(
     paths: &RunPaths,
-    raw_remote: &str,
     to: &Path,
     excludes: &Excludes,
+    at: Option<u64>,
 ) -> Result<String, Failed> {
     let socket = &paths.rc_socket;
-    match keycheck::inspect(socket, raw_remote, &paths.scratch).await {
-        Ok(_) => {}
-        Err(e @ KeyCheckError::WrongKey { .. }) => {
-            return Err(Failed(Status::WrongKey, e.to_string()))
-        }
-        Err(e) => return Err(Failed(Status::StorageUnavailable, e.to_string())),
-    }
     let unavailable = fail(Status::StorageUnavailable);
     for (from, filter) in [
         ("", json!({ "ExcludeRule": excludes.rules() })),
@@ -180,17 +123,58 @@ async fn fetch(
     if let Some((tree, _)) = &tree {
         treemeta::apply(to, tree);
     }
-    let dbs = restore_databases(socket, to, &paths.scratch.join("restore-sqlite"))
+    let dbs = restore_databases_at(socket, to, &paths.scratch.join("restore-sqlite"), at)
         .await
         .map_err(|e| Failed(Status::Unrestorable, e.to_string()))?;
     let files = crate::storage::replicate::scan::scan(to, excludes)
         .files
         .len();
-    Ok(format!(
-        "restored the latest state into {}: {files} files (as of the last replication pass{}), {} databases \
-         (each to its last uploaded change)",
+    let Some(at) = at else {
+        return Ok(format!(
+            "restored the latest state into {}: {files} files (as of the last replication pass{}), {} databases \
+             (each to its last uploaded change)",
+            to.display(),
+            if tree.is_some() { "" } else { "; no tree.json, so default modes" },
+            dbs.dbs.len()
+        ));
+    };
+    if dbs.dbs.is_empty() && !dbs.not_yet.is_empty() {
+        let oldest = dbs.not_yet.iter().filter_map(|(_, o)| *o).min();
+        return Err(Failed(
+            Status::Usage,
+            format!(
+                "{} is outside the history: the oldest restore point is {}; `cvm-init history` lists them",
+                timepoint::format(at),
+                oldest.map_or_else(|| "unknown".to_owned(), timepoint::format)
+            ),
+        ));
+    }
+    let mut lines = vec![format!(
+        "restored the state as of {} into {}: {} databases, {files} files",
+        timepoint::format(at),
         to.display(),
-        if tree.is_some() { "" } else { "; no tree.json, so default modes" },
-        dbs.len()
-    ))
+        dbs.dbs.len(),
+    )];
+    for (rel, r) in &dbs.dbs {
+        lines.push(match r.point {
+            Some(p) => format!("  {}: as of {}", rel.display(), timepoint::format(p)),
+            None => format!(
+                "  {}: its latest state (it has no history: not a WAL database, or saved by an older cvm-init)",
+                rel.display()
+            ),
+        });
+    }
+    for (rel, oldest) in &dbs.not_yet {
+        lines.push(format!(
+            "  {}: left out, no restore point at or before that time (oldest: {})",
+            rel.display(),
+            oldest.map_or_else(|| "none".to_owned(), timepoint::format)
+        ));
+    }
+    lines.push(
+        "  files: their latest versions (file history is not kept yet; deleted and overwritten files are in \
+         the bucket's .cvm-trash, by day)"
+            .to_owned(),
+    );
+    Ok(lines.join("\n"))
 }

@@ -20,15 +20,17 @@ use tokio::time::{sleep, Instant};
 
 use crate::backoff::Backoff;
 use crate::config::SqliteConfig;
-use crate::rclone::rc;
+use crate::rclone::{rc, CRYPT_REMOTE};
 use crate::remote::bucket::{META_DIR, SQLITE_DIR, WAL_DIR};
 use crate::remote::lag::Lag;
 use crate::remote::lease::Fence;
+use crate::sqlite::history;
 use crate::sqlite::line::{self, BaseRef, Manifest};
 use crate::sqlite::pin::Tracker;
 use crate::sqlite::segment::Segment;
 use crate::sqlite::{self, Fingerprint, Patterns, Snapshot, SqliteError};
 use crate::storage::worker::{self, Worker};
+use crate::timepoint;
 
 /// How often fingerprints are compared.
 const POLL: Duration = Duration::from_millis(250);
@@ -61,6 +63,8 @@ pub struct BackupSpec {
     pub debounce: Duration,
     /// A WAL database's base is taken again once this old.
     pub base_max_age: Duration,
+    /// Days of hourly restore points kept (`CVM_HISTORY_DAYS`).
+    pub history_days: u32,
     /// Where the backlog is reported while uploads fail.
     pub lag: Lag,
     /// The trash (`s3-crypt:.cvm-trash`) that takes the snapshot of a
@@ -76,8 +80,8 @@ impl BackupSpec {
         root: PathBuf,
         scratch: PathBuf,
         rc_socket: PathBuf,
-        remote: String,
         cfg: &SqliteConfig,
+        history_days: u32,
         lag: Lag,
         fence: Fence,
     ) -> Self {
@@ -85,10 +89,11 @@ impl BackupSpec {
             root,
             scratch,
             rc_socket,
-            remote,
+            remote: format!("{CRYPT_REMOTE}:{SQLITE_DIR}"),
             patterns: cfg.patterns.clone(),
             debounce: cfg.debounce,
             base_max_age: cfg.base_max_age,
+            history_days,
             lag,
             trash: None,
             fence,
@@ -139,8 +144,9 @@ struct Follow {
     tracker: Option<std::sync::Mutex<Tracker>>,
     /// `None` until the first base of a new line is on S3.
     line: Option<Line>,
-    /// Spooled segments not yet uploaded, oldest first.
-    queue: VecDeque<u64>,
+    /// Spooled segments not yet uploaded, oldest first: number, and when
+    /// their newest commit was read (Unix ms).
+    queue: VecDeque<(u64, u64)>,
     /// Commits read by [`Engine::move_pins`] since the last segment.
     pending: Option<Segment>,
 }
@@ -509,6 +515,9 @@ impl Engine {
                     db: db.clone(),
                     source,
                 })?;
+        // Every commit in the segment was made by now: a restore to a
+        // moment takes it only at or after this.
+        let read_at = timepoint::now_ms();
         let seg = Segment::join(f.pending.take(), seg);
         let spool = self.spool(rel);
         if let Some(seg) = seg {
@@ -526,30 +535,25 @@ impl Engine {
                 return Err(BackupError::Spool { db, source });
             }
             line.seq = seq;
-            f.queue.push_back(seq);
+            f.queue.push_back((seq, read_at));
         }
         let gen = f.line.as_ref().expect("started above").gen.clone();
-        while let Some(&seq) = f.queue.front() {
+        while let Some(&(seq, t)) = f.queue.front() {
             let name = line::segment_name(seq);
+            let remote_name = line::remote_segment_name(seq, t);
             let size = std::fs::metadata(spool.join(&name)).map_or(0, |m| m.len());
-            self.spec
-                .fence
-                .check()
-                .map_err(|why| BackupError::Segment {
-                    db: db.clone(),
-                    source: rc::RcError::Fenced(why),
-                })?;
-            let params = json!({
-                "srcFs": spool.to_string_lossy(), "srcRemote": name,
-                "dstFs": line::root(), "dstRemote": format!("{}/{gen}/{name}", line::path(rel)),
-                "_config": { "NoCheckDest": true },
-            });
-            rc::call(&self.spec.rc_socket, "operations/copyfile", &params)
-                .await
-                .map_err(|source| BackupError::Segment {
-                    db: db.clone(),
-                    source,
-                })?;
+            self.copy(
+                (&spool.to_string_lossy(), &name),
+                (
+                    &line::root(),
+                    &format!("{}/{gen}/{remote_name}", line::path(rel)),
+                ),
+            )
+            .await
+            .map_err(|source| BackupError::Segment {
+                db: db.clone(),
+                source,
+            })?;
             let _ = std::fs::remove_file(spool.join(&name));
             f.queue.pop_front();
             let line = f.line.as_mut().expect("started above");
@@ -557,7 +561,7 @@ impl Engine {
             tracing::info!(db = %rel.display(), seq, bytes = size, "sqlite: segment uploaded");
         }
         let line = f.line.as_ref().expect("started above");
-        let age = Duration::from_secs(line::unix_now().saturating_sub(line.base.at));
+        let age = Duration::from_millis(timepoint::now_ms().saturating_sub(line.base.taken_ms()));
         let due = line.seq > line.base.after
             && (age >= self.spec.base_max_age
                 || line.since_base >= (SEGMENTS_PER_BASE * line.base_bytes).max(SEGMENTS_MIN));
@@ -579,10 +583,11 @@ impl Engine {
         self.new_base(rel, f, None).await
     }
 
-    /// Uploads a base taken through the tracker's pin: the manifest naming
-    /// it first, then the base, then the segments it makes unneeded are
-    /// deleted. `after` is the last segment read before the pin was taken;
-    /// `None` starts a new generation.
+    /// Uploads a base taken through the tracker's pin: to its history name,
+    /// then the manifest naming it, then a server-side copy to the stock
+    /// name; then what history no longer keeps is deleted. `after` is the
+    /// last segment read before the pin was taken; `None` starts a new
+    /// generation.
     async fn new_base(
         &mut self,
         rel: &Path,
@@ -600,6 +605,7 @@ impl Engine {
             db: db.clone(),
             source,
         })?;
+        let taken = timepoint::now_ms();
         let upload_err = |source| BackupError::Upload {
             db: db.clone(),
             source,
@@ -620,9 +626,25 @@ impl Engine {
             gen: gen.clone(),
             after,
             sha256: line::hex(&snap.sha256),
-            at: line::unix_now(),
+            at: taken / 1000,
+            at_ms: taken,
         };
-        let manifest = manifest.with(base.clone());
+        let history_name = format!("{}/{}", line::path(rel), base.object());
+        self.copy(
+            (&self.spec.scratch.to_string_lossy(), &rel.to_string_lossy()),
+            (&line::root(), &history_name),
+        )
+        .await
+        .map_err(upload_err)?;
+        let _ = std::fs::remove_file(&snap.path);
+        let keep = history::retain(
+            &manifest.with(base.clone()).bases,
+            taken,
+            self.spec.history_days,
+        );
+        let manifest = Manifest {
+            bases: keep.bases.clone(),
+        };
         line::write_manifest(
             &self.spec.rc_socket,
             rel,
@@ -632,11 +654,15 @@ impl Engine {
         )
         .await
         .map_err(upload_err)?;
-        self.upload(rel, &snap).await?;
-        let _ = std::fs::remove_file(&snap.path);
+        self.copy(
+            (&line::root(), &history_name),
+            (&self.spec.remote, &rel.to_string_lossy()),
+        )
+        .await
+        .map_err(upload_err)?;
         tracing::info!(db = %rel.display(), bytes = snap.bytes, generation = %gen, after,
             took = ?started.elapsed(), "sqlite: snapshot uploaded (base)");
-        line::prune(&self.spec.rc_socket, rel, &gen, after, &self.spec.fence).await;
+        line::prune(&self.spec.rc_socket, rel, &keep, &self.spec.fence).await;
         if let Some(st) = self.dbs.get_mut(rel) {
             st.remote_hash = Some(snap.sha256);
         }
@@ -649,6 +675,21 @@ impl Engine {
             since_base: 0,
         });
         Ok(())
+    }
+
+    /// One fenced `operations/copyfile` from `(fs, remote)` to `(fs,
+    /// remote)`; server-side when both are on S3.
+    async fn copy(&self, from: (&str, &str), to: (&str, &str)) -> Result<(), rc::RcError> {
+        self.spec.fence.check().map_err(rc::RcError::Fenced)?;
+        let params = json!({
+            "srcFs": from.0, "srcRemote": from.1,
+            "dstFs": to.0, "dstRemote": to.1,
+            // Without asking S3 first: the content is known to differ.
+            "_config": { "NoCheckDest": true },
+        });
+        rc::call(&self.spec.rc_socket, "operations/copyfile", &params)
+            .await
+            .map(drop)
     }
 
     /// Snapshots `rel` whole and uploads the snapshot unless S3 already holds that content.
@@ -685,26 +726,15 @@ impl Engine {
 
     async fn upload(&self, rel: &Path, snap: &Snapshot) -> Result<(), BackupError> {
         let rel_str = rel.to_string_lossy();
-        let params = json!({
-            "srcFs": self.spec.scratch.to_string_lossy(),
-            "srcRemote": rel_str,
-            "dstFs": self.spec.remote,
-            "dstRemote": rel_str,
-            // Upload without asking S3 first: the snapshot is known to differ.
-            "_config": { "NoCheckDest": true },
-        });
-        let fenced = |why| BackupError::Upload {
+        self.copy(
+            (&self.spec.scratch.to_string_lossy(), &rel_str),
+            (&self.spec.remote, &rel_str),
+        )
+        .await
+        .map_err(|source| BackupError::Upload {
             db: snap.path.clone(),
-            source: rc::RcError::Fenced(why),
-        };
-        self.spec.fence.check().map_err(fenced)?;
-        rc::call(&self.spec.rc_socket, "operations/copyfile", &params)
-            .await
-            .map(drop)
-            .map_err(|source| BackupError::Upload {
-                db: snap.path.clone(),
-                source,
-            })
+            source,
+        })
     }
 
     async fn final_pass(&mut self, deadline: Instant) -> Result<(), FinalPassError> {

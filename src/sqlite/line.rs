@@ -1,19 +1,22 @@
-//! A database's *line* on S3: its base snapshot (`sqlite/<path>`, whole and
-//! readable by stock rclone) and the numbered segments committed after it
-//! (`.cvm/wal/<path>/<gen>/<seq>`), tied together by a manifest
-//! (`.cvm/wal/<path>/manifest`). All of it goes through the crypt remote.
+//! A database's *line* on S3: its bases (whole snapshots, the newest also
+//! at `sqlite/<path>` where stock rclone reads it, each kept one at
+//! `.cvm/wal/<path>/bases/<gen>-<after>` for history) and the numbered,
+//! timed segments committed after them (`.cvm/wal/<path>/<gen>/<seq>-<ms>`),
+//! tied together by a manifest (`.cvm/wal/<path>/manifest`). All of it goes
+//! through the crypt remote.
 //!
-//! The manifest is written *before* a new base, and lists the bases it
-//! may find (newest first). A restore hashes the base it fetched and takes
-//! the entry whose hash matches: after a crash between the manifest and the
-//! base, the older entry still describes the base S3 holds, and its
-//! segments are deleted only once the new base is uploaded. A base is taken
-//! through the tracker's pin, which is no newer than the segments uploaded
-//! before it and no older than segment `after`, so applying every segment
-//! after `after` onto it gives the newest state.
+//! A new base is uploaded to its history name first, then named in the
+//! manifest, then copied (server-side) to the stock name. A restore of the
+//! latest state hashes the stock base and takes the manifest entry whose
+//! hash matches: after a crash before the copy, the older entry still
+//! describes the base there, and its segments are deleted only later. A
+//! base is taken through the tracker's pin, which is no newer than the
+//! segments uploaded before it and no older than segment `after`, so
+//! applying every segment after `after` onto it gives the newest state.
+//! Which bases and segments are kept is [`crate::sqlite::history`]'s
+//! decision.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -21,10 +24,7 @@ use serde_json::json;
 use crate::rclone::{rc, CRYPT_REMOTE};
 use crate::remote::bucket::{META_DIR, WAL_DIR, WAL_MANIFEST};
 use crate::remote::lease::Fence;
-
-/// Bases a manifest remembers: enough for a few crashes in a row between
-/// a manifest and its base.
-const KEEP_BASES: usize = 4;
+use crate::sqlite::history::Keep;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaseRef {
@@ -36,7 +36,31 @@ pub struct BaseRef {
     pub sha256: String,
     /// When the base was taken (Unix seconds).
     pub at: u64,
+    /// The same in milliseconds: every commit the base holds is older.
+    /// Absent from manifests written before history was kept.
+    #[serde(default)]
+    pub at_ms: u64,
 }
+
+impl BaseRef {
+    /// When the base was taken, in Unix ms; for an entry with seconds only,
+    /// the end of that second (no commit it holds is newer).
+    pub fn taken_ms(&self) -> u64 {
+        if self.at_ms > 0 {
+            self.at_ms
+        } else {
+            self.at * 1000 + 999
+        }
+    }
+
+    /// Its history copy, below [`path`].
+    pub fn object(&self) -> String {
+        format!("{BASES_DIR}/{}-{:012}", self.gen, self.after)
+    }
+}
+
+/// Where bases are kept for history, below [`path`].
+pub const BASES_DIR: &str = "bases";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -53,7 +77,7 @@ impl Manifest {
     /// This manifest with `base` as the newest entry.
     pub fn with(&self, base: BaseRef) -> Manifest {
         let mut bases = vec![base];
-        bases.extend(self.bases.iter().take(KEEP_BASES - 1).cloned());
+        bases.extend(self.bases.iter().cloned());
         Manifest { bases }
     }
 }
@@ -62,18 +86,10 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// A new generation name: time-ordered, and never the same twice, so a
 /// segment name is never written by two writers.
 pub fn new_gen() -> String {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
+    let ms = crate::timepoint::now_ms();
     let mut r = [0u8; 4];
     getrandom::getrandom(&mut r).expect("the kernel's random source");
     format!("{ms:013}-{}", hex(&r))
@@ -98,12 +114,95 @@ pub fn root() -> String {
     format!("{CRYPT_REMOTE}:")
 }
 
+/// A segment's name in the spool.
 pub fn segment_name(seq: u64) -> String {
     format!("{seq:012}")
 }
 
-pub fn parse_seq(name: &str) -> Option<u64> {
-    (name.len() == 12).then(|| name.parse().ok()).flatten()
+/// A segment's name on S3: its number and when its newest commit was read
+/// (Unix ms), so a restore to a moment needs no other index.
+pub fn remote_segment_name(seq: u64, t_ms: u64) -> String {
+    format!("{seq:012}-{t_ms:013}")
+}
+
+/// A segment on S3, from its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegRef {
+    pub seq: u64,
+    /// `None` for a segment uploaded before segments were timed.
+    pub t_ms: Option<u64>,
+    pub name: String,
+}
+
+pub fn parse_segment(name: &str) -> Option<SegRef> {
+    let (seq, t) = match name.split_once('-') {
+        Some((seq, t)) => (seq, Some(t)),
+        None => (name, None),
+    };
+    if seq.len() != 12 || t.is_some_and(|t| t.len() != 13) {
+        return None;
+    }
+    Some(SegRef {
+        seq: seq.parse().ok()?,
+        t_ms: match t {
+            Some(t) => Some(t.parse().ok()?),
+            None => None,
+        },
+        name: name.to_owned(),
+    })
+}
+
+/// An object below [`path`], from a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    Manifest,
+    Base(String),
+    Segment { gen: String, seg: SegRef },
+    Other,
+}
+
+pub fn classify(below: &str) -> Object {
+    if below == WAL_MANIFEST {
+        return Object::Manifest;
+    }
+    match below.split_once('/') {
+        Some((BASES_DIR, name)) if !name.contains('/') => Object::Base(below.to_owned()),
+        Some((gen, name)) => match parse_segment(name) {
+            Some(seg) => Object::Segment {
+                gen: gen.to_owned(),
+                seg,
+            },
+            None => Object::Other,
+        },
+        None => Object::Other,
+    }
+}
+
+/// Every object below `rel`'s [`path`] with its size, by its path below it.
+pub async fn list(socket: &Path, rel: &Path) -> Result<Vec<(String, u64)>, rc::RcError> {
+    let listed = match rc::call(
+        socket,
+        "operations/list",
+        &json!({ "fs": root(), "remote": path(rel), "opt": { "recurse": true, "filesOnly": true } }),
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(e),
+    };
+    let prefix = format!("{}/", path(rel));
+    Ok(listed["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| {
+            let below = item["Path"].as_str()?.strip_prefix(&prefix)?.to_owned();
+            Some((below, item["Size"].as_u64().unwrap_or(0)))
+        })
+        .collect())
 }
 
 /// Reads `rel`'s manifest through `scratch`; `None` when there is none.
@@ -157,38 +256,26 @@ pub async fn write_manifest(
     Ok(())
 }
 
-/// Deletes `rel`'s generations other than `keep`, and `keep`'s segments up
-/// to `upto`, fenced. Best effort: what is left is deleted next time.
-pub async fn prune(socket: &Path, rel: &Path, keep: &str, upto: u64, fence: &Fence) {
-    let listed = rc::call(
-        socket,
-        "operations/list",
-        &json!({ "fs": root(), "remote": path(rel), "opt": { "recurse": true, "filesOnly": true } }),
-    )
-    .await;
-    let Ok(listed) = listed else {
+/// Deletes what `keep` does not keep of `rel`'s line (old segments and
+/// bases, generations with nothing kept), fenced. Best effort: what is left
+/// is deleted next time.
+pub async fn prune(socket: &Path, rel: &Path, keep: &Keep, fence: &Fence) {
+    let Ok(listed) = list(socket, rel).await else {
         return;
     };
-    let mut doomed = Vec::new();
-    for item in listed["list"].as_array().into_iter().flatten() {
-        let Some(full) = item["Path"].as_str() else {
-            continue;
+    for (below, _) in listed {
+        let doomed = match classify(&below) {
+            Object::Base(name) => !keep.base_object(&name),
+            Object::Segment { gen, seg } => !keep.segment(&gen, seg.seq),
+            Object::Manifest | Object::Other => false,
         };
-        let Some((gen, name)) = full
-            .strip_prefix(&format!("{}/", path(rel)))
-            .and_then(|p| p.split_once('/'))
-        else {
+        if !doomed {
             continue;
-        };
-        let old = gen != keep || parse_seq(name).is_some_and(|s| s <= upto);
-        if old {
-            doomed.push(full.to_owned());
         }
-    }
-    for object in doomed {
         if fence.check().is_err() {
             return;
         }
+        let object = format!("{}/{below}", path(rel));
         let r = rc::call(
             socket,
             "operations/deletefile",
@@ -196,7 +283,7 @@ pub async fn prune(socket: &Path, rel: &Path, keep: &str, upto: u64, fence: &Fen
         )
         .await;
         if let Err(e) = r {
-            tracing::debug!(db = %rel.display(), %object, error = %e, "sqlite: prune left an old segment");
+            tracing::debug!(db = %rel.display(), %object, error = %e, "sqlite: prune left an old object");
         }
     }
 }
@@ -211,6 +298,7 @@ mod tests {
             after: 1,
             sha256: hex(&sha),
             at: 0,
+            at_ms: 0,
         }
     }
 
@@ -226,17 +314,40 @@ mod tests {
             "a crash before base b"
         );
         assert!(m.entry_for(&[3; 32]).is_none());
-        let many = (0..10).fold(Manifest::default(), |m, i| {
-            m.with(base(&i.to_string(), [i; 32]))
-        });
-        assert_eq!(many.bases.len(), KEEP_BASES);
-        assert_eq!(many.bases[0].gen, "9");
     }
 
     #[test]
     fn names() {
-        assert_eq!(parse_seq(&segment_name(42)), Some(42));
-        assert_eq!(parse_seq("manifest"), None);
         assert_ne!(new_gen(), new_gen());
+        let seg = parse_segment(&remote_segment_name(42, 1_796_000_000_123)).unwrap();
+        assert_eq!((seg.seq, seg.t_ms), (42, Some(1_796_000_000_123)));
+        assert_eq!(
+            parse_segment(&segment_name(7)).unwrap().t_ms,
+            None,
+            "step 1's names"
+        );
+        for bad in ["manifest", "42", "000000000042-12", "00000000004x"] {
+            assert_eq!(parse_segment(bad), None, "{bad}");
+        }
+        let b = BaseRef {
+            after: 9,
+            ..base("g", [0; 32])
+        };
+        assert_eq!(
+            classify(&b.object()),
+            Object::Base("bases/g-000000000009".into())
+        );
+        assert_eq!(classify("manifest"), Object::Manifest);
+        assert!(
+            matches!(classify("g/000000000003-1796000000123"), Object::Segment { gen, seg } if gen == "g" && seg.seq == 3)
+        );
+        assert_eq!(classify("g/stray"), Object::Other);
+    }
+
+    #[test]
+    fn old_manifests_read_with_whole_seconds() {
+        let old: BaseRef =
+            serde_json::from_str(r#"{"gen":"g","after":0,"sha256":"00","at":5}"#).unwrap();
+        assert_eq!(old.taken_ms(), 5_999, "no commit it holds is newer");
     }
 }

@@ -2,6 +2,7 @@
 //! ones, and checks. Never copies a live database file (docs/facts.md §3).
 
 pub mod backup;
+pub mod history;
 pub mod line;
 pub mod patterns;
 pub mod pin;

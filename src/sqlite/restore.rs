@@ -15,7 +15,8 @@ use tokio::time::Instant;
 use crate::rclone::{rc, CRYPT_REMOTE};
 use crate::remote::bucket::SQLITE_DIR;
 use crate::sqlite::backup::{Known, Line};
-use crate::sqlite::line::{self, Manifest};
+use crate::sqlite::history::{self, Stop};
+use crate::sqlite::line::{self, BaseRef, Manifest, SegRef};
 use crate::sqlite::segment::Segment;
 use crate::sqlite::{self, SqliteError};
 
@@ -37,6 +38,12 @@ pub enum RestoreError {
     },
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("restoring {db}: its history object {object} is unusable ({why}); nothing older is taken in its place")]
+    History {
+        db: PathBuf,
+        object: String,
+        why: String,
+    },
 }
 
 fn files_below(root: &Path) -> Result<BTreeSet<PathBuf>, RestoreError> {
@@ -93,31 +100,97 @@ pub async fn restore_databases(
     root: &Path,
     scratch: &Path,
 ) -> Result<BTreeMap<PathBuf, Known>, RestoreError> {
-    let fetched = fetch_databases(socket, root).await?;
-    let mut lines = BTreeMap::new();
-    for rel in &fetched {
-        lines.insert(rel.clone(), catch_up(socket, root, rel, scratch).await?);
-    }
-    let hashes = check_databases(root, &fetched).await?;
-    Ok(hashes
+    Ok(restore_databases_at(socket, root, scratch, None)
+        .await?
+        .dbs
         .into_iter()
-        .map(|(rel, sha256)| {
-            let line = lines.remove(&rel).flatten();
-            (rel, Known { sha256, line })
-        })
+        .map(|(rel, r)| (rel, r.known))
         .collect())
 }
 
-/// Applies the segments of the line that describes the base at
-/// `root/rel`, and leaves the database in WAL mode so it can be followed
-/// before the gateway opens it. Returns the line to continue, or `None`
-/// when there is none or it could not be followed to its end.
+/// One restored database.
+#[derive(Debug, Clone)]
+pub struct DbRestore {
+    pub known: Known,
+    /// The moment it is restored to (Unix ms), when its line says.
+    pub point: Option<u64>,
+}
+
+/// What a restore to a moment did.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub dbs: BTreeMap<PathBuf, DbRestore>,
+    /// Databases with no restore point at or before the moment (created
+    /// later, or older than the history kept), left out; with their oldest
+    /// point.
+    pub not_yet: Vec<(PathBuf, Option<u64>)>,
+    /// Databases without a line (not in WAL mode, or written by an older
+    /// cvm-init): restored as S3 holds them now.
+    pub no_history: Vec<PathBuf>,
+}
+
+/// [`restore_databases`] as of `at` (Unix ms; `None`: the newest state).
+pub async fn restore_databases_at(
+    socket: &Path,
+    root: &Path,
+    scratch: &Path,
+    at: Option<u64>,
+) -> Result<Restored, RestoreError> {
+    let fetched = fetch_databases(socket, root).await?;
+    let mut out = Restored::default();
+    let mut lines = BTreeMap::new();
+    let mut kept = Vec::new();
+    for rel in &fetched {
+        match catch_up(socket, root, rel, scratch, at).await? {
+            CatchUp::Before(oldest) => {
+                let _ = fs::remove_file(root.join(rel));
+                out.not_yet.push((rel.clone(), oldest));
+                continue;
+            }
+            CatchUp::NoLine => {
+                out.no_history.push(rel.clone());
+                lines.insert(rel.clone(), (None, None));
+            }
+            CatchUp::Line { line, point } => {
+                lines.insert(rel.clone(), (line, Some(point)));
+            }
+        }
+        kept.push(rel.clone());
+    }
+    for (rel, sha256) in check_databases(root, &kept).await? {
+        let (line, point) = lines.remove(&rel).unwrap_or_default();
+        out.dbs.insert(
+            rel,
+            DbRestore {
+                known: Known { sha256, line },
+                point,
+            },
+        );
+    }
+    Ok(out)
+}
+
+enum CatchUp {
+    /// No manifest, or one that does not describe the base: the base alone.
+    NoLine,
+    /// Restored to `point`; `line` is the line to continue (newest state
+    /// only, and only when it was followed to its end).
+    Line { line: Option<Line>, point: u64 },
+    /// No restore point at or before the moment; the oldest there is.
+    Before(Option<u64>),
+}
+
+/// Brings the base at `root/rel` to `at` (`None`: the newest state): the
+/// base the manifest names for that moment (fetched from history when the
+/// stock one is another), then its segments in order, and leaves the
+/// database in WAL mode so it can be followed before the gateway opens it.
 async fn catch_up(
     socket: &Path,
     root: &Path,
     rel: &Path,
     scratch: &Path,
-) -> Result<Option<Line>, RestoreError> {
+    at: Option<u64>,
+) -> Result<CatchUp, RestoreError> {
     let fetch_err = |e: rc::RcError| RestoreError::Fetch {
         exit: format!("reading {}", line::dir(rel)),
         stderr: e.to_string(),
@@ -126,23 +199,30 @@ async fn catch_up(
         .await
         .map_err(fetch_err)?
     else {
-        return Ok(None);
+        return Ok(CatchUp::NoLine);
     };
     let path = root.join(rel);
-    let hashed = {
-        let path = path.clone();
-        tokio::task::spawn_blocking(move || sqlite::content_hash(&path))
-            .await
-            .expect("hashing does not panic")
-    };
-    let (hash, base_bytes) = match hashed {
+    let (hash, mut base_bytes) = match hash(&path).await {
         Ok(h) => h,
         // Left to the check, which names the file and stops the boot.
-        Err(_) => return Ok(None),
+        Err(_) => return Ok(CatchUp::NoLine),
     };
-    let Some(base) = manifest.entry_for(&hash).cloned() else {
-        tracing::warn!(db = %rel.display(), "sqlite: the base on S3 is not the one its manifest names; restoring the base alone (written without cvm-init's segments, or by an older cvm-init)");
-        return Ok(None);
+    let base = match at {
+        None => match manifest.entry_for(&hash) {
+            Some(b) => b.clone(),
+            None => {
+                tracing::warn!(db = %rel.display(), "sqlite: the base on S3 is not the one its manifest names; restoring the base alone (written without cvm-init's segments, or by an older cvm-init)");
+                return Ok(CatchUp::NoLine);
+            }
+        },
+        Some(at) => match history::base_at(&manifest.bases, at) {
+            Err(oldest) => return Ok(CatchUp::Before(oldest)),
+            Ok(b) if b.sha256 == line::hex(&hash) => b.clone(),
+            Ok(b) => {
+                base_bytes = fetch_base(socket, root, rel, b).await?;
+                b.clone()
+            }
+        },
     };
     let dir = scratch.join("segments");
     let _ = fs::remove_dir_all(&dir);
@@ -160,52 +240,103 @@ async fn catch_up(
         Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {}
         Err(e) => return Err(fetch_err(e)),
     }
-    let mut seqs: Vec<u64> = fs::read_dir(&dir)
+    let segs: Vec<SegRef> = fs::read_dir(&dir)
         .map_err(|source| RestoreError::Io {
             path: dir.clone(),
             source,
         })?
-        .filter_map(|e| line::parse_seq(&e.ok()?.file_name().to_string_lossy()))
-        .filter(|&s| s > base.after)
+        .filter_map(|e| line::parse_segment(&e.ok()?.file_name().to_string_lossy()))
         .collect();
-    seqs.sort_unstable();
-    let (applied, since_base, stopped) = {
-        let (dir, path, after) = (dir.clone(), path.clone(), base.after);
-        let seqs = seqs.clone();
-        tokio::task::spawn_blocking(move || apply_segments(&dir, &path, after, &seqs))
+    let (todo, mut stopped) = history::segments_to(&base, &segs, at);
+    let (applied, since_base, failed) = {
+        let (dir, path) = (dir.clone(), path.clone());
+        let names: Vec<String> = todo.iter().map(|s| s.name.clone()).collect();
+        tokio::task::spawn_blocking(move || apply_segments(&dir, &path, &names))
             .await
             .expect("applying does not panic")
     };
     let _ = fs::remove_dir_all(&dir);
-    let last = base.after + applied;
-    if let Some(why) = &stopped {
-        tracing::error!(db = %rel.display(), restored_to = last, "sqlite: restore stopped at segment {}/{}: {why}; the database is restored as of the segment before it", remote, line::segment_name(last + 1));
+    if let Some(why) = failed {
+        stopped = Some(Stop::Failed(todo[applied].name.clone(), why));
     }
+    let done = &todo[..applied];
+    if let Some(stop) = &stopped {
+        let (object, why) = match stop {
+            Stop::Missing(seq) => (line::segment_name(*seq), "missing".to_owned()),
+            Stop::Untimed(name) => (
+                name.clone(),
+                "written by an older cvm-init, without its time".to_owned(),
+            ),
+            Stop::Failed(name, why) => (name.clone(), why.clone()),
+        };
+        tracing::error!(db = %rel.display(), restored_to = base.after + applied as u64, "sqlite: restore stopped at segment {remote}/{object}: {why}; the database is restored as of the segment before it");
+    }
+    let point = done
+        .last()
+        .map_or(Some(base.taken_ms()), |s| s.t_ms)
+        .unwrap_or(base.taken_ms());
     tracing::info!(db = %rel.display(), generation = %base.gen, segments = applied, "sqlite: restored base and segments");
-    Ok(stopped.is_none().then(|| Line {
+    let line = (stopped.is_none() && at.is_none()).then(|| Line {
         gen: base.gen.clone(),
-        seq: last,
+        seq: base.after + applied as u64,
         manifest: Manifest::clone(&manifest),
         base,
         base_bytes,
         since_base,
-    }))
+    });
+    Ok(CatchUp::Line { line, point })
 }
 
-/// Applies segments `after+1, after+2, …` from `dir` to `db` while they are
-/// there in order and whole; then sets WAL mode. Returns how many were
-/// applied, their bytes, and why it stopped early.
-fn apply_segments(dir: &Path, db: &Path, after: u64, seqs: &[u64]) -> (u64, u64, Option<String>) {
+async fn hash(path: &Path) -> Result<([u8; 32], u64), SqliteError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || sqlite::content_hash(&path))
+        .await
+        .expect("hashing does not panic")
+}
+
+/// Replaces `root/rel` with the history copy of `base`, checked against its
+/// hash. Returns its size.
+async fn fetch_base(
+    socket: &Path,
+    root: &Path,
+    rel: &Path,
+    base: &BaseRef,
+) -> Result<u64, RestoreError> {
+    let object = format!("{}/{}", line::path(rel), base.object());
+    let path = root.join(rel);
+    let unusable = |why: String| RestoreError::History {
+        db: rel.to_owned(),
+        object: format!("{CRYPT_REMOTE}:{object}"),
+        why,
+    };
+    let _ = fs::remove_file(&path);
+    let parent = path.parent().unwrap_or(root);
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let params = serde_json::json!({
+        "srcFs": line::root(), "srcRemote": object,
+        "dstFs": parent.to_string_lossy(), "dstRemote": name,
+    });
+    rc::call(socket, "operations/copyfile", &params)
+        .await
+        .map_err(|e| unusable(e.to_string()))?;
+    let (got, bytes) = hash(&path).await.map_err(|e| unusable(e.to_string()))?;
+    if line::hex(&got) != base.sha256 {
+        return Err(unusable(
+            "its content is not the base the manifest names".into(),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Applies the segments named `names`, in order, from `dir` to `db`, until
+/// one fails; then sets WAL mode. Returns how many were applied, their
+/// bytes, and why it stopped early.
+fn apply_segments(dir: &Path, db: &Path, names: &[String]) -> (usize, u64, Option<String>) {
     let mut applied = 0;
     let mut bytes = 0;
-    let mut stopped = None;
-    for (i, &seq) in seqs.iter().enumerate() {
-        if seq != after + 1 + i as u64 {
-            stopped = Some("missing".to_owned());
-            break;
-        }
-        let name = dir.join(line::segment_name(seq));
-        let r = fs::read(&name)
+    let mut failed = None;
+    for name in names {
+        let r = fs::read(dir.join(name))
             .map_err(|e| e.to_string())
             .and_then(|b| {
                 bytes += b.len() as u64;
@@ -213,7 +344,7 @@ fn apply_segments(dir: &Path, db: &Path, after: u64, seqs: &[u64]) -> (u64, u64,
             })
             .and_then(|s| s.apply(db).map_err(|e| e.to_string()));
         if let Err(e) = r {
-            stopped = Some(e);
+            failed = Some(e);
             break;
         }
         applied += 1;
@@ -223,7 +354,7 @@ fn apply_segments(dir: &Path, db: &Path, after: u64, seqs: &[u64]) -> (u64, u64,
     {
         tracing::warn!(db = %db.display(), error = %e, "sqlite: cannot put the restored database in WAL mode");
     }
-    (applied, bytes, stopped)
+    (applied, bytes, failed)
 }
 
 /// The fetch half of [`restore_databases`]: returns the files it added.

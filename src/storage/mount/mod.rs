@@ -20,8 +20,7 @@ use super::worker::{self, Worker};
 use super::{prepare_err, Event, FlushError, StorageError, StorageFailure};
 use crate::config::{Config, S3Config, SqliteConfig};
 use crate::rclone::session::Session;
-use crate::rclone::{self, rc, CRYPT_REMOTE};
-use crate::remote::bucket::SQLITE_DIR;
+use crate::rclone::{self, rc};
 use crate::remote::lag::Lag;
 use crate::sqlite::backup::{self, BackupSpec};
 use crate::sqlite::restore::{self};
@@ -51,6 +50,8 @@ pub struct Mount {
     /// Live databases: `CVM_LOCAL_DIR/sqlite`.
     db_root: PathBuf,
     sqlite: SqliteConfig,
+    /// Days of hourly database restore points (`CVM_HISTORY_DAYS`).
+    history_days: u32,
     /// rclone's `NOTIFY_SOCKET`, kept bound while it runs (it reports `STOPPING=1` there).
     notify: Option<sdnotify::Listener>,
     /// The mount was live, so the gateway may have written through it.
@@ -186,6 +187,7 @@ impl Mount {
             mountpoint: cfg.state_dir.clone(),
             db_root,
             sqlite: cfg.sqlite.clone(),
+            history_days: cfg.history_days,
             notify: None,
             served: false,
             backup: None,
@@ -234,8 +236,8 @@ impl Mount {
             self.db_root.clone(),
             paths.snapshots.clone(),
             paths.rc_socket.clone(),
-            format!("{CRYPT_REMOTE}:{SQLITE_DIR}"),
             &self.sqlite,
+            self.history_days,
             self.lag.clone(),
             self.session.fence.clone(),
         );

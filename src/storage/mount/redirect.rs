@@ -112,7 +112,7 @@ fn move_off_mount(m: &Path, l: &Path) -> Result<(), RedirectError> {
         fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
     if l.exists() {
-        let aside = sqlite::sidecar(l, &format!(".replaced-{}", unix_now()));
+        let aside = sqlite::sidecar(l, &format!(".replaced-{}", crate::timepoint::now_s()));
         tracing::warn!(db = %l.display(), aside = %aside.display(), "a newer copy of this database appeared on the mount; keeping the old one aside");
         fs::rename(l, &aside).map_err(io_err(l))?;
         for s in sqlite::SIDECARS {
@@ -177,13 +177,6 @@ pub fn unmatched_databases(root: &Path, patterns: &Patterns) -> Vec<PathBuf> {
     walk(root, Path::new(""), patterns, &mut out);
     out.sort();
     out
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

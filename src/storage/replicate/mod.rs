@@ -24,7 +24,7 @@ use super::{prepare_err, Event, FlushError, StorageError};
 use crate::config::{Config, S3Config, SqliteConfig};
 use crate::rclone::session::Session;
 use crate::rclone::{self, rc, CRYPT_REMOTE};
-use crate::remote::bucket::{trash_day, LINK_SUFFIX, META_DIR, SQLITE_DIR, TRASH_DIR, USER_DIR};
+use crate::remote::bucket::{trash_day, LINK_SUFFIX, META_DIR, TRASH_DIR, USER_DIR};
 use crate::remote::lag::Lag;
 use crate::sqlite::backup::{self, BackupSpec};
 use crate::sqlite::restore;
@@ -66,7 +66,7 @@ pub struct Replicate {
     local_dir: PathBuf,
     sqlite: SqliteConfig,
     excludes: Excludes,
-    trash_days: u32,
+    history_days: u32,
     /// What the restore found, for the workers it starts.
     restored: Option<Restored>,
     backup: Option<Worker>,
@@ -115,7 +115,7 @@ impl Replicate {
             sqlite: cfg.sqlite.clone(),
             excludes: Excludes::new(&cfg.exclude, &cfg.sqlite.patterns)
                 .map_err(StorageError::Exclude)?,
-            trash_days: cfg.trash_days,
+            history_days: cfg.history_days,
             restored: None,
             backup: None,
             replication: None,
@@ -425,7 +425,7 @@ impl Replicate {
                 if here && !crate::sqlite::is_sqlite(&live).unwrap_or(true) {
                     let aside = crate::sqlite::sidecar(
                         &live,
-                        &format!(".not-a-database-{}", crate::sqlite::line::unix_now()),
+                        &format!(".not-a-database-{}", crate::timepoint::now_s()),
                     );
                     tracing::warn!(db = %rel.display(), aside = %aside.display(), "restore: the file at a database's path \
                         is not a database (empty or overwritten); S3's database is put in its place and the file kept beside it");
@@ -509,7 +509,7 @@ impl Replicate {
         });
         tokio::spawn(purge_old_trash(
             self.session.paths.rc_socket.clone(),
-            self.trash_days,
+            self.history_days,
             self.session.fence.clone(),
         ));
 
@@ -518,8 +518,8 @@ impl Replicate {
             self.state_dir.clone(),
             self.session.paths.snapshots.clone(),
             self.session.paths.rc_socket.clone(),
-            format!("{CRYPT_REMOTE}:{SQLITE_DIR}"),
             &self.sqlite,
+            self.history_days,
             self.lag.clone(),
             self.session.fence.clone(),
         );
@@ -689,7 +689,7 @@ async fn purge_old_trash(socket: PathBuf, days: u32, fence: crate::remote::lease
             tracing::info!(
                 day,
                 ok = r.is_ok(),
-                "trash: purged a day older than CVM_TRASH_DAYS"
+                "trash: purged a day older than CVM_HISTORY_DAYS"
             );
         }
     }

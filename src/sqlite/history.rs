@@ -1,0 +1,374 @@
+//! A database's history: which restore points are kept, and what a
+//! restore to a moment applies. Pure decisions over the manifest and a
+//! listing; `line` deletes, `restore` fetches.
+//!
+//! Every point of the last [`RECENT_MS`] is kept (the newest base at or
+//! before its start, every base after it, and every segment after those
+//! bases), then one point per UTC hour (the newest base taken in that hour)
+//! for `days`. The newest base is always kept.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::sqlite::line::{BaseRef, SegRef};
+
+/// How far back every restore point is kept: the hour the docs promise,
+/// and a margin for a prune that runs late.
+pub const RECENT_MS: u64 = 65 * 60_000;
+const HOUR_MS: u64 = 3_600_000;
+const DAY_MS: u64 = 24 * HOUR_MS;
+
+/// What a prune keeps of a line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keep {
+    /// Newest first, as the manifest lists them.
+    pub bases: Vec<BaseRef>,
+    /// Per generation, the segments after this number are kept.
+    segments_after: BTreeMap<String, u64>,
+}
+
+impl Keep {
+    pub fn segment(&self, gen: &str, seq: u64) -> bool {
+        self.segments_after.get(gen).is_some_and(|&a| seq > a)
+    }
+
+    /// Whether the base stored at `name` (below the line's path) is kept.
+    pub fn base_object(&self, name: &str) -> bool {
+        self.bases.iter().any(|b| b.object() == name)
+    }
+}
+
+/// What to keep of `bases` (any order) at `now` (Unix ms), keeping hourly
+/// points for `days`.
+pub fn retain(bases: &[BaseRef], now: u64, days: u32) -> Keep {
+    let mut sorted = bases.to_vec();
+    sorted.sort_by_key(|b| std::cmp::Reverse(b.taken_ms()));
+    let recent = now.saturating_sub(RECENT_MS);
+    // The newest base at or before the recent window's start: points in
+    // the window just after that start are built on it.
+    let anchor = sorted
+        .iter()
+        .position(|b| b.taken_ms() <= recent)
+        .unwrap_or(sorted.len().saturating_sub(1));
+    let horizon = now.saturating_sub(u64::from(days) * DAY_MS);
+    let mut kept: Vec<BaseRef> = sorted.iter().take(anchor + 1).cloned().collect();
+    let mut segments_after = BTreeMap::new();
+    for b in &kept {
+        let a = segments_after.entry(b.gen.clone()).or_insert(b.after);
+        *a = (*a).min(b.after);
+    }
+    let mut hours: BTreeSet<u64> = kept.iter().map(|b| b.taken_ms() / HOUR_MS).collect();
+    for b in sorted.iter().skip(anchor + 1) {
+        if b.taken_ms() >= horizon && hours.insert(b.taken_ms() / HOUR_MS) {
+            kept.push(b.clone());
+        }
+    }
+    Keep {
+        bases: kept,
+        segments_after,
+    }
+}
+
+/// Why applying segments stopped before the moment asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// This number is missing while later ones are there.
+    Missing(u64),
+    /// A segment written before segments were timed: its moment is unknown.
+    Untimed(String),
+    /// This segment could not be read or applied, and why.
+    Failed(String, String),
+}
+
+/// The newest base taken at or before `at`; `Err` with the oldest point
+/// when `at` is before every base.
+pub fn base_at(bases: &[BaseRef], at: u64) -> Result<&BaseRef, Option<u64>> {
+    bases
+        .iter()
+        .filter(|b| b.taken_ms() <= at)
+        .max_by_key(|b| b.taken_ms())
+        .ok_or_else(|| bases.iter().map(BaseRef::taken_ms).min())
+}
+
+/// The segments of `base`'s generation to apply onto it, in order: every
+/// one after `base.after` without a gap, up to the last read at or before
+/// `at` (`None`: the newest). `segs` are the generation's segments in any
+/// order.
+pub fn segments_to(
+    base: &BaseRef,
+    segs: &[SegRef],
+    at: Option<u64>,
+) -> (Vec<SegRef>, Option<Stop>) {
+    let mut later: Vec<&SegRef> = segs.iter().filter(|s| s.seq > base.after).collect();
+    later.sort_by_key(|s| s.seq);
+    let mut apply = Vec::new();
+    for s in later {
+        let next = base.after + 1 + apply.len() as u64;
+        // A hole is reported even when the segment after it is too new:
+        // what is missing may have been older than `at`.
+        if s.seq != next {
+            return (apply, Some(Stop::Missing(next)));
+        }
+        match (at, s.t_ms) {
+            (Some(at), Some(t)) if t > at => break,
+            (Some(_), None) => return (apply, Some(Stop::Untimed(s.name.clone()))),
+            _ => {}
+        }
+        apply.push(s.clone());
+    }
+    (apply, None)
+}
+
+/// What can be restored of one database, from its manifest and a listing
+/// of its objects: `cvm-init history`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    /// The oldest moment it can be restored to (Unix ms).
+    pub oldest: Option<u64>,
+    /// From here on, every uploaded change is a restore point.
+    pub continuous_from: Option<u64>,
+    /// The newest restore point.
+    pub newest: Option<u64>,
+    /// Restore points before `continuous_from` (one per kept base).
+    pub hourly_points: usize,
+    /// When the base stock rclone restores was taken.
+    pub stock_base: Option<u64>,
+    pub objects: usize,
+    pub bytes: u64,
+}
+
+/// `objects`: (generation, segment) for every segment listed, and the
+/// listing's object count and bytes.
+pub fn summarize(
+    bases: &[BaseRef],
+    segments: &[(String, SegRef)],
+    objects: usize,
+    bytes: u64,
+) -> Summary {
+    let mut sorted = bases.to_vec();
+    sorted.sort_by_key(|b| std::cmp::Reverse(b.taken_ms()));
+    let mut by_gen: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+    for (gen, s) in segments {
+        by_gen.entry(gen).or_default().insert(s.seq);
+    }
+    // Walking back from the newest base: each whose segments are all there
+    // up to its generation's newest extends the continuous range.
+    let mut continuous = 0;
+    for b in &sorted {
+        let seqs = by_gen.get(b.gen.as_str());
+        let newest = seqs.and_then(|s| s.last().copied()).unwrap_or(0);
+        if !(b.after + 1..=newest).all(|n| seqs.is_some_and(|s| s.contains(&n))) {
+            break;
+        }
+        continuous += 1;
+    }
+    let newest_segment = segments.iter().filter_map(|(_, s)| s.t_ms).max();
+    let newest_base = sorted.first().map(BaseRef::taken_ms);
+    Summary {
+        oldest: sorted.last().map(BaseRef::taken_ms),
+        continuous_from: sorted.get(continuous.max(1) - 1).map(BaseRef::taken_ms),
+        newest: newest_segment.max(newest_base),
+        hourly_points: sorted.len().saturating_sub(continuous.max(1)),
+        stock_base: newest_base,
+        objects,
+        bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::line::parse_segment;
+
+    const MIN: u64 = 60_000;
+    /// Midnight UTC, so hours are easy to read.
+    const T0: u64 = 1_795_910_400_000;
+
+    fn base(gen: &str, after: u64, at_ms: u64) -> BaseRef {
+        BaseRef {
+            gen: gen.into(),
+            after,
+            sha256: String::new(),
+            at: at_ms / 1000,
+            at_ms,
+        }
+    }
+
+    fn seg(seq: u64, t: Option<u64>) -> SegRef {
+        let name = match t {
+            Some(t) => crate::sqlite::line::remote_segment_name(seq, t),
+            None => crate::sqlite::line::segment_name(seq),
+        };
+        parse_segment(&name).unwrap()
+    }
+
+    fn afters(k: &Keep) -> Vec<(&str, u64)> {
+        k.bases.iter().map(|b| (b.gen.as_str(), b.after)).collect()
+    }
+
+    #[test]
+    fn the_last_hour_whole_then_one_point_per_hour_for_the_days() {
+        // A base every 20 minutes for two days, one generation.
+        let bases: Vec<BaseRef> = (0..144)
+            .map(|i| base("g", i * 100, T0 + i * 20 * MIN))
+            .collect();
+        let now = T0 + 48 * 60 * MIN;
+        let k = retain(&bases, now, 1);
+        // The last 65 minutes: bases at 47:20, 47:40 (and 48:00 is `now`,
+        // not taken); the anchor is the newest at or before 46:55: 46:40.
+        let newest = bases.last().unwrap().taken_ms();
+        assert_eq!(newest, now - 20 * MIN);
+        let window: Vec<u64> = k.bases.iter().take(4).map(BaseRef::taken_ms).collect();
+        assert_eq!(
+            window,
+            vec![
+                now - 20 * MIN,
+                now - 40 * MIN,
+                now - 60 * MIN,
+                now - 80 * MIN
+            ]
+        );
+        // Then hourly, newest in each hour, back to 24 h ago.
+        let hourly: Vec<u64> = k
+            .bases
+            .iter()
+            .skip(4)
+            .map(|b| (now - b.taken_ms()) / MIN)
+            .collect();
+        assert_eq!(
+            hourly[0], 140,
+            "hour 45's newest (45:40); hour 46 is the anchor's"
+        );
+        assert!(hourly.windows(2).all(|w| w[1] - w[0] == 60));
+        assert!(*hourly.last().unwrap() <= 24 * 60);
+        // Segments: only after the window's bases.
+        assert!(k.segment("g", 14_001) && k.segment("g", 14_300));
+        assert!(!k.segment("g", 14_000), "before the anchor");
+        assert!(
+            !k.segment("other", 99_999),
+            "a generation with nothing kept"
+        );
+        assert!(k.base_object(&bases[140].object()));
+        assert!(
+            !k.base_object(&bases[139].object()),
+            "same hour as a newer kept base"
+        );
+    }
+
+    #[test]
+    fn what_retention_always_keeps() {
+        let now = T0 + 100 * DAY_MS;
+        for (bases, days, want) in [
+            // No history days: the newest base alone when it is old.
+            (
+                vec![base("g", 0, T0), base("g", 5, T0 + HOUR_MS)],
+                0,
+                vec![("g", 5)],
+            ),
+            // An old base is the anchor even beyond the days.
+            (vec![base("g", 5, T0)], 7, vec![("g", 5)]),
+            // A new generation after a reboot: the old one's last base stays
+            // the anchor while the new one is within the hour.
+            (
+                vec![
+                    base("a", 9, now - 2 * HOUR_MS),
+                    base("b", 0, now - 10 * MIN),
+                ],
+                0,
+                vec![("b", 0), ("a", 9)],
+            ),
+            (vec![], 7, vec![]),
+        ] {
+            let k = retain(&bases, now, days);
+            assert_eq!(afters(&k), want, "{bases:?}");
+        }
+        let k = retain(
+            &[
+                base("a", 9, now - 2 * HOUR_MS),
+                base("b", 0, now - 10 * MIN),
+            ],
+            now,
+            0,
+        );
+        assert!(k.segment("a", 10) && k.segment("b", 1));
+    }
+
+    #[test]
+    fn a_summary_says_from_when_every_change_is_a_point() {
+        let bases = [
+            base("a", 0, T0),
+            base("a", 10, T0 + HOUR_MS),
+            base("b", 0, T0 + 2 * HOUR_MS),
+            base("b", 4, T0 + 2 * HOUR_MS + 10 * MIN),
+        ];
+        // Generation a kept from 11 (after its second base), b from 1.
+        let mut segs: Vec<(String, SegRef)> = (11..=20)
+            .map(|n| ("a".into(), seg(n, Some(T0 + HOUR_MS + n))))
+            .collect();
+        segs.extend((1..=9).map(|n| ("b".into(), seg(n, Some(T0 + 2 * HOUR_MS + n * MIN)))));
+        let s = summarize(&bases, &segs, 23, 1000);
+        assert_eq!(s.oldest, Some(T0));
+        assert_eq!(s.continuous_from, Some(T0 + HOUR_MS));
+        assert_eq!(s.hourly_points, 1);
+        assert_eq!(
+            s.newest,
+            Some(T0 + 2 * HOUR_MS + 10 * MIN),
+            "the newest base"
+        );
+        assert_eq!(s.stock_base, Some(T0 + 2 * HOUR_MS + 10 * MIN));
+        // A hole in b: the range starts at b's base after the hole.
+        segs.retain(|(g, s)| !(g == "b" && s.seq == 2));
+        let s = summarize(&bases, &segs, 22, 900);
+        assert_eq!(s.continuous_from, Some(T0 + 2 * HOUR_MS + 10 * MIN));
+        assert_eq!(s.hourly_points, 3);
+        assert_eq!(summarize(&[], &[], 0, 0).continuous_from, None);
+    }
+
+    #[test]
+    fn a_restore_takes_the_newest_base_before_the_moment_then_its_segments() {
+        let bases = [base("g", 0, T0), base("g", 3, T0 + 10 * MIN)];
+        assert_eq!(base_at(&bases, T0 - 1), Err(Some(T0)));
+        assert_eq!(base_at(&bases, T0).unwrap().after, 0);
+        assert_eq!(base_at(&bases, T0 + 10 * MIN + 5).unwrap().after, 3);
+        assert_eq!(base_at(&[], T0), Err(None));
+
+        let b = &bases[0];
+        let segs = [
+            seg(1, Some(T0 + 1000)),
+            seg(3, Some(T0 + 3000)),
+            seg(2, Some(T0 + 2000)),
+            seg(4, Some(T0 + 4000)),
+        ];
+        let seqs = |(v, stop): (Vec<SegRef>, Option<Stop>)| {
+            (v.iter().map(|s| s.seq).collect::<Vec<_>>(), stop)
+        };
+        assert_eq!(
+            seqs(segments_to(b, &segs, Some(T0 + 2500))),
+            (vec![1, 2], None)
+        );
+        assert_eq!(
+            seqs(segments_to(b, &segs, Some(T0 + 2000))),
+            (vec![1, 2], None),
+            "at its moment: in"
+        );
+        assert_eq!(seqs(segments_to(b, &segs, Some(T0 + 999))), (vec![], None));
+        assert_eq!(seqs(segments_to(b, &segs, None)), (vec![1, 2, 3, 4], None));
+        // A hole before the moment: stop there and say which.
+        let holed = [seg(1, Some(T0 + 1000)), seg(3, Some(T0 + 3000))];
+        assert_eq!(
+            seqs(segments_to(b, &holed, Some(T0 + 5000))),
+            (vec![1], Some(Stop::Missing(2)))
+        );
+        assert_eq!(
+            seqs(segments_to(b, &holed, Some(T0 + 2500))),
+            (vec![1], Some(Stop::Missing(2))),
+            "what is missing may be before it"
+        );
+        // Step 1's untimed segments: fine for the latest, not for a moment.
+        let old = [seg(1, None), seg(2, None)];
+        assert_eq!(seqs(segments_to(b, &old, None)), (vec![1, 2], None));
+        assert_eq!(
+            seqs(segments_to(b, &old, Some(T0))),
+            (vec![], Some(Stop::Untimed("000000000001".into())))
+        );
+    }
+}
