@@ -295,6 +295,9 @@ fn real_agent_turns_survive_a_graceful_stop_and_a_crash() {
         "a graceful stop flushes everything:\n{}",
         app.log_text()
     );
+    // Everything A did is on S3 by now, and B has not started: the moment
+    // the point-in-time round below restores.
+    let after_a = std::time::SystemTime::now();
     let bytes = gw.g.bytes_written() - bytes_before;
     eprintln!(
         "MEASURED: {turns} agent turns in {took:?}; S3 stored {bytes} bytes for them (Garage block_bytes_written), \
@@ -422,6 +425,51 @@ fn real_agent_turns_survive_a_graceful_stop_and_a_crash() {
         );
     }
     assert_eq!(check_databases(&c.state), 3);
+
+    // Point in time: the databases as they were when A stopped, from the
+    // bucket alone. A's turns are there, B's and C's are not, and the
+    // gateway runs on the result.
+    let at = humantime::format_rfc3339_millis(after_a).to_string();
+    let pitr = Dirs::new(gw.tmp.path(), "pitr");
+    let elsewhere = Dirs::new(gw.tmp.path(), "pitr-cli");
+    let mut env = gw.g.s3_env();
+    env.extend(elsewhere.env());
+    env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
+    let out = Command::new(common::BIN)
+        .args(["restore", "--to", pitr.state.to_str().unwrap(), "--at", &at])
+        .env_clear()
+        .env("PATH", &gw.path)
+        .envs(env)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("as of {at}")), "{stdout}");
+    let text = transcript(&pitr.state);
+    for m in &first {
+        assert!(text.contains(m.as_str()), "{m}, from before the moment, is restored");
+    }
+    for m in finished.iter().map(|(m, _)| m).chain([&resumed, &last]) {
+        assert!(!text.contains(m.as_str()), "{m}, from after the moment, is not restored");
+    }
+    assert!(check_databases(&pitr.state) >= 1);
+    let port = free_port();
+    let home = gw.tmp.path().join("pitr-home");
+    fs::create_dir_all(&home).unwrap();
+    // Local mode (no bucket): the restored directory as it is.
+    let mut env = pitr.env();
+    env.push(("PATH".into(), gw.path.clone()));
+    env.push(("HOME".into(), home.display().to_string()));
+    env.push((
+        "CVM_GATEWAY_CMD".into(),
+        format!("openclaw gateway run --bind loopback --port {port}"),
+    ));
+    let mut app = Appliance::start(&pitr, &env);
+    app.wait_ready(T);
+    wait_until(T, "GET /health on the restored state", || healthy(port));
+    let probe = markers("e", 1).remove(0);
+    turn(port, &probe, false);
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
 }
 
 /// With a model configured, a gateway that fails at start runs OpenClaw's

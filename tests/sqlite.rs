@@ -117,9 +117,13 @@ fn a_database_created_on_the_mount_is_moved_and_a_graceful_stop_keeps_every_comm
         "the gateway's path is a link to local disk"
     );
     let (max, count) = checked(&fresh.state);
-    assert_eq!(
-        (max, count),
-        (*numbers.last().unwrap(), *numbers.last().unwrap())
+    let last = *numbers.last().unwrap();
+    assert_eq!(max, count, "no gap");
+    // The writer logs a commit after it returns: a stop between the two
+    // leaves one commit in the database that the log lacks.
+    assert!(
+        max == last || max == last + 1,
+        "every logged commit is back: {max} rows, {last} logged"
     );
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
 
