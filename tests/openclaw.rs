@@ -443,14 +443,24 @@ fn real_agent_turns_survive_a_graceful_stop_and_a_crash() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains(&format!("as of {at}")), "{stdout}");
     let text = transcript(&pitr.state);
     for m in &first {
-        assert!(text.contains(m.as_str()), "{m}, from before the moment, is restored");
+        assert!(
+            text.contains(m.as_str()),
+            "{m}, from before the moment, is restored"
+        );
     }
     for m in finished.iter().map(|(m, _)| m).chain([&resumed, &last]) {
-        assert!(!text.contains(m.as_str()), "{m}, from after the moment, is not restored");
+        assert!(
+            !text.contains(m.as_str()),
+            "{m}, from after the moment, is not restored"
+        );
     }
     assert!(check_databases(&pitr.state) >= 1);
     let port = free_port();

@@ -100,16 +100,16 @@ fn changes_replicate_and_a_new_container_gets_the_same_tree() {
             "{excluded} must not be replicated: {remote:?}"
         );
     }
-    // Deleted and overwritten files are kept in the trash, not restored.
-    let trash = s.remote(".cvm-trash");
+    // Deleted and overwritten files are kept in the history, not restored.
+    let hist = s.remote(".cvm/hist");
     for kept in [
         "workspace/notes/gone.md",
         "workspace/old-name.md",
         "openclaw.json",
     ] {
         assert!(
-            trash.iter().any(|t| t.ends_with(kept)),
-            "{kept} not in trash: {trash:?}"
+            hist.iter().any(|t| t.starts_with(&format!("{kept}/"))),
+            "{kept} not in the history: {hist:?}"
         );
     }
 
@@ -795,9 +795,9 @@ fn a_new_container_whose_state_dir_is_not_quite_empty_is_restored_into() {
         "nothing of the user's was deleted on S3"
     );
     assert!(
-        s.remote(".cvm-trash").is_empty(),
-        "nothing went to the trash: {:?}",
-        s.remote(".cvm-trash")
+        s.remote(".cvm/hist").is_empty(),
+        "nothing went to the history: {:?}",
+        s.remote(".cvm/hist")
     );
 
     // That container's state dir is now known: a restart keeps it.
@@ -878,8 +878,10 @@ fn a_bucket_holding_a_file_and_a_directory_under_one_name_still_restores() {
         fs::read_to_string(b.state.join("x/f1")).unwrap(),
         "in the directory"
     );
-    wait_until(T, "the left-out file in the trash", || {
-        s.remote(".cvm-trash").iter().any(|n| n.ends_with("/x"))
+    wait_until(T, "the left-out file in the history", || {
+        s.remote(".cvm/hist")
+            .iter()
+            .any(|n| n.starts_with("x/") && n.matches('/').count() == 1)
     });
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
     let (mut app, c) = s.boot("c", &[]);

@@ -332,3 +332,73 @@ fn restore_at_a_moment_has_every_commit_before_it_and_none_after() {
         "{stderr}"
     );
 }
+
+/// Waits until the file `name` on S3 has `len` bytes, or is gone (`None`);
+/// returns the time right after, once the clock is past it by more than
+/// the kernel's coarse mtime clock lags (a tick): what is written next has
+/// a later mtime.
+fn on_s3(s: &Setup, name: &str, len: Option<u64>) -> std::time::SystemTime {
+    wait_until(T, &format!("{name} on S3 with {len:?} bytes"), || {
+        common::replica::remote_size(s, name) == len
+    });
+    let t = std::time::SystemTime::now();
+    wait_until(T, "the clock a tick later", || {
+        std::time::SystemTime::now() > t + Duration::from_millis(20)
+    });
+    t
+}
+
+#[test]
+fn restore_at_a_moment_gives_each_file_as_it_was_then() {
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", &[]);
+    // The kernel stamps mtimes with its coarse clock, up to a tick behind.
+    let before_all = std::time::SystemTime::now() - Duration::from_millis(20);
+    write(&a.state, "a.txt", "v1");
+    let t0 = on_s3(&s, "a.txt", Some(2));
+    write(&a.state, "a.txt", "version two");
+    write(&a.state, "b.txt", "bee");
+    std::os::unix::fs::symlink("a.txt", a.state.join("l")).unwrap();
+    on_s3(&s, "b.txt", Some(3));
+    on_s3(&s, "l.rclonelink", Some(5));
+    let t1 = on_s3(&s, "a.txt", Some(11));
+    fs::remove_file(a.state.join("a.txt")).unwrap();
+    let t2 = on_s3(&s, "a.txt", None);
+    write(&a.state, "a.txt", "third version!");
+    let t3 = on_s3(&s, "a.txt", Some(14));
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    let at = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    for (k, (when, a_txt, b_txt, link)) in [
+        (before_all, None, None, false),
+        (t0, Some("v1"), None, false),
+        (t1, Some("version two"), Some("bee"), true),
+        (t2, None, Some("bee"), true),
+        (t3, Some("third version!"), Some("bee"), true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let to = s.tmp.path().join(format!("files-at-{k}"));
+        let (code, stdout, stderr) = restore(
+            &s,
+            PASSWORD,
+            &["--to", to.to_str().unwrap(), "--at", &at(when)],
+        );
+        assert_eq!(code, 0, "{stderr}");
+        let read = |n: &str| fs::read_to_string(to.join(n)).ok();
+        assert_eq!(
+            read("a.txt").as_deref(),
+            a_txt,
+            "a.txt at moment {k} ({}): {stdout}{:?}",
+            at(when),
+            s.remote(".cvm/hist")
+        );
+        assert_eq!(read("b.txt").as_deref(), b_txt, "b.txt at moment {k}");
+        assert_eq!(
+            fs::read_link(to.join("l")).ok(),
+            link.then(|| Path::new("a.txt").to_owned()),
+            "the link at moment {k}"
+        );
+    }
+}

@@ -10,24 +10,28 @@ use serde_json::json;
 use super::{bucket_config, fail, with_bucket, Failed};
 use crate::exit::Status;
 use crate::rclone::{rc, RunPaths, CRYPT_REMOTE};
-use crate::remote::bucket::{META_DIR, TRASH_DIR, WAL_DIR, WAL_MANIFEST};
+use crate::remote::bucket::{HIST_DIR, META_DIR, TRASH_DIR, WAL_DIR, WAL_MANIFEST};
 use crate::sqlite::history::{self, Summary};
 use crate::sqlite::line::{self, Object};
+use crate::storage::replicate::history::Version;
 use crate::timepoint;
 
 pub fn run(as_json: bool) -> Status {
     let r = bucket_config()
         .and_then(|(cfg, s3)| with_bucket("history", &cfg, &s3, async |paths| read(paths).await));
     match r {
-        Ok((dbs, trash_days)) => {
+        Ok((dbs, files, trash_days)) => {
             if as_json {
                 let dbs: BTreeMap<String, &Summary> = dbs
                     .iter()
                     .map(|(rel, s)| (rel.display().to_string(), s))
                     .collect();
-                println!("{}", json!({ "databases": dbs, "trash_days": trash_days }));
+                println!(
+                    "{}",
+                    json!({ "databases": dbs, "files": files, "trash_days": trash_days })
+                );
             } else {
-                print!("{}", render(&dbs, &trash_days));
+                print!("{}", render(&dbs, &files, &trash_days));
             }
             Status::Clean
         }
@@ -40,7 +44,17 @@ pub fn run(as_json: bool) -> Status {
 
 type Dbs = BTreeMap<PathBuf, Summary>;
 
-async fn read(paths: &RunPaths) -> Result<(Dbs, Vec<String>), Failed> {
+/// The files' history: older versions kept.
+#[derive(Debug, Default, serde::Serialize)]
+struct Files {
+    versions: usize,
+    names: usize,
+    /// When the oldest kept version was written (Unix ms).
+    oldest: Option<u64>,
+    bytes: u64,
+}
+
+async fn read(paths: &RunPaths) -> Result<(Dbs, Files, Vec<String>), Failed> {
     let socket = &paths.rc_socket;
     let unavailable = fail(Status::StorageUnavailable);
     let wal = format!("{META_DIR}/{WAL_DIR}");
@@ -93,6 +107,31 @@ async fn read(paths: &RunPaths) -> Result<(Dbs, Vec<String>), Failed> {
             history::summarize(&manifest.bases, &segments, objects.len(), bytes),
         );
     }
+    let hist = format!("{META_DIR}/{HIST_DIR}");
+    let mut files = Files::default();
+    match rc::call(
+        socket,
+        "operations/list",
+        &json!({ "fs": format!("{CRYPT_REMOTE}:{hist}"), "remote": "", "opt": { "recurse": true, "filesOnly": true } }),
+    )
+    .await
+    {
+        Ok(l) => {
+            let mut names = std::collections::BTreeSet::new();
+            for item in l["list"].as_array().into_iter().flatten() {
+                let Some(v) = item["Path"].as_str().and_then(Version::parse) else {
+                    continue;
+                };
+                files.versions += 1;
+                files.bytes += item["Size"].as_u64().unwrap_or(0);
+                files.oldest = Some(files.oldest.map_or(v.start, |o: u64| o.min(v.start)));
+                names.insert(v.name);
+            }
+            files.names = names.len();
+        }
+        Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {}
+        Err(e) => return Err(unavailable(format!("listing {hist}: {e}"))),
+    }
     let days = match rc::call(
         socket,
         "operations/list",
@@ -109,10 +148,10 @@ async fn read(paths: &RunPaths) -> Result<(Dbs, Vec<String>), Failed> {
         Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => Vec::new(),
         Err(e) => return Err(unavailable(format!("listing {TRASH_DIR}: {e}"))),
     };
-    Ok((dbs, days))
+    Ok((dbs, files, days))
 }
 
-fn render(dbs: &Dbs, trash_days: &[String]) -> String {
+fn render(dbs: &Dbs, files: &Files, trash_days: &[String]) -> String {
     let t = |ms: Option<u64>| ms.map_or_else(|| "-".to_owned(), timepoint::format);
     let mut out = String::new();
     if dbs.is_empty() {
@@ -132,7 +171,12 @@ fn render(dbs: &Dbs, trash_days: &[String]) -> String {
         ));
     }
     out.push_str(&format!(
-        "files: the latest version of each; deleted and overwritten ones by UTC day in {TRASH_DIR}: {}\n",
+        "files\n  older versions: {} of {} files, {} bytes; the oldest written {}\n  {TRASH_DIR} (deleted \
+         databases, files from before the history) by UTC day: {}\n",
+        files.versions,
+        files.names,
+        files.bytes,
+        t(files.oldest),
         if trash_days.is_empty() {
             "none".to_owned()
         } else {

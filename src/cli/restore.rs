@@ -4,10 +4,12 @@
 //! rclone config lives in a private temporary directory, removed at the end.
 //!
 //! Files come as the last replication pass left them (content, symlinks,
-//! then modes, owners and empty directories from `tree.json`). Each
-//! database as its base plus every segment after it, or with `--at`, as
-//! of the newest restore point at or before TIME.
+//! then modes, owners and empty directories from `tree.json`), or with
+//! `--at`, each as the version live at TIME (`storage::replicate::history`).
+//! Each database as its base plus every segment after it, or with `--at`,
+//! as of the newest restore point at or before TIME.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
 
@@ -16,8 +18,9 @@ use serde_json::json;
 use super::{bucket_config, fail, with_bucket, Failed};
 use crate::exit::Status;
 use crate::rclone::{rc, RunPaths, CRYPT_REMOTE};
-use crate::remote::bucket::USER_DIR;
+use crate::remote::bucket::{local_path, HIST_DIR, LINK_SUFFIX, META_DIR, USER_DIR};
 use crate::sqlite::restore::restore_databases_at;
+use crate::storage::replicate::history::{self, Pick, Version};
 use crate::storage::replicate::{scan::Excludes, treemeta};
 use crate::timepoint;
 
@@ -117,6 +120,12 @@ async fn fetch(
             Err(e) => return Err(unavailable(format!("copying the files: {e}"))),
         }
     }
+    let versions = match at {
+        Some(at) => files_at(socket, to, excludes, at)
+            .await
+            .map_err(|e| unavailable(format!("restoring the files' versions: {e}")))?,
+        None => 0,
+    };
     let tree = treemeta::fetch(socket, &paths.scratch)
         .await
         .map_err(|e| unavailable(e.to_string()))?;
@@ -150,7 +159,8 @@ async fn fetch(
         ));
     }
     let mut lines = vec![format!(
-        "restored the state as of {} into {}: {} databases, {files} files",
+        "restored the state as of {} into {}: {} databases, {files} files ({versions} of them older versions \
+         from the history)",
         timepoint::format(at),
         to.display(),
         dbs.dbs.len(),
@@ -172,9 +182,112 @@ async fn fetch(
         ));
     }
     lines.push(
-        "  files: their latest versions (file history is not kept yet; deleted and overwritten files are in \
-         the bucket's .cvm-trash, by day)"
+        "  files: each as it was then (its content; modes, owners and empty directories as they are now)"
             .to_owned(),
     );
     Ok(lines.join("\n"))
+}
+
+/// Turns the newest files just copied into `to` into the files as they
+/// were at `at`: each name takes the version [`history::pick`] says, from
+/// `.cvm/hist/`, or is removed. Returns how many came from the history.
+async fn files_at(
+    socket: &Path,
+    to: &Path,
+    excludes: &Excludes,
+    at: u64,
+) -> Result<usize, rc::RcError> {
+    let mut heads = BTreeMap::new();
+    for (from, filter) in [
+        ("", json!({ "ExcludeRule": excludes.rules() })),
+        (USER_DIR, json!({})),
+    ] {
+        for (name, modtime) in list(socket, from, filter).await? {
+            let name = if from.is_empty() {
+                name
+            } else {
+                format!("{from}/{name}")
+            };
+            let mtime = humantime::parse_rfc3339_weak(&modtime)
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+            heads.insert(name, mtime);
+        }
+    }
+    let mut versions: BTreeMap<String, Vec<Version>> = BTreeMap::new();
+    for (below, _) in list(socket, &format!("{META_DIR}/{HIST_DIR}"), json!({})).await? {
+        if let Some(v) = Version::parse(&below) {
+            versions.entry(v.name.clone()).or_default().push(v);
+        }
+    }
+    let names: BTreeSet<&String> = heads.keys().chain(versions.keys()).collect();
+    let mut from_history = 0;
+    for name in names {
+        let kept: Vec<&Version> = versions.get(name).into_iter().flatten().collect();
+        let local = to.join(local_path(name));
+        match history::pick(&kept, heads.get(name).copied(), at) {
+            Pick::Head => continue,
+            Pick::Absent => {
+                let _ = fs::remove_file(&local);
+            }
+            Pick::Version(v) => {
+                let _ = fs::remove_file(&local);
+                let dst = if name.ends_with(LINK_SUFFIX) {
+                    format!("{}{LINK_SUFFIX}", local_path(name).display())
+                } else {
+                    local_path(name).display().to_string()
+                };
+                rc::call(
+                    socket,
+                    "operations/copyfile",
+                    &json!({
+                        "srcFs": format!("{CRYPT_REMOTE}:"), "srcRemote": v.object(),
+                        "dstFs": to.to_string_lossy(), "dstRemote": dst,
+                        "_config": { "Links": true },
+                    }),
+                )
+                .await?;
+                from_history += 1;
+            }
+        }
+    }
+    Ok(from_history)
+}
+
+/// Every file below `dir` of the crypt remote that `filter` lets through:
+/// (path below `dir`, its mtime as rclone gives it).
+async fn list(
+    socket: &Path,
+    dir: &str,
+    filter: serde_json::Value,
+) -> Result<Vec<(String, String)>, rc::RcError> {
+    let listed = match rc::call(
+        socket,
+        "operations/list",
+        &json!({
+            "fs": format!("{CRYPT_REMOTE}:{dir}"), "remote": "",
+            "opt": { "recurse": true, "filesOnly": true, "noMimeType": true },
+            "_filter": filter,
+        }),
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(listed["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| {
+            Some((
+                i["Path"].as_str()?.to_owned(),
+                i["ModTime"].as_str()?.to_owned(),
+            ))
+        })
+        .collect())
 }

@@ -8,8 +8,10 @@
 //!   owners and empty directories of the state dir (`.cvm/dirs.json` from
 //!   older versions); `.cvm/user/…`: a user's own top-level `sqlite/` or
 //!   `.cvm-trash/`;
-//! - `.cvm-trash/<UTC day>/…`: overwritten and deleted files (and
-//!   snapshots of deleted databases under `sqlite/`);
+//! - `.cvm/hist/<name>/<start>-<end>`: overwritten and deleted files, one
+//!   object per version (`storage::replicate::history`);
+//! - `.cvm-trash/<UTC day>/…`: snapshots of deleted databases under
+//!   `sqlite/` (and files, from versions before the history);
 //! - `<name>.rclonelink`: a symbolic link, as rclone `--links` stores it.
 
 use std::path::PathBuf;
@@ -33,7 +35,9 @@ pub const WAL_MANIFEST: &str = "manifest";
 pub const TREE_FILE: &str = "tree.json";
 /// What cvm-init wrote before [`TREE_FILE`]: directory modes only.
 pub const LEGACY_DIR_MODES: &str = "dirs.json";
-/// Overwritten and deleted files, by day.
+/// Every superseded version of a file, in [`META_DIR`].
+pub const HIST_DIR: &str = "hist";
+/// Deleted databases, and files from before [`HIST_DIR`], by day.
 pub const TRASH_DIR: &str = ".cvm-trash";
 /// rclone's name for a symlink stored as an object (`--links`).
 pub const LINK_SUFFIX: &str = ".rclonelink";

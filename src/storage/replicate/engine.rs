@@ -4,16 +4,16 @@
 //! `interval` catches anything inotify missed. What S3 holds is tracked in a
 //! manifest, so the scan costs no S3 request when nothing changed.
 //!
-//! Overwritten and deleted files are moved on the remote to
-//! `.cvm-trash/<UTC day>/` (rclone's backup-dir), never lost by accident;
-//! a pass that would delete more than half the remote tree is refused.
+//! Overwritten and deleted files are kept on the remote, one object per
+//! version (`history`), never lost by accident; a pass that would delete
+//! more than half the remote tree is refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 
@@ -22,16 +22,21 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::{sleep, Instant};
 
+use super::history;
 use super::plan;
 use super::scan::{scan, stamp, Excludes, Manifest, Stamp};
 use crate::backoff::Backoff;
 use crate::rclone::rc::{self, RcError};
 use crate::rclone::CRYPT_REMOTE;
-use crate::remote::bucket::{
-    local_path, trash_day, LINK_SUFFIX, META_DIR, TRASH_DIR, TREE_FILE, USER_DIR,
-};
+use crate::remote::bucket::{local_path, LINK_SUFFIX, META_DIR, TREE_FILE, USER_DIR};
 use crate::storage::replicate::treemeta::{self, Kind, TreeMeta};
 use crate::storage::worker::{self, Worker};
+use crate::timepoint;
+
+/// A stamp's mtime as Unix ms (0 if before 1970).
+fn mtime_ms(stamp: Stamp) -> u64 {
+    u64::try_from(stamp.1).unwrap_or(0)
+}
 
 const POLL: Duration = Duration::from_millis(250);
 /// Transfers that could not reach S3 at which a pass stops starting more (see `Engine::pass`).
@@ -458,10 +463,8 @@ impl Engine {
                  wiped? Nothing is deleted on S3 (restore it, or remove the files on S3 by hand)"
             );
         }
-        let trash = format!(
-            "{CRYPT_REMOTE}:{TRASH_DIR}/{}",
-            trash_day(SystemTime::now())
-        );
+        // A file deleted in this pass was there until about now.
+        let pass_ms = timepoint::now_ms();
         // Until this pass is done, what it carries is not on S3: from the
         // first change among it (`started` for what only a full pass found).
         let oldest = taken
@@ -491,7 +494,7 @@ impl Engine {
         let mut transfers = self
             .transfers(
                 shape_changes.iter().map(|n| (n.clone(), false)).collect(),
-                &trash,
+                pass_ms,
                 &unreachable,
             )
             .await;
@@ -541,7 +544,7 @@ impl Engine {
             .map(|n| (n.clone(), true))
             .chain(deletes.iter().map(|n| (n.clone(), false)))
             .collect();
-        transfers.extend(self.transfers(rest, &trash, &unreachable).await);
+        transfers.extend(self.transfers(rest, pass_ms, &unreachable).await);
         let s3_down = unreachable.load(Ordering::Relaxed) >= GIVE_UP_AFTER;
         let (mut uploaded, mut trashed) = (0, 0);
         for (name, t) in transfers {
@@ -641,12 +644,13 @@ impl Engine {
         }
     }
 
-    /// Runs `jobs` (name, upload or else trash), `TRANSFERS` at a time. Once
-    /// `unreachable` reaches `GIVE_UP_AFTER`, the rest are not tried.
+    /// Runs `jobs` (name, upload or else delete, as of `deleted_at`),
+    /// `TRANSFERS` at a time. Once `unreachable` reaches `GIVE_UP_AFTER`,
+    /// the rest are not tried.
     async fn transfers(
         &self,
         jobs: Vec<(String, bool)>,
-        trash: &str,
+        deleted_at: u64,
         unreachable: &AtomicU32,
     ) -> Vec<(String, Transfer)> {
         // The futures are made here, not inside the stream: a closure over
@@ -659,9 +663,9 @@ impl Engine {
                     return (name, Transfer::NotTried);
                 }
                 let r = if upload {
-                    self.upload(&name, trash, slot).await.map(Some)
+                    self.upload(&name, slot).await.map(Some)
                 } else {
-                    self.to_trash(&name, trash, false)
+                    self.to_history(&name, false, deleted_at)
                         .await
                         .map_err(TransferError::from)
                         .map(|()| None)
@@ -705,11 +709,11 @@ impl Engine {
 
     /// Uploads `name` so that S3 always holds a complete copy: the live
     /// object is overwritten only by a finished upload (an S3 PUT replaces
-    /// an object whole), after a server-side copy of it to the trash. A file
+    /// an object whole), after a server-side copy of it to the history. A file
     /// is uploaded from a consistent local copy (`super::stage::copy`), so one that
     /// changes while it uploads still reaches S3. Returns the stamp of what
     /// was uploaded.
-    async fn upload(&self, name: &str, trash: &str, slot: usize) -> Result<Stamp, TransferError> {
+    async fn upload(&self, name: &str, slot: usize) -> Result<Stamp, TransferError> {
         self.spec.fence.check().map_err(RcError::Fenced)?;
         let replaces = self.remote.contains_key(name);
         let local = local_path(name);
@@ -718,8 +722,9 @@ impl Engine {
             let meta = path
                 .symlink_metadata()
                 .map_err(|source| TransferError::Local { path, source })?;
+            let stamp = stamp(&meta);
             if replaces {
-                self.to_trash(name, trash, true).await?;
+                self.to_history(name, true, mtime_ms(stamp)).await?;
             }
             self.rc(
                 "operations/copyfile",
@@ -731,7 +736,7 @@ impl Engine {
                 }),
             )
             .await?;
-            return Ok(stamp(&meta));
+            return Ok(stamp);
         }
         let dir = self.spec.scratch.join(STAGE_DIR);
         let staged = dir.join(slot.to_string());
@@ -745,7 +750,7 @@ impl Engine {
         .map_err(|source| TransferError::Local { path: src, source })?;
         let r = async {
             if replaces {
-                self.to_trash(name, trash, true).await?;
+                self.to_history(name, true, mtime_ms(stamp)).await?;
             }
             self.rc(
                 "operations/copyfile",
@@ -764,22 +769,24 @@ impl Engine {
         r
     }
 
-    /// Puts the live object `name` into today's trash, server-side: a copy
-    /// when it is about to be overwritten (`keep`), a move when it is
-    /// deleted. Nothing to do when it is gone already.
-    async fn to_trash(&self, name: &str, trash: &str, keep: bool) -> Result<(), RcError> {
+    /// Keeps the live object `name` as a version ending at `end` (Unix
+    /// ms), server-side: a copy when it is about to be overwritten (`keep`),
+    /// a move when it is deleted. Nothing to do when it is gone already.
+    async fn to_history(&self, name: &str, keep: bool, end: u64) -> Result<(), RcError> {
         self.spec.fence.check().map_err(RcError::Fenced)?;
         let method = if keep {
             "operations/copyfile"
         } else {
             "operations/movefile"
         };
+        let head_mtime = self.remote.get(name).map_or(i64::MIN, |s| s.1);
+        let version = history::superseded(name, head_mtime, end);
         let r = self
             .rc(
                 method,
                 json!({
                     "srcFs": format!("{CRYPT_REMOTE}:"), "srcRemote": name,
-                    "dstFs": trash, "dstRemote": name,
+                    "dstFs": format!("{CRYPT_REMOTE}:"), "dstRemote": version.object(),
                     "_config": { "NoCheckDest": true },
                 }),
             )

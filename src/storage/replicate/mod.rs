@@ -5,6 +5,7 @@
 //! One long-lived `rclone rcd` serves every transfer. No FUSE, no privileges.
 
 pub mod engine;
+pub mod history;
 mod plan;
 pub mod scan;
 mod stage;
@@ -24,7 +25,7 @@ use super::{prepare_err, Event, FlushError, StorageError};
 use crate::config::{Config, S3Config, SqliteConfig};
 use crate::rclone::session::Session;
 use crate::rclone::{self, rc, CRYPT_REMOTE};
-use crate::remote::bucket::{trash_day, LINK_SUFFIX, META_DIR, TRASH_DIR, USER_DIR};
+use crate::remote::bucket::{trash_day, HIST_DIR, LINK_SUFFIX, META_DIR, TRASH_DIR, USER_DIR};
 use crate::remote::lag::Lag;
 use crate::sqlite::backup::{self, BackupSpec};
 use crate::sqlite::restore;
@@ -507,7 +508,7 @@ impl Replicate {
             reconcile: true,
             databases: BTreeMap::new(),
         });
-        tokio::spawn(purge_old_trash(
+        tokio::spawn(prune_history(
             self.session.paths.rc_socket.clone(),
             self.history_days,
             self.session.fence.clone(),
@@ -662,8 +663,51 @@ fn move_file(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 /// Purges trash days older than `days`; runs beside the gateway, nothing waits for it.
-async fn purge_old_trash(socket: PathBuf, days: u32, fence: crate::remote::lease::Fence) {
-    let Ok(listing) = rc::call(&socket,
+/// At boot, in the background: deletes the file versions retention no
+/// longer keeps ([`history::keep`]), and the trash days older than
+/// `days`. Best effort: what is left goes at the next boot.
+async fn prune_history(socket: PathBuf, days: u32, fence: crate::remote::lease::Fence) {
+    let hist = format!("{META_DIR}/{HIST_DIR}");
+    if let Ok(listing) = rc::call(
+        &socket,
+        "operations/list",
+        &json!({ "fs": format!("{CRYPT_REMOTE}:{hist}"), "remote": "", "opt": { "recurse": true, "filesOnly": true } }),
+    )
+    .await
+    {
+        let now = crate::timepoint::now_ms();
+        let (mut pruned, mut kept) = (0, 0);
+        for below in listing["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["Path"].as_str())
+        {
+            match history::Version::parse(below) {
+                Some(v) if !history::keep(&v, now, days) => {
+                    if fence.check().is_err() {
+                        return;
+                    }
+                    let r = rc::call(
+                        &socket,
+                        "operations/deletefile",
+                        &json!({ "fs": format!("{CRYPT_REMOTE}:"), "remote": v.object() }),
+                    )
+                    .await;
+                    if r.is_ok() {
+                        pruned += 1;
+                    }
+                }
+                _ => kept += 1,
+            }
+        }
+        tracing::info!(pruned, kept, "history: pruned file versions retention no longer keeps");
+    }
+    purge_old_trash(&socket, days, &fence).await;
+}
+
+async fn purge_old_trash(socket: &Path, days: u32, fence: &crate::remote::lease::Fence) {
+    let Ok(listing) = rc::call(socket,
             "operations/list",
             &json!({ "fs": format!("{CRYPT_REMOTE}:{TRASH_DIR}"), "remote": "", "opt": { "dirsOnly": true } }),
         )
@@ -681,7 +725,7 @@ async fn purge_old_trash(socket: PathBuf, days: u32, fence: crate::remote::lease
     {
         if day < cutoff.as_str() && fence.check().is_ok() {
             let r = rc::call(
-                &socket,
+                socket,
                 "operations/purge",
                 &json!({ "fs": format!("{CRYPT_REMOTE}:{TRASH_DIR}"), "remote": day }),
             )
