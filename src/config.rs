@@ -46,6 +46,7 @@ struct RawEnv {
     cvm_exclude: Option<String>,
     cvm_trash_days: Option<String>,
     cvm_history_days: Option<String>,
+    cvm_restore_at: Option<String>,
     cvm_gateway_max_failed_starts: Option<String>,
     cvm_lease_ttl: Option<String>,
     cvm_lease_wait: Option<String>,
@@ -89,6 +90,9 @@ pub struct Config {
     /// Days of history kept: hourly database restore points, and deleted
     /// and overwritten files in the remote trash.
     pub history_days: u32,
+    /// `CVM_RESTORE_AT`: boot from the state as it was then (replicate
+    /// layout, `storage::replicate::rollback`), as given.
+    pub restore_at: Option<String>,
     /// The single-writer lease on the bucket prefix (S3 mode).
     pub lease: LeaseConfig,
 }
@@ -259,7 +263,7 @@ impl Config {
 
 /// Every `CVM_*` variable `RawEnv` reads; any other is a misspelling to warn
 /// about, not something to ignore in silence.
-const KNOWN_CVM_VARS: [&str; 18] = [
+const KNOWN_CVM_VARS: [&str; 19] = [
     "CVM_LOCAL_DIR",
     "CVM_RUN_DIR",
     "CVM_GATEWAY_CMD",
@@ -274,6 +278,7 @@ const KNOWN_CVM_VARS: [&str; 18] = [
     "CVM_EXCLUDE",
     "CVM_TRASH_DAYS",
     "CVM_HISTORY_DAYS",
+    "CVM_RESTORE_AT",
     "CVM_GATEWAY_MAX_FAILED_STARTS",
     "CVM_LEASE_TTL",
     "CVM_LEASE_WAIT",
@@ -602,6 +607,20 @@ impl Validator {
                 Layout::Replicate
             }
         };
+        let restore_at = given(raw.cvm_restore_at);
+        if let Some(at) = &restore_at {
+            if let Err(e) = crate::timepoint::parse(at, crate::timepoint::now_ms()) {
+                self.problem("CVM_RESTORE_AT", e);
+            } else if layout == Layout::Mount {
+                self.problem(
+                    "CVM_RESTORE_AT",
+                    "a rollback boot needs the replicate layout (the mount layout keeps no file history); \
+                     restore with `cvm-init restore --at` instead",
+                );
+            } else if raw.s3_bucket.as_deref().is_none_or(str::is_empty) {
+                self.problem("CVM_RESTORE_AT", "there is no history without S3_BUCKET");
+            }
+        }
         let exclude_text = given(raw.cvm_exclude).unwrap_or_else(|| DEFAULT_EXCLUDE.to_owned());
         let exclude: Vec<String> = exclude_text
             .split(',')
@@ -668,6 +687,7 @@ impl Validator {
                     layout,
                     exclude,
                     history_days,
+                    restore_at,
                     lease,
                 },
                 self.warnings,

@@ -402,3 +402,107 @@ fn restore_at_a_moment_gives_each_file_as_it_was_then() {
         );
     }
 }
+
+#[test]
+fn a_rollback_boot_starts_from_a_moment_and_can_itself_be_undone() {
+    let s = Setup::new();
+    let writer = s.tmp.path().join("writer.py");
+    fs::write(&writer, WRITER).unwrap();
+    let out = s.tmp.path().join("out");
+    fs::create_dir_all(&out).unwrap();
+    let cmd = format!("python3 {}", writer.display());
+    let out_s = out.display().to_string();
+    let env = [
+        ("CVM_GATEWAY_CMD", cmd.as_str()),
+        ("OUT", &out_s),
+        ("LIMIT", "20"),
+        ("EVERY", "0.05"),
+    ];
+    // A: 20 commits and a file, stopped cleanly: all of it on S3.
+    let (mut app, a) = s.boot("a", &env);
+    write(&a.state, "f.txt", "one");
+    wait_until(T, "20 commits", || commits(&out).len() >= 20);
+    on_s3(&s, "f.txt", Some(3));
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let then = on_s3(&s, "f.txt", Some(3));
+    // A2, its state dir kept: 20 more commits, the file changed, another added.
+    let (mut app, a2) = s.boot("a", &env);
+    write(&a2.state, "f.txt", "two!");
+    write(&a2.state, "g.txt", "later");
+    wait_until(T, "40 commits", || commits(&out).len() >= 40);
+    on_s3(&s, "g.txt", Some(5));
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let abandoned = on_s3(&s, "f.txt", Some(4));
+
+    // B rolls back to `then`, into A's own state dir (set aside, not lost).
+    let rfc = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    let back = rfc(then);
+    let idle = s.idle.clone();
+    let (mut app, b) = s.boot(
+        "a",
+        &[
+            ("CVM_RESTORE_AT", back.as_str()),
+            ("CVM_GATEWAY_CMD", &idle),
+        ],
+    );
+    assert!(
+        app.log_text().contains("boot: rolled the bucket back"),
+        "{}",
+        app.log_text()
+    );
+    assert_eq!(
+        inspect(&b.state.join(DB)),
+        Some((20, 20)),
+        "the database as it was then"
+    );
+    assert_eq!(fs::read_to_string(b.state.join("f.txt")).unwrap(), "one");
+    assert!(!b.state.join("g.txt").exists(), "g.txt did not exist then");
+    assert!(
+        fs::read_dir(b.state.join(".cvm"))
+            .unwrap()
+            .flatten()
+            .any(|e| e
+                .file_name()
+                .to_string_lossy()
+                .starts_with("before-rollback-")),
+        "the state dir's contents are set aside"
+    );
+    write(&b.state, "h.txt", "after the rollback");
+    on_s3(&s, "h.txt", Some(18));
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    // C, a new container with the variable still set: no second rollback.
+    let (mut app, c) = s.boot(
+        "c",
+        &[
+            ("CVM_RESTORE_AT", back.as_str()),
+            ("CVM_GATEWAY_CMD", &idle),
+        ],
+    );
+    assert!(
+        app.log_text().contains("rolled back to already"),
+        "{}",
+        app.log_text()
+    );
+    assert_eq!(inspect(&c.state.join(DB)), Some((20, 20)));
+    assert_eq!(
+        fs::read_to_string(c.state.join("h.txt")).unwrap(),
+        "after the rollback"
+    );
+    assert!(!c.state.join("g.txt").exists());
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    // The abandoned state is still there: a restore to just before the
+    // rollback brings it back.
+    let to = s.tmp.path().join("abandoned");
+    let (code, stdout, stderr) = restore(
+        &s,
+        PASSWORD,
+        &["--to", to.to_str().unwrap(), "--at", &rfc(abandoned)],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(inspect(&to.join(DB)), Some((40, 40)), "{stdout}");
+    assert_eq!(fs::read_to_string(to.join("f.txt")).unwrap(), "two!");
+    assert_eq!(fs::read_to_string(to.join("g.txt")).unwrap(), "later");
+    assert!(!to.join("h.txt").exists());
+}

@@ -9,7 +9,6 @@
 //! Each database as its base plus every segment after it, or with `--at`,
 //! as of the newest restore point at or before TIME.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
 
@@ -18,9 +17,9 @@ use serde_json::json;
 use super::{bucket_config, fail, with_bucket, Failed};
 use crate::exit::Status;
 use crate::rclone::{rc, RunPaths, CRYPT_REMOTE};
-use crate::remote::bucket::{local_path, HIST_DIR, LINK_SUFFIX, META_DIR, USER_DIR};
+use crate::remote::bucket::{local_path, LINK_SUFFIX, USER_DIR};
 use crate::sqlite::restore::restore_databases_at;
-use crate::storage::replicate::history::{self, Pick, Version};
+use crate::storage::replicate::timeline::{self, At};
 use crate::storage::replicate::{scan::Excludes, treemeta};
 use crate::timepoint;
 
@@ -189,60 +188,34 @@ async fn fetch(
 }
 
 /// Turns the newest files just copied into `to` into the files as they
-/// were at `at`: each name takes the version [`history::pick`] says, from
-/// `.cvm/hist/`, or is removed. Returns how many came from the history.
+/// were at `at` ([`timeline::at`]): a name takes its kept version, or is
+/// removed. Returns how many came from the history.
 async fn files_at(
     socket: &Path,
     to: &Path,
     excludes: &Excludes,
     at: u64,
 ) -> Result<usize, rc::RcError> {
-    let mut heads = BTreeMap::new();
-    for (from, filter) in [
-        ("", json!({ "ExcludeRule": excludes.rules() })),
-        (USER_DIR, json!({})),
-    ] {
-        for (name, modtime) in list(socket, from, filter).await? {
-            let name = if from.is_empty() {
-                name
-            } else {
-                format!("{from}/{name}")
-            };
-            let mtime = humantime::parse_rfc3339_weak(&modtime)
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
-            heads.insert(name, mtime);
-        }
-    }
-    let mut versions: BTreeMap<String, Vec<Version>> = BTreeMap::new();
-    for (below, _) in list(socket, &format!("{META_DIR}/{HIST_DIR}"), json!({})).await? {
-        if let Some(v) = Version::parse(&below) {
-            versions.entry(v.name.clone()).or_default().push(v);
-        }
-    }
-    let names: BTreeSet<&String> = heads.keys().chain(versions.keys()).collect();
     let mut from_history = 0;
-    for name in names {
-        let kept: Vec<&Version> = versions.get(name).into_iter().flatten().collect();
-        let local = to.join(local_path(name));
-        match history::pick(&kept, heads.get(name).copied(), at) {
-            Pick::Head => continue,
-            Pick::Absent => {
+    for (name, what) in timeline::at(socket, excludes, at).await? {
+        let local = to.join(local_path(&name));
+        match what {
+            At::Head => {}
+            At::Absent { .. } => {
                 let _ = fs::remove_file(&local);
             }
-            Pick::Version(v) => {
+            At::Version { version, .. } => {
                 let _ = fs::remove_file(&local);
                 let dst = if name.ends_with(LINK_SUFFIX) {
-                    format!("{}{LINK_SUFFIX}", local_path(name).display())
+                    format!("{}{LINK_SUFFIX}", local_path(&name).display())
                 } else {
-                    local_path(name).display().to_string()
+                    local_path(&name).display().to_string()
                 };
                 rc::call(
                     socket,
                     "operations/copyfile",
                     &json!({
-                        "srcFs": format!("{CRYPT_REMOTE}:"), "srcRemote": v.object(),
+                        "srcFs": format!("{CRYPT_REMOTE}:"), "srcRemote": version.object(),
                         "dstFs": to.to_string_lossy(), "dstRemote": dst,
                         "_config": { "Links": true },
                     }),
@@ -253,41 +226,4 @@ async fn files_at(
         }
     }
     Ok(from_history)
-}
-
-/// Every file below `dir` of the crypt remote that `filter` lets through:
-/// (path below `dir`, its mtime as rclone gives it).
-async fn list(
-    socket: &Path,
-    dir: &str,
-    filter: serde_json::Value,
-) -> Result<Vec<(String, String)>, rc::RcError> {
-    let listed = match rc::call(
-        socket,
-        "operations/list",
-        &json!({
-            "fs": format!("{CRYPT_REMOTE}:{dir}"), "remote": "",
-            "opt": { "recurse": true, "filesOnly": true, "noMimeType": true },
-            "_filter": filter,
-        }),
-    )
-    .await
-    {
-        Ok(l) => l,
-        Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {
-            return Ok(Vec::new())
-        }
-        Err(e) => return Err(e),
-    };
-    Ok(listed["list"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| {
-            Some((
-                i["Path"].as_str()?.to_owned(),
-                i["ModTime"].as_str()?.to_owned(),
-            ))
-        })
-        .collect())
 }

@@ -8,6 +8,7 @@
 //!   owners and empty directories of the state dir (`.cvm/dirs.json` from
 //!   older versions); `.cvm/user/…`: a user's own top-level `sqlite/` or
 //!   `.cvm-trash/`;
+//! - `.cvm/rollbacks`: the rollback boots done;
 //! - `.cvm/hist/<name>/<start>-<end>`: overwritten and deleted files, one
 //!   object per version (`storage::replicate::history`);
 //! - `.cvm-trash/<UTC day>/…`: snapshots of deleted databases under
@@ -35,6 +36,8 @@ pub const WAL_MANIFEST: &str = "manifest";
 pub const TREE_FILE: &str = "tree.json";
 /// What cvm-init wrote before [`TREE_FILE`]: directory modes only.
 pub const LEGACY_DIR_MODES: &str = "dirs.json";
+/// The rollback boots done (`storage::replicate::rollback`), in [`META_DIR`].
+pub const ROLLBACKS: &str = "rollbacks";
 /// Every superseded version of a file, in [`META_DIR`].
 pub const HIST_DIR: &str = "hist";
 /// Deleted databases, and files from before [`HIST_DIR`], by day.

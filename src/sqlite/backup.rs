@@ -24,7 +24,6 @@ use crate::rclone::{rc, CRYPT_REMOTE};
 use crate::remote::bucket::{META_DIR, SQLITE_DIR, WAL_DIR};
 use crate::remote::lag::Lag;
 use crate::remote::lease::Fence;
-use crate::sqlite::history;
 use crate::sqlite::line::{self, BaseRef, Manifest};
 use crate::sqlite::pin::Tracker;
 use crate::sqlite::segment::Segment;
@@ -175,6 +174,8 @@ pub struct Known {
 
 struct Engine {
     spec: BackupSpec,
+    /// Local space for small objects on their way up (manifests).
+    scratch: PathBuf,
     dbs: BTreeMap<PathBuf, DbState>,
     /// Databases gone from the state dir whose snapshots still wait to go to the trash.
     gone: Vec<PathBuf>,
@@ -188,6 +189,7 @@ struct Engine {
 /// this returns, so before the gateway can write.
 pub fn start(spec: BackupSpec, known: BTreeMap<PathBuf, Known>) -> Worker {
     let mut engine = Engine {
+        scratch: spec.scratch.join(SPOOL_DIR),
         spec,
         dbs: BTreeMap::new(),
         gone: Vec::new(),
@@ -542,18 +544,19 @@ impl Engine {
             let name = line::segment_name(seq);
             let remote_name = line::remote_segment_name(seq, t);
             let size = std::fs::metadata(spool.join(&name)).map_or(0, |m| m.len());
-            self.copy(
-                (&spool.to_string_lossy(), &name),
-                (
-                    &line::root(),
-                    &format!("{}/{gen}/{remote_name}", line::path(rel)),
-                ),
-            )
-            .await
-            .map_err(|source| BackupError::Segment {
-                db: db.clone(),
-                source,
-            })?;
+            self.writer()
+                .copy(
+                    (&spool.to_string_lossy(), &name),
+                    (
+                        &line::root(),
+                        &format!("{}/{gen}/{remote_name}", line::path(rel)),
+                    ),
+                )
+                .await
+                .map_err(|source| BackupError::Segment {
+                    db: db.clone(),
+                    source,
+                })?;
             let _ = std::fs::remove_file(spool.join(&name));
             f.queue.pop_front();
             let line = f.line.as_mut().expect("started above");
@@ -610,10 +613,9 @@ impl Engine {
             db: db.clone(),
             source,
         };
-        let scratch = self.spec.scratch.join(SPOOL_DIR);
         let manifest = match &f.line {
             Some(l) => l.manifest.clone(),
-            None => line::read_manifest(&self.spec.rc_socket, rel, &scratch)
+            None => line::read_manifest(&self.spec.rc_socket, rel, &self.scratch)
                 .await
                 .map_err(upload_err)?
                 .unwrap_or_default(),
@@ -622,47 +624,20 @@ impl Engine {
             (Some(l), Some(after)) => (l.gen.clone(), after, l.seq),
             _ => (line::new_gen(), 0, 0),
         };
-        let base = BaseRef {
-            gen: gen.clone(),
-            after,
-            sha256: line::hex(&snap.sha256),
-            at: taken / 1000,
-            at_ms: taken,
-        };
-        let history_name = format!("{}/{}", line::path(rel), base.object());
-        self.copy(
-            (&self.spec.scratch.to_string_lossy(), &rel.to_string_lossy()),
-            (&line::root(), &history_name),
-        )
-        .await
-        .map_err(upload_err)?;
+        let base = BaseRef::new(gen.clone(), after, &snap.sha256, taken);
+        let manifest = self
+            .writer()
+            .publish(
+                rel,
+                (&self.spec.scratch, &rel.to_string_lossy()),
+                &base,
+                &manifest,
+            )
+            .await;
         let _ = std::fs::remove_file(&snap.path);
-        let keep = history::retain(
-            &manifest.with(base.clone()).bases,
-            taken,
-            self.spec.history_days,
-        );
-        let manifest = Manifest {
-            bases: keep.bases.clone(),
-        };
-        line::write_manifest(
-            &self.spec.rc_socket,
-            rel,
-            &manifest,
-            &scratch,
-            &self.spec.fence,
-        )
-        .await
-        .map_err(upload_err)?;
-        self.copy(
-            (&line::root(), &history_name),
-            (&self.spec.remote, &rel.to_string_lossy()),
-        )
-        .await
-        .map_err(upload_err)?;
+        let manifest = manifest.map_err(upload_err)?;
         tracing::info!(db = %rel.display(), bytes = snap.bytes, generation = %gen, after,
             took = ?started.elapsed(), "sqlite: snapshot uploaded (base)");
-        line::prune(&self.spec.rc_socket, rel, &keep, &self.spec.fence).await;
         if let Some(st) = self.dbs.get_mut(rel) {
             st.remote_hash = Some(snap.sha256);
         }
@@ -677,19 +652,13 @@ impl Engine {
         Ok(())
     }
 
-    /// One fenced `operations/copyfile` from `(fs, remote)` to `(fs,
-    /// remote)`; server-side when both are on S3.
-    async fn copy(&self, from: (&str, &str), to: (&str, &str)) -> Result<(), rc::RcError> {
-        self.spec.fence.check().map_err(rc::RcError::Fenced)?;
-        let params = json!({
-            "srcFs": from.0, "srcRemote": from.1,
-            "dstFs": to.0, "dstRemote": to.1,
-            // Without asking S3 first: the content is known to differ.
-            "_config": { "NoCheckDest": true },
-        });
-        rc::call(&self.spec.rc_socket, "operations/copyfile", &params)
-            .await
-            .map(drop)
+    fn writer(&self) -> line::Writer<'_> {
+        line::Writer {
+            socket: &self.spec.rc_socket,
+            scratch: &self.scratch,
+            fence: &self.spec.fence,
+            history_days: self.spec.history_days,
+        }
     }
 
     /// Snapshots `rel` whole and uploads the snapshot unless S3 already holds that content.
@@ -726,15 +695,16 @@ impl Engine {
 
     async fn upload(&self, rel: &Path, snap: &Snapshot) -> Result<(), BackupError> {
         let rel_str = rel.to_string_lossy();
-        self.copy(
-            (&self.spec.scratch.to_string_lossy(), &rel_str),
-            (&self.spec.remote, &rel_str),
-        )
-        .await
-        .map_err(|source| BackupError::Upload {
-            db: snap.path.clone(),
-            source,
-        })
+        self.writer()
+            .copy(
+                (&self.spec.scratch.to_string_lossy(), &rel_str),
+                (&self.spec.remote, &rel_str),
+            )
+            .await
+            .map_err(|source| BackupError::Upload {
+                db: snap.path.clone(),
+                source,
+            })
     }
 
     async fn final_pass(&mut self, deadline: Instant) -> Result<(), FinalPassError> {

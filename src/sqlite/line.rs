@@ -22,9 +22,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::rclone::{rc, CRYPT_REMOTE};
-use crate::remote::bucket::{META_DIR, WAL_DIR, WAL_MANIFEST};
+use crate::remote::bucket::{META_DIR, SQLITE_DIR, WAL_DIR, WAL_MANIFEST};
 use crate::remote::lease::Fence;
-use crate::sqlite::history::Keep;
+use crate::sqlite::history::{retain, Keep};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaseRef {
@@ -43,6 +43,16 @@ pub struct BaseRef {
 }
 
 impl BaseRef {
+    pub fn new(gen: String, after: u64, sha256: &[u8; 32], taken_ms: u64) -> BaseRef {
+        BaseRef {
+            gen,
+            after,
+            sha256: hex(sha256),
+            at: taken_ms / 1000,
+            at_ms: taken_ms,
+        }
+    }
+
     /// When the base was taken, in Unix ms; for an entry with seconds only,
     /// the end of that second (no commit it holds is newer).
     pub fn taken_ms(&self) -> u64 {
@@ -254,6 +264,70 @@ pub async fn write_manifest(
     r?;
     tracing::info!(db = %rel.display(), "sqlite: manifest uploaded");
     Ok(())
+}
+
+/// The stock name of `rel`'s newest base, as (rclone fs, remote): what
+/// stock rclone restores.
+pub fn stock(rel: &Path) -> (String, String) {
+    (
+        format!("{CRYPT_REMOTE}:{SQLITE_DIR}"),
+        rel.to_string_lossy().into_owned(),
+    )
+}
+
+/// What writing a line needs: the rc socket, local scratch space, the
+/// lease's fence, and the days of history kept.
+pub struct Writer<'a> {
+    pub socket: &'a Path,
+    pub scratch: &'a Path,
+    pub fence: &'a Fence,
+    pub history_days: u32,
+}
+
+impl Writer<'_> {
+    /// Publishes `base` of `rel` from the local file `dir/name`: uploaded
+    /// to its history name, then named in the manifest (what history keeps
+    /// of `manifest` and it), then copied server-side to the stock name;
+    /// last, what history no longer keeps is deleted. Returns the manifest
+    /// written.
+    pub async fn publish(
+        &self,
+        rel: &Path,
+        (dir, name): (&Path, &str),
+        base: &BaseRef,
+        manifest: &Manifest,
+    ) -> Result<Manifest, rc::RcError> {
+        let history_name = format!("{}/{}", path(rel), base.object());
+        self.copy((&dir.to_string_lossy(), name), (&root(), &history_name))
+            .await?;
+        let keep = retain(
+            &manifest.with(base.clone()).bases,
+            base.taken_ms(),
+            self.history_days,
+        );
+        let manifest = Manifest {
+            bases: keep.bases.clone(),
+        };
+        write_manifest(self.socket, rel, &manifest, self.scratch, self.fence).await?;
+        let (fs, remote) = stock(rel);
+        self.copy((&root(), &history_name), (&fs, &remote)).await?;
+        prune(self.socket, rel, &keep, self.fence).await;
+        Ok(manifest)
+    }
+
+    /// One fenced `operations/copyfile`; server-side when both are on S3.
+    pub async fn copy(&self, from: (&str, &str), to: (&str, &str)) -> Result<(), rc::RcError> {
+        self.fence.check().map_err(rc::RcError::Fenced)?;
+        let params = json!({
+            "srcFs": from.0, "srcRemote": from.1,
+            "dstFs": to.0, "dstRemote": to.1,
+            // Without asking S3 first: the content is known to differ.
+            "_config": { "NoCheckDest": true },
+        });
+        rc::call(self.socket, "operations/copyfile", &params)
+            .await
+            .map(drop)
+    }
 }
 
 /// Deletes what `keep` does not keep of `rel`'s line (old segments and

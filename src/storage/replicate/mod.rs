@@ -7,8 +7,10 @@
 pub mod engine;
 pub mod history;
 mod plan;
+mod rollback;
 pub mod scan;
 mod stage;
+pub mod timeline;
 pub mod treemeta;
 
 use std::collections::BTreeMap;
@@ -68,6 +70,8 @@ pub struct Replicate {
     sqlite: SqliteConfig,
     excludes: Excludes,
     history_days: u32,
+    /// `CVM_RESTORE_AT`: roll the bucket back before the restore.
+    restore_at: Option<String>,
     /// What the restore found, for the workers it starts.
     restored: Option<Restored>,
     backup: Option<Worker>,
@@ -117,6 +121,7 @@ impl Replicate {
             excludes: Excludes::new(&cfg.exclude, &cfg.sqlite.patterns)
                 .map_err(StorageError::Exclude)?,
             history_days: cfg.history_days,
+            restore_at: cfg.restore_at.clone(),
             restored: None,
             backup: None,
             replication: None,
@@ -352,10 +357,50 @@ impl Replicate {
             .unwrap_or_default())
     }
 
+    /// A rollback boot's first step ([`rollback`]): the bucket's head made
+    /// the state as of `to`, unless that was done before.
+    async fn roll_back(&self, to: &str) -> Result<(), ReplicateError> {
+        sdnotify::status("rolling back");
+        let rollback = rollback::Rollback {
+            socket: self.session.socket(),
+            state_dir: &self.state_dir,
+            scratch: &self.session.paths.scratch,
+            excludes: &self.excludes,
+            fence: &self.session.fence,
+            history_days: self.history_days,
+        };
+        match rollback.run(to).await? {
+            rollback::Outcome::AlreadyDone { at_ms } => tracing::warn!(
+                restore_at = to,
+                done_at = %crate::timepoint::format(at_ms),
+                "boot: CVM_RESTORE_AT was rolled back to already; booting from the latest state (which continues \
+                 from that rollback). Unset CVM_RESTORE_AT"
+            ),
+            rollback::Outcome::Done {
+                to_ms,
+                files,
+                databases,
+                set_aside,
+            } => tracing::warn!(
+                restore_at = to,
+                to = %crate::timepoint::format(to_ms),
+                files,
+                databases,
+                set_aside = ?set_aside,
+                "boot: rolled the bucket back; what it held before is kept in its history (cvm-init restore --at \
+                 a later time brings it back), and the state dir's previous contents were set aside"
+            ),
+        }
+        Ok(())
+    }
+
     /// Restores the state dir and the databases, unless the state dir is
     /// known to be newer than S3 (see [`decide_start`]).
     pub async fn restore(&mut self) -> Result<(), StorageError> {
         let t = Instant::now();
+        if let Some(to) = &self.restore_at {
+            self.roll_back(to).await?;
+        }
         let marker = self.restore_marker();
         let evidence_path = self.state_dir.join(META_DIR).join(EVIDENCE);
         let evidence = fs::read_to_string(&evidence_path).ok();

@@ -1,0 +1,112 @@
+//! The files' time line on S3 (replicate layout): the heads and the kept
+//! versions, listed, and what each name was at a moment
+//! ([`history::pick`]). Used by `cvm-init restore --at` and the rollback
+//! boot.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde_json::json;
+
+use super::history::{self, Version};
+use super::scan::Excludes;
+use crate::rclone::rc;
+use crate::rclone::CRYPT_REMOTE;
+use crate::remote::bucket::{HIST_DIR, META_DIR, USER_DIR};
+
+/// What a name was at the moment asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum At {
+    /// The head, as S3 holds it now.
+    Head,
+    /// A kept version; `head` when a head exists now.
+    Version { version: Version, head: Option<u64> },
+    /// Nothing; `head` (its mtime) when a head exists now.
+    Absent { head: Option<u64> },
+}
+
+/// Every name S3 holds now or kept a version of, with what it was at `at`.
+pub async fn at(
+    socket: &Path,
+    excludes: &Excludes,
+    at: u64,
+) -> Result<BTreeMap<String, At>, rc::RcError> {
+    let mut heads = BTreeMap::new();
+    for (from, filter) in [
+        ("", json!({ "ExcludeRule": excludes.rules() })),
+        (USER_DIR, json!({})),
+    ] {
+        for (name, modtime) in list(socket, from, filter).await? {
+            let name = if from.is_empty() {
+                name
+            } else {
+                format!("{from}/{name}")
+            };
+            let mtime = humantime::parse_rfc3339_weak(&modtime)
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+            heads.insert(name, mtime);
+        }
+    }
+    let mut versions: BTreeMap<String, Vec<Version>> = BTreeMap::new();
+    for (below, _) in list(socket, &format!("{META_DIR}/{HIST_DIR}"), json!({})).await? {
+        if let Some(v) = Version::parse(&below) {
+            versions.entry(v.name.clone()).or_default().push(v);
+        }
+    }
+    let names: BTreeSet<&String> = heads.keys().chain(versions.keys()).collect();
+    Ok(names
+        .into_iter()
+        .map(|name| {
+            let kept: Vec<&Version> = versions.get(name).into_iter().flatten().collect();
+            let head = heads.get(name).copied();
+            let what = match history::pick(&kept, head, at) {
+                history::Pick::Head => At::Head,
+                history::Pick::Version(v) => At::Version {
+                    version: v.clone(),
+                    head,
+                },
+                history::Pick::Absent => At::Absent { head },
+            };
+            (name.clone(), what)
+        })
+        .collect())
+}
+
+/// Every file below `dir` of the crypt remote that `filter` lets through:
+/// (path below `dir`, its mtime as rclone gives it).
+async fn list(
+    socket: &Path,
+    dir: &str,
+    filter: serde_json::Value,
+) -> Result<Vec<(String, String)>, rc::RcError> {
+    let listed = match rc::call(
+        socket,
+        "operations/list",
+        &json!({
+            "fs": format!("{CRYPT_REMOTE}:{dir}"), "remote": "",
+            "opt": { "recurse": true, "filesOnly": true, "noMimeType": true },
+            "_filter": filter,
+        }),
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(listed["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| {
+            Some((
+                i["Path"].as_str()?.to_owned(),
+                i["ModTime"].as_str()?.to_owned(),
+            ))
+        })
+        .collect())
+}
