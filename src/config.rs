@@ -961,6 +961,33 @@ mod tests {
     }
 
     #[test]
+    fn a_rollback_time_is_checked_with_its_layout() {
+        let s3: [(&str, &str); 5] = [
+            ("S3_BUCKET", "b"),
+            ("S3_ENDPOINT", "https://s3.example.com"),
+            ("AWS_ACCESS_KEY_ID", "k"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("RCLONE_CRYPT_PASSWORD", PW),
+        ];
+        let (c, _) =
+            Config::from_vars(env(&[s3.as_slice(), &[("CVM_RESTORE_AT", "-15m")]].concat()))
+                .unwrap();
+        assert_eq!(c.restore_at.as_deref(), Some("-15m"));
+        for (extra, says) in [
+            (vec![("CVM_RESTORE_AT", "yesterday")], "RFC 3339"),
+            (
+                vec![("CVM_RESTORE_AT", "-15m"), ("CVM_STORAGE", "mount")],
+                "replicate layout",
+            ),
+        ] {
+            let e = Config::from_vars(env(&[s3.as_slice(), &extra].concat())).unwrap_err();
+            assert!(e.to_string().contains(says), "{e}");
+        }
+        let e = Config::from_vars(env(&[("CVM_RESTORE_AT", "-15m")])).unwrap_err();
+        assert!(e.to_string().contains("without S3_BUCKET"), "{e}");
+    }
+
+    #[test]
     fn an_exclude_pattern_globset_cannot_build_is_rejected() {
         let e = Config::from_vars(env(&[("CVM_EXCLUDE", "/tmp/**,/cache/[a")])).unwrap_err();
         assert_eq!(e.problems.len(), 1, "{e}");
