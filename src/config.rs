@@ -138,8 +138,8 @@ pub struct SqliteConfig {
     /// A changed database is snapshotted this long after its first unsaved
     /// change, however busy it stays: the RPO knob.
     pub debounce: Duration,
-    /// How often the slower checks run: a full search of the state dir for
-    /// new databases, and the upper bound on how late a change is saved.
+    /// How often the replicate layout's full local scan runs (changes
+    /// inotify missed).
     pub interval: Duration,
     /// A WAL database's whole snapshot (its base, what stock rclone restores)
     /// is taken again once it is this old and the database changed since.

@@ -414,3 +414,184 @@ fn a_remote_snapshot_that_fails_its_check_stops_the_boot() {
         "no database for a later boot to trust"
     );
 }
+
+/// Stand-in app for [`many_databases_changed_at_once_are_all_saved_within_the_rpo`]:
+/// N WAL databases with one row each; once `$OUT/go` exists, one more row
+/// in each as fast as it can, then the time in `$OUT/done`.
+const MANY: &str = r#"
+import os, sqlite3, time
+state, out, n = os.environ["OPENCLAW_STATE_DIR"], os.environ["OUT"], int(os.environ["N"])
+os.makedirs(os.path.join(state, "dbs"), exist_ok=True)
+conns = []
+for i in range(n):
+    c = sqlite3.connect(os.path.join(state, "dbs", f"db{i:03}.sqlite"), isolation_level=None)
+    c.execute("pragma journal_mode=wal")
+    c.execute("create table if not exists t(i integer primary key)")
+    c.execute("insert or ignore into t values (1)")
+    conns.append(c)
+open(os.path.join(out, "created"), "w").close()
+while not os.path.exists(os.path.join(out, "go")):
+    time.sleep(0.05)
+for c in conns:
+    c.execute("insert or ignore into t values (2)")
+with open(os.path.join(out, "done.tmp"), "w") as f:
+    f.write(str(time.time()))
+os.rename(os.path.join(out, "done.tmp"), os.path.join(out, "done"))
+while True:
+    time.sleep(1)
+"#;
+
+#[test]
+fn many_databases_changed_at_once_are_all_saved_within_the_rpo() {
+    const N: usize = 200;
+    let s = Setup::new();
+    let app_py = s.tmp.path().join("many.py");
+    fs::write(&app_py, MANY).unwrap();
+    let out = s.out_dir("out");
+    let out_s = out.display().to_string();
+    let n = N.to_string();
+    let cmd = format!("python3 {}", app_py.display());
+    let (mut app, _) = s.boot(
+        "a",
+        &cmd,
+        &[
+            ("OUT", &out_s),
+            ("N", &n),
+            ("CVM_STORAGE", "replicate"),
+            ("CVM_SQLITE_PATHS", "dbs/*.sqlite"),
+        ],
+    );
+    wait_until(
+        Duration::from_secs(120),
+        "every database's first base",
+        || {
+            out.join("created").exists()
+                && app
+                    .log_text()
+                    .matches("sqlite: snapshot uploaded (base)")
+                    .count()
+                    >= N
+        },
+    );
+    fs::write(out.join("go"), "").unwrap();
+    wait_until(T, "a row more in each", || out.join("done").exists());
+    let done: f64 = fs::read_to_string(out.join("done"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The crash moment, by design: the RPO bound after the last commit.
+    wait_until(T, "the RPO bound after the last commit", || {
+        now() >= done + RPO_BOUND
+    });
+    app.kill_all();
+    let log = app.log_text();
+    let last_upload = log
+        .lines()
+        .filter(|l| l.contains("sqlite: segment uploaded"))
+        .filter_map(|l| humantime::parse_rfc3339_weak(l.split_whitespace().next()?).ok())
+        .max()
+        .map(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64()
+        });
+    eprintln!(
+        "MEASURED: {N} databases changed at once: the last segment on S3 {:.2} s after the last commit",
+        last_upload.map_or(f64::NAN, |t| t - done)
+    );
+
+    let (mut app, b) = s.boot(
+        "b",
+        s.idle.to_str().unwrap(),
+        &[
+            ("CVM_STORAGE", "replicate"),
+            ("CVM_SQLITE_PATHS", "dbs/*.sqlite"),
+        ],
+    );
+    let mut missing = Vec::new();
+    for i in 0..N {
+        let db = b.state.join(format!("dbs/db{i:03}.sqlite"));
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let ok: String = c
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok", "{}", db.display());
+        let rows: i64 = c
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        if rows != 2 {
+            missing.push(i);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {N} databases lost a commit made {RPO_BOUND} s before the crash: {missing:?}",
+        missing.len()
+    );
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}
+
+#[test]
+fn a_database_the_app_keeps_locked_is_said_loudly_and_saved_at_the_stop() {
+    let s = Setup::new();
+    let out = s.out_dir("out");
+    let out_s = out.display().to_string();
+    let (mut app, _) = s.boot(
+        "a",
+        &s.writer_cmd(),
+        &[
+            ("OUT", &out_s),
+            ("LIMIT", "30"),
+            ("EVERY", "0.05"),
+            ("LOCKING", "exclusive"),
+            ("CVM_STORAGE", "replicate"),
+        ],
+    );
+    wait_until(T, "30 commits", || commits(&out).len() >= 30);
+    wait_until(T, "the lock said loudly", || {
+        app.log_text()
+            .contains("sqlite: the app keeps this database locked")
+    });
+    assert_eq!(
+        sqlite_puts(&app.log_text()),
+        0,
+        "nothing of it could be read while locked"
+    );
+    // The stop ends the app first, which releases the lock: the final pass saves it.
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let (mut app, b) = s.boot(
+        "b",
+        s.idle.to_str().unwrap(),
+        &[("CVM_STORAGE", "replicate")],
+    );
+    assert_eq!(checked(&b.state), (30, 30));
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}
+
+#[test]
+fn a_database_created_on_the_mount_after_boot_is_saved_within_the_rpo() {
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", s.idle.to_str().unwrap(), &[]);
+    // What a new agent does: its database, in a directory made just now.
+    let db = a.state.join("agents/new-agent/agent/x.sqlite");
+    fs::create_dir_all(db.parent().unwrap()).unwrap();
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.pragma_update(None, "journal_mode", "WAL").unwrap();
+        c.execute_batch("CREATE TABLE t(i INTEGER PRIMARY KEY); INSERT INTO t VALUES (1);")
+            .unwrap();
+    }
+    let committed = now();
+    // The crash moment, by design: the RPO bound after the commit.
+    wait_until(T, "the RPO bound after the commit", || {
+        now() >= committed + RPO_BOUND
+    });
+    app.kill_all();
+    let (mut app, b) = s.boot("b", s.idle.to_str().unwrap(), &[]);
+    let c = rusqlite::Connection::open(b.state.join("agents/new-agent/agent/x.sqlite")).unwrap();
+    let rows: i64 = c
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 1, "the new database's commit survived the crash");
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}

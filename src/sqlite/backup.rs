@@ -47,6 +47,11 @@ const SEGMENTS_PER_BASE: u64 = 4;
 const SEGMENTS_MIN: u64 = 16 << 20;
 /// Segments waiting for upload, below the scratch dir.
 const SPOOL_DIR: &str = ".wal-spool";
+/// Failed saves in a row, all for the app's lock, after which that is said
+/// loudly (the retries back off: about 3 s).
+const LOCKED_LOUD_AFTER: u32 = 3;
+/// Manifests on their way, below the scratch dir.
+const META_SCRATCH: &str = ".wal-meta";
 
 #[derive(Debug, Clone)]
 pub struct BackupSpec {
@@ -106,8 +111,8 @@ pub enum BackupError {
     Snapshot { db: PathBuf, source: SqliteError },
     #[error("upload of {db}'s snapshot failed: {source}")]
     Upload { db: PathBuf, source: rc::RcError },
-    #[error("upload of {db}'s changes failed: {source}")]
-    Segment { db: PathBuf, source: rc::RcError },
+    #[error("upload of {db}'s changes failed: {error}")]
+    Segment { db: PathBuf, error: String },
     #[error("cannot spool {db}'s changes: {source}")]
     Spool { db: PathBuf, source: std::io::Error },
     #[error("snapshot task failed: {0}")]
@@ -165,6 +170,15 @@ struct DbState {
     restored_line: Option<Line>,
 }
 
+/// A WAL database's changes, spooled in this round and waiting for its upload.
+struct Spooled {
+    rel: PathBuf,
+    fp_before: Fingerprint,
+    started: Instant,
+    /// The last segment number before this round's.
+    before: u64,
+}
+
 /// What the restore brought back for one database.
 #[derive(Debug, Clone)]
 pub struct Known {
@@ -188,8 +202,10 @@ struct Engine {
 /// WAL database continues its line. Every WAL database is pinned before
 /// this returns, so before the gateway can write.
 pub fn start(spec: BackupSpec, known: BTreeMap<PathBuf, Known>) -> Worker {
+    // Left by an earlier run: no line of this run continues from it.
+    let _ = std::fs::remove_dir_all(spec.scratch.join(SPOOL_DIR));
     let mut engine = Engine {
-        scratch: spec.scratch.join(SPOOL_DIR),
+        scratch: spec.scratch.join(META_SCRATCH),
         spec,
         dbs: BTreeMap::new(),
         gone: Vec::new(),
@@ -230,6 +246,19 @@ fn follow(live: &Path, line: Option<Line>) -> Option<Follow> {
             None
         }
     }
+}
+
+/// When `db` last changed (its own or its WAL's mtime), on the monotonic
+/// clock; now when that cannot be told.
+fn changed_at(db: &Path) -> Instant {
+    let now = Instant::now();
+    [db.to_owned(), sqlite::sidecar(db, "-wal")]
+        .iter()
+        .filter_map(|p| p.metadata().ok()?.modified().ok())
+        .max()
+        .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+        .and_then(|age| now.checked_sub(age))
+        .unwrap_or(now)
 }
 
 /// Runs `f` on the tracker off the async threads.
@@ -295,7 +324,19 @@ impl Engine {
                 for rel in &found {
                     if !self.dbs.contains_key(rel) {
                         tracing::info!(db = %rel.display(), "sqlite: watching database");
-                        self.dbs.insert(rel.clone(), DbState::default());
+                        // Unsaved since it was written, not since it was found:
+                        // the debounce runs from its first change (a kept
+                        // database written long ago is simply due now).
+                        let now = Instant::now();
+                        let since = changed_at(&self.spec.root.join(rel))
+                            .max(now.checked_sub(self.spec.debounce).unwrap_or(now));
+                        self.dbs.insert(
+                            rel.clone(),
+                            DbState {
+                                dirty_since: Some(since),
+                                ..DbState::default()
+                            },
+                        );
                     }
                 }
                 // On S3, and no longer in the state dir at all (not merely
@@ -344,6 +385,7 @@ impl Engine {
         }
         self.move_pins().await;
         let mut unsaved = Vec::new();
+        let mut spooled = Vec::new();
         let rels: Vec<PathBuf> = self.dbs.keys().cloned().collect();
         for rel in rels {
             let fp = Fingerprint::of(&self.spec.root.join(&rel));
@@ -359,17 +401,129 @@ impl Engine {
                 continue;
             }
             self.report_lag();
-            if let Err(e) = self.save(&rel, fp, force).await {
-                let state = self.dbs.get_mut(&rel).expect("listed above");
-                state.failures += 1;
-                let delay = Backoff::S3.delay(state.failures);
-                state.retry_at = Some(Instant::now() + delay);
-                tracing::error!(retry_in = ?delay, "sqlite: {e}");
-                self.last_error = e.to_string();
-                unsaved.push(rel);
+            match self.save(&rel, fp).await {
+                Ok(Some(s)) => spooled.push(s),
+                Ok(None) => {}
+                Err(e) => self.failed(rel, &e, &mut unsaved),
+            }
+        }
+        if spooled.is_empty() {
+            return unsaved;
+        }
+        // Every database's new segments in one rclone job, so a round
+        // costs one upload's time however many databases changed.
+        if let Err(e) = self.upload_spool().await {
+            for s in spooled {
+                let e = BackupError::Segment {
+                    db: s.rel.clone(),
+                    error: e.to_string(),
+                };
+                self.failed(s.rel, &e, &mut unsaved);
+            }
+            return unsaved;
+        }
+        for s in spooled {
+            if let Err(e) = self.uploaded(&s, force).await {
+                self.failed(s.rel, &e, &mut unsaved);
             }
         }
         unsaved
+    }
+
+    /// A save of `rel` failed with `e`: retried after a backoff.
+    fn failed(&mut self, rel: PathBuf, e: &BackupError, unsaved: &mut Vec<PathBuf>) {
+        let state = self.dbs.get_mut(&rel).expect("saved databases are listed");
+        state.failures += 1;
+        let delay = Backoff::S3.delay(state.failures);
+        state.retry_at = Some(Instant::now() + delay);
+        tracing::error!(retry_in = ?delay, "sqlite: {e}");
+        let locked = matches!(e, BackupError::Snapshot { source, .. } if source.is_locked());
+        if locked && state.failures == LOCKED_LOUD_AFTER {
+            tracing::error!(db = %rel.display(), tries = state.failures,
+                "sqlite: the app keeps this database locked (a write transaction held open, or PRAGMA \
+                 locking_mode=EXCLUSIVE): cvm-init cannot read it, so its changes are NOT on S3 until the app \
+                 releases it or stops (the stop saves it). See docs/durability.md");
+        }
+        self.last_error = e.to_string();
+        unsaved.push(rel);
+    }
+
+    /// Uploads everything spooled (every database's segments not yet on S3,
+    /// named as on S3) in one fenced `sync/copy`; on success each is
+    /// counted, logged and removed from the spool.
+    async fn upload_spool(&mut self) -> Result<(), rc::RcError> {
+        if self
+            .dbs
+            .values()
+            .all(|d| d.follow.as_ref().is_none_or(|f| f.queue.is_empty()))
+        {
+            return Ok(());
+        }
+        self.spec.fence.check().map_err(rc::RcError::Fenced)?;
+        let params = json!({
+            "srcFs": self.spool_root().to_string_lossy(),
+            "dstFs": format!("{}{META_DIR}/{WAL_DIR}", line::root()),
+            "_config": { "NoCheckDest": true, "Transfers": 16 },
+        });
+        rc::call(&self.spec.rc_socket, "sync/copy", &params).await?;
+        for (rel, st) in self.dbs.iter_mut() {
+            let Some(f) = st.follow.as_mut() else {
+                continue;
+            };
+            let Some(line) = f.line.as_mut() else {
+                continue;
+            };
+            for (seq, t) in f.queue.drain(..) {
+                let path = self
+                    .spec
+                    .scratch
+                    .join(SPOOL_DIR)
+                    .join(rel)
+                    .join(&line.gen)
+                    .join(line::remote_segment_name(seq, t));
+                let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+                let _ = std::fs::remove_file(&path);
+                line.since_base += size;
+                tracing::info!(db = %rel.display(), seq, bytes = size, "sqlite: segment uploaded");
+            }
+        }
+        Ok(())
+    }
+
+    /// After the round's upload: `s` is saved, and its base is taken again
+    /// when due (not at the stop: its budget is for the changes).
+    async fn uploaded(&mut self, s: &Spooled, stopping: bool) -> Result<(), BackupError> {
+        let state = self
+            .dbs
+            .get_mut(&s.rel)
+            .expect("saved databases are listed");
+        let Some(mut f) = state.follow.take() else {
+            return Ok(());
+        };
+        let r = match f.line.as_ref() {
+            Some(line) if !stopping => {
+                let age =
+                    Duration::from_millis(timepoint::now_ms().saturating_sub(line.base.taken_ms()));
+                let due = line.seq > line.base.after
+                    && (age >= self.spec.base_max_age
+                        || line.since_base
+                            >= (SEGMENTS_PER_BASE * line.base_bytes).max(SEGMENTS_MIN));
+                if due {
+                    self.new_base(&s.rel, &mut f, Some(s.before)).await
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Ok(()),
+        };
+        let state = self
+            .dbs
+            .get_mut(&s.rel)
+            .expect("saved databases are listed");
+        state.follow = Some(f);
+        r?;
+        self.record_saved(&s.rel, s.fp_before, s.started, true);
+        Ok(())
     }
 
     /// Moves every pin forward (local reads only, no S3 request), keeping
@@ -442,15 +596,14 @@ impl Engine {
         }
     }
 
-    /// Saves `rel`'s changes: a segment if it is a WAL database, else a
-    /// whole snapshot. `stopping` leaves the base alone (the stop's budget is
-    /// for the changes).
+    /// Saves `rel`'s changes: a WAL database's are spooled as a segment for
+    /// the round's upload (returned), another's are a whole snapshot,
+    /// uploaded now.
     async fn save(
         &mut self,
         rel: &Path,
         fp_before: Fingerprint,
-        stopping: bool,
-    ) -> Result<(), BackupError> {
+    ) -> Result<Option<Spooled>, BackupError> {
         let started = Instant::now();
         let live = self.spec.root.join(rel);
         let state = self.dbs.get_mut(rel).expect("saved databases are listed");
@@ -471,15 +624,17 @@ impl Engine {
         }
         let state = self.dbs.get_mut(rel).expect("saved databases are listed");
         let Some(mut f) = state.follow.take() else {
-            return self.save_whole(rel, fp_before).await;
+            return self.save_whole(rel, fp_before).await.map(|()| None);
         };
-        let r = self.ship(rel, &mut f, stopping).await;
+        let r = self.spool_changes(rel, &mut f).await;
         let state = self.dbs.get_mut(rel).expect("saved databases are listed");
-        let all_up = f.queue.is_empty();
         state.follow = Some(f);
-        r?;
-        self.record_saved(rel, fp_before, started, all_up);
-        Ok(())
+        Ok(Some(Spooled {
+            rel: rel.to_owned(),
+            fp_before,
+            started,
+            before: r?,
+        }))
     }
 
     /// A save of `rel` that began at `started`, with `fp_before`, succeeded;
@@ -496,15 +651,10 @@ impl Engine {
         self.last_error.clear();
     }
 
-    /// A WAL database's round: a new line if it has none, its new commits
-    /// as the next segment, every spooled segment uploaded in order, and a
-    /// new base when the old one is due.
-    async fn ship(
-        &mut self,
-        rel: &Path,
-        f: &mut Follow,
-        stopping: bool,
-    ) -> Result<(), BackupError> {
+    /// A WAL database's round, before the upload: a new line if it has
+    /// none, and its new commits spooled as the next segment. Returns the
+    /// last segment number before it.
+    async fn spool_changes(&mut self, rel: &Path, f: &mut Follow) -> Result<u64, BackupError> {
         if f.line.is_none() {
             self.start_line(rel, f).await?;
         }
@@ -520,62 +670,33 @@ impl Engine {
         // Every commit in the segment was made by now: a restore to a
         // moment takes it only at or after this.
         let read_at = timepoint::now_ms();
-        let seg = Segment::join(f.pending.take(), seg);
-        let spool = self.spool(rel);
-        if let Some(seg) = seg {
-            let line = f.line.as_mut().expect("started above");
-            let seq = line.seq + 1;
-            let bytes = seg.encode().and_then(|b| {
-                std::fs::create_dir_all(&spool)?;
-                let path = spool.join(line::segment_name(seq));
-                std::fs::write(&path, b)?;
-                Ok(())
-            });
-            if let Err(source) = bytes {
-                // Those commits are read and not kept: only a new base has them.
-                f.line = None;
-                return Err(BackupError::Spool { db, source });
-            }
-            line.seq = seq;
-            f.queue.push_back((seq, read_at));
+        let Some(seg) = Segment::join(f.pending.take(), seg) else {
+            return Ok(before);
+        };
+        let line = f.line.as_mut().expect("started above");
+        let seq = line.seq + 1;
+        let dir = self.spool(rel).join(&line.gen);
+        let written = seg.encode().and_then(|b| {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join(line::remote_segment_name(seq, read_at)), b)
+        });
+        if let Err(source) = written {
+            // Those commits are read and not kept: only a new base has them.
+            f.line = None;
+            return Err(BackupError::Spool { db, source });
         }
-        let gen = f.line.as_ref().expect("started above").gen.clone();
-        while let Some(&(seq, t)) = f.queue.front() {
-            let name = line::segment_name(seq);
-            let remote_name = line::remote_segment_name(seq, t);
-            let size = std::fs::metadata(spool.join(&name)).map_or(0, |m| m.len());
-            self.writer()
-                .copy(
-                    (&spool.to_string_lossy(), &name),
-                    (
-                        &line::root(),
-                        &format!("{}/{gen}/{remote_name}", line::path(rel)),
-                    ),
-                )
-                .await
-                .map_err(|source| BackupError::Segment {
-                    db: db.clone(),
-                    source,
-                })?;
-            let _ = std::fs::remove_file(spool.join(&name));
-            f.queue.pop_front();
-            let line = f.line.as_mut().expect("started above");
-            line.since_base += size;
-            tracing::info!(db = %rel.display(), seq, bytes = size, "sqlite: segment uploaded");
-        }
-        let line = f.line.as_ref().expect("started above");
-        let age = Duration::from_millis(timepoint::now_ms().saturating_sub(line.base.taken_ms()));
-        let due = line.seq > line.base.after
-            && (age >= self.spec.base_max_age
-                || line.since_base >= (SEGMENTS_PER_BASE * line.base_bytes).max(SEGMENTS_MIN));
-        if due && !stopping {
-            self.new_base(rel, f, Some(before)).await?;
-        }
-        Ok(())
+        line.seq = seq;
+        f.queue.push_back((seq, read_at));
+        Ok(before)
+    }
+
+    /// Segments waiting for upload, as their names below `.cvm/wal/`.
+    fn spool_root(&self) -> PathBuf {
+        self.spec.scratch.join(SPOOL_DIR)
     }
 
     fn spool(&self, rel: &Path) -> PathBuf {
-        self.spec.scratch.join(SPOOL_DIR).join(rel)
+        self.spool_root().join(rel)
     }
 
     /// Starts `rel`'s line: a new generation whose base is the database as

@@ -44,6 +44,21 @@ pub enum SqliteError {
     Corrupt { path: PathBuf, detail: String },
 }
 
+impl SqliteError {
+    /// Whether the app's lock kept cvm-init out (a write transaction held
+    /// open, or `locking_mode=EXCLUSIVE`), not a fault of the file.
+    pub fn is_locked(&self) -> bool {
+        match self {
+            SqliteError::Busy { .. } => true,
+            SqliteError::Sqlite { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
+            _ => false,
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SqliteError + '_ {
     move |source| SqliteError::Io {
         path: path.to_owned(),

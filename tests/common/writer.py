@@ -2,13 +2,15 @@
 # transactions (2 KB each) into a WAL database under OPENCLAW_STATE_DIR and
 # logs each commit with its time to $OUT/commits after it returns.
 # LIMIT stops after that many commits; the file $OUT/pause pauses writing,
-# acknowledged by the file $OUT/paused.
+# acknowledged by the file $OUT/paused. LOCKING sets PRAGMA locking_mode.
 import os, sqlite3, time
 state, out = os.environ["OPENCLAW_STATE_DIR"], os.environ["OUT"]
 path = os.path.join(state, "state", "openclaw.sqlite")
 os.makedirs(os.path.dirname(path), exist_ok=True)
 db = sqlite3.connect(path, isolation_level=None)
 db.execute("pragma journal_mode=wal")
+if os.environ.get("LOCKING"):
+    db.execute(f"pragma locking_mode={os.environ['LOCKING']}")
 db.execute("create table if not exists tx(i integer primary key, ts real, pad blob)")
 i = db.execute("select coalesce(max(i), 0) from tx").fetchone()[0]
 limit, every = int(os.environ.get("LIMIT", "0")), float(os.environ.get("EVERY", "0.02"))

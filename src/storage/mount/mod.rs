@@ -58,7 +58,6 @@ pub struct Mount {
     served: bool,
     backup: Option<Worker>,
     restored: BTreeMap<PathBuf, backup::Known>,
-    next_full_scan: Instant,
     /// The bare mountpoint is a read-only bind of itself (see [`guard`]).
     guarded: bool,
     /// Watchdog looks in a row that got no answer.
@@ -192,7 +191,6 @@ impl Mount {
             served: false,
             backup: None,
             restored: BTreeMap::new(),
-            next_full_scan: Instant::now(),
             guarded: false,
             unanswered: 0,
             lag: Lag::default(),
@@ -415,17 +413,15 @@ impl Mount {
     /// mount did not answer within [`DB_LOOK_TIMEOUT`]. The file system work
     /// runs on a blocking thread: a hung mount must not stall the supervisor.
     async fn databases_on_mount(&mut self) -> Option<Vec<PathBuf>> {
-        // A full search reads pattern directories through FUSE: at most one
-        // S3 listing per directory per CVM_BACKUP_INTERVAL.
-        let full = Instant::now() >= self.next_full_scan;
-        if full {
-            self.next_full_scan = Instant::now() + self.sqlite.interval;
-        }
-        let (mountpoint, db_root) = (self.mountpoint.clone(), self.db_root.clone());
+        // The pattern directories are read through FUSE every look, so a
+        // database an agent creates in a new directory is found within a
+        // second. rclone serves them from its directory cache
+        // (`--dir-cache-time 1000h`, and what the gateway creates goes into
+        // it): S3 is listed once per directory, not per look.
+        let mountpoint = self.mountpoint.clone();
         let patterns = self.sqlite.patterns.clone();
         let look = tokio::task::spawn_blocking(move || {
-            let root = if full { &mountpoint } else { &db_root };
-            let candidates = patterns.find(root).unwrap_or_default();
+            let candidates = patterns.find(&mountpoint).unwrap_or_default();
             redirect::files_on_mount(&mountpoint, &candidates)
         });
         match tokio::time::timeout(DB_LOOK_TIMEOUT, look).await {
