@@ -15,16 +15,16 @@ use common::{raw_state, wait_until, Dirs, PASSWORD};
 
 const T: Duration = Duration::from_secs(60);
 
-/// Runs `cvm-init restore` with the appliance's S3 environment and `key`;
-/// returns (exit code, stdout, stderr).
-fn restore(s: &Setup, key: &str, args: &[&str]) -> (i32, String, String) {
+/// Runs `cvm-init <args>` as from another machine: the appliance's S3
+/// environment and `key`, its own empty directories; returns (exit code,
+/// stdout, stderr).
+fn cli(s: &Setup, key: &str, args: &[&str]) -> (i32, String, String) {
     let elsewhere = Dirs::new(s.tmp.path(), "elsewhere");
     let mut env = s.g.s3_env();
     env.extend(elsewhere.env());
     env.push(("RCLONE_CRYPT_PASSWORD".into(), key.into()));
     env.push(("CVM_GATEWAY_CMD".into(), s.idle.clone()));
     let out = Command::new(common::BIN)
-        .arg("restore")
         .args(args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -38,14 +38,24 @@ fn restore(s: &Setup, key: &str, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-#[test]
-fn restore_writes_the_latest_files_and_databases_and_nothing_to_s3() {
-    let s = Setup::new();
+fn restore(s: &Setup, key: &str, args: &[&str]) -> (i32, String, String) {
+    cli(s, key, &[&["restore"], args].concat())
+}
+
+/// The test writer as the gateway: its command, and the directory of its
+/// commit log.
+fn writer(s: &Setup) -> (String, std::path::PathBuf) {
     let writer = s.tmp.path().join("writer.py");
     fs::write(&writer, WRITER).unwrap();
     let out = s.tmp.path().join("out");
     fs::create_dir_all(&out).unwrap();
-    let cmd = format!("python3 {}", writer.display());
+    (format!("python3 {}", writer.display()), out)
+}
+
+#[test]
+fn restore_writes_the_latest_files_and_databases_and_nothing_to_s3() {
+    let s = Setup::new();
+    let (cmd, out) = writer(&s);
     let out_s = out.display().to_string();
     let (mut app, a) = s.boot(
         "a",
@@ -109,11 +119,7 @@ fn restore_writes_the_latest_files_and_databases_and_nothing_to_s3() {
 #[test]
 fn a_missing_segment_ends_the_restore_there_and_is_named() {
     let s = Setup::new();
-    let writer = s.tmp.path().join("writer.py");
-    fs::write(&writer, WRITER).unwrap();
-    let out = s.tmp.path().join("out");
-    fs::create_dir_all(&out).unwrap();
-    let cmd = format!("python3 {}", writer.display());
+    let (cmd, out) = writer(&s);
     let out_s = out.display().to_string();
     // Commits spread over 3 s: at least two segments.
     let (mut app, _) = s.boot(
@@ -161,24 +167,9 @@ fn a_missing_segment_ends_the_restore_there_and_is_named() {
 
 /// `cvm-init history --json`'s summary of the one database.
 fn history(s: &Setup) -> serde_json::Value {
-    let elsewhere = Dirs::new(s.tmp.path(), "history");
-    let mut env = s.g.s3_env();
-    env.extend(elsewhere.env());
-    env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
-    env.push(("CVM_GATEWAY_CMD".into(), s.idle.clone()));
-    let out = Command::new(common::BIN)
-        .args(["history", "--json"])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(env)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (code, stdout, stderr) = cli(s, PASSWORD, &["history", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     v["databases"][DB].clone()
 }
 
@@ -192,11 +183,7 @@ fn row_time(db: &Path, i: i64) -> f64 {
 #[test]
 fn restore_at_a_moment_has_every_commit_before_it_and_none_after() {
     let s = Setup::new();
-    let writer = s.tmp.path().join("writer.py");
-    fs::write(&writer, WRITER).unwrap();
-    let out = s.tmp.path().join("out");
-    fs::create_dir_all(&out).unwrap();
-    let cmd = format!("python3 {}", writer.display());
+    let (cmd, out) = writer(&s);
     let out_s = out.display().to_string();
     // About 20 s of commits, with a new base every few seconds: moments
     // fall on several bases and between them.
@@ -355,9 +342,15 @@ fn restore_at_a_moment_gives_each_file_as_it_was_then() {
     // The kernel stamps mtimes with its coarse clock, up to a tick behind.
     let before_all = std::time::SystemTime::now() - Duration::from_millis(20);
     write(&a.state, "a.txt", "v1");
+    write(&a.state, "d", "a file");
+    on_s3(&s, "d", Some(6));
     let t0 = on_s3(&s, "a.txt", Some(2));
     write(&a.state, "a.txt", "version two");
     write(&a.state, "b.txt", "bee");
+    // A file replaced by a directory of the same name.
+    fs::remove_file(a.state.join("d")).unwrap();
+    write(&a.state, "d/in.txt", "inside");
+    on_s3(&s, "d/in.txt", Some(6));
     std::os::unix::fs::symlink("a.txt", a.state.join("l")).unwrap();
     on_s3(&s, "b.txt", Some(3));
     on_s3(&s, "l.rclonelink", Some(5));
@@ -395,6 +388,16 @@ fn restore_at_a_moment_gives_each_file_as_it_was_then() {
             s.remote(".cvm/hist")
         );
         assert_eq!(read("b.txt").as_deref(), b_txt, "b.txt at moment {k}");
+        let d = match k {
+            0 => (None, None),
+            1 => (Some("a file"), None),
+            _ => (None, Some("inside")),
+        };
+        assert_eq!(
+            (read("d").as_deref(), read("d/in.txt").as_deref()),
+            d,
+            "d at moment {k}"
+        );
         assert_eq!(
             fs::read_link(to.join("l")).ok(),
             link.then(|| Path::new("a.txt").to_owned()),
@@ -406,11 +409,7 @@ fn restore_at_a_moment_gives_each_file_as_it_was_then() {
 #[test]
 fn a_rollback_boot_starts_from_a_moment_and_can_itself_be_undone() {
     let s = Setup::new();
-    let writer = s.tmp.path().join("writer.py");
-    fs::write(&writer, WRITER).unwrap();
-    let out = s.tmp.path().join("out");
-    fs::create_dir_all(&out).unwrap();
-    let cmd = format!("python3 {}", writer.display());
+    let (cmd, out) = writer(&s);
     let out_s = out.display().to_string();
     let env = [
         ("CVM_GATEWAY_CMD", cmd.as_str()),

@@ -189,41 +189,51 @@ async fn fetch(
 
 /// Turns the newest files just copied into `to` into the files as they
 /// were at `at` ([`timeline::at`]): a name takes its kept version, or is
-/// removed. Returns how many came from the history.
+/// removed. Returns how many came from the history. Removals come first,
+/// so a name that was a file then and is a directory now (or the reverse)
+/// finds its place free.
 async fn files_at(
     socket: &Path,
     to: &Path,
     excludes: &Excludes,
     at: u64,
 ) -> Result<usize, rc::RcError> {
-    let mut from_history = 0;
-    for (name, what) in timeline::at(socket, excludes, at).await? {
-        let local = to.join(local_path(&name));
-        match what {
-            At::Head => {}
-            At::Absent { .. } => {
-                let _ = fs::remove_file(&local);
-            }
-            At::Version { version, .. } => {
-                let _ = fs::remove_file(&local);
-                let dst = if name.ends_with(LINK_SUFFIX) {
-                    format!("{}{LINK_SUFFIX}", local_path(&name).display())
-                } else {
-                    local_path(&name).display().to_string()
-                };
-                rc::call(
-                    socket,
-                    "operations/copyfile",
-                    &json!({
-                        "srcFs": format!("{CRYPT_REMOTE}:"), "srcRemote": version.object(),
-                        "dstFs": to.to_string_lossy(), "dstRemote": dst,
-                        "_config": { "Links": true },
-                    }),
-                )
-                .await?;
-                from_history += 1;
+    let names = timeline::at(socket, excludes, at).await?;
+    for (name, what) in &names {
+        if *what == At::Head {
+            continue;
+        }
+        let local = to.join(local_path(name));
+        if fs::remove_file(&local).is_ok() {
+            // Directories the head needed and the moment did not.
+            for dir in local.ancestors().skip(1).take_while(|d| *d != to) {
+                if fs::remove_dir(dir).is_err() {
+                    break;
+                }
             }
         }
+    }
+    let mut from_history = 0;
+    for (name, what) in &names {
+        let At::Version { version, .. } = what else {
+            continue;
+        };
+        let dst = if name.ends_with(LINK_SUFFIX) {
+            format!("{}{LINK_SUFFIX}", local_path(name).display())
+        } else {
+            local_path(name).display().to_string()
+        };
+        rc::call(
+            socket,
+            "operations/copyfile",
+            &json!({
+                "srcFs": format!("{CRYPT_REMOTE}:"), "srcRemote": version.object(),
+                "dstFs": to.to_string_lossy(), "dstRemote": dst,
+                "_config": { "Links": true },
+            }),
+        )
+        .await?;
+        from_history += 1;
     }
     Ok(from_history)
 }

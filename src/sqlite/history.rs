@@ -77,6 +77,9 @@ pub enum Stop {
     Untimed(String),
     /// This segment could not be read or applied, and why.
     Failed(String, String),
+    /// Two segments carry this number: two writers (an upload in flight
+    /// when the lease was taken over). Neither is applied.
+    Twice(u64),
 }
 
 /// The newest base taken at or before `at`; `Err` with the oldest point
@@ -101,8 +104,11 @@ pub fn segments_to(
     let mut later: Vec<&SegRef> = segs.iter().filter(|s| s.seq > base.after).collect();
     later.sort_by_key(|s| s.seq);
     let mut apply = Vec::new();
-    for s in later {
+    for (i, s) in later.iter().enumerate() {
         let next = base.after + 1 + apply.len() as u64;
+        if later.get(i + 1).is_some_and(|n| n.seq == s.seq) && s.seq == next {
+            return (apply, Some(Stop::Twice(s.seq)));
+        }
         // A hole is reported even when the segment after it is too new:
         // what is missing may have been older than `at`.
         if s.seq != next {
@@ -113,7 +119,7 @@ pub fn segments_to(
             (Some(_), None) => return (apply, Some(Stop::Untimed(s.name.clone()))),
             _ => {}
         }
-        apply.push(s.clone());
+        apply.push((*s).clone());
     }
     (apply, None)
 }
@@ -362,6 +368,17 @@ mod tests {
             seqs(segments_to(b, &holed, Some(T0 + 2500))),
             (vec![1], Some(Stop::Missing(2))),
             "what is missing may be before it"
+        );
+        // Two writers of one number: neither is taken.
+        let twice = [
+            seg(1, Some(T0 + 1000)),
+            seg(2, Some(T0 + 2000)),
+            seg(2, Some(T0 + 2001)),
+            seg(3, Some(T0 + 3000)),
+        ];
+        assert_eq!(
+            seqs(segments_to(b, &twice, None)),
+            (vec![1], Some(Stop::Twice(2)))
         );
         // Step 1's untimed segments: fine for the latest, not for a moment.
         let old = [seg(1, None), seg(2, None)];

@@ -268,6 +268,12 @@ async fn catch_up(
                 "written by an older cvm-init, without its time".to_owned(),
             ),
             Stop::Failed(name, why) => (name.clone(), why.clone()),
+            Stop::Twice(seq) => (
+                line::segment_name(*seq),
+                "two writers wrote this number (an upload in flight when the lease was taken over); \
+                 neither is taken"
+                    .to_owned(),
+            ),
         };
         tracing::error!(db = %rel.display(), restored_to = base.after + applied as u64, "sqlite: restore stopped at segment {remote}/{object}: {why}; the database is restored as of the segment before it");
     }

@@ -16,8 +16,8 @@
 //!    base of a new generation (the old ones stay in its manifest); one
 //!    that did not exist then moves to the trash, as a deleted one does.
 //! 4. `.cvm/rollbacks` records it. A later boot with the same
-//!    `CVM_RESTORE_AT` finds it there and boots from the latest state, so
-//!    a variable left set does not roll back again at every boot.
+//!    `CVM_RESTORE_AT` as the last rollback boots from the latest state,
+//!    so a variable left set does not roll back again at every boot.
 //!
 //! A crash before step 4 leaves a rollback that the next boot does again.
 
@@ -83,7 +83,9 @@ impl Rollback<'_> {
         };
         let rc_failed = |e: rc::RcError| failed(e.to_string());
         let mut records = self.records().await.map_err(rc_failed)?;
-        if let Some(r) = records.iter().rev().find(|r| r.to == to) {
+        // The last rollback only: rolling back to X, then to Y, then to X
+        // again is meant.
+        if let Some(r) = records.last().filter(|r| r.to == to) {
             return Ok(Outcome::AlreadyDone { at_ms: r.at_ms });
         }
         let now = timepoint::now_ms();
@@ -119,7 +121,14 @@ impl Rollback<'_> {
         }
         let set_aside = self.set_aside(now).map_err(failed)?;
         let changed = self.files(&files, now).await.map_err(rc_failed)?;
-        for rel in dbs.dbs.keys() {
+        // A database without history (not in WAL mode) stays as it is.
+        let rolled: Vec<&PathBuf> = dbs
+            .dbs
+            .iter()
+            .filter(|(_, r)| r.point.is_some())
+            .map(|(rel, _)| rel)
+            .collect();
+        for rel in &rolled {
             self.publish(rel, &staging, now).await.map_err(rc_failed)?;
         }
         for (rel, _) in &dbs.not_yet {
@@ -135,7 +144,7 @@ impl Rollback<'_> {
         Ok(Outcome::Done {
             to_ms,
             files: changed,
-            databases: dbs.dbs.len(),
+            databases: rolled.len(),
             set_aside,
         })
     }
