@@ -87,8 +87,8 @@ pub struct Config {
     pub layout: Layout,
     /// rclone filter patterns never replicated (replicate layout).
     pub exclude: Vec<String>,
-    /// Days of history kept: hourly database restore points, and deleted
-    /// and overwritten files in the remote trash.
+    /// Days of history kept: hourly restore points of databases and files,
+    /// and days of the remote trash.
     pub history_days: u32,
     /// `CVM_RESTORE_AT`: boot from the state as it was then (replicate
     /// layout, `storage::replicate::rollback`), as given.

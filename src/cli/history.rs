@@ -13,7 +13,7 @@ use crate::rclone::{rc, RunPaths, CRYPT_REMOTE};
 use crate::remote::bucket::{HIST_DIR, META_DIR, TRASH_DIR, WAL_DIR, WAL_MANIFEST};
 use crate::sqlite::history::{self, Summary};
 use crate::sqlite::line::{self, Object};
-use crate::storage::replicate::history::Version;
+use crate::storage::replicate::timeline;
 use crate::timepoint;
 
 pub fn run(as_json: bool) -> Status {
@@ -45,7 +45,7 @@ pub fn run(as_json: bool) -> Status {
 type Dbs = BTreeMap<PathBuf, Summary>;
 
 /// The files' history: older versions kept.
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, serde::Serialize)]
 struct Files {
     versions: usize,
     names: usize,
@@ -58,29 +58,18 @@ async fn read(paths: &RunPaths) -> Result<(Dbs, Files, Vec<String>), Failed> {
     let socket = &paths.rc_socket;
     let unavailable = fail(Status::StorageUnavailable);
     let wal = format!("{META_DIR}/{WAL_DIR}");
-    let listed = match rc::call(
+    let listed = rc::list(
         socket,
-        "operations/list",
         &json!({ "fs": line::root(), "remote": wal, "opt": { "recurse": true, "filesOnly": true } }),
     )
     .await
-    {
-        Ok(l) => l,
-        Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {
-            json!({ "list": [] })
-        }
-        Err(e) => return Err(unavailable(format!("listing {wal}: {e}"))),
-    };
-    let paths_listed: Vec<&str> = listed["list"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i["Path"].as_str())
-        .collect();
-    let rels: Vec<PathBuf> = paths_listed
+    .map_err(|e| unavailable(format!("listing {wal}: {e}")))?;
+    let rels: Vec<PathBuf> = listed
         .iter()
-        .filter_map(|p| {
-            p.strip_prefix(&format!("{wal}/"))?
+        .filter_map(|i| {
+            i["Path"]
+                .as_str()?
+                .strip_prefix(&format!("{wal}/"))?
                 .strip_suffix(&format!("/{WAL_MANIFEST}"))
         })
         .map(PathBuf::from)
@@ -107,47 +96,28 @@ async fn read(paths: &RunPaths) -> Result<(Dbs, Files, Vec<String>), Failed> {
             history::summarize(&manifest.bases, &segments, objects.len(), bytes),
         );
     }
-    let hist = format!("{META_DIR}/{HIST_DIR}");
-    let mut files = Files::default();
-    match rc::call(
+    let versions = timeline::versions(socket)
+        .await
+        .map_err(|e| unavailable(format!("listing {META_DIR}/{HIST_DIR}: {e}")))?;
+    let files = Files {
+        versions: versions.len(),
+        names: versions
+            .iter()
+            .map(|(v, _)| &v.name)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        oldest: versions.iter().map(|(v, _)| v.start).min(),
+        bytes: versions.iter().map(|(_, n)| n).sum(),
+    };
+    let days = rc::list(
         socket,
-        "operations/list",
-        &json!({ "fs": format!("{CRYPT_REMOTE}:{hist}"), "remote": "", "opt": { "recurse": true, "filesOnly": true } }),
-    )
-    .await
-    {
-        Ok(l) => {
-            let mut names = std::collections::BTreeSet::new();
-            for item in l["list"].as_array().into_iter().flatten() {
-                let Some(v) = item["Path"].as_str().and_then(Version::parse) else {
-                    continue;
-                };
-                files.versions += 1;
-                files.bytes += item["Size"].as_u64().unwrap_or(0);
-                files.oldest = Some(files.oldest.map_or(v.start, |o: u64| o.min(v.start)));
-                names.insert(v.name);
-            }
-            files.names = names.len();
-        }
-        Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {}
-        Err(e) => return Err(unavailable(format!("listing {hist}: {e}"))),
-    }
-    let days = match rc::call(
-        socket,
-        "operations/list",
         &json!({ "fs": format!("{CRYPT_REMOTE}:{TRASH_DIR}"), "remote": "", "opt": { "dirsOnly": true } }),
     )
     .await
-    {
-        Ok(l) => l["list"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i["Path"].as_str().map(str::to_owned))
-            .collect(),
-        Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => Vec::new(),
-        Err(e) => return Err(unavailable(format!("listing {TRASH_DIR}: {e}"))),
-    };
+    .map_err(|e| unavailable(format!("listing {TRASH_DIR}: {e}")))?
+    .iter()
+    .filter_map(|i| i["Path"].as_str().map(str::to_owned))
+    .collect();
     Ok((dbs, files, days))
 }
 

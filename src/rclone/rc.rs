@@ -115,6 +115,19 @@ pub async fn read_object(
     bytes.map(Some)
 }
 
+/// The items of an `operations/list` with `params` (`fs`, `remote`, `opt`,
+/// `_filter`); none when the directory does not exist (yet).
+pub async fn list(socket: &Path, params: &Value) -> Result<Vec<Value>, RcError> {
+    match call(socket, "operations/list", params).await {
+        Ok(mut l) => Ok(match l["list"].take() {
+            Value::Array(items) => items,
+            _ => Vec::new(),
+        }),
+        Err(RcError::Status { body, .. }) if body.contains("directory not found") => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Starts `method` as an rc job (`_async`) and returns its id.
 pub async fn start_job(socket: &Path, method: &str, mut params: Value) -> Result<i64, RcError> {
     params["_async"] = Value::Bool(true);

@@ -20,7 +20,7 @@ use tokio::time::{sleep, Instant};
 
 use crate::backoff::Backoff;
 use crate::config::SqliteConfig;
-use crate::rclone::{rc, CRYPT_REMOTE};
+use crate::rclone::rc;
 use crate::remote::bucket::{META_DIR, SQLITE_DIR, WAL_DIR};
 use crate::remote::lag::Lag;
 use crate::remote::lease::Fence;
@@ -61,8 +61,6 @@ pub struct BackupSpec {
     pub scratch: PathBuf,
     /// rclone rc socket that performs uploads.
     pub rc_socket: PathBuf,
-    /// rclone fs string of the snapshot directory, e.g. `s3-crypt:sqlite`.
-    pub remote: String,
     pub patterns: Patterns,
     pub debounce: Duration,
     /// A WAL database's base is taken again once this old.
@@ -93,7 +91,6 @@ impl BackupSpec {
             root,
             scratch,
             rc_socket,
-            remote: format!("{CRYPT_REMOTE}:{SQLITE_DIR}"),
             patterns: cfg.patterns.clone(),
             debounce: cfg.debounce,
             base_max_age: cfg.base_max_age,
@@ -466,6 +463,7 @@ impl Engine {
             "_config": { "NoCheckDest": true, "Transfers": 16 },
         });
         rc::call(&self.spec.rc_socket, "sync/copy", &params).await?;
+        let spool = self.spool_root();
         for (rel, st) in self.dbs.iter_mut() {
             let Some(f) = st.follow.as_mut() else {
                 continue;
@@ -474,10 +472,7 @@ impl Engine {
                 continue;
             };
             for (seq, t) in f.queue.drain(..) {
-                let path = self
-                    .spec
-                    .scratch
-                    .join(SPOOL_DIR)
+                let path = spool
                     .join(rel)
                     .join(&line.gen)
                     .join(line::remote_segment_name(seq, t));
@@ -522,7 +517,7 @@ impl Engine {
             .expect("saved databases are listed");
         state.follow = Some(f);
         r?;
-        self.record_saved(&s.rel, s.fp_before, s.started, true);
+        self.record_saved(&s.rel, s.fp_before, s.started);
         Ok(())
     }
 
@@ -561,8 +556,9 @@ impl Engine {
         }
         for rel in std::mem::take(&mut self.gone) {
             let rel_str = rel.to_string_lossy();
+            let (fs, remote) = line::stock(&rel);
             let params = json!({
-                "srcFs": self.spec.remote, "srcRemote": rel_str,
+                "srcFs": fs, "srcRemote": remote,
                 "dstFs": format!("{trash}/{day}/{SQLITE_DIR}"), "dstRemote": rel_str,
             });
             let moved = match rc::call(&self.spec.rc_socket, "operations/movefile", &params).await {
@@ -637,12 +633,11 @@ impl Engine {
         }))
     }
 
-    /// A save of `rel` that began at `started`, with `fp_before`, succeeded;
-    /// `all_up` when nothing of it still waits for upload.
-    fn record_saved(&mut self, rel: &Path, fp_before: Fingerprint, started: Instant, all_up: bool) {
+    /// A save of `rel` that began at `started`, with `fp_before`, is on S3.
+    fn record_saved(&mut self, rel: &Path, fp_before: Fingerprint, started: Instant) {
         let changed_since = Fingerprint::of(&self.spec.root.join(rel)) != fp_before;
         let state = self.dbs.get_mut(rel).expect("saved databases are listed");
-        state.saved = all_up.then_some(fp_before);
+        state.saved = Some(fp_before);
         // A change made while the save ran is unsaved since then at the
         // latest, not since the next poll notices it.
         state.dirty_since = changed_since.then_some(started);
@@ -810,16 +805,16 @@ impl Engine {
         }
         let state = self.dbs.get_mut(rel).expect("saved databases are listed");
         state.remote_hash = Some(snap.sha256);
-        self.record_saved(rel, fp_before, started, true);
+        self.record_saved(rel, fp_before, started);
         Ok(())
     }
 
     async fn upload(&self, rel: &Path, snap: &Snapshot) -> Result<(), BackupError> {
-        let rel_str = rel.to_string_lossy();
+        let (fs, remote) = line::stock(rel);
         self.writer()
             .copy(
-                (&self.spec.scratch.to_string_lossy(), &rel_str),
-                (&self.spec.remote, &rel_str),
+                (&self.spec.scratch.to_string_lossy(), &remote),
+                (&fs, &remote),
             )
             .await
             .map_err(|source| BackupError::Upload {

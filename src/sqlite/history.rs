@@ -13,9 +13,28 @@ use crate::sqlite::line::{BaseRef, SegRef};
 
 /// How far back every restore point is kept: the hour the docs promise,
 /// and a margin for a prune that runs late.
-pub const RECENT_MS: u64 = 65 * 60_000;
-const HOUR_MS: u64 = 3_600_000;
+const RECENT_MS: u64 = 65 * 60_000;
+pub const HOUR_MS: u64 = 3_600_000;
 const DAY_MS: u64 = 24 * HOUR_MS;
+
+/// Retention's two boundaries at a moment, for databases and files alike:
+/// every restore point after `recent` is kept, and one per hour back to
+/// `horizon`.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub recent: u64,
+    pub horizon: u64,
+}
+
+impl Window {
+    /// At `now` (Unix ms), keeping hourly points for `days`.
+    pub fn at(now: u64, days: u32) -> Window {
+        Window {
+            recent: now.saturating_sub(RECENT_MS),
+            horizon: now.saturating_sub(u64::from(days) * DAY_MS),
+        }
+    }
+}
 
 /// What a prune keeps of a line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,14 +61,13 @@ impl Keep {
 pub fn retain(bases: &[BaseRef], now: u64, days: u32) -> Keep {
     let mut sorted = bases.to_vec();
     sorted.sort_by_key(|b| std::cmp::Reverse(b.taken_ms()));
-    let recent = now.saturating_sub(RECENT_MS);
+    let Window { recent, horizon } = Window::at(now, days);
     // The newest base at or before the recent window's start: points in
     // the window just after that start are built on it.
     let anchor = sorted
         .iter()
         .position(|b| b.taken_ms() <= recent)
         .unwrap_or(sorted.len().saturating_sub(1));
-    let horizon = now.saturating_sub(u64::from(days) * DAY_MS);
     let mut kept: Vec<BaseRef> = sorted.iter().take(anchor + 1).cloned().collect();
     let mut segments_after = BTreeMap::new();
     for b in &kept {

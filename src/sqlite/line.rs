@@ -190,24 +190,14 @@ pub fn classify(below: &str) -> Object {
 
 /// Every object below `rel`'s [`path`] with its size, by its path below it.
 pub async fn list(socket: &Path, rel: &Path) -> Result<Vec<(String, u64)>, rc::RcError> {
-    let listed = match rc::call(
+    let listed = rc::list(
         socket,
-        "operations/list",
         &json!({ "fs": root(), "remote": path(rel), "opt": { "recurse": true, "filesOnly": true } }),
     )
-    .await
-    {
-        Ok(l) => l,
-        Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {
-            return Ok(Vec::new())
-        }
-        Err(e) => return Err(e),
-    };
+    .await?;
     let prefix = format!("{}/", path(rel));
-    Ok(listed["list"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(listed
+        .iter()
         .filter_map(|item| {
             let below = item["Path"].as_str()?.strip_prefix(&prefix)?.to_owned();
             Some((below, item["Size"].as_u64().unwrap_or(0)))
@@ -317,6 +307,17 @@ impl Writer<'_> {
 
     /// One fenced `operations/copyfile`; server-side when both are on S3.
     pub async fn copy(&self, from: (&str, &str), to: (&str, &str)) -> Result<(), rc::RcError> {
+        self.transfer("operations/copyfile", from, to).await
+    }
+
+    /// One fenced `method` (`operations/copyfile` or `movefile`) from
+    /// `(fs, remote)` to `(fs, remote)`.
+    pub async fn transfer(
+        &self,
+        method: &str,
+        from: (&str, &str),
+        to: (&str, &str),
+    ) -> Result<(), rc::RcError> {
         self.fence.check().map_err(rc::RcError::Fenced)?;
         let params = json!({
             "srcFs": from.0, "srcRemote": from.1,
@@ -324,9 +325,7 @@ impl Writer<'_> {
             // Without asking S3 first: the content is known to differ.
             "_config": { "NoCheckDest": true },
         });
-        rc::call(self.socket, "operations/copyfile", &params)
-            .await
-            .map(drop)
+        rc::call(self.socket, method, &params).await.map(drop)
     }
 }
 

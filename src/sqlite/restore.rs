@@ -277,10 +277,7 @@ async fn catch_up(
         };
         tracing::error!(db = %rel.display(), restored_to = base.after + applied as u64, "sqlite: restore stopped at segment {remote}/{object}: {why}; the database is restored as of the segment before it");
     }
-    let point = done
-        .last()
-        .map_or(Some(base.taken_ms()), |s| s.t_ms)
-        .unwrap_or(base.taken_ms());
+    let point = done.last().and_then(|s| s.t_ms).unwrap_or(base.taken_ms());
     tracing::info!(db = %rel.display(), generation = %base.gen, segments = applied, "sqlite: restored base and segments");
     let line = (stopped.is_none() && at.is_none()).then(|| Line {
         gen: base.gen.clone(),

@@ -7,9 +7,7 @@
 //! prunes.
 
 use crate::remote::bucket::{HIST_DIR, LINK_SUFFIX, META_DIR};
-use crate::sqlite::history::RECENT_MS;
-
-const HOUR_MS: u64 = 3_600_000;
+use crate::sqlite::history::{Window, HOUR_MS};
 
 /// A kept version of a file.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -88,13 +86,13 @@ pub fn pick<'a>(versions: &[&'a Version], head_mtime: Option<u64>, at: u64) -> P
 }
 
 /// Whether retention keeps `v` at `now`: superseded within the last
-/// [`RECENT_MS`], or live at one of the hourly points of the last `days`.
+/// 65 minutes ([`Window`]), or live at one of the hourly points of the last
+/// `days`.
 pub fn keep(v: &Version, now: u64, days: u32) -> bool {
-    let recent = now.saturating_sub(RECENT_MS);
+    let Window { recent, horizon } = Window::at(now, days);
     if v.end >= recent {
         return true;
     }
-    let horizon = now.saturating_sub(u64::from(days) * 24 * HOUR_MS);
     // The first hour boundary at or after its start.
     let first = v.start.div_ceil(HOUR_MS) * HOUR_MS;
     first < v.end && first <= recent && v.end > horizon

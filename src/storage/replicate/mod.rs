@@ -27,7 +27,7 @@ use super::{prepare_err, Event, FlushError, StorageError};
 use crate::config::{Config, S3Config, SqliteConfig};
 use crate::rclone::session::Session;
 use crate::rclone::{self, rc, CRYPT_REMOTE};
-use crate::remote::bucket::{trash_day, HIST_DIR, LINK_SUFFIX, META_DIR, TRASH_DIR, USER_DIR};
+use crate::remote::bucket::{trash_day, LINK_SUFFIX, META_DIR, TRASH_DIR, USER_DIR};
 use crate::remote::lag::Lag;
 use crate::sqlite::backup::{self, BackupSpec};
 use crate::sqlite::restore;
@@ -322,39 +322,27 @@ impl Replicate {
 
     /// What the remote holds, as a manifest, for a state dir kept from a previous run.
     async fn remote_manifest(&self) -> Result<Manifest, ReplicateError> {
-        let listing = self
-            .rc(
-                "operations/list",
-                json!({
-                    "fs": format!("{CRYPT_REMOTE}:"), "remote": "",
-                    "opt": { "recurse": true, "filesOnly": true, "noMimeType": true },
-                    "_filter": self.filter(),
-                }),
-            )
-            .await;
-        let listing = match listing {
-            Ok(l) => l,
-            Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {
-                return Ok(Manifest::new())
-            }
-            Err(e) => return Err(ReplicateError::List(e)),
-        };
+        let listing = rc::list(
+            self.session.socket(),
+            &json!({
+                "fs": format!("{CRYPT_REMOTE}:"), "remote": "",
+                "opt": { "recurse": true, "filesOnly": true, "noMimeType": true },
+                "_filter": self.filter(),
+            }),
+        )
+        .await
+        .map_err(ReplicateError::List)?;
         // Sizes only: a stamp that cannot match makes the first full pass
         // compare by uploading; after that the manifest is exact.
-        Ok(listing["list"]
-            .as_array()
-            .map(|items| {
-                items
-                    .iter()
-                    .filter_map(|i| {
-                        Some((
-                            i["Path"].as_str()?.to_owned(),
-                            (i["Size"].as_u64()?, i64::MIN, i64::MIN),
-                        ))
-                    })
-                    .collect()
+        Ok(listing
+            .iter()
+            .filter_map(|i| {
+                Some((
+                    i["Path"].as_str()?.to_owned(),
+                    (i["Size"].as_u64()?, i64::MIN, i64::MIN),
+                ))
             })
-            .unwrap_or_default())
+            .collect())
     }
 
     /// A rollback boot's first step ([`rollback`]): the bucket's head made
@@ -707,67 +695,53 @@ fn move_file(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
-/// Purges trash days older than `days`; runs beside the gateway, nothing waits for it.
 /// At boot, in the background: deletes the file versions retention no
 /// longer keeps ([`history::keep`]), and the trash days older than
 /// `days`. Best effort: what is left goes at the next boot.
 async fn prune_history(socket: PathBuf, days: u32, fence: crate::remote::lease::Fence) {
-    let hist = format!("{META_DIR}/{HIST_DIR}");
-    if let Ok(listing) = rc::call(
-        &socket,
-        "operations/list",
-        &json!({ "fs": format!("{CRYPT_REMOTE}:{hist}"), "remote": "", "opt": { "recurse": true, "filesOnly": true } }),
-    )
-    .await
-    {
+    if let Ok(versions) = timeline::versions(&socket).await {
         let now = crate::timepoint::now_ms();
         let (mut pruned, mut kept) = (0, 0);
-        for below in listing["list"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i["Path"].as_str())
-        {
-            match history::Version::parse(below) {
-                Some(v) if !history::keep(&v, now, days) => {
-                    if fence.check().is_err() {
-                        return;
-                    }
-                    let r = rc::call(
-                        &socket,
-                        "operations/deletefile",
-                        &json!({ "fs": format!("{CRYPT_REMOTE}:"), "remote": v.object() }),
-                    )
-                    .await;
-                    if r.is_ok() {
-                        pruned += 1;
-                    }
-                }
-                _ => kept += 1,
+        for (v, _) in versions {
+            if history::keep(&v, now, days) {
+                kept += 1;
+                continue;
+            }
+            if fence.check().is_err() {
+                return;
+            }
+            let r = rc::call(
+                &socket,
+                "operations/deletefile",
+                &json!({ "fs": format!("{CRYPT_REMOTE}:"), "remote": v.object() }),
+            )
+            .await;
+            if r.is_ok() {
+                pruned += 1;
             }
         }
-        tracing::info!(pruned, kept, "history: pruned file versions retention no longer keeps");
+        tracing::info!(
+            pruned,
+            kept,
+            "history: pruned file versions retention no longer keeps"
+        );
     }
     purge_old_trash(&socket, days, &fence).await;
 }
 
+/// Purges trash days older than `days`.
 async fn purge_old_trash(socket: &Path, days: u32, fence: &crate::remote::lease::Fence) {
-    let Ok(listing) = rc::call(socket,
-            "operations/list",
-            &json!({ "fs": format!("{CRYPT_REMOTE}:{TRASH_DIR}"), "remote": "", "opt": { "dirsOnly": true } }),
-        )
-        .await
+    let Ok(listing) = rc::list(
+        socket,
+        &json!({ "fs": format!("{CRYPT_REMOTE}:{TRASH_DIR}"), "remote": "", "opt": { "dirsOnly": true } }),
+    )
+    .await
     else {
         return;
     };
     let cutoff =
         trash_day(std::time::SystemTime::now() - Duration::from_secs(86_400 * u64::from(days)));
-    for day in listing["list"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i["Path"].as_str())
-    {
+    for day in listing.iter().filter_map(|i| i["Path"].as_str()) {
         if day < cutoff.as_str() && fence.check().is_ok() {
             let r = rc::call(
                 socket,

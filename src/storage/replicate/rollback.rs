@@ -25,7 +25,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::scan::Excludes;
 use super::timeline::{self, At};
@@ -122,14 +121,11 @@ impl Rollback<'_> {
         let set_aside = self.set_aside(now).map_err(failed)?;
         let changed = self.files(&files, now).await.map_err(rc_failed)?;
         // A database without history (not in WAL mode) stays as it is.
-        let rolled: Vec<&PathBuf> = dbs
-            .dbs
-            .iter()
-            .filter(|(_, r)| r.point.is_some())
-            .map(|(rel, _)| rel)
-            .collect();
-        for rel in &rolled {
-            self.publish(rel, &staging, now).await.map_err(rc_failed)?;
+        let rolled: Vec<_> = dbs.dbs.iter().filter(|(_, r)| r.point.is_some()).collect();
+        for (rel, r) in &rolled {
+            self.publish(rel, &r.known.sha256, &staging, now)
+                .await
+                .map_err(rc_failed)?;
         }
         for (rel, _) in &dbs.not_yet {
             self.to_trash(rel).await.map_err(rc_failed)?;
@@ -175,12 +171,12 @@ impl Rollback<'_> {
                 source,
             },
         )?;
-        self.copy(
-            (&self.scratch.to_string_lossy(), ROLLBACKS),
-            (&format!("{CRYPT_REMOTE}:{META_DIR}"), ROLLBACKS),
-            "operations/copyfile",
-        )
-        .await
+        self.writer()
+            .copy(
+                (&self.scratch.to_string_lossy(), ROLLBACKS),
+                (&format!("{CRYPT_REMOTE}:{META_DIR}"), ROLLBACKS),
+            )
+            .await
     }
 
     /// Moves the state dir's entries (all but its `.cvm/`) to
@@ -213,35 +209,21 @@ impl Rollback<'_> {
         now: u64,
     ) -> Result<usize, rc::RcError> {
         let root = format!("{CRYPT_REMOTE}:");
+        let writer = self.writer();
         let mut changed = 0;
         for (name, what) in files {
             match what {
                 At::Head | At::Absent { head: None } => continue,
                 At::Absent { head: Some(m) } => {
-                    let kept = history::superseded(name, i64::try_from(*m).unwrap_or(0), now);
-                    self.copy(
-                        (&root, name),
-                        (&root, &kept.object()),
-                        "operations/movefile",
-                    )
-                    .await?;
+                    self.keep_head(name, *m, now, "operations/movefile").await?;
                 }
                 At::Version { version, head } => {
                     if let Some(m) = head {
-                        let kept = history::superseded(name, i64::try_from(*m).unwrap_or(0), now);
-                        self.copy(
-                            (&root, name),
-                            (&root, &kept.object()),
-                            "operations/copyfile",
-                        )
-                        .await?;
+                        self.keep_head(name, *m, now, "operations/copyfile").await?;
                     }
-                    self.copy(
-                        (&root, &version.object()),
-                        (&root, name),
-                        "operations/copyfile",
-                    )
-                    .await?;
+                    writer
+                        .copy((&root, &version.object()), (&root, name))
+                        .await?;
                 }
             }
             changed += 1;
@@ -249,25 +231,36 @@ impl Rollback<'_> {
         Ok(changed)
     }
 
-    /// Publishes the database restored at `staging/rel` as the first base of
-    /// a new generation.
-    async fn publish(&self, rel: &Path, staging: &Path, now: u64) -> Result<(), rc::RcError> {
-        let file = staging.join(rel);
-        let (sha256, _) = crate::sqlite::content_hash(&file).map_err(|e| rc::RcError::Io {
-            path: file.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let writer = line::Writer {
-            socket: self.socket,
-            scratch: self.scratch,
-            fence: self.fence,
-            history_days: self.history_days,
-        };
+    /// Keeps `name`'s head, live since its mtime `m`, as a version ending
+    /// `now`: a copy, or a move to take it away.
+    async fn keep_head(
+        &self,
+        name: &str,
+        m: u64,
+        now: u64,
+        method: &str,
+    ) -> Result<(), rc::RcError> {
+        let root = format!("{CRYPT_REMOTE}:");
+        let kept = history::superseded(name, i64::try_from(m).unwrap_or(0), now).object();
+        self.writer()
+            .transfer(method, (&root, name), (&root, &kept))
+            .await
+    }
+
+    /// Publishes the database restored at `staging/rel` (content hash
+    /// `sha256`) as the first base of a new generation.
+    async fn publish(
+        &self,
+        rel: &Path,
+        sha256: &[u8; 32],
+        staging: &Path,
+        now: u64,
+    ) -> Result<(), rc::RcError> {
         let manifest = line::read_manifest(self.socket, rel, self.scratch)
             .await?
             .unwrap_or_default();
-        let base = BaseRef::new(line::new_gen(), 0, &sha256, now);
-        writer
+        let base = BaseRef::new(line::new_gen(), 0, sha256, now);
+        self.writer()
             .publish(rel, (staging, &rel.to_string_lossy()), &base, &manifest)
             .await
             .map(drop)
@@ -277,15 +270,16 @@ impl Rollback<'_> {
     /// trash, so the restore does not bring it back; its history stays.
     async fn to_trash(&self, rel: &Path) -> Result<(), rc::RcError> {
         let day = trash_day(std::time::SystemTime::now());
-        let rel = rel.to_string_lossy();
+        let (fs, remote) = line::stock(rel);
         let r = self
-            .copy(
-                (&format!("{CRYPT_REMOTE}:{SQLITE_DIR}"), &rel),
+            .writer()
+            .transfer(
+                "operations/movefile",
+                (&fs, &remote),
                 (
                     &format!("{CRYPT_REMOTE}:{TRASH_DIR}/{day}/{SQLITE_DIR}"),
-                    &rel,
+                    &remote,
                 ),
-                "operations/movefile",
             )
             .await;
         match r {
@@ -294,24 +288,12 @@ impl Rollback<'_> {
         }
     }
 
-    /// One fenced server-side copy or move.
-    async fn copy(
-        &self,
-        from: (&str, &str),
-        to: (&str, &str),
-        method: &str,
-    ) -> Result<(), rc::RcError> {
-        self.fence.check().map_err(rc::RcError::Fenced)?;
-        rc::call(
-            self.socket,
-            method,
-            &json!({
-                "srcFs": from.0, "srcRemote": from.1,
-                "dstFs": to.0, "dstRemote": to.1,
-                "_config": { "NoCheckDest": true },
-            }),
-        )
-        .await
-        .map(drop)
+    fn writer(&self) -> line::Writer<'_> {
+        line::Writer {
+            socket: self.socket,
+            scratch: self.scratch,
+            fence: self.fence,
+            history_days: self.history_days,
+        }
     }
 }

@@ -50,10 +50,8 @@ pub async fn at(
         }
     }
     let mut versions: BTreeMap<String, Vec<Version>> = BTreeMap::new();
-    for (below, _) in list(socket, &format!("{META_DIR}/{HIST_DIR}"), json!({})).await? {
-        if let Some(v) = Version::parse(&below) {
-            versions.entry(v.name.clone()).or_default().push(v);
-        }
+    for (v, _) in self::versions(socket).await? {
+        versions.entry(v.name.clone()).or_default().push(v);
     }
     let names: BTreeSet<&String> = heads.keys().chain(versions.keys()).collect();
     Ok(names
@@ -74,6 +72,22 @@ pub async fn at(
         .collect())
 }
 
+/// Every kept version of a file, with its size.
+pub async fn versions(socket: &Path) -> Result<Vec<(Version, u64)>, rc::RcError> {
+    let listed = rc::list(
+        socket,
+        &json!({
+            "fs": format!("{CRYPT_REMOTE}:{META_DIR}/{HIST_DIR}"), "remote": "",
+            "opt": { "recurse": true, "filesOnly": true, "noMimeType": true },
+        }),
+    )
+    .await?;
+    Ok(listed
+        .iter()
+        .filter_map(|i| Some((Version::parse(i["Path"].as_str()?)?, i["Size"].as_u64()?)))
+        .collect())
+}
+
 /// Every file below `dir` of the crypt remote that `filter` lets through:
 /// (path below `dir`, its mtime as rclone gives it).
 async fn list(
@@ -81,27 +95,17 @@ async fn list(
     dir: &str,
     filter: serde_json::Value,
 ) -> Result<Vec<(String, String)>, rc::RcError> {
-    let listed = match rc::call(
+    let listed = rc::list(
         socket,
-        "operations/list",
         &json!({
             "fs": format!("{CRYPT_REMOTE}:{dir}"), "remote": "",
             "opt": { "recurse": true, "filesOnly": true, "noMimeType": true },
             "_filter": filter,
         }),
     )
-    .await
-    {
-        Ok(l) => l,
-        Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {
-            return Ok(Vec::new())
-        }
-        Err(e) => return Err(e),
-    };
-    Ok(listed["list"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    .await?;
+    Ok(listed
+        .iter()
         .filter_map(|i| {
             Some((
                 i["Path"].as_str()?.to_owned(),
