@@ -44,6 +44,12 @@ pub fn parse(s: &str, now: u64) -> Result<u64, String> {
     Ok(at)
 }
 
+/// An RFC 3339 time as rclone lists an object's `ModTime`, as Unix ms.
+pub fn modtime_ms(s: &str) -> Option<u64> {
+    let t = humantime::parse_rfc3339_weak(s).ok()?;
+    u64::try_from(t.duration_since(UNIX_EPOCH).ok()?.as_millis()).ok()
+}
+
 /// `ms` as an RFC 3339 UTC time with milliseconds.
 pub fn format(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
@@ -54,6 +60,16 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_796_000_000_000;
+
+    #[test]
+    fn modtimes_as_rclone_lists_them() {
+        assert_eq!(
+            modtime_ms("2026-11-29T18:00:00.250123456Z"),
+            Some(1_795_975_200_250)
+        );
+        assert_eq!(modtime_ms("2026-11-29T18:00:00Z"), Some(1_795_975_200_000));
+        assert_eq!(modtime_ms("yesterday"), None);
+    }
 
     #[test]
     fn times_as_users_write_them() {

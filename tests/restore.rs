@@ -433,10 +433,30 @@ fn a_rollback_boot_starts_from_a_moment_and_can_itself_be_undone() {
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
     let abandoned = on_s3(&s, "f.txt", Some(4));
 
+    // A moment before anything the bucket holds: the boot stops, the bucket
+    // untouched. (A2 kept its state dir, so f.txt's first version is dated
+    // from S3's listing: it must not count from 1970.)
+    let before = common::raw_state(&s.g, s.tmp.path());
+    let idle = s.idle.clone();
+    let mut app = s.start(
+        &common::Dirs::new(s.tmp.path(), "too-early"),
+        &[
+            ("CVM_RESTORE_AT", "2001-01-01T00:00:00Z"),
+            ("CVM_GATEWAY_CMD", &idle),
+        ],
+    );
+    assert_eq!(app.wait_exit(T), 65, "{}", app.log_text());
+    assert!(
+        app.log_text()
+            .contains("is before anything the history holds"),
+        "{}",
+        app.log_text()
+    );
+    assert_eq!(common::raw_state(&s.g, s.tmp.path()), before);
+
     // B rolls back to `then`, into A's own state dir (set aside, not lost).
     let rfc = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
     let back = rfc(then);
-    let idle = s.idle.clone();
     let (mut app, b) = s.boot(
         "a",
         &[

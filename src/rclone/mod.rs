@@ -182,6 +182,9 @@ pub fn command(rclone_bin: &str, args: &[OsString]) -> Command {
     let mut cmd = Command::new(rclone_bin);
     // rclone speaks sd-notify itself; only the mount gets a (private) socket.
     cmd.args(args).env_remove("NOTIFY_SOCKET");
+    // Listings give times in rclone's local zone; in UTC they end in `Z`,
+    // which is what `timepoint::modtime_ms` reads on any user's machine.
+    cmd.env("TZ", "UTC");
     for (name, _) in std::env::vars_os() {
         if name.to_str().is_some_and(is_secret_env) {
             cmd.env_remove(&name);

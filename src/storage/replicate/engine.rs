@@ -24,7 +24,7 @@ use tokio::time::{sleep, Instant};
 
 use super::history;
 use super::plan;
-use super::scan::{scan, stamp, Excludes, Manifest, Stamp};
+use super::scan::{scan, stamp, Excludes, Manifest, Stamp, Written};
 use crate::backoff::Backoff;
 use crate::rclone::rc::{self, RcError};
 use crate::rclone::CRYPT_REMOTE;
@@ -175,6 +175,9 @@ impl Watches {
 struct Engine {
     spec: ReplicationSpec,
     remote: Manifest,
+    /// When heads `remote` has no mtime for were written (a boot that kept
+    /// the state dir), to date the versions they become.
+    written: Written,
     /// The tree as `.cvm/tree.json` on S3 last described it.
     tree: TreeMeta,
     dirty: BTreeMap<PathBuf, Instant>,
@@ -198,7 +201,13 @@ struct Engine {
 /// Starts watching `spec.root` and the replication loop. `remote` is what
 /// S3 holds now; with `reconcile`, a full pass runs at once (local changes
 /// made while cvm-init was down have no inotify event).
-pub fn start(spec: ReplicationSpec, remote: Manifest, tree: TreeMeta, reconcile: bool) -> Worker {
+pub fn start(
+    spec: ReplicationSpec,
+    remote: Manifest,
+    written: Written,
+    tree: TreeMeta,
+    reconcile: bool,
+) -> Worker {
     {
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -231,6 +240,7 @@ pub fn start(spec: ReplicationSpec, remote: Manifest, tree: TreeMeta, reconcile:
                 },
             spec,
             remote,
+            written,
             tree,
             dirty: BTreeMap::new(),
             watches,
@@ -779,7 +789,10 @@ impl Engine {
         } else {
             "operations/movefile"
         };
-        let head_mtime = self.remote.get(name).map_or(i64::MIN, |s| s.1);
+        let head_mtime = match self.remote.get(name) {
+            Some(s) if s.1 != i64::MIN => u64::try_from(s.1).ok(),
+            _ => self.written.get(name).copied(),
+        };
         let version = history::superseded(name, head_mtime, end);
         let r = self
             .rc(

@@ -49,10 +49,10 @@ impl Version {
     }
 }
 
-/// The interval of a version that `head_mtime` (ms; unknown after a boot
-/// that kept the state dir) replaced, or that was deleted, at `end`.
-pub fn superseded(name: &str, head_mtime: i64, end: u64) -> Version {
-    let start = u64::try_from(head_mtime).unwrap_or(0);
+/// The interval of a version written at `head_mtime` (ms; `None`: not
+/// known, taken as the epoch) replaced, or deleted, at `end`.
+pub fn superseded(name: &str, head_mtime: Option<u64>, end: u64) -> Version {
+    let start = head_mtime.unwrap_or(0);
     Version {
         name: name.to_owned(),
         start,
@@ -126,12 +126,12 @@ mod tests {
         assert_eq!(Version::parse(&below), Some(link));
         assert_eq!(Version::parse("x/stray"), None);
         assert_eq!(
-            superseded("a", i64::MIN, 5),
+            superseded("a", None, 5),
             v("a", 0, 5),
             "an unknown start: since ever"
         );
         assert_eq!(
-            superseded("a", 9, 5),
+            superseded("a", Some(9), 5),
             v("a", 9, 9),
             "never ends before it starts"
         );

@@ -34,7 +34,7 @@ use crate::sqlite::restore;
 use crate::sys::process::Reaper;
 use crate::sys::sdnotify;
 use engine::ReplicationSpec;
-use scan::{Excludes, Manifest};
+use scan::{Excludes, Manifest, Written};
 
 /// A restore with no progress for this long asks whether S3 still answers.
 const RESTORE_STALL: Duration = Duration::from_secs(10);
@@ -84,6 +84,8 @@ pub struct Replicate {
 struct Restored {
     /// What S3 holds, as far as it is known.
     remote: Manifest,
+    /// When heads `remote` does not date were written, as S3 says.
+    written: Written,
     /// The tree as S3's `tree.json` describes it.
     tree: treemeta::TreeMeta,
     /// Local changes may be unknown to S3: a full pass first.
@@ -198,7 +200,7 @@ impl Replicate {
     /// Remote files that are not in the state dir at their remote size,
     /// named for the error of a failed restore (empty if S3 cannot list).
     async fn unrestored(&self) -> Vec<String> {
-        let Ok(remote) = self.remote_manifest().await else {
+        let Ok((remote, _)) = self.remote_manifest().await else {
             return Vec::new();
         };
         let local = scan::scan(&self.state_dir, &self.excludes).files;
@@ -320,8 +322,9 @@ impl Replicate {
         );
     }
 
-    /// What the remote holds, as a manifest, for a state dir kept from a previous run.
-    async fn remote_manifest(&self) -> Result<Manifest, ReplicateError> {
+    /// What the remote holds, as a manifest, for a state dir kept from a
+    /// previous run, and when each head was written.
+    async fn remote_manifest(&self) -> Result<(Manifest, Written), ReplicateError> {
         let listing = rc::list(
             self.session.socket(),
             &json!({
@@ -333,16 +336,22 @@ impl Replicate {
         .await
         .map_err(ReplicateError::List)?;
         // Sizes only: a stamp that cannot match makes the first full pass
-        // compare by uploading; after that the manifest is exact.
-        Ok(listing
-            .iter()
-            .filter_map(|i| {
-                Some((
-                    i["Path"].as_str()?.to_owned(),
-                    (i["Size"].as_u64()?, i64::MIN, i64::MIN),
-                ))
-            })
-            .collect())
+        // compare by uploading; after that the manifest is exact. S3's
+        // mtime stays out of the stamp (same size and mtime with new
+        // content would pass for a chmod) and only dates the version a
+        // head becomes.
+        let mut manifest = Manifest::new();
+        let mut written = Written::new();
+        for i in listing.iter() {
+            let (Some(name), Some(size)) = (i["Path"].as_str(), i["Size"].as_u64()) else {
+                continue;
+            };
+            manifest.insert(name.to_owned(), (size, i64::MIN, i64::MIN));
+            if let Some(ms) = i["ModTime"].as_str().and_then(crate::timepoint::modtime_ms) {
+                written.insert(name.to_owned(), ms);
+            }
+        }
+        Ok((manifest, written))
     }
 
     /// A rollback boot's first step ([`rollback`]): the bucket's head made
@@ -395,7 +404,7 @@ impl Replicate {
         let this = self.identity();
         let start = decide_start(marker.exists(), evidence.as_deref(), &this);
         let mut restored_dbs = BTreeMap::new();
-        let (remote, tree, reconcile) = if let Start::Restore { clear } = start {
+        let (remote, written, tree, reconcile) = if let Start::Restore { clear } = start {
             if clear {
                 tracing::warn!(dir = %self.state_dir.display(), "an earlier restore was interrupted; starting it over");
                 clear_dir(&self.state_dir)
@@ -416,7 +425,7 @@ impl Replicate {
             }
             sdnotify::status("restoring state");
             let remote_tree = self.fetch_tree_meta().await?;
-            let listing = self.remote_manifest().await?;
+            let (listing, written) = self.remote_manifest().await?;
             let (skip, losers) = shape_conflicts(&listing, remote_tree.as_ref());
             if !losers.is_empty() {
                 tracing::warn!(
@@ -502,6 +511,7 @@ impl Replicate {
             );
             (
                 on_s3,
+                written,
                 remote_tree,
                 !before.files.is_empty() || !losers.is_empty(),
             )
@@ -511,14 +521,12 @@ impl Replicate {
                 "boot: keeping the local state dir (restored from or written to this bucket prefix before, so newer \
                  than S3)"
             );
-            (
-                self.remote_manifest().await?,
-                treemeta::TreeMeta::new(),
-                true,
-            )
+            let (remote, written) = self.remote_manifest().await?;
+            (remote, written, treemeta::TreeMeta::new(), true)
         };
         self.restored = Some(Restored {
             remote,
+            written,
             tree,
             reconcile,
             databases: restored_dbs,
@@ -532,11 +540,13 @@ impl Replicate {
     pub fn start_workers(&mut self) {
         let Restored {
             remote,
+            written,
             tree,
             reconcile,
             databases,
         } = self.restored.take().unwrap_or_else(|| Restored {
             remote: Manifest::new(),
+            written: Written::new(),
             tree: treemeta::TreeMeta::new(),
             reconcile: true,
             databases: BTreeMap::new(),
@@ -572,6 +582,7 @@ impl Replicate {
                 fence: self.session.fence.clone(),
             },
             remote,
+            written,
             tree,
             reconcile,
         ));

@@ -241,7 +241,7 @@ impl Rollback<'_> {
         method: &str,
     ) -> Result<(), rc::RcError> {
         let root = format!("{CRYPT_REMOTE}:");
-        let kept = history::superseded(name, i64::try_from(m).unwrap_or(0), now).object();
+        let kept = history::superseded(name, Some(m), now).object();
         self.writer()
             .transfer(method, (&root, name), (&root, &kept))
             .await

@@ -76,6 +76,8 @@ impl Excludes {
 pub type Stamp = (u64, i64, i64);
 /// Remote name (symlinks with `.rclonelink`) → stamp.
 pub type Manifest = BTreeMap<String, Stamp>;
+/// When remote heads were written (Unix ms), as S3 lists them.
+pub type Written = BTreeMap<String, u64>;
 
 /// What a local scan found.
 #[derive(Debug, Default)]

@@ -42,10 +42,7 @@ pub async fn at(
             } else {
                 format!("{from}/{name}")
             };
-            let mtime = humantime::parse_rfc3339_weak(&modtime)
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+            let mtime = crate::timepoint::modtime_ms(&modtime).unwrap_or(0);
             heads.insert(name, mtime);
         }
     }
