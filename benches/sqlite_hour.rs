@@ -1,0 +1,194 @@
+//! The bucket after an hour of the SQLite bench's load (a 2 KB row every
+//! 20 ms): how big cvm-init's bucket grows with its history, beside
+//! Litestream's under the same load, each on its own Garage, run side by
+//! side. Sampled every few minutes; at the end, what cvm-init's bucket
+//! holds by kind (stock bases, kept bases, segments). Sizes are what the
+//! bucket lists (`rclone size` of the raw bucket: ciphertext, names
+//! included); bytes written are Garage's `block_bytes_written`.
+//! Results: bench/sqlite-hour.md.
+//!
+//! Run with `./scripts/bench sqlite-hour` (~62 min; `BENCH_LOAD_SECS`
+//! shortens it).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod support;
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::load::{commits, DB, WRITER};
+use common::{rclone, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD};
+use support::{litestream_bin, litestream_cmd, litestream_config, secs, write_report};
+
+const T: Duration = Duration::from_secs(60);
+const SAMPLE_EVERY: Duration = Duration::from_secs(300);
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+/// (objects, bytes) the raw bucket lists.
+fn bucket_size(g: &Garage, dir: &Path) -> (u64, u64) {
+    let conf = stock_config(g, dir);
+    let out = rclone(&conf, &["size", "--json", &format!("s3:{}", g.bucket)]);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    (v["count"].as_u64().unwrap(), v["bytes"].as_u64().unwrap())
+}
+
+/// cvm-init's objects by kind, as the crypt remote names them: (kind, objects, bytes).
+fn by_kind(g: &Garage, dir: &Path) -> Vec<(&'static str, u64, u64)> {
+    let conf = stock_config(g, dir);
+    let out = rclone(
+        &conf,
+        &["lsjson", "-R", "--files-only", "--no-mimetype", "crypt:"],
+    );
+    let items: Vec<serde_json::Value> = serde_json::from_slice(&out).unwrap();
+    let mut kinds: Vec<(&'static str, u64, u64)> = [
+        "stock base (sqlite/)",
+        "kept bases",
+        "segments",
+        "manifests",
+        "other",
+    ]
+    .iter()
+    .map(|k| (*k, 0, 0))
+    .collect();
+    for i in items {
+        let path = i["Path"].as_str().unwrap_or_default();
+        let size = i["Size"].as_u64().unwrap_or(0);
+        let k = if path.starts_with("sqlite/") {
+            0
+        } else if path.starts_with(".cvm/wal/") && path.contains("/bases/") {
+            1
+        } else if path.starts_with(".cvm/wal/") && path.ends_with("/manifest") {
+            3
+        } else if path.starts_with(".cvm/wal/") {
+            2
+        } else {
+            4
+        };
+        kinds[k].1 += 1;
+        kinds[k].2 += size;
+    }
+    kinds
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is accepted.
+    let load = secs("BENCH_LOAD_SECS", 3600);
+    let Some(lbin) = litestream_bin() else {
+        panic!("litestream is not on PATH; ./scripts/bench installs it");
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let writer = tmp.path().join("writer.py");
+    fs::write(&writer, WRITER).unwrap();
+
+    // cvm-init, the default (replicate) layout and lease, the writer as its gateway.
+    let ours = tmp.path().join("cvm");
+    let g = Garage::start(&ours.join("g"));
+    let out = ours.join("out");
+    fs::create_dir_all(&out).unwrap();
+    let dirs = Dirs::new(&ours, "c");
+    let mut env = g.s3_env();
+    env.extend(dirs.env());
+    env.extend(
+        [
+            ("RCLONE_CRYPT_PASSWORD", PASSWORD.to_owned()),
+            ("CVM_GATEWAY_CMD", format!("python3 {}", writer.display())),
+            ("OUT", out.display().to_string()),
+            ("CVM_LOG", "info".to_owned()),
+            ("CVM_LEASE_TTL", "30s".to_owned()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    let mut app = Appliance::start(&dirs, &env);
+    app.wait_ready(T);
+
+    // Litestream, the same writer on a database of its own.
+    let lite = tmp.path().join("litestream");
+    let lg = Garage::start(&lite.join("g"));
+    let lstate = lite.join("state");
+    let lout = lite.join("out");
+    let ldb = lstate.join(DB);
+    fs::create_dir_all(ldb.parent().unwrap()).unwrap();
+    fs::create_dir_all(&lout).unwrap();
+    let config = lite.join("litestream.yml");
+    litestream_config(&lg, &ldb, &config);
+    let mut lw = Command::new("python3")
+        .arg(&writer)
+        .env("OPENCLAW_STATE_DIR", &lstate)
+        .env("OUT", &lout)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(T, "the writers", || {
+        !commits(&out).is_empty() && !commits(&lout).is_empty()
+    });
+    let mut ls = litestream_cmd(&lbin, "replicate", &config)
+        .spawn()
+        .expect("start litestream");
+
+    let t0 = Instant::now();
+    let (b0, lb0) = (g.bytes_written(), lg.bytes_written());
+    let mut rows = String::new();
+    loop {
+        let k = t0.elapsed().as_secs() / SAMPLE_EVERY.as_secs() + 1;
+        let next = (SAMPLE_EVERY * k as u32).min(load);
+        let at = t0 + next;
+        // A measured span of time, not synchronisation.
+        wait_until(next + T, "the next sample", || Instant::now() >= at);
+        let db = fs::metadata(dirs.state.join(DB)).map_or(0, |m| m.len());
+        let (n, bytes) = bucket_size(&g, &ours);
+        let (ln, lbytes) = bucket_size(&lg, &lite);
+        let _ = writeln!(
+            rows,
+            "| {:.0} | {} | {} ({n} objects) | {} | {} ({ln} objects) | {} |",
+            t0.elapsed().as_secs_f64() / 60.0,
+            mib(db),
+            mib(bytes),
+            mib(g.bytes_written() - b0),
+            mib(lbytes),
+            mib(lg.bytes_written() - lb0),
+        );
+        eprintln!("bench: {}", rows.lines().last().unwrap());
+        if next >= load {
+            break;
+        }
+    }
+    let kinds = by_kind(&g, &ours);
+    let _ = ls.kill();
+    let _ = ls.wait();
+    let _ = lw.kill();
+    let _ = lw.wait();
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    let mut md = String::new();
+    let _ = writeln!(md, "# The bucket after an hour of the SQLite load\n");
+    let _ = writeln!(
+        md,
+        "Load: one WAL database, a 2 KB row committed every 20 ms by a Python writer (the SQLite bench's), for \
+         {:.0} min. cvm-init in its default layout and settings (replicate, debounce 1 s, `CVM_HISTORY_DAYS` 7) \
+         and Litestream 0.5 (sync-interval 1 s, its default snapshot and retention settings) side by side, each \
+         on its own Garage (compression off). Size: what the raw bucket lists (`rclone size`: ciphertext, names \
+         included). Written: Garage's `block_bytes_written` since the load began. \
+         `./scripts/bench sqlite-hour` wrote this file.\n",
+        load.as_secs_f64() / 60.0
+    );
+    let _ = writeln!(
+        md,
+        "| minute | database | cvm-init bucket | cvm-init written | Litestream bucket | Litestream written |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    md.push_str(&rows);
+    let _ = writeln!(md, "\ncvm-init's bucket at the end, by kind:\n");
+    let _ = writeln!(md, "| kind | objects | size |");
+    let _ = writeln!(md, "|---|---|---|");
+    for (k, n, b) in &kinds {
+        let _ = writeln!(md, "| {k} | {n} | {} |", mib(*b));
+    }
+    write_report("sqlite-hour", &md);
+}
