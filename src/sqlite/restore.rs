@@ -136,12 +136,29 @@ pub async fn restore_databases_at(
     scratch: &Path,
     at: Option<u64>,
 ) -> Result<Restored, RestoreError> {
-    let fetched = fetch_databases(socket, root).await?;
+    let ahead_dir = scratch.join("segments");
+    let _ = fs::remove_dir_all(&ahead_dir);
+    let before = files_below(root)?;
+    // The bases and each database's segments download at once: the
+    // segments do not wait for a base as big as the database.
+    let (fetched, mut ahead) = tokio::try_join!(
+        fetch_databases(socket, root, &before),
+        read_ahead(socket, &before, &ahead_dir, at),
+    )?;
     let mut out = Restored::default();
     let mut lines = BTreeMap::new();
     let mut kept = Vec::new();
     for rel in &fetched {
-        match catch_up(socket, root, rel, scratch, at).await? {
+        let ahead = ahead.remove(rel);
+        let caught = catch_up(socket, root, rel, &ahead_dir, at, ahead).await;
+        let caught = match caught {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&ahead_dir);
+                return Err(e);
+            }
+        };
+        match caught {
             CatchUp::Before(oldest) => {
                 let _ = fs::remove_file(root.join(rel));
                 out.not_yet.push((rel.clone(), oldest));
@@ -157,6 +174,7 @@ pub async fn restore_databases_at(
         }
         kept.push(rel.clone());
     }
+    let _ = fs::remove_dir_all(&ahead_dir);
     for (rel, sha256) in check_databases(root, &kept).await? {
         let (line, point) = lines.remove(&rel).unwrap_or_default();
         out.dbs.insert(
@@ -180,25 +198,107 @@ enum CatchUp {
     Before(Option<u64>),
 }
 
+/// A database's line, read while the bases download: its manifest, and
+/// the segments of the base a restore to the moment is expected to start
+/// from (the newest; for a moment, the one `history::base_at` picks).
+struct Ahead {
+    manifest: Manifest,
+    segments: Option<(BaseRef, PathBuf)>,
+}
+
+fn fetch_err(rel: &Path) -> impl Fn(rc::RcError) -> RestoreError + '_ {
+    move |e| RestoreError::Fetch {
+        exit: format!("reading {}", line::dir(rel)),
+        stderr: e.to_string(),
+    }
+}
+
+/// [`Ahead`] for every database S3 holds that `local` (the files already
+/// in the restore's root) lacks; the segments in numbered dirs below `dir`.
+async fn read_ahead(
+    socket: &Path,
+    local: &BTreeSet<PathBuf>,
+    dir: &Path,
+    at: Option<u64>,
+) -> Result<BTreeMap<PathBuf, Ahead>, RestoreError> {
+    let listed = rc::list(
+        socket,
+        &serde_json::json!({
+            "fs": format!("{CRYPT_REMOTE}:{SQLITE_DIR}"), "remote": "",
+            "opt": { "recurse": true, "filesOnly": true, "noModTime": true, "noMimeType": true },
+        }),
+    )
+    .await
+    .map_err(|e| RestoreError::Fetch {
+        exit: format!("listing {CRYPT_REMOTE}:{SQLITE_DIR}"),
+        stderr: e.to_string(),
+    })?;
+    let mut out = BTreeMap::new();
+    for (n, rel) in listed
+        .iter()
+        .filter_map(|i| Some(PathBuf::from(i["Path"].as_str()?)))
+        .filter(|rel| !local.contains(rel))
+        .enumerate()
+    {
+        let scratch = dir.join(n.to_string());
+        let Some(manifest) = line::read_manifest(socket, &rel, &scratch)
+            .await
+            .map_err(fetch_err(&rel))?
+        else {
+            continue;
+        };
+        let base = match at {
+            None => manifest.bases.first(),
+            Some(at) => history::base_at(&manifest.bases, at).ok(),
+        };
+        let segments = match base {
+            Some(b) => {
+                fetch_segments(socket, &rel, &b.gen, &scratch).await?;
+                Some((b.clone(), scratch))
+            }
+            None => None,
+        };
+        out.insert(rel, Ahead { manifest, segments });
+    }
+    Ok(out)
+}
+
+/// Downloads generation `gen`'s segments of `rel` into `dir`.
+async fn fetch_segments(
+    socket: &Path,
+    rel: &Path,
+    gen: &str,
+    dir: &Path,
+) -> Result<(), RestoreError> {
+    fs::create_dir_all(dir).map_err(|source| RestoreError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let params = serde_json::json!({
+        "srcFs": format!("{}/{gen}", line::dir(rel)), "dstFs": dir.to_string_lossy(),
+        "_config": { "Transfers": 16, "Checkers": 16 },
+    });
+    match rc::call(socket, "sync/copy", &params).await {
+        Ok(_) => Ok(()),
+        Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => Ok(()),
+        Err(e) => Err(fetch_err(rel)(e)),
+    }
+}
+
 /// Brings the base at `root/rel` to `at` (`None`: the newest state): the
 /// base the manifest names for that moment (fetched from history when the
-/// stock one is another), then its segments in order, and leaves the
-/// database in WAL mode so it can be followed before the gateway opens it.
+/// stock one is another), then its segments in order (those read `ahead`
+/// when they follow that base), and leaves the database in WAL mode so it
+/// can be followed before the gateway opens it.
 async fn catch_up(
     socket: &Path,
     root: &Path,
     rel: &Path,
     scratch: &Path,
     at: Option<u64>,
+    ahead: Option<Ahead>,
 ) -> Result<CatchUp, RestoreError> {
-    let fetch_err = |e: rc::RcError| RestoreError::Fetch {
-        exit: format!("reading {}", line::dir(rel)),
-        stderr: e.to_string(),
-    };
-    let Some(manifest) = line::read_manifest(socket, rel, scratch)
-        .await
-        .map_err(fetch_err)?
-    else {
+    let Some(Ahead { manifest, segments }) = ahead else {
         return Ok(CatchUp::NoLine);
     };
     let path = root.join(rel);
@@ -224,22 +324,18 @@ async fn catch_up(
             }
         },
     };
-    let dir = scratch.join("segments");
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).map_err(|source| RestoreError::Io {
-        path: dir.clone(),
-        source,
-    })?;
     let remote = format!("{}/{}", line::dir(rel), base.gen);
-    let params = serde_json::json!({
-        "srcFs": remote, "dstFs": dir.to_string_lossy(),
-        "_config": { "Transfers": 16, "Checkers": 16 },
-    });
-    match rc::call(socket, "sync/copy", &params).await {
-        Ok(_) => {}
-        Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => {}
-        Err(e) => return Err(fetch_err(e)),
-    }
+    let dir = match segments {
+        Some((b, dir)) if b == base => dir,
+        // The stock base is not the newest the manifest names (a base
+        // taken by hand, or an upload cut short): its own generation.
+        _ => {
+            let dir = scratch.join("other");
+            let _ = fs::remove_dir_all(&dir);
+            fetch_segments(socket, rel, &base.gen, &dir).await?;
+            dir
+        }
+    };
     let segs: Vec<SegRef> = fs::read_dir(&dir)
         .map_err(|source| RestoreError::Io {
             path: dir.clone(),
@@ -361,10 +457,13 @@ fn apply_segments(dir: &Path, db: &Path, names: &[String]) -> (usize, u64, Optio
 }
 
 /// The fetch half of [`restore_databases`]: returns the files it added.
-async fn fetch_databases(socket: &Path, root: &Path) -> Result<Vec<PathBuf>, RestoreError> {
-    let before = files_below(root)?;
+async fn fetch_databases(
+    socket: &Path,
+    root: &Path,
+    before: &BTreeSet<PathBuf>,
+) -> Result<Vec<PathBuf>, RestoreError> {
     fetch(socket, root).await?;
-    Ok(files_below(root)?.difference(&before).cloned().collect())
+    Ok(files_below(root)?.difference(before).cloned().collect())
 }
 
 /// The check half of [`restore_databases`]: `quick_check` and content hash of
@@ -379,8 +478,14 @@ async fn check_databases(
         let path = root.join(rel);
         let checked = {
             let path = path.clone();
+            // Both read the whole file: on two threads, the hash costs no time.
             tokio::task::spawn_blocking(move || {
-                sqlite::quick_check(&path).and_then(|()| sqlite::content_hash(&path))
+                std::thread::scope(|s| {
+                    let hashed = s.spawn(|| sqlite::content_hash(&path));
+                    let checked = sqlite::quick_check(&path);
+                    let hashed = hashed.join().expect("hashing does not panic");
+                    checked.and(hashed)
+                })
             })
             .await
             .expect("quick_check does not panic")
