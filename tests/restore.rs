@@ -423,6 +423,7 @@ fn a_rollback_boot_starts_from_a_moment_and_can_itself_be_undone() {
     wait_until(T, "20 commits", || commits(&out).len() >= 20);
     on_s3(&s, "f.txt", Some(3));
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let a_log = app.log_text();
     let then = on_s3(&s, "f.txt", Some(3));
     // A2, its state dir kept: 20 more commits, the file changed, another added.
     let (mut app, a2) = s.boot("a", &env);
@@ -431,6 +432,7 @@ fn a_rollback_boot_starts_from_a_moment_and_can_itself_be_undone() {
     wait_until(T, "40 commits", || commits(&out).len() >= 40);
     on_s3(&s, "g.txt", Some(5));
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let a2_log = app.log_text();
     let abandoned = on_s3(&s, "f.txt", Some(4));
 
     // A moment before anything the bucket holds: the boot stops, the bucket
@@ -474,7 +476,11 @@ fn a_rollback_boot_starts_from_a_moment_and_can_itself_be_undone() {
         Some((20, 20)),
         "the database as it was then"
     );
-    assert_eq!(fs::read_to_string(b.state.join("f.txt")).unwrap(), "one");
+    assert_eq!(
+        fs::read_to_string(b.state.join("f.txt")).unwrap(),
+        "one",
+        "A: {a_log}\nA2: {a2_log}"
+    );
     assert!(!b.state.join("g.txt").exists(), "g.txt did not exist then");
     assert!(
         fs::read_dir(b.state.join(".cvm"))

@@ -772,6 +772,12 @@ impl Engine {
                 }),
             )
             .await?;
+            tracing::debug!(
+                file = name,
+                bytes = stamp.0,
+                mtime = stamp.1,
+                "replicate: uploaded"
+            );
             Ok(stamp)
         }
         .await;
@@ -794,6 +800,7 @@ impl Engine {
             _ => self.written.get(name).copied(),
         };
         let version = history::superseded(name, head_mtime, end);
+        tracing::debug!(file = name, version = %version.object(), keep, "replicate: keeping the version S3 holds");
         let r = self
             .rc(
                 method,
