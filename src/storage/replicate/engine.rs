@@ -94,9 +94,13 @@ impl TransferError {
     }
 }
 
-/// What became of one transfer of a pass; `Some(stamp)` for an upload.
+/// An upload: the local file's stamp, and when S3's head is dated as
+/// written (Unix ms; its mtime there).
+type Uploaded = (Stamp, u64);
+
+/// What became of one transfer of a pass; `Some` for an upload.
 enum Transfer {
-    Done(Result<Option<Stamp>, TransferError>),
+    Done(Result<Option<Uploaded>, TransferError>),
     /// Not started: S3 could not be reached by the ones before.
     NotTried,
 }
@@ -175,8 +179,8 @@ impl Watches {
 struct Engine {
     spec: ReplicationSpec,
     remote: Manifest,
-    /// When heads `remote` has no mtime for were written (a boot that kept
-    /// the state dir), to date the versions they become.
+    /// When each head on S3 was written (its mtime there), to date the
+    /// version it becomes.
     written: Written,
     /// The tree as `.cvm/tree.json` on S3 last described it.
     tree: TreeMeta,
@@ -536,7 +540,7 @@ impl Engine {
                     Ok(()) => {
                         transfers.extend(batch.into_iter().map(|n| {
                             let st = local[&n];
-                            (n, Transfer::Done(Ok(Some(st))))
+                            (n, Transfer::Done(Ok(Some((st, mtime_ms(st))))))
                         }));
                     }
                     Err(e) => {
@@ -559,14 +563,16 @@ impl Engine {
         let (mut uploaded, mut trashed) = (0, 0);
         for (name, t) in transfers {
             match t {
-                Transfer::Done(Ok(Some(stamp))) => {
+                Transfer::Done(Ok(Some((stamp, written)))) => {
                     uploaded += 1;
                     self.retry.remove(&name);
+                    self.written.insert(name.clone(), written);
                     self.remote.insert(name, stamp);
                 }
                 Transfer::Done(Ok(None)) => {
                     trashed += 1;
                     self.retry.remove(&name);
+                    self.written.remove(&name);
                     self.remote.remove(&name);
                 }
                 Transfer::Done(Err(e)) => {
@@ -723,7 +729,7 @@ impl Engine {
     /// is uploaded from a consistent local copy (`super::stage::copy`), so one that
     /// changes while it uploads still reaches S3. Returns the stamp of what
     /// was uploaded.
-    async fn upload(&self, name: &str, slot: usize) -> Result<Stamp, TransferError> {
+    async fn upload(&self, name: &str, slot: usize) -> Result<Uploaded, TransferError> {
         self.spec.fence.check().map_err(RcError::Fenced)?;
         let replaces = self.remote.contains_key(name);
         let local = local_path(name);
@@ -733,8 +739,9 @@ impl Engine {
                 .symlink_metadata()
                 .map_err(|source| TransferError::Local { path, source })?;
             let stamp = stamp(&meta);
+            let written = mtime_ms(stamp);
             if replaces {
-                self.to_history(name, true, mtime_ms(stamp)).await?;
+                self.to_history(name, true, written).await?;
             }
             self.rc(
                 "operations/copyfile",
@@ -746,7 +753,7 @@ impl Engine {
                 }),
             )
             .await?;
-            return Ok(stamp);
+            return Ok((stamp, written));
         }
         let dir = self.spec.scratch.join(STAGE_DIR);
         let staged = dir.join(slot.to_string());
@@ -759,8 +766,9 @@ impl Engine {
         }
         .map_err(|source| TransferError::Local { path: src, source })?;
         let r = async {
+            let written = self.dated(name, stamp, &staged)?;
             if replaces {
-                self.to_history(name, true, mtime_ms(stamp)).await?;
+                self.to_history(name, true, written).await?;
             }
             self.rc(
                 "operations/copyfile",
@@ -772,17 +780,40 @@ impl Engine {
                 }),
             )
             .await?;
-            tracing::debug!(
-                file = name,
-                bytes = stamp.0,
-                mtime = stamp.1,
-                "replicate: uploaded"
-            );
-            Ok(stamp)
+            tracing::debug!(file = name, bytes = stamp.0, written, "replicate: uploaded");
+            Ok((stamp, written))
         }
         .await;
         let _ = fs::remove_file(&staged);
         r
+    }
+
+    /// When the content staged at `staged` (with `stamp`) is dated as
+    /// written: its mtime, or now when that is stale
+    /// ([`history::stale_mtime`]); the staged copy then carries now as its
+    /// mtime to S3, so history never has the content there first.
+    fn dated(&self, name: &str, stamp: Stamp, staged: &Path) -> Result<u64, TransferError> {
+        let mtime = mtime_ms(stamp);
+        let head = self.written.get(name).zip(self.remote.get(name));
+        if !history::stale_mtime(head.map(|(&w, r)| (w, r.0)), stamp.0, mtime) {
+            return Ok(mtime);
+        }
+        let now = timepoint::now_ms();
+        fs::File::options()
+            .write(true)
+            .open(staged)
+            .and_then(|f| f.set_modified(std::time::UNIX_EPOCH + Duration::from_millis(now)))
+            .map_err(|source| TransferError::Local {
+                path: staged.to_owned(),
+                source,
+            })?;
+        tracing::debug!(
+            file = name,
+            mtime,
+            now,
+            "replicate: new size with a stale mtime; dated now"
+        );
+        Ok(now)
     }
 
     /// Keeps the live object `name` as a version ending at `end` (Unix
@@ -795,11 +826,7 @@ impl Engine {
         } else {
             "operations/movefile"
         };
-        let head_mtime = match self.remote.get(name) {
-            Some(s) if s.1 != i64::MIN => u64::try_from(s.1).ok(),
-            _ => self.written.get(name).copied(),
-        };
-        let version = history::superseded(name, head_mtime, end);
+        let version = history::superseded(name, self.written.get(name).copied(), end);
         tracing::debug!(file = name, version = %version.object(), keep, "replicate: keeping the version S3 holds");
         let r = self
             .rc(

@@ -60,6 +60,18 @@ pub fn superseded(name: &str, head_mtime: Option<u64>, end: u64) -> Version {
     }
 }
 
+/// Whether content of `size` bytes with mtime `mtime` (ms) cannot be dated
+/// by that mtime because it replaces a head of another size written no
+/// earlier (`head`: when the head was written, its size). The kernel sets
+/// a truncated file's size before its times, and a stat in between sees
+/// the new size with the old times (seen: a file being rewritten staged
+/// empty, dated as the content it replaced, so a restore to a moment before
+/// the rewrite gave the empty file). Two writes within one clock tick look
+/// the same, and are dated the same way: late, never early.
+pub fn stale_mtime(head: Option<(u64, u64)>, size: u64, mtime: u64) -> bool {
+    head.is_some_and(|(written, head_size)| head_size != size && mtime <= written)
+}
+
 /// What a restore to `at` takes for one name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pick<'a> {
@@ -111,6 +123,33 @@ mod tests {
             name: name.into(),
             start,
             end,
+        }
+    }
+
+    #[test]
+    fn an_mtime_that_did_not_move_with_the_size_is_stale() {
+        for (head, size, mtime, stale, why) in [
+            (Some((100, 3)), 0, 100, true, "truncated, times not yet set"),
+            (Some((100, 3)), 5, 100, true, "grew within one clock tick"),
+            (Some((100, 3)), 0, 90, true, "an mtime before the head's"),
+            (Some((100, 3)), 0, 101, false, "rewritten later"),
+            (
+                Some((100, 3)),
+                3,
+                100,
+                false,
+                "same size and mtime: re-uploaded at a kept boot",
+            ),
+            (
+                Some((100, 3)),
+                3,
+                90,
+                false,
+                "same size, mtime set back by hand",
+            ),
+            (None, 0, 100, false, "a new file"),
+        ] {
+            assert_eq!(stale_mtime(head, size, mtime), stale, "{why}");
         }
     }
 

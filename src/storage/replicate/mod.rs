@@ -84,7 +84,7 @@ pub struct Replicate {
 struct Restored {
     /// What S3 holds, as far as it is known.
     remote: Manifest,
-    /// When heads `remote` does not date were written, as S3 says.
+    /// When each head on S3 was written, as S3 lists it.
     written: Written,
     /// The tree as S3's `tree.json` describes it.
     tree: treemeta::TreeMeta,
