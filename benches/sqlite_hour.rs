@@ -159,6 +159,7 @@ fn main() {
             break;
         }
     }
+    let written = g.bytes_written() - b0;
     let kinds = by_kind(&g, &ours);
     let _ = ls.kill();
     let _ = ls.wait();
@@ -190,5 +191,18 @@ fn main() {
     for (k, n, b) in &kinds {
         let _ = writeln!(md, "| {k} | {n} | {} |", mib(*b));
     }
+    let _ = writeln!(
+        md,
+        "\nHow retention bounds it (docs/durability.md, SQLite history): every restore point of the last 65 \
+         minutes is kept (the newest base at or before that window's start, every base after it, all their \
+         segments), then the newest base of each UTC hour for `CVM_HISTORY_DAYS`; the newest base always. \
+         Within the first hour nothing is old enough to go, so this table is the whole first hour. After it, \
+         each new base (hourly, or when the segments since the last outweigh it four times) lets the prune \
+         delete the segments before the window: segments stay between about 65 minutes and 2 hours' worth \
+         (here {}/h written), and the bases grow by one database-sized copy per hour until the horizon \
+         (7 days: at most 24 × 7 + 2 of them). A kept base and the stock base are one server-side copy: \
+         listed twice, stored once on Garage.",
+        mib((written as f64 * 3600.0 / load.as_secs_f64()) as u64)
+    );
     write_report("sqlite-hour", &md);
 }
