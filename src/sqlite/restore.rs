@@ -139,12 +139,28 @@ pub async fn restore_databases_at(
     let ahead_dir = scratch.join("segments");
     let _ = fs::remove_dir_all(&ahead_dir);
     let before = files_below(root)?;
-    // The bases and each database's segments download at once: the
-    // segments do not wait for a base as big as the database.
-    let (fetched, mut ahead) = tokio::try_join!(
-        fetch_databases(socket, root, &before),
-        read_ahead(socket, &before, &ahead_dir, at),
-    )?;
+    let (fetched, mut ahead) = match at {
+        // The bases and each database's segments download at once: the
+        // segments do not wait for a base as big as the database.
+        None => tokio::try_join!(
+            fetch_databases(socket, root, &before),
+            read_ahead(socket, &before, &ahead_dir, None),
+        )?,
+        // A moment's base is often an older one: fetched from the history
+        // first, so the newest (the stock copy) is not downloaded as well.
+        Some(t) => {
+            let ahead = read_ahead(socket, &before, &ahead_dir, Some(t)).await?;
+            for (rel, a) in &ahead {
+                match &a.segments {
+                    Some((b, _)) if a.manifest.bases.first() != Some(b) => {
+                        fetch_base(socket, root, rel, b).await?;
+                    }
+                    _ => {}
+                }
+            }
+            (fetch_databases(socket, root, &before).await?, ahead)
+        }
+    };
     let mut out = Restored::default();
     let mut lines = BTreeMap::new();
     let mut kept = Vec::new();
