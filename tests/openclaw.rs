@@ -269,6 +269,42 @@ fn markers(prefix: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Plaintext bytes and uploads per file in a cvm-init log (its debug lines
+/// for files, its segment and base lines for databases), most bytes first:
+/// where a turn's cost goes.
+fn uploads_by_file(log: &str) -> Vec<(String, (u64, u64))> {
+    let field = |l: &str, key: &str| -> Option<String> {
+        let v = l.split(&format!(" {key}=")).nth(1)?;
+        let v = v.strip_prefix('"').map_or_else(
+            || v.split_whitespace().next().map(str::to_owned),
+            |q| q.split('"').next().map(str::to_owned),
+        )?;
+        Some(v)
+    };
+    let mut by: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for l in log.lines() {
+        let name = if l.contains("replicate: uploaded") {
+            field(l, "file")
+        } else if l.contains("sqlite: segment uploaded") {
+            field(l, "db").map(|d| format!("{d} (segments)"))
+        } else if l.contains("sqlite: snapshot uploaded") {
+            field(l, "db").map(|d| format!("{d} (whole)"))
+        } else {
+            None
+        };
+        if let (Some(name), Some(bytes)) =
+            (name, field(l, "bytes").and_then(|b| b.parse::<u64>().ok()))
+        {
+            let e = by.entry(name).or_default();
+            e.0 += bytes;
+            e.1 += 1;
+        }
+    }
+    let mut v: Vec<_> = by.into_iter().collect();
+    v.sort_by_key(|(_, (b, _))| std::cmp::Reverse(*b));
+    v
+}
+
 #[test]
 fn real_agent_turns_survive_a_graceful_stop_and_a_crash() {
     let Some(gw) = setup() else { return };
@@ -284,6 +320,7 @@ fn real_agent_turns_survive_a_graceful_stop_and_a_crash() {
     wait_until(T, "GET /health on container A", || healthy(port));
     let first = markers("a", turns);
     let bytes_before = gw.g.bytes_written();
+    let log_before = app.log_text().len();
     let started = Instant::now();
     for (i, m) in first.iter().enumerate() {
         turn(port, m, i % 2 == 1);
@@ -305,6 +342,15 @@ fn real_agent_turns_survive_a_graceful_stop_and_a_crash() {
         bytes / turns as u64 / 1024
     );
     let log = app.log_text();
+    let by_file = uploads_by_file(log.get(log_before..).unwrap_or_default());
+    eprintln!(
+        "MEASURED: what went up for them, by file (plaintext bytes, uploads; {} files, {} bytes in all):",
+        by_file.len(),
+        by_file.iter().map(|(_, (b, _))| b).sum::<u64>()
+    );
+    for (name, (bytes, n)) in by_file.iter().take(15) {
+        eprintln!("  {bytes:>9} {n:>4}  {name}");
+    }
     assert!(
         log.contains("shutdown: gateway stopped exit=exit code 0"),
         "{log}"
