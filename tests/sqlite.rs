@@ -508,6 +508,14 @@ fn many_databases_changed_at_once_are_all_saved_within_the_rpo() {
             ("CVM_SQLITE_PATHS", "dbs/*.sqlite"),
         ],
     );
+    let log = app.log_text();
+    eprintln!(
+        "MEASURED: {N} databases restored in a new container: {}",
+        log.lines()
+            .find(|l| l.contains("boot: state restored"))
+            .and_then(|l| l.split(" took=").nth(1))
+            .unwrap_or("(not logged)")
+    );
     let mut missing = Vec::new();
     for i in 0..N {
         let db = b.state.join(format!("dbs/db{i:03}.sqlite"));

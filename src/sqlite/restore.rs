@@ -10,6 +10,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use futures_util::stream::{self, StreamExt};
 use tokio::time::Instant;
 
 use crate::rclone::{rc, CRYPT_REMOTE};
@@ -214,6 +215,9 @@ enum CatchUp {
     Before(Option<u64>),
 }
 
+/// Databases whose lines are read at once.
+const READ_AHEAD: usize = 8;
+
 /// A database's line, read while the bases download: its manifest, and
 /// the segments of the base a restore to the moment is expected to start
 /// from (the newest; for a moment, the one `history::base_at` picks).
@@ -249,19 +253,13 @@ async fn read_ahead(
         exit: format!("listing {CRYPT_REMOTE}:{SQLITE_DIR}"),
         stderr: e.to_string(),
     })?;
-    let mut out = BTreeMap::new();
-    for (n, rel) in listed
-        .iter()
-        .filter_map(|i| Some(PathBuf::from(i["Path"].as_str()?)))
-        .filter(|rel| !local.contains(rel))
-        .enumerate()
-    {
+    let one = |n: usize, rel: PathBuf| async move {
         let scratch = dir.join(n.to_string());
         let Some(manifest) = line::read_manifest(socket, &rel, &scratch)
             .await
             .map_err(fetch_err(&rel))?
         else {
-            continue;
+            return Ok(None);
         };
         let base = match at {
             None => manifest.bases.first(),
@@ -274,7 +272,26 @@ async fn read_ahead(
             }
             None => None,
         };
-        out.insert(rel, Ahead { manifest, segments });
+        Ok(Some((rel, Ahead { manifest, segments })))
+    };
+    // Several databases at once: each is a few small requests, and a state
+    // dir of hundreds of databases should not read them one by one.
+    let read: Vec<Result<Option<(PathBuf, Ahead)>, RestoreError>> = stream::iter(
+        listed
+            .iter()
+            .filter_map(|i| Some(PathBuf::from(i["Path"].as_str()?)))
+            .filter(|rel| !local.contains(rel))
+            .enumerate()
+            .map(|(n, rel)| one(n, rel)),
+    )
+    .buffer_unordered(READ_AHEAD)
+    .collect()
+    .await;
+    let mut out = BTreeMap::new();
+    for r in read {
+        if let Some((rel, ahead)) = r? {
+            out.insert(rel, ahead);
+        }
     }
     Ok(out)
 }
