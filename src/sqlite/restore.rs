@@ -150,11 +150,11 @@ pub async fn restore_databases_at(
         // A moment's base is often an older one: fetched from the history
         // first, so the newest (the stock copy) is not downloaded as well.
         Some(t) => {
-            let ahead = read_ahead(socket, &before, &ahead_dir, Some(t)).await?;
-            for (rel, a) in &ahead {
+            let mut ahead = read_ahead(socket, &before, &ahead_dir, Some(t)).await?;
+            for (rel, a) in &mut ahead {
                 match &a.segments {
                     Some((b, _)) if a.manifest.bases.first() != Some(b) => {
-                        fetch_base(socket, root, rel, b).await?;
+                        a.hashed = Some(fetch_base(socket, root, rel, b).await?);
                     }
                     _ => {}
                 }
@@ -224,6 +224,9 @@ const READ_AHEAD: usize = 8;
 struct Ahead {
     manifest: Manifest,
     segments: Option<(BaseRef, PathBuf)>,
+    /// The content hash and size of the base already in place, when it
+    /// was fetched (and checked) from the history ahead of the rest.
+    hashed: Option<([u8; 32], u64)>,
 }
 
 fn fetch_err(rel: &Path) -> impl Fn(rc::RcError) -> RestoreError + '_ {
@@ -272,7 +275,14 @@ async fn read_ahead(
             }
             None => None,
         };
-        Ok(Some((rel, Ahead { manifest, segments })))
+        Ok(Some((
+            rel,
+            Ahead {
+                manifest,
+                segments,
+                hashed: None,
+            },
+        )))
     };
     // Several databases at once: each is a few small requests, and a state
     // dir of hundreds of databases should not read them one by one.
@@ -331,11 +341,20 @@ async fn catch_up(
     at: Option<u64>,
     ahead: Option<Ahead>,
 ) -> Result<CatchUp, RestoreError> {
-    let Some(Ahead { manifest, segments }) = ahead else {
+    let Some(Ahead {
+        manifest,
+        segments,
+        hashed,
+    }) = ahead
+    else {
         return Ok(CatchUp::NoLine);
     };
     let path = root.join(rel);
-    let (hash, mut base_bytes) = match hash(&path).await {
+    let hashed = match hashed {
+        Some(h) => Ok(h),
+        None => hash(&path).await,
+    };
+    let (hash, mut base_bytes) = match hashed {
         Ok(h) => h,
         // Left to the check, which names the file and stops the boot.
         Err(_) => return Ok(CatchUp::NoLine),
@@ -352,7 +371,7 @@ async fn catch_up(
             Err(oldest) => return Ok(CatchUp::Before(oldest)),
             Ok(b) if b.sha256 == line::hex(&hash) => b.clone(),
             Ok(b) => {
-                base_bytes = fetch_base(socket, root, rel, b).await?;
+                base_bytes = fetch_base(socket, root, rel, b).await?.1;
                 b.clone()
             }
         },
@@ -427,13 +446,13 @@ async fn hash(path: &Path) -> Result<([u8; 32], u64), SqliteError> {
 }
 
 /// Replaces `root/rel` with the history copy of `base`, checked against its
-/// hash. Returns its size.
+/// hash. Returns its content hash and size.
 async fn fetch_base(
     socket: &Path,
     root: &Path,
     rel: &Path,
     base: &BaseRef,
-) -> Result<u64, RestoreError> {
+) -> Result<([u8; 32], u64), RestoreError> {
     let object = format!("{}/{}", line::path(rel), base.object());
     let path = root.join(rel);
     let unusable = |why: String| RestoreError::History {
@@ -457,7 +476,7 @@ async fn fetch_base(
             "its content is not the base the manifest names".into(),
         ));
     }
-    Ok(bytes)
+    Ok((got, bytes))
 }
 
 /// Applies the segments named `names`, in order, from `dir` to `db`, until
