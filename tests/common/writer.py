@@ -3,7 +3,11 @@
 # logs each commit with its time to $OUT/commits after it returns.
 # LIMIT stops after that many commits; the file $OUT/pause pauses writing,
 # acknowledged by the file $OUT/paused. LOCKING sets PRAGMA locking_mode.
-import os, sqlite3, time
+# SIGTERM ends it between commits: a stop never falls between a commit and
+# its log line, so the log numbers have no gap (SIGKILL still can).
+import os, signal, sqlite3, sys, time
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
 state, out = os.environ["OPENCLAW_STATE_DIR"], os.environ["OUT"]
 path = os.path.join(state, "state", "openclaw.sqlite")
 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -18,6 +22,8 @@ log = open(os.path.join(out, "commits"), "a", buffering=1)
 n = 0
 pause = os.path.join(out, "pause")
 while True:
+    if stopping:
+        sys.exit(0)
     if (limit and n >= limit) or os.path.exists(pause):
         if os.path.exists(pause):
             open(pause + "d", "a").close()  # acknowledged: no commit follows
