@@ -288,13 +288,15 @@ fn uploads_by_file(log: &str) -> Vec<(String, (u64, u64))> {
         } else if l.contains("sqlite: segment uploaded") {
             field(l, "db").map(|d| format!("{d} (segments)"))
         } else if l.contains("sqlite: snapshot uploaded") {
-            field(l, "db").map(|d| format!("{d} (whole)"))
+            let packed = field(l, "packed").as_deref() == Some("true");
+            field(l, "db")
+                .map(|d| format!("{d} ({})", if packed { "first, packed" } else { "whole" }))
         } else {
             None
         };
-        if let (Some(name), Some(bytes)) =
-            (name, field(l, "bytes").and_then(|b| b.parse::<u64>().ok()))
-        {
+        // A base's `sent` is what went up (compressed or not); `bytes` its size.
+        let sent = field(l, "sent").or_else(|| field(l, "bytes"));
+        if let (Some(name), Some(bytes)) = (name, sent.and_then(|b| b.parse::<u64>().ok())) {
             let e = by.entry(name).or_default();
             e.0 += bytes;
             e.1 += 1;

@@ -117,6 +117,93 @@ fn restore_writes_the_latest_files_and_databases_and_nothing_to_s3() {
 }
 
 #[test]
+fn a_new_databases_first_base_goes_up_packed_and_a_whole_copy_follows() {
+    let s = Setup::new();
+    let (cmd, out) = writer(&s);
+    let out_s = out.display().to_string();
+    let (mut app, _) = s.boot(
+        "a",
+        &[
+            ("CVM_GATEWAY_CMD", cmd.as_str()),
+            ("OUT", &out_s),
+            ("LIMIT", "30"),
+            ("EVERY", "0.05"),
+        ],
+    );
+    wait_until(T, "30 commits", || commits(&out).len() >= 30);
+    let mut n = 0;
+    wait_until(T, "a restore with every commit", || {
+        n += 1;
+        let to = s.tmp.path().join(format!("try-{n}"));
+        let (code, _, _) = restore(&s, PASSWORD, &["--to", to.to_str().unwrap()]);
+        code == 0 && inspect(&to.join(DB)) == Some((30, 30))
+    });
+    let log = app.log_text();
+    assert!(
+        log.contains("sqlite: snapshot uploaded (base) db=state/openclaw.sqlite")
+            && log.contains("packed=true"),
+        "{log}"
+    );
+    // A crash: what S3 holds is a packed base and segments, no stock copy.
+    app.kill_all();
+    let conf = common::stock_config(&s.g, s.tmp.path());
+    let stock = String::from_utf8(common::rclone(&conf, &["lsf", "-R", "crypt:sqlite"])).unwrap();
+    assert!(!stock.contains("openclaw"), "no stock copy yet: {stock}");
+    // Stock rclone and zstd read the packed base: a whole database.
+    let dir = ".cvm/wal/state/openclaw.sqlite/bases";
+    let listing =
+        String::from_utf8(common::rclone(&conf, &["lsf", &format!("crypt:{dir}")])).unwrap();
+    let bases: Vec<&str> = listing.lines().collect();
+    assert_eq!(bases.len(), 1, "{listing}");
+    let packed = common::rclone(&conf, &["cat", &format!("crypt:{dir}/{}", bases[0])]);
+    let plain = zstd::decode_all(packed.as_slice()).expect("a zstd stream");
+    let unpacked = s.tmp.path().join("unpacked.sqlite");
+    fs::write(&unpacked, &plain).unwrap();
+    assert!(inspect(&unpacked).is_some(), "a whole database");
+    eprintln!(
+        "first base: {} bytes whole, {} packed",
+        plain.len(),
+        packed.len()
+    );
+    assert!(packed.len() < plain.len(), "compressed");
+
+    // A new container restores every commit from it; while it idles, the
+    // whole copy is taken once the base is CVM_SQLITE_BASE_MAX_AGE old.
+    let idle = s.idle.clone();
+    let (mut app, b) = s.boot(
+        "b",
+        &[
+            ("CVM_GATEWAY_CMD", idle.as_str()),
+            ("CVM_SQLITE_BASE_MAX_AGE", "2s"),
+        ],
+    );
+    assert_eq!(inspect(&b.state.join(DB)), Some((30, 30)));
+    wait_until(T, "the stock copy", || {
+        String::from_utf8(common::rclone(&conf, &["lsf", "-R", "crypt:sqlite"]))
+            .unwrap()
+            .lines()
+            .any(|l| l == DB)
+    });
+    let copy = s.tmp.path().join("stock.sqlite");
+    common::rclone(
+        &conf,
+        &[
+            "copyto",
+            &format!("crypt:sqlite/{DB}"),
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        inspect(&copy),
+        Some((30, 30)),
+        "stock rclone's copy is whole"
+    );
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let h = history(&s);
+    assert!(h["stock_base"].as_u64().is_some(), "{h}");
+}
+
+#[test]
 fn a_missing_segment_ends_the_restore_there_and_is_named() {
     let s = Setup::new();
     let (cmd, out) = writer(&s);
@@ -221,8 +308,11 @@ fn restore_at_a_moment_has_every_commit_before_it_and_none_after() {
         "every change kept: {h}"
     );
     assert_eq!(h["hourly_points"], 0, "{h}");
+    // The writer logs a commit's time after it returns; cvm-init can read it
+    // from the WAL a moment before that, so the point holding the last
+    // commit is only known to be after the commit before it was logged.
     assert!(
-        newest as f64 / 1000.0 >= log.last().unwrap().1,
+        newest as f64 / 1000.0 >= log[log.len() - 2].1,
         "the last commit is a point: {h}"
     );
 
@@ -429,8 +519,20 @@ fn a_rollback_boot_starts_from_a_moment_and_can_itself_be_undone() {
     let (mut app, a2) = s.boot("a", &env);
     write(&a2.state, "f.txt", "two!");
     write(&a2.state, "g.txt", "later");
+    // A database new to S3: its first base is packed, no stock copy.
+    let young = "state/young.sqlite";
+    rusqlite::Connection::open(a2.state.join(young))
+        .unwrap()
+        .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE tx(i INTEGER PRIMARY KEY); INSERT INTO tx VALUES (1);")
+        .unwrap();
     wait_until(T, "40 commits", || commits(&out).len() >= 40);
     on_s3(&s, "g.txt", Some(5));
+    wait_until(T, "the young database's base", || {
+        app.log_text().lines().any(|l| {
+            l.contains("snapshot uploaded (base) db=state/young.sqlite")
+                && l.contains("packed=true")
+        })
+    });
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
     let a2_log = app.log_text();
     let abandoned = on_s3(&s, "f.txt", Some(4));
@@ -482,6 +584,7 @@ fn a_rollback_boot_starts_from_a_moment_and_can_itself_be_undone() {
         "A: {a_log}\nA2: {a2_log}"
     );
     assert!(!b.state.join("g.txt").exists(), "g.txt did not exist then");
+    assert!(!b.state.join(young).exists(), "nor the young database");
     assert!(
         fs::read_dir(b.state.join(".cvm"))
             .unwrap()
@@ -515,6 +618,10 @@ fn a_rollback_boot_starts_from_a_moment_and_can_itself_be_undone() {
         "after the rollback"
     );
     assert!(!c.state.join("g.txt").exists());
+    assert!(
+        !c.state.join(young).exists(),
+        "a database the rollback left out stays out, stock copy or not"
+    );
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
 
     // The abandoned state is still there: a restore to just before the
@@ -529,5 +636,6 @@ fn a_rollback_boot_starts_from_a_moment_and_can_itself_be_undone() {
     assert_eq!(inspect(&to.join(DB)), Some((40, 40)), "{stdout}");
     assert_eq!(fs::read_to_string(to.join("f.txt")).unwrap(), "two!");
     assert_eq!(fs::read_to_string(to.join("g.txt")).unwrap(), "later");
+    assert_eq!(inspect(&to.join(young)), Some((1, 1)), "{stdout}");
     assert!(!to.join("h.txt").exists());
 }

@@ -115,6 +115,23 @@ pub async fn read_object(
     bytes.map(Some)
 }
 
+/// rclone's listing item for `remote` in `fs` (with its hashes when
+/// `hash`); `None` when there is no such object.
+pub async fn stat(
+    socket: &Path,
+    fs: &str,
+    remote: &str,
+    hash: bool,
+) -> Result<Option<Value>, RcError> {
+    let params = serde_json::json!({ "fs": fs, "remote": remote, "opt": { "showHash": hash } });
+    match call(socket, "operations/stat", &params).await {
+        Ok(v) if v["item"].is_null() => Ok(None),
+        Ok(mut v) => Ok(Some(v["item"].take())),
+        Err(RcError::Status { body, .. }) if body.contains("not found") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The items of an `operations/list` with `params` (`fs`, `remote`, `opt`,
 /// `_filter`); none when the directory does not exist (yet).
 pub async fn list(socket: &Path, params: &Value) -> Result<Vec<Value>, RcError> {

@@ -351,25 +351,9 @@ impl Io {
         rc::call(&self.socket, method, &params).await
     }
 
-    /// rclone's listing item for `remote` in `fs`; `None` when there is no such object.
-    async fn stat(&self, fs: &str, remote: &str, hash: bool) -> Result<Option<Value>, RcError> {
-        let r = self
-            .rc(
-                "operations/stat",
-                json!({ "fs": fs, "remote": remote, "opt": { "showHash": hash } }),
-            )
-            .await;
-        match r {
-            Ok(v) if v["item"].is_null() => Ok(None),
-            Ok(mut v) => Ok(Some(v["item"].take())),
-            Err(RcError::Status { body, .. }) if body.contains("not found") => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
     /// The object's ETag (its MD5: it is always one small PUT), if it exists.
     async fn etag(&self) -> Result<Option<String>, RcError> {
-        let item = self.stat(&self.raw, &self.encoded, true).await?;
+        let item = rc::stat(&self.socket, &self.raw, &self.encoded, true).await?;
         Ok(item.and_then(|i| i["Hashes"]["md5"].as_str().map(str::to_owned)))
     }
 
@@ -459,7 +443,10 @@ impl Io {
         })?;
         // Made once per bucket prefix: later boots only probe it.
         let meta = format!("{CRYPT_REMOTE}:{META_DIR}");
-        if self.stat(&meta, CAS_PROBE, false).await?.is_none() {
+        if rc::stat(&self.socket, &meta, CAS_PROBE, false)
+            .await?
+            .is_none()
+        {
             let created = self
                 .rc(
                     "operations/copyfile",

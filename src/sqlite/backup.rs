@@ -258,6 +258,26 @@ fn changed_at(db: &Path) -> Instant {
         .unwrap_or(now)
 }
 
+/// Whether `line` takes a new base now: once its base is `max_age` old and
+/// the database changed since, or once the segments since weigh
+/// [`SEGMENTS_PER_BASE`] times the base; a packed base (no stock copy)
+/// once it is `max_age` old, changed or not.
+fn base_due(line: &Line, now_ms: u64, max_age: Duration) -> bool {
+    let age = Duration::from_millis(now_ms.saturating_sub(line.base.taken_ms()));
+    let changed = line.seq > line.base.after;
+    let heavy = line.since_base >= (SEGMENTS_PER_BASE * line.base_bytes).max(SEGMENTS_MIN);
+    (line.base.packed && age >= max_age) || (changed && (age >= max_age || heavy))
+}
+
+/// Writes `from` zstd-compressed to `to`; returns the bytes written.
+fn compress(from: &Path, to: &Path) -> std::io::Result<u64> {
+    let mut src = std::fs::File::open(from)?;
+    let mut dst = std::fs::File::create(to)?;
+    zstd::stream::copy_encode(&mut src, &mut dst, crate::sqlite::segment::LEVEL)?;
+    dst.sync_all()?;
+    dst.metadata().map(|m| m.len())
+}
+
 /// Runs `f` on the tracker off the async threads.
 async fn with_tracker<T: Send + 'static>(
     follow: &mut Follow,
@@ -404,6 +424,9 @@ impl Engine {
                 Err(e) => self.failed(rel, &e, &mut unsaved),
             }
         }
+        if !force {
+            self.stock_bases().await;
+        }
         if spooled.is_empty() {
             return unsaved;
         }
@@ -425,6 +448,43 @@ impl Engine {
             }
         }
         unsaved
+    }
+
+    /// Follows a packed base (a new database's first, with no stock copy)
+    /// with a whole one once it is due, also while the database is idle.
+    async fn stock_bases(&mut self) {
+        let (now_ms, now) = (timepoint::now_ms(), Instant::now());
+        let max_age = self.spec.base_max_age;
+        let due: Vec<PathBuf> = self
+            .dbs
+            .iter()
+            .filter(|(_, st)| {
+                let ready =
+                    |f: &Follow| f.tracker.is_some() && f.queue.is_empty() && f.pending.is_none();
+                st.retry_at.is_none_or(|t| now >= t)
+                    && st.follow.as_ref().is_some_and(|f| {
+                        ready(f)
+                            && f.line
+                                .as_ref()
+                                .is_some_and(|l| l.base.packed && base_due(l, now_ms, max_age))
+                    })
+            })
+            .map(|(rel, _)| rel.clone())
+            .collect();
+        for rel in due {
+            let state = self.dbs.get_mut(&rel).expect("listed above");
+            let Some(mut f) = state.follow.take() else {
+                continue;
+            };
+            // Everything read is on S3 (nothing queued or pending): the pin
+            // is at the line's last segment.
+            let after = f.line.as_ref().map(|l| l.seq);
+            let r = self.new_base(&rel, &mut f, after).await;
+            self.dbs.get_mut(&rel).expect("listed above").follow = Some(f);
+            if let Err(e) = r {
+                self.failed(rel, &e, &mut Vec::new());
+            }
+        }
     }
 
     /// A save of `rel` failed with `e`: retried after a backoff.
@@ -497,13 +557,7 @@ impl Engine {
         };
         let r = match f.line.as_ref() {
             Some(line) if !stopping => {
-                let age =
-                    Duration::from_millis(timepoint::now_ms().saturating_sub(line.base.taken_ms()));
-                let due = line.seq > line.base.after
-                    && (age >= self.spec.base_max_age
-                        || line.since_base
-                            >= (SEGMENTS_PER_BASE * line.base_bytes).max(SEGMENTS_MIN));
-                if due {
+                if base_due(line, timepoint::now_ms(), self.spec.base_max_age) {
                     self.new_base(&s.rel, &mut f, Some(s.before)).await
                 } else {
                     Ok(())
@@ -729,31 +783,53 @@ impl Engine {
             db: db.clone(),
             source,
         };
-        let manifest = match &f.line {
-            Some(l) => l.manifest.clone(),
-            None => line::read_manifest(&self.spec.rc_socket, rel, &self.scratch)
-                .await
-                .map_err(upload_err)?
-                .unwrap_or_default(),
+        let (manifest, new_to_s3) = match &f.line {
+            Some(l) => (l.manifest.clone(), false),
+            None => {
+                let socket = &self.spec.rc_socket;
+                match line::read_manifest(socket, rel, &self.scratch)
+                    .await
+                    .map_err(upload_err)?
+                {
+                    Some(m) => (m, false),
+                    None => {
+                        let (fs, remote) = line::stock(rel);
+                        let stock = rc::stat(socket, &fs, &remote, false).await;
+                        (Manifest::default(), stock.map_err(upload_err)?.is_none())
+                    }
+                }
+            }
         };
         let (gen, after, seq) = match (&f.line, after) {
             (Some(l), Some(after)) => (l.gen.clone(), after, l.seq),
             _ => (line::new_gen(), 0, 0),
         };
-        let base = BaseRef::new(gen.clone(), after, &snap.sha256, taken);
+        let mut base = BaseRef::new(gen.clone(), after, &snap.sha256, taken);
+        // A database new to S3 is mostly the empty pages of its schema (the
+        // real gateway's agent database: 676 KB): its first base goes up
+        // compressed, and the whole stock copy follows with the next base.
+        base.packed = new_to_s3;
+        let mut upload = rel.to_string_lossy().into_owned();
+        let mut sent = snap.bytes;
+        if base.packed {
+            upload.push_str(".zst");
+            let (from, to) = (snap.path.clone(), self.spec.scratch.join(&upload));
+            sent = tokio::task::spawn_blocking(move || compress(&from, &to))
+                .await?
+                .map_err(|source| BackupError::Spool {
+                    db: db.clone(),
+                    source,
+                })?;
+        }
         let manifest = self
             .writer()
-            .publish(
-                rel,
-                (&self.spec.scratch, &rel.to_string_lossy()),
-                &base,
-                &manifest,
-            )
+            .publish(rel, (&self.spec.scratch, &upload), &base, &manifest)
             .await;
         let _ = std::fs::remove_file(&snap.path);
+        let _ = std::fs::remove_file(self.spec.scratch.join(&upload));
         let manifest = manifest.map_err(upload_err)?;
-        tracing::info!(db = %rel.display(), bytes = snap.bytes, generation = %gen, after,
-            took = ?started.elapsed(), "sqlite: snapshot uploaded (base)");
+        tracing::info!(db = %rel.display(), bytes = snap.bytes, sent, packed = base.packed,
+            generation = %gen, after, took = ?started.elapsed(), "sqlite: snapshot uploaded (base)");
         if let Some(st) = self.dbs.get_mut(rel) {
             st.remote_hash = Some(snap.sha256);
         }
@@ -840,6 +916,91 @@ impl Engine {
             Ok(())
         } else {
             Err(FinalPassError { unsaved })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const T0: u64 = 1_795_910_400_000;
+    const MIB: u64 = 1 << 20;
+
+    fn line(after: u64, seq: u64, packed: bool, base_bytes: u64, since_base: u64) -> Line {
+        let mut base = BaseRef::new("g".into(), after, &[0; 32], T0);
+        base.packed = packed;
+        Line {
+            gen: "g".into(),
+            seq,
+            manifest: Manifest::default(),
+            base,
+            base_bytes,
+            since_base,
+        }
+    }
+
+    #[test]
+    fn a_base_is_due_when_old_and_changed_when_heavy_and_a_packed_one_when_old() {
+        let min = 60_000;
+        for (l, now, due, why) in [
+            (
+                line(0, 5, false, MIB, MIB),
+                T0 + 10 * min,
+                false,
+                "young, light",
+            ),
+            (
+                line(0, 5, false, MIB, MIB),
+                T0 + 60 * min,
+                true,
+                "an hour old, changed",
+            ),
+            (
+                line(5, 5, false, MIB, 0),
+                T0 + 600 * min,
+                false,
+                "old, unchanged: idle costs nothing",
+            ),
+            (
+                line(0, 5, false, MIB, 16 * MIB),
+                T0 + min,
+                true,
+                "segments weigh 4× (at least 16 MiB)",
+            ),
+            (
+                line(0, 5, false, 10 * MIB, 16 * MIB),
+                T0 + min,
+                false,
+                "segments under 4× the base",
+            ),
+            (
+                line(0, 5, false, 10 * MIB, 40 * MIB),
+                T0 + min,
+                true,
+                "segments at 4× the base",
+            ),
+            (
+                line(0, 0, true, MIB, 0),
+                T0 + 59 * min,
+                false,
+                "packed, young",
+            ),
+            (
+                line(0, 0, true, MIB, 0),
+                T0 + 60 * min,
+                true,
+                "packed, an hour old though idle: the stock copy",
+            ),
+            (
+                line(0, 3, true, MIB, 0),
+                T0 + 60 * min,
+                true,
+                "packed, an hour old, changed",
+            ),
+        ] {
+            assert_eq!(base_due(&l, now, HOUR), due, "{why}");
         }
     }
 }

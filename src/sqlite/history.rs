@@ -192,7 +192,7 @@ pub fn summarize(
         continuous_from: sorted.get(continuous.max(1) - 1).map(BaseRef::taken_ms),
         newest: newest_segment.max(newest_base),
         hourly_points: sorted.len().saturating_sub(continuous.max(1)),
-        stock_base: newest_base,
+        stock_base: sorted.iter().find(|b| !b.packed).map(BaseRef::taken_ms),
         objects,
         bytes,
     }
@@ -214,6 +214,7 @@ mod tests {
             sha256: String::new(),
             at: at_ms / 1000,
             at_ms,
+            packed: false,
         }
     }
 
@@ -345,6 +346,12 @@ mod tests {
         assert_eq!(s.continuous_from, Some(T0 + 2 * HOUR_MS + 10 * MIN));
         assert_eq!(s.hourly_points, 3);
         assert_eq!(summarize(&[], &[], 0, 0).continuous_from, None);
+        // A new database's first base has no stock copy.
+        let first = BaseRef {
+            packed: true,
+            ..base("c", 0, T0)
+        };
+        assert_eq!(summarize(&[first], &[], 2, 100).stock_base, None);
     }
 
     #[test]

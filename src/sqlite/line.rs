@@ -40,6 +40,12 @@ pub struct BaseRef {
     /// Absent from manifests written before history was kept.
     #[serde(default)]
     pub at_ms: u64,
+    /// A new database's first base: its history copy is zstd-compressed
+    /// and it has no stock copy (stock rclone reads it with `zstd -d`).
+    /// The next base, at most [`crate::config::SqliteConfig::base_max_age`]
+    /// later, is whole and at the stock name again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub packed: bool,
 }
 
 impl BaseRef {
@@ -50,6 +56,7 @@ impl BaseRef {
             sha256: hex(sha256),
             at: taken_ms / 1000,
             at_ms: taken_ms,
+            packed: false,
         }
     }
 
@@ -75,6 +82,11 @@ pub const BASES_DIR: &str = "bases";
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub bases: Vec<BaseRef>,
+    /// When a rollback left this database out (Unix ms): its history stays,
+    /// and a database known only by its manifest (no stock copy yet) is
+    /// restored only as of a moment before this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gone_ms: Option<u64>,
 }
 
 impl Manifest {
@@ -88,7 +100,24 @@ impl Manifest {
     pub fn with(&self, base: BaseRef) -> Manifest {
         let mut bases = vec![base];
         bases.extend(self.bases.iter().cloned());
-        Manifest { bases }
+        Manifest {
+            bases,
+            gone_ms: None,
+        }
+    }
+
+    /// Whether a database with no stock copy is restored from this
+    /// manifest as of `at` (`None`: now): only one whose newest base has no
+    /// stock copy yet (the stock name is what says a database exists), and
+    /// not after a rollback left it out.
+    pub fn restores_without_stock(&self, at: Option<u64>) -> bool {
+        let young = self.bases.first().is_some_and(|b| b.packed);
+        let gone = match (self.gone_ms, at) {
+            (Some(gone), Some(at)) => at >= gone,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        young && !gone
     }
 }
 
@@ -275,11 +304,11 @@ pub struct Writer<'a> {
 }
 
 impl Writer<'_> {
-    /// Publishes `base` of `rel` from the local file `dir/name`: uploaded
-    /// to its history name, then named in the manifest (what history keeps
-    /// of `manifest` and it), then copied server-side to the stock name;
-    /// last, what history no longer keeps is deleted. Returns the manifest
-    /// written.
+    /// Publishes `base` of `rel` from the local file `dir/name` (compressed
+    /// when the base is packed): uploaded to its history name, then named
+    /// in the manifest (what history keeps of `manifest` and it), then
+    /// copied server-side to the stock name unless packed; last, what
+    /// history no longer keeps is deleted. Returns the manifest written.
     pub async fn publish(
         &self,
         rel: &Path,
@@ -297,10 +326,13 @@ impl Writer<'_> {
         );
         let manifest = Manifest {
             bases: keep.bases.clone(),
+            gone_ms: None,
         };
         write_manifest(self.socket, rel, &manifest, self.scratch, self.fence).await?;
-        let (fs, remote) = stock(rel);
-        self.copy((&root(), &history_name), (&fs, &remote)).await?;
+        if !base.packed {
+            let (fs, remote) = stock(rel);
+            self.copy((&root(), &history_name), (&fs, &remote)).await?;
+        }
         prune(self.socket, rel, &keep, self.fence).await;
         Ok(manifest)
     }
@@ -372,6 +404,7 @@ mod tests {
             sha256: hex(&sha),
             at: 0,
             at_ms: 0,
+            packed: false,
         }
     }
 
@@ -415,6 +448,40 @@ mod tests {
             matches!(classify("g/000000000003-1796000000123"), Object::Segment { gen, seg } if gen == "g" && seg.seq == 3)
         );
         assert_eq!(classify("g/stray"), Object::Other);
+    }
+
+    #[test]
+    fn only_a_young_database_not_rolled_away_is_restored_without_a_stock_copy() {
+        let packed = BaseRef {
+            packed: true,
+            ..base("n", [1; 32])
+        };
+        let young = Manifest::default().with(packed);
+        let rolled_away = Manifest {
+            gone_ms: Some(1_000),
+            ..young.clone()
+        };
+        let grown = young.with(base("n", [2; 32]));
+        for (m, at, restores) in [
+            (&young, None, true),
+            (&young, Some(5_000), true),
+            (&rolled_away, None, false),
+            (&rolled_away, Some(999), true),
+            (&rolled_away, Some(1_000), false),
+            // Its stock copy is what says it exists from now on.
+            (&grown, None, false),
+            (&Manifest::default(), None, false),
+        ] {
+            assert_eq!(m.restores_without_stock(at), restores, "{m:?} at {at:?}");
+        }
+        assert_eq!(
+            rolled_away.with(base("m", [3; 32])).gone_ms,
+            None,
+            "created again"
+        );
+        let json = serde_json::to_string(&grown).unwrap();
+        assert!(!json.contains("gone_ms"), "{json}");
+        assert_eq!(json.matches("packed").count(), 1, "{json}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use futures_util::stream::{self, StreamExt};
 use tokio::time::Instant;
 
 use crate::rclone::{rc, CRYPT_REMOTE};
-use crate::remote::bucket::SQLITE_DIR;
+use crate::remote::bucket::{META_DIR, SQLITE_DIR, WAL_DIR, WAL_MANIFEST};
 use crate::sqlite::backup::{Known, Line};
 use crate::sqlite::history::{self, Stop};
 use crate::sqlite::line::{self, BaseRef, Manifest, SegRef};
@@ -140,29 +140,56 @@ pub async fn restore_databases_at(
     let ahead_dir = scratch.join("segments");
     let _ = fs::remove_dir_all(&ahead_dir);
     let before = files_below(root)?;
-    let (fetched, mut ahead) = match at {
+    let (mut fetched, mut ahead) = match at {
         // The bases and each database's segments download at once: the
         // segments do not wait for a base as big as the database.
         None => tokio::try_join!(
             fetch_databases(socket, root, &before),
             read_ahead(socket, &before, &ahead_dir, None),
         )?,
-        // A moment's base is often an older one: fetched from the history
-        // first, so the newest (the stock copy) is not downloaded as well.
-        Some(t) => {
-            let mut ahead = read_ahead(socket, &before, &ahead_dir, Some(t)).await?;
-            for (rel, a) in &mut ahead {
-                match &a.segments {
-                    Some((b, _)) if a.manifest.bases.first() != Some(b) => {
-                        a.hashed = Some(fetch_base(socket, root, rel, b).await?);
-                    }
-                    _ => {}
-                }
-            }
-            (fetch_databases(socket, root, &before).await?, ahead)
-        }
+        Some(_) => (
+            Vec::new(),
+            read_ahead(socket, &before, &ahead_dir, at).await?,
+        ),
     };
     let mut out = Restored::default();
+    // A moment's base is often an older one, and a new database's first
+    // has no stock copy: those come from the history (for a moment, before
+    // the stock copies, so the newest is not downloaded as well), several
+    // at once.
+    let mut from_history = Vec::new();
+    for (rel, a) in &ahead {
+        match &a.segments {
+            Some((b, _)) if !(a.stock && a.manifest.bases.first() == Some(b)) => {
+                from_history.push((rel.clone(), b.clone()));
+            }
+            None if !a.stock => {
+                let oldest = history::base_at(&a.manifest.bases, at.unwrap_or(u64::MAX)).err();
+                out.not_yet.push((rel.clone(), oldest.flatten()));
+            }
+            _ => {}
+        }
+    }
+    let hashed: Vec<Result<(PathBuf, Hashed), RestoreError>> =
+        stream::iter(from_history.into_iter().map(|(rel, b)| async move {
+            let h = fetch_base(socket, root, &rel, &b).await?;
+            Ok((rel, h))
+        }))
+        .buffer_unordered(READ_AHEAD)
+        .collect()
+        .await;
+    for r in hashed {
+        let (rel, h) = r?;
+        if let Some(a) = ahead.get_mut(&rel) {
+            a.hashed = Some(h);
+        }
+        fetched.push(rel);
+    }
+    if at.is_some() {
+        fetched = fetch_databases(socket, root, &before).await?;
+    }
+    fetched.sort();
+    fetched.dedup();
     let mut lines = BTreeMap::new();
     let mut kept = Vec::new();
     for rel in &fetched {
@@ -222,12 +249,17 @@ const READ_AHEAD: usize = 8;
 /// the segments of the base a restore to the moment is expected to start
 /// from (the newest; for a moment, the one `history::base_at` picks).
 struct Ahead {
+    /// Whether the database has a stock copy (`sqlite/<path>`).
+    stock: bool,
     manifest: Manifest,
     segments: Option<(BaseRef, PathBuf)>,
     /// The content hash and size of the base already in place, when it
     /// was fetched (and checked) from the history ahead of the rest.
-    hashed: Option<([u8; 32], u64)>,
+    hashed: Option<Hashed>,
 }
+
+/// A database file's content hash and size.
+type Hashed = ([u8; 32], u64);
 
 fn fetch_err(rel: &Path) -> impl Fn(rc::RcError) -> RestoreError + '_ {
     move |e| RestoreError::Fetch {
@@ -236,27 +268,53 @@ fn fetch_err(rel: &Path) -> impl Fn(rc::RcError) -> RestoreError + '_ {
     }
 }
 
+/// The paths of the objects below `remote` of the crypt remote, relative to it.
+async fn list_below(socket: &Path, remote: &str) -> Result<Vec<String>, RestoreError> {
+    let listed = rc::list(
+        socket,
+        &serde_json::json!({
+            "fs": line::root(), "remote": remote,
+            "opt": { "recurse": true, "filesOnly": true, "noModTime": true, "noMimeType": true },
+        }),
+    )
+    .await
+    .map_err(|e| RestoreError::Fetch {
+        exit: format!("listing {CRYPT_REMOTE}:{remote}"),
+        stderr: e.to_string(),
+    })?;
+    let prefix = format!("{remote}/");
+    Ok(listed
+        .iter()
+        .filter_map(|i| Some(i["Path"].as_str()?.strip_prefix(&prefix)?.to_owned()))
+        .collect())
+}
+
 /// [`Ahead`] for every database S3 holds that `local` (the files already
-/// in the restore's root) lacks; the segments in numbered dirs below `dir`.
+/// in the restore's root) lacks: those with a stock copy, and those known
+/// only by a manifest that says they are restored without one; the
+/// segments in numbered dirs below `dir`.
 async fn read_ahead(
     socket: &Path,
     local: &BTreeSet<PathBuf>,
     dir: &Path,
     at: Option<u64>,
 ) -> Result<BTreeMap<PathBuf, Ahead>, RestoreError> {
-    let listed = rc::list(
-        socket,
-        &serde_json::json!({
-            "fs": format!("{CRYPT_REMOTE}:{SQLITE_DIR}"), "remote": "",
-            "opt": { "recurse": true, "filesOnly": true, "noModTime": true, "noMimeType": true },
-        }),
-    )
-    .await
-    .map_err(|e| RestoreError::Fetch {
-        exit: format!("listing {CRYPT_REMOTE}:{SQLITE_DIR}"),
-        stderr: e.to_string(),
-    })?;
-    let one = |n: usize, rel: PathBuf| async move {
+    let wal = format!("{META_DIR}/{WAL_DIR}");
+    let (stock, lines) =
+        tokio::try_join!(list_below(socket, SQLITE_DIR), list_below(socket, &wal))?;
+    let stock: BTreeSet<PathBuf> = stock.into_iter().map(PathBuf::from).collect();
+    let manifest_only = lines
+        .iter()
+        .filter_map(|p| p.strip_suffix(&format!("/{WAL_MANIFEST}")))
+        .map(PathBuf::from)
+        .filter(|rel| !stock.contains(rel));
+    let wanted: Vec<(PathBuf, bool)> = stock
+        .iter()
+        .map(|rel| (rel.clone(), true))
+        .chain(manifest_only.map(|rel| (rel, false)))
+        .filter(|(rel, _)| !local.contains(rel))
+        .collect();
+    let one = |n: usize, (rel, stock): (PathBuf, bool)| async move {
         let scratch = dir.join(n.to_string());
         let Some(manifest) = line::read_manifest(socket, &rel, &scratch)
             .await
@@ -264,6 +322,9 @@ async fn read_ahead(
         else {
             return Ok(None);
         };
+        if !stock && !manifest.restores_without_stock(at) {
+            return Ok(None);
+        }
         let base = match at {
             None => manifest.bases.first(),
             Some(at) => history::base_at(&manifest.bases, at).ok(),
@@ -278,6 +339,7 @@ async fn read_ahead(
         Ok(Some((
             rel,
             Ahead {
+                stock,
                 manifest,
                 segments,
                 hashed: None,
@@ -287,12 +349,10 @@ async fn read_ahead(
     // Several databases at once: each is a few small requests, and a state
     // dir of hundreds of databases should not read them one by one.
     let read: Vec<Result<Option<(PathBuf, Ahead)>, RestoreError>> = stream::iter(
-        listed
-            .iter()
-            .filter_map(|i| Some(PathBuf::from(i["Path"].as_str()?)))
-            .filter(|rel| !local.contains(rel))
+        wanted
+            .into_iter()
             .enumerate()
-            .map(|(n, rel)| one(n, rel)),
+            .map(|(n, wanted)| one(n, wanted)),
     )
     .buffer_unordered(READ_AHEAD)
     .collect()
@@ -345,6 +405,7 @@ async fn catch_up(
         manifest,
         segments,
         hashed,
+        ..
     }) = ahead
     else {
         return Ok(CatchUp::NoLine);
@@ -452,7 +513,7 @@ async fn fetch_base(
     root: &Path,
     rel: &Path,
     base: &BaseRef,
-) -> Result<([u8; 32], u64), RestoreError> {
+) -> Result<Hashed, RestoreError> {
     let object = format!("{}/{}", line::path(rel), base.object());
     let path = root.join(rel);
     let unusable = |why: String| RestoreError::History {
@@ -462,7 +523,14 @@ async fn fetch_base(
     };
     let _ = fs::remove_file(&path);
     let parent = path.parent().unwrap_or(root);
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut name = path
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    if base.packed {
+        name.push_str(".zst");
+    }
     let params = serde_json::json!({
         "srcFs": line::root(), "srcRemote": object,
         "dstFs": parent.to_string_lossy(), "dstRemote": name,
@@ -470,6 +538,21 @@ async fn fetch_base(
     rc::call(socket, "operations/copyfile", &params)
         .await
         .map_err(|e| unusable(e.to_string()))?;
+    if base.packed {
+        let (packed, plain) = (parent.join(&name), path.clone());
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let r = fs::File::open(&packed).and_then(|mut src| {
+                let mut dst = fs::File::create(&plain)?;
+                zstd::stream::copy_decode(&mut src, &mut dst)?;
+                dst.sync_all()
+            });
+            let _ = fs::remove_file(&packed);
+            r
+        })
+        .await
+        .expect("decompressing does not panic");
+        unpacked.map_err(|e| unusable(format!("cannot decompress it: {e}")))?;
+    }
     let (got, bytes) = hash(&path).await.map_err(|e| unusable(e.to_string()))?;
     if line::hex(&got) != base.sha256 {
         return Err(unusable(

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 const MAGIC: &[u8; 8] = b"CVMSEG1\n";
 const TRAILER_LEN: usize = 8 + 32;
 /// zstd's default level: fast, and page images compress well.
-const LEVEL: i32 = 3;
+pub const LEVEL: i32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Segment {

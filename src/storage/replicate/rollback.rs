@@ -128,7 +128,7 @@ impl Rollback<'_> {
                 .map_err(rc_failed)?;
         }
         for (rel, _) in &dbs.not_yet {
-            self.to_trash(rel).await.map_err(rc_failed)?;
+            self.to_trash(rel, now).await.map_err(rc_failed)?;
         }
         let _ = fs::remove_dir_all(&staging);
         records.push(Record {
@@ -267,8 +267,15 @@ impl Rollback<'_> {
     }
 
     /// A database that did not exist then: its stock base goes to today's
-    /// trash, so the restore does not bring it back; its history stays.
-    async fn to_trash(&self, rel: &Path) -> Result<(), rc::RcError> {
+    /// trash, so the restore does not bring it back; its history stays,
+    /// its manifest marked (a young one has no stock copy to move).
+    async fn to_trash(&self, rel: &Path, now: u64) -> Result<(), rc::RcError> {
+        if let Some(mut m) = line::read_manifest(self.socket, rel, self.scratch).await? {
+            if m.restores_without_stock(None) {
+                m.gone_ms = Some(now);
+                line::write_manifest(self.socket, rel, &m, self.scratch, self.fence).await?;
+            }
+        }
         let day = trash_day(std::time::SystemTime::now());
         let (fs, remote) = line::stock(rel);
         let r = self
