@@ -269,6 +269,17 @@ fn row_time(db: &Path, i: i64) -> f64 {
 
 #[test]
 fn restore_at_a_moment_has_every_commit_before_it_and_none_after() {
+    moments("wal");
+}
+
+/// The same for a database in rollback-journal mode: its changes are the
+/// pages that differ between snapshots, on the same line and history.
+#[test]
+fn a_rollback_journal_database_has_the_same_history() {
+    moments("delete");
+}
+
+fn moments(journal: &str) {
     let s = Setup::new();
     let (cmd, out) = writer(&s);
     let out_s = out.display().to_string();
@@ -282,6 +293,7 @@ fn restore_at_a_moment_has_every_commit_before_it_and_none_after() {
             ("LIMIT", "250"),
             ("EVERY", "0.08"),
             ("CVM_SQLITE_BASE_MAX_AGE", "4s"),
+            ("JOURNAL", journal),
         ],
     );
     wait_until(
@@ -298,6 +310,26 @@ fn restore_at_a_moment_has_every_commit_before_it_and_none_after() {
     );
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
     let log = commits(&out);
+    // What went up per save is what changed, not the database.
+    let app_log = app.log_text();
+    let segments: Vec<u64> = app_log
+        .lines()
+        .filter(|l| l.contains("sqlite: segment uploaded db=state/openclaw.sqlite"))
+        .filter_map(|l| {
+            l.split(" bytes=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let mean = segments.iter().sum::<u64>() / segments.len().max(1) as u64;
+    assert!(
+        segments.len() >= 10 && mean < 250 * 2000 / 4,
+        "{} segments of {mean} bytes on average:\n{app_log}",
+        segments.len()
+    );
 
     let h = history(&s);
     let oldest = h["oldest"].as_u64().expect("an oldest point");
@@ -339,6 +371,11 @@ fn restore_at_a_moment_has_every_commit_before_it_and_none_after() {
         assert!(stdout.contains(&format!("as of {rfc}")), "{stdout}");
         let (max, count) = inspect(&to.join(DB)).expect("integrity_check passes");
         assert_eq!(max, count, "no gap");
+        let mode: String = rusqlite::Connection::open(to.join(DB))
+            .unwrap()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, journal, "restored in its own journal mode");
         let before: i64 = log
             .iter()
             .filter(|&&(_, ts)| ts <= at - 3.0)

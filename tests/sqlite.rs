@@ -146,22 +146,34 @@ fn a_database_created_on_the_mount_is_moved_and_a_graceful_stop_keeps_every_comm
 
 #[test]
 fn crashes_lose_at_most_the_stated_rpo_over_20_rounds() {
-    crash_rounds("mount", 20);
+    crash_rounds("mount", "wal", 20);
 }
 
 #[test]
 fn crashes_in_the_replicate_layout_lose_at_most_the_stated_rpo() {
-    crash_rounds("replicate", 10);
+    crash_rounds("replicate", "wal", 10);
 }
 
-fn crash_rounds(layout: &str, rounds: usize) {
+/// A rollback-journal database (followed by comparing snapshots) under the
+/// same crashes.
+#[test]
+fn crashes_of_a_rollback_journal_database_lose_at_most_the_stated_rpo() {
+    crash_rounds("replicate", "delete", 10);
+}
+
+fn crash_rounds(layout: &str, journal: &str, rounds: usize) {
     let s = Setup::new();
     let base = s.out_dir("round-0");
     let base_s = base.display().to_string();
     let layout_env = ("CVM_STORAGE", layout);
+    let journal_env = ("JOURNAL", journal);
     // Round 0 creates the database and stops cleanly, so every later round
     // starts from a restored database on local disk.
-    let (mut app, _) = s.boot("round-0", &s.writer_cmd(), &[("OUT", &base_s), layout_env]);
+    let (mut app, _) = s.boot(
+        "round-0",
+        &s.writer_cmd(),
+        &[("OUT", &base_s), layout_env, journal_env],
+    );
     wait_until(T, "the first snapshot", || {
         app.log_text().contains("sqlite: snapshot uploaded")
     });
@@ -178,7 +190,7 @@ fn crash_rounds(layout: &str, rounds: usize) {
         let (mut app, dirs) = s.boot(
             &format!("round-{round}"),
             &s.writer_cmd(),
-            &[("OUT", &out_s), layout_env],
+            &[("OUT", &out_s), layout_env, journal_env],
         );
 
         // What survived the previous crash.
@@ -215,7 +227,7 @@ fn crash_rounds(layout: &str, rounds: usize) {
     }
     lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
     eprintln!(
-        "{layout}: crash RPO (seconds of commits lost) over {} rounds: median {:.2}s, worst {:.2}s (bound {RPO_BOUND}s)",
+        "{layout}, {journal}: crash RPO (seconds of commits lost) over {} rounds: median {:.2}s, worst {:.2}s (bound {RPO_BOUND}s)",
         lags.len(),
         lags[lags.len() / 2],
         lags[lags.len() - 1]

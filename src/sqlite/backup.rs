@@ -25,8 +25,8 @@ use crate::remote::bucket::{META_DIR, SQLITE_DIR, WAL_DIR};
 use crate::remote::lag::Lag;
 use crate::remote::lease::Fence;
 use crate::sqlite::line::{self, BaseRef, Manifest};
-use crate::sqlite::pin::Tracker;
 use crate::sqlite::segment::Segment;
+use crate::sqlite::source::Source;
 use crate::sqlite::{self, Fingerprint, Patterns, Snapshot, SqliteError};
 use crate::storage::worker::{self, Worker};
 use crate::timepoint;
@@ -52,6 +52,8 @@ const SPOOL_DIR: &str = ".wal-spool";
 const LOCKED_LOUD_AFTER: u32 = 3;
 /// Manifests on their way, below the scratch dir.
 const META_SCRATCH: &str = ".wal-meta";
+/// Rollback-journal databases as last saved, below the scratch dir.
+const MIRROR_DIR: &str = ".mirror";
 
 #[derive(Debug, Clone)]
 pub struct BackupSpec {
@@ -142,7 +144,9 @@ pub struct Line {
 struct Follow {
     /// `None` only while a blocking call has it. In a mutex only so the
     /// engine is `Sync` (a connection is not); it is never contended.
-    tracker: Option<std::sync::Mutex<Tracker>>,
+    tracker: Option<std::sync::Mutex<Source>>,
+    /// In a rollback-journal mode (followed by comparing snapshots).
+    rollback: bool,
     /// `None` until the first base of a new line is on S3.
     line: Option<Line>,
     /// Spooled segments not yet uploaded, oldest first: number, and when
@@ -221,23 +225,44 @@ pub fn start(spec: BackupSpec, known: BTreeMap<PathBuf, Known>) -> Worker {
     }
     engine.rescan();
     engine.last_scan = Some(Instant::now());
+    let _ = std::fs::remove_dir_all(engine.spec.scratch.join(MIRROR_DIR));
     for (rel, st) in engine.dbs.iter_mut() {
-        st.follow = follow(&engine.spec.root.join(rel), st.restored_line.take());
+        let mirror = engine.spec.scratch.join(MIRROR_DIR).join(rel);
+        st.follow = follow(
+            &engine.spec.root.join(rel),
+            st.restored_line.take(),
+            mirror,
+            st.remote_hash,
+        );
     }
     Worker::spawn("the database backup loop", engine)
 }
 
-/// Pins `live` if it is a WAL database; `None` otherwise or when it cannot
-/// be opened now (the next save tries again).
-fn follow(live: &Path, line: Option<Line>) -> Option<Follow> {
-    match Tracker::open(live) {
-        Ok(Some(t)) => Some(Follow {
-            tracker: Some(std::sync::Mutex::new(t)),
-            line,
-            queue: VecDeque::new(),
-            pending: None,
-        }),
-        Ok(None) => None,
+/// Follows `live` (`Source`), its snapshots mirrored at `mirror`, continuing
+/// `line` when there is one; `None` when it cannot be opened now (the next
+/// save tries again, or saves it whole). A rollback-journal database's line
+/// continues only from the content S3 holds (`known`): its changes are
+/// counted from what it holds now.
+fn follow(
+    live: &Path,
+    line: Option<Line>,
+    mirror: PathBuf,
+    known: Option<[u8; 32]>,
+) -> Option<Follow> {
+    match Source::open(live, mirror) {
+        Ok(source) => {
+            let line = match source.counted_from() {
+                Some(now) if known != Some(now) => None,
+                _ => line,
+            };
+            Some(Follow {
+                rollback: source.rollback(),
+                tracker: Some(std::sync::Mutex::new(source)),
+                line,
+                queue: VecDeque::new(),
+                pending: None,
+            })
+        }
         Err(e) => {
             tracing::warn!(db = %live.display(), error = %e, "sqlite: cannot follow the database yet");
             None
@@ -281,7 +306,7 @@ fn compress(from: &Path, to: &Path) -> std::io::Result<u64> {
 /// Runs `f` on the tracker off the async threads.
 async fn with_tracker<T: Send + 'static>(
     follow: &mut Follow,
-    f: impl FnOnce(&mut Tracker) -> T + Send + 'static,
+    f: impl FnOnce(&mut Source) -> T + Send + 'static,
 ) -> T {
     let t = follow.tracker.take().expect("one call at a time");
     let (t, r) = tokio::task::spawn_blocking(move || {
@@ -586,7 +611,7 @@ impl Engine {
             // While uploads fail, commits wait in the WAL (and the spool), not
             // in memory.
             let held = f.pending.as_ref().map_or(0, Segment::bytes);
-            if f.tracker.is_none() || !f.queue.is_empty() || held >= PENDING_MAX {
+            if f.rollback || f.tracker.is_none() || !f.queue.is_empty() || held >= PENDING_MAX {
                 continue;
             }
             match with_tracker(f, |t| t.move_pin()).await {
@@ -661,7 +686,7 @@ impl Engine {
             let same = f
                 .tracker
                 .as_ref()
-                .and_then(|t| t.lock().ok().map(|t| t.same_file() && !t.lost()));
+                .and_then(|t| t.lock().ok().map(|t| t.still_followed()));
             if same != Some(true) {
                 tracing::info!(db = %rel.display(), "sqlite: the database file was replaced, or its WAL no longer followed; starting a new line");
                 state.follow = None;
@@ -669,8 +694,10 @@ impl Engine {
         }
         if state.follow.is_none() {
             let line = state.restored_line.take();
-            let l = live.clone();
-            state.follow = tokio::task::spawn_blocking(move || follow(&l, line)).await?;
+            let (l, known) = (live.clone(), state.remote_hash);
+            let mirror = self.spec.scratch.join(MIRROR_DIR).join(rel);
+            state.follow =
+                tokio::task::spawn_blocking(move || follow(&l, line, mirror, known)).await?;
         }
         let state = self.dbs.get_mut(rel).expect("saved databases are listed");
         let Some(mut f) = state.follow.take() else {
@@ -709,13 +736,20 @@ impl Engine {
         }
         let before = f.line.as_ref().expect("started above").seq;
         let db = rel.to_owned();
-        let seg =
-            with_tracker(f, |t| t.changes())
-                .await
-                .map_err(|source| BackupError::Snapshot {
+        let seg = match with_tracker(f, |t| t.changes()).await {
+            Ok(seg) => seg,
+            // Too much changed for one segment: the new state is a base.
+            Err(SqliteError::Rewritten { .. }) => {
+                self.start_line(rel, f).await?;
+                return Ok(f.line.as_ref().expect("started above").seq);
+            }
+            Err(source) => {
+                return Err(BackupError::Snapshot {
                     db: db.clone(),
                     source,
-                })?;
+                })
+            }
+        };
         // Every commit in the segment was made by now: a restore to a
         // moment takes it only at or after this.
         let read_at = timepoint::now_ms();
@@ -809,6 +843,7 @@ impl Engine {
         // real gateway's agent database: 676 KB): its first base goes up
         // compressed, and the whole stock copy follows with the next base.
         base.packed = new_to_s3;
+        base.rollback = f.rollback;
         let mut upload = rel.to_string_lossy().into_owned();
         let mut sent = snap.bytes;
         if base.packed {

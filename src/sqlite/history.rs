@@ -215,6 +215,7 @@ mod tests {
             at: at_ms / 1000,
             at_ms,
             packed: false,
+            rollback: false,
         }
     }
 

@@ -46,6 +46,11 @@ pub struct BaseRef {
     /// later, is whole and at the stock name again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub packed: bool,
+    /// The database is in a rollback-journal mode (its segments are the
+    /// pages that differ between snapshots): restored as it is, not
+    /// switched to WAL.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollback: bool,
 }
 
 impl BaseRef {
@@ -57,6 +62,7 @@ impl BaseRef {
             at: taken_ms / 1000,
             at_ms: taken_ms,
             packed: false,
+            rollback: false,
         }
     }
 
@@ -405,6 +411,7 @@ mod tests {
             at: 0,
             at_ms: 0,
             packed: false,
+            rollback: false,
         }
     }
 

@@ -2,12 +2,14 @@
 //! ones, and checks. Never copies a live database file (docs/facts.md §3).
 
 pub mod backup;
+pub mod differ;
 pub mod history;
 pub mod line;
 pub mod patterns;
 pub mod pin;
 pub mod restore;
 pub mod segment;
+pub mod source;
 pub mod wal;
 
 use std::fs;
@@ -38,6 +40,8 @@ pub enum SqliteError {
     },
     #[error("{path}: cvm-init lost its hold on the WAL; following it anew from a new base")]
     PinLost { path: PathBuf },
+    #[error("{path}: most of the database was rewritten; it goes up as a new base")]
+    Rewritten { path: PathBuf },
     #[error("{path}: the source stayed busy; snapshot not taken")]
     Busy { path: PathBuf },
     #[error("{path}: integrity check failed: {detail}")]
@@ -76,16 +80,46 @@ fn sql_err(path: &Path) -> impl FnOnce(rusqlite::Error) -> SqliteError + '_ {
 /// Whether `path` starts with the SQLite header. An empty file is not
 /// counted: SQLite would treat it as an empty database, but so would any file.
 pub fn is_sqlite(path: &Path) -> io::Result<bool> {
-    let mut buf = [0u8; 16];
+    let (buf, n) = head::<16>(path)?;
+    Ok(n == 16 && &buf == HEADER)
+}
+
+/// The first `N` bytes of the file at `path` (fewer when it is shorter).
+fn head<const N: usize>(path: &Path) -> io::Result<([u8; N], usize)> {
+    let mut buf = [0u8; N];
     let mut f = fs::File::open(path)?;
     let mut read = 0;
-    while read < buf.len() {
+    while read < N {
         match f.read(&mut buf[read..])? {
-            0 => return Ok(false),
+            0 => break,
             n => read += n,
         }
     }
-    Ok(&buf == HEADER)
+    Ok((buf, read))
+}
+
+/// The page size a database file's header gives.
+fn page_size(path: &Path) -> Result<u32, SqliteError> {
+    let (h, n) = head::<18>(path).map_err(io_err(path))?;
+    match u16::from_be_bytes([h[16], h[17]]) {
+        _ if n < 18 => Err(SqliteError::Corrupt {
+            path: path.to_owned(),
+            detail: "shorter than a database header".into(),
+        }),
+        1 => Ok(65536),
+        size => Ok(u32::from(size)),
+    }
+}
+
+/// Whether the database file's header says WAL mode (file format 2).
+fn in_wal_mode(path: &Path) -> bool {
+    head::<20>(path).is_ok_and(|(h, n)| n == 20 && h[18] == 2 && h[19] == 2)
+}
+
+/// Device and inode of the file at `path`.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Whether `name` is a sidecar of some database rather than a database.

@@ -24,7 +24,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use super::segment::Segment;
 use super::wal::{self, Pos};
-use super::{sidecar, sql_err, SqliteError};
+use super::{file_id, sidecar, sql_err, SqliteError};
 
 /// WAL length, in frames, from which cvm-init seals: SQLite's default
 /// autocheckpoint, so the WAL peaks where it would without cvm-init.
@@ -42,11 +42,6 @@ pub struct Tracker {
     wal_frames: u32,
     /// Device and inode of the file opened.
     file: (u64, u64),
-}
-
-fn file_id(db: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata(db).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn open(db: &Path) -> Result<Connection, SqliteError> {

@@ -460,7 +460,8 @@ async fn catch_up(
     let (applied, since_base, failed) = {
         let (dir, path) = (dir.clone(), path.clone());
         let names: Vec<String> = todo.iter().map(|s| s.name.clone()).collect();
-        tokio::task::spawn_blocking(move || apply_segments(&dir, &path, &names))
+        let wal = !base.rollback;
+        tokio::task::spawn_blocking(move || apply_segments(&dir, &path, &names, wal))
             .await
             .expect("applying does not panic")
     };
@@ -563,9 +564,15 @@ async fn fetch_base(
 }
 
 /// Applies the segments named `names`, in order, from `dir` to `db`, until
-/// one fails; then sets WAL mode. Returns how many were applied, their
-/// bytes, and why it stopped early.
-fn apply_segments(dir: &Path, db: &Path, names: &[String]) -> (usize, u64, Option<String>) {
+/// one fails; then sets WAL mode when `wal` (a rollback-journal database
+/// stays as it is). Returns how many were applied, their bytes, and why it
+/// stopped early.
+fn apply_segments(
+    dir: &Path,
+    db: &Path,
+    names: &[String],
+    wal: bool,
+) -> (usize, u64, Option<String>) {
     let mut applied = 0;
     let mut bytes = 0;
     let mut failed = None;
@@ -582,6 +589,9 @@ fn apply_segments(dir: &Path, db: &Path, names: &[String]) -> (usize, u64, Optio
             break;
         }
         applied += 1;
+    }
+    if !wal {
+        return (applied, bytes, failed);
     }
     if let Err(e) =
         rusqlite::Connection::open(db).and_then(|c| c.pragma_update(None, "journal_mode", "WAL"))

@@ -2,7 +2,8 @@
 # transactions (2 KB each) into a WAL database under OPENCLAW_STATE_DIR and
 # logs each commit with its time to $OUT/commits after it returns.
 # LIMIT stops after that many commits; the file $OUT/pause pauses writing,
-# acknowledged by the file $OUT/paused. LOCKING sets PRAGMA locking_mode.
+# acknowledged by the file $OUT/paused. LOCKING sets PRAGMA locking_mode,
+# JOURNAL the journal mode (default wal).
 # SIGTERM ends it between commits: a stop never falls between a commit and
 # its log line, so the log numbers have no gap (SIGKILL still can).
 import os, signal, sqlite3, sys, time
@@ -12,7 +13,7 @@ state, out = os.environ["OPENCLAW_STATE_DIR"], os.environ["OUT"]
 path = os.path.join(state, "state", "openclaw.sqlite")
 os.makedirs(os.path.dirname(path), exist_ok=True)
 db = sqlite3.connect(path, isolation_level=None)
-db.execute("pragma journal_mode=wal")
+db.execute(f"pragma journal_mode={os.environ.get('JOURNAL', 'wal')}")
 if os.environ.get("LOCKING"):
     db.execute(f"pragma locking_mode={os.environ['LOCKING']}")
 db.execute("create table if not exists tx(i integer primary key, ts real, pad blob)")

@@ -1,0 +1,200 @@
+//! Following a database in a rollback-journal mode (not WAL), whose
+//! commits leave no frames to read. Each save takes a consistent snapshot
+//! (SQLite's backup API, as a whole-database save does) and compares it
+//! page by page with the previous one, kept on local disk (the *mirror*):
+//! the pages that differ are the segment, as a WAL database's are. A base is
+//! a copy of the mirror, so it takes no lock on the app's database.
+
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use super::segment::Segment;
+use super::{io_err, sidecar, SqliteError};
+
+pub struct Differ {
+    db: PathBuf,
+    /// The database as of the last segment (or the open).
+    mirror: PathBuf,
+    /// Device and inode of the file opened.
+    file: (u64, u64),
+    /// Content hash of the mirror.
+    sha256: [u8; 32],
+}
+
+impl Differ {
+    /// Snapshots `db` into `mirror`: changes are counted from this state.
+    pub fn open(db: &Path, mirror: PathBuf) -> Result<Differ, SqliteError> {
+        let file = super::file_id(db).ok_or_else(|| SqliteError::Io {
+            path: db.to_owned(),
+            source: io::ErrorKind::NotFound.into(),
+        })?;
+        let snap = super::snapshot(db, &mirror)?;
+        Ok(Differ {
+            db: db.to_owned(),
+            mirror,
+            file,
+            sha256: snap.sha256,
+        })
+    }
+
+    /// Content hash of the state changes are counted from.
+    pub fn sha256(&self) -> [u8; 32] {
+        self.sha256
+    }
+
+    /// The pages committed since the last call (or the open), or `None`.
+    pub fn changes(&mut self) -> Result<Option<Segment>, SqliteError> {
+        let next = sidecar(&self.mirror, ".next");
+        let snap = super::snapshot(&self.db, &next)?;
+        if snap.sha256 == self.sha256 {
+            let _ = fs::remove_file(&next);
+            return Ok(None);
+        }
+        let seg = diff(&self.mirror, &next, REWRITE_BYTES)?;
+        fs::rename(&next, &self.mirror).map_err(io_err(&self.mirror))?;
+        self.sha256 = snap.sha256;
+        seg.map(Some).ok_or_else(|| SqliteError::Rewritten {
+            path: self.db.clone(),
+        })
+    }
+
+    /// A base: the mirror, copied to `dst`.
+    pub fn base(&self, dst: &Path) -> Result<super::Snapshot, SqliteError> {
+        if let Some(parent) = dst.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        fs::copy(&self.mirror, dst).map_err(io_err(dst))?;
+        let (sha256, bytes) = super::content_hash(dst)?;
+        Ok(super::Snapshot {
+            path: dst.to_owned(),
+            sha256,
+            bytes,
+        })
+    }
+
+    /// Whether `db` is still the file opened and still not in WAL mode (a
+    /// switch to WAL is followed from its WAL, on a new line).
+    pub fn same_file(&self) -> bool {
+        super::file_id(&self.db) == Some(self.file) && !super::in_wal_mode(&self.db)
+    }
+}
+
+/// Changed pages held in memory at most; beyond, the change (a VACUUM, a
+/// bulk rewrite) goes up as a new base instead of a segment.
+const REWRITE_BYTES: usize = 64 << 20;
+
+/// The segment that turns the database `old` into `new`: every page of
+/// `new` that differs from `old`'s (all of them when the page size
+/// changed), and `new`'s size; `None` once more than `limit` bytes differ.
+fn diff(old: &Path, new: &Path, limit: usize) -> Result<Option<Segment>, SqliteError> {
+    let page_size = super::page_size(new)?;
+    let same_size = super::page_size(old).ok() == Some(page_size);
+    let size = page_size as usize;
+    let mut a = io::BufReader::with_capacity(1 << 20, fs::File::open(old).map_err(io_err(old))?);
+    let mut b = io::BufReader::with_capacity(1 << 20, fs::File::open(new).map_err(io_err(new))?);
+    let (mut pa, mut pb) = (vec![0u8; size], vec![0u8; size]);
+    let mut pages = std::collections::BTreeMap::new();
+    let mut pgno = 0u32;
+    loop {
+        let got = read_page(&mut b, &mut pb).map_err(io_err(new))?;
+        if got == 0 {
+            break;
+        }
+        pgno += 1;
+        let had = if same_size {
+            read_page(&mut a, &mut pa).map_err(io_err(old))?
+        } else {
+            0
+        };
+        if had != size || pa[..] != pb[..] {
+            if (pages.len() + 1) * size > limit {
+                return Ok(None);
+            }
+            pages.insert(pgno, pb[..got].to_vec());
+        }
+    }
+    Ok(Some(Segment {
+        page_size,
+        db_pages: pgno,
+        pages,
+    }))
+}
+
+/// Fills `buf` from `r` as far as `r` goes; returns the bytes read.
+fn read_page(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::Connection;
+
+    fn rows(db: &Path) -> i64 {
+        Connection::open(db)
+            .unwrap()
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn changed_pages_applied_to_a_base_give_the_database() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("app.sqlite");
+        let app = Connection::open(&db).unwrap();
+        app.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (zeroblob(100000));")
+            .unwrap();
+        let mut f = Differ::open(&db, d.path().join("mirror")).unwrap();
+        let base = f.base(&d.path().join("base")).unwrap();
+        assert!(f.changes().unwrap().is_none(), "nothing changed");
+
+        app.execute("INSERT INTO t VALUES ('one more')", [])
+            .unwrap();
+        let seg = f.changes().unwrap().expect("a change");
+        assert!(
+            seg.pages.len() < seg.db_pages as usize / 2,
+            "only what changed: {} of {} pages",
+            seg.pages.len(),
+            seg.db_pages
+        );
+        seg.apply(&base.path).unwrap();
+        assert_eq!(rows(&base.path), 2);
+
+        // Shrinking: a VACUUM after a delete.
+        app.execute_batch("DELETE FROM t WHERE rowid = 1; VACUUM;")
+            .unwrap();
+        f.changes()
+            .unwrap()
+            .expect("a change")
+            .apply(&base.path)
+            .unwrap();
+        assert_eq!(rows(&base.path), 1);
+        // A snapshot's schema cookie is its own (the backup API sets it), so
+        // the base matches a snapshot of the database, not its file.
+        let now = super::super::snapshot(&db, &d.path().join("now")).unwrap();
+        assert_eq!(
+            super::super::content_hash(&base.path).unwrap().0,
+            now.sha256
+        );
+        assert!(f.same_file());
+        // Past the limit, no segment: the engine takes a new base.
+        let old = d.path().join("old");
+        fs::copy(&base.path, &old).unwrap();
+        app.execute("UPDATE t SET x = zeroblob(100001)", [])
+            .unwrap();
+        let next = d.path().join("next");
+        super::super::snapshot(&db, &next).unwrap();
+        assert!(diff(&old, &next, 8 * 4096).unwrap().is_none());
+        assert!(diff(&old, &next, 1 << 20).unwrap().is_some());
+        app.pragma_update(None, "journal_mode", "WAL").unwrap();
+        assert!(!f.same_file(), "a switch to WAL ends the line");
+    }
+}
