@@ -13,6 +13,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -196,6 +198,9 @@ struct Engine {
     gone: Vec<PathBuf>,
     last_scan: Option<Instant>,
     last_error: String,
+    /// Set by the stop: a save in progress gives up, leaving the budget to
+    /// the final pass.
+    interrupt: Arc<AtomicBool>,
 }
 
 /// Starts the backup loop. `known` maps databases just restored from S3 to
@@ -212,6 +217,7 @@ pub fn start(spec: BackupSpec, known: BTreeMap<PathBuf, Known>) -> Worker {
         gone: Vec::new(),
         last_scan: None,
         last_error: String::new(),
+        interrupt: Arc::default(),
     };
     for (rel, known) in known {
         engine.dbs.insert(
@@ -330,6 +336,10 @@ impl worker::Engine for Engine {
     async fn act(&mut self) {
         self.tick(false).await;
         self.report_lag();
+    }
+
+    fn interrupt(&self) -> Option<Arc<AtomicBool>> {
+        Some(self.interrupt.clone())
     }
 
     async fn finish(&mut self, deadline: Instant) -> Result<(), FinalPassError> {
@@ -514,6 +524,16 @@ impl Engine {
 
     /// A save of `rel` failed with `e`: retried after a backoff.
     fn failed(&mut self, rel: PathBuf, e: &BackupError, unsaved: &mut Vec<PathBuf>) {
+        if let BackupError::Snapshot {
+            source: SqliteError::Interrupted { .. },
+            ..
+        } = e
+        {
+            // The stop's final pass saves it, with the budget this save left.
+            tracing::info!(db = %rel.display(), "sqlite: save interrupted by the stop");
+            unsaved.push(rel);
+            return;
+        }
         let state = self.dbs.get_mut(&rel).expect("saved databases are listed");
         state.failures += 1;
         let delay = Backoff::S3.delay(state.failures);
@@ -736,7 +756,8 @@ impl Engine {
         }
         let before = f.line.as_ref().expect("started above").seq;
         let db = rel.to_owned();
-        let seg = match with_tracker(f, |t| t.changes()).await {
+        let interrupt = self.interrupt.clone();
+        let seg = match with_tracker(f, move |t| t.changes(&interrupt)).await {
             Ok(seg) => seg,
             // Too much changed for one segment: the new state is a base.
             Err(SqliteError::Rewritten { .. }) => {

@@ -8,18 +8,26 @@
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rusqlite::backup::{Backup, StepResult};
+use rusqlite::{Connection, OpenFlags};
 
 use super::segment::Segment;
-use super::{io_err, sidecar, SqliteError};
+use super::{io_err, sidecar, sql_err, SqliteError, BUSY_TIMEOUT};
+
+/// Pages copied between two looks at the stop's flag.
+const STEP_PAGES: i32 = 1024;
 
 pub struct Differ {
     db: PathBuf,
+    conn: Connection,
     /// The database as of the last segment (or the open).
     mirror: PathBuf,
     /// Device and inode of the file opened.
     file: (u64, u64),
-    /// Content hash of the mirror.
-    sha256: [u8; 32],
+    /// Content hash of the mirror at the open.
+    opened: [u8; 32],
 }
 
 impl Differ {
@@ -29,31 +37,46 @@ impl Differ {
             path: db.to_owned(),
             source: io::ErrorKind::NotFound.into(),
         })?;
+        let conn = Connection::open_with_flags(
+            db,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql_err(db))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql_err(db))?;
         let snap = super::snapshot(db, &mirror)?;
         Ok(Differ {
             db: db.to_owned(),
+            conn,
             mirror,
             file,
-            sha256: snap.sha256,
+            opened: snap.sha256,
         })
     }
 
-    /// Content hash of the state changes are counted from.
+    /// Content hash of the state changes were first counted from.
     pub fn sha256(&self) -> [u8; 32] {
-        self.sha256
+        self.opened
     }
 
     /// The pages committed since the last call (or the open), or `None`.
-    pub fn changes(&mut self) -> Result<Option<Segment>, SqliteError> {
+    /// Gives up (`Interrupted`) once `interrupt` is set.
+    pub fn changes(&mut self, interrupt: &AtomicBool) -> Result<Option<Segment>, SqliteError> {
         let next = sidecar(&self.mirror, ".next");
-        let snap = super::snapshot(&self.db, &next)?;
-        if snap.sha256 == self.sha256 {
-            let _ = fs::remove_file(&next);
-            return Ok(None);
-        }
-        let seg = diff(&self.mirror, &next, REWRITE_BYTES)?;
+        let _ = fs::remove_file(&next);
+        let seg = copy(&self.conn, &self.db, &next, interrupt)
+            .and_then(|()| diff(&self.mirror, &next, REWRITE_BYTES, interrupt));
+        let seg = match seg {
+            Ok(Some(seg)) if seg.pages.is_empty() => {
+                let _ = fs::remove_file(&next);
+                return Ok(None);
+            }
+            Ok(seg) => seg,
+            Err(e) => {
+                let _ = fs::remove_file(&next);
+                return Err(e);
+            }
+        };
         fs::rename(&next, &self.mirror).map_err(io_err(&self.mirror))?;
-        self.sha256 = snap.sha256;
         seg.map(Some).ok_or_else(|| SqliteError::Rewritten {
             path: self.db.clone(),
         })
@@ -80,6 +103,46 @@ impl Differ {
     }
 }
 
+/// Copies the database `conn` reads into the new file `dst`, consistent:
+/// one read transaction over the whole copy (in a rollback-journal mode no
+/// commit can land while it is held), in steps, giving up once `interrupt`
+/// is set. No check and no fsync: the copy is compared and dropped, or
+/// kept as the local mirror, which a restart rebuilds.
+fn copy(
+    conn: &Connection,
+    src: &Path,
+    dst: &Path,
+    interrupt: &AtomicBool,
+) -> Result<(), SqliteError> {
+    conn.execute_batch("BEGIN").map_err(sql_err(src))?;
+    let copied = (|| {
+        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map_err(sql_err(src))?;
+        let mut to = Connection::open(dst).map_err(sql_err(dst))?;
+        let backup = Backup::new(conn, &mut to).map_err(sql_err(src))?;
+        loop {
+            if interrupt.load(Ordering::SeqCst) {
+                return Err(SqliteError::Interrupted {
+                    path: src.to_owned(),
+                });
+            }
+            match backup.step(STEP_PAGES).map_err(sql_err(src))? {
+                StepResult::Done => return Ok(()),
+                StepResult::More => {}
+                _ => {
+                    return Err(SqliteError::Busy {
+                        path: src.to_owned(),
+                    })
+                }
+            }
+        }
+    })();
+    let _ = conn.execute_batch("COMMIT");
+    copied
+}
+
 /// Changed pages held in memory at most; beyond, the change (a VACUUM, a
 /// bulk rewrite) goes up as a new base instead of a segment.
 const REWRITE_BYTES: usize = 64 << 20;
@@ -87,7 +150,12 @@ const REWRITE_BYTES: usize = 64 << 20;
 /// The segment that turns the database `old` into `new`: every page of
 /// `new` that differs from `old`'s (all of them when the page size
 /// changed), and `new`'s size; `None` once more than `limit` bytes differ.
-fn diff(old: &Path, new: &Path, limit: usize) -> Result<Option<Segment>, SqliteError> {
+fn diff(
+    old: &Path,
+    new: &Path,
+    limit: usize,
+    interrupt: &AtomicBool,
+) -> Result<Option<Segment>, SqliteError> {
     let page_size = super::page_size(new)?;
     let same_size = super::page_size(old).ok() == Some(page_size);
     let size = page_size as usize;
@@ -102,6 +170,11 @@ fn diff(old: &Path, new: &Path, limit: usize) -> Result<Option<Segment>, SqliteE
             break;
         }
         pgno += 1;
+        if pgno % STEP_PAGES as u32 == 0 && interrupt.load(Ordering::SeqCst) {
+            return Err(SqliteError::Interrupted {
+                path: new.to_owned(),
+            });
+        }
         let had = if same_size {
             read_page(&mut a, &mut pa).map_err(io_err(old))?
         } else {
@@ -153,12 +226,13 @@ mod tests {
         app.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (zeroblob(100000));")
             .unwrap();
         let mut f = Differ::open(&db, d.path().join("mirror")).unwrap();
+        let go = AtomicBool::new(false);
         let base = f.base(&d.path().join("base")).unwrap();
-        assert!(f.changes().unwrap().is_none(), "nothing changed");
+        assert!(f.changes(&go).unwrap().is_none(), "nothing changed");
 
         app.execute("INSERT INTO t VALUES ('one more')", [])
             .unwrap();
-        let seg = f.changes().unwrap().expect("a change");
+        let seg = f.changes(&go).unwrap().expect("a change");
         assert!(
             seg.pages.len() < seg.db_pages as usize / 2,
             "only what changed: {} of {} pages",
@@ -171,7 +245,7 @@ mod tests {
         // Shrinking: a VACUUM after a delete.
         app.execute_batch("DELETE FROM t WHERE rowid = 1; VACUUM;")
             .unwrap();
-        f.changes()
+        f.changes(&go)
             .unwrap()
             .expect("a change")
             .apply(&base.path)
@@ -192,8 +266,17 @@ mod tests {
             .unwrap();
         let next = d.path().join("next");
         super::super::snapshot(&db, &next).unwrap();
-        assert!(diff(&old, &next, 8 * 4096).unwrap().is_none());
-        assert!(diff(&old, &next, 1 << 20).unwrap().is_some());
+        assert!(diff(&old, &next, 8 * 4096, &go).unwrap().is_none());
+        assert!(diff(&old, &next, 1 << 20, &go).unwrap().is_some());
+        // The stop's flag ends a save early; nothing is lost by it.
+        app.execute("INSERT INTO t VALUES ('after the flag')", [])
+            .unwrap();
+        let stop = AtomicBool::new(true);
+        assert!(matches!(
+            f.changes(&stop),
+            Err(SqliteError::Interrupted { .. })
+        ));
+        f.changes(&go).unwrap().expect("the change, next time");
         app.pragma_update(None, "journal_mode", "WAL").unwrap();
         assert!(!f.same_file(), "a switch to WAL ends the line");
     }

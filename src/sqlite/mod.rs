@@ -40,6 +40,8 @@ pub enum SqliteError {
     },
     #[error("{path}: cvm-init lost its hold on the WAL; following it anew from a new base")]
     PinLost { path: PathBuf },
+    #[error("{path}: interrupted by the stop")]
+    Interrupted { path: PathBuf },
     #[error("{path}: most of the database was rewritten; it goes up as a new base")]
     Rewritten { path: PathBuf },
     #[error("{path}: the source stayed busy; snapshot not taken")]

@@ -4,6 +4,7 @@
 //! restore and one history serve either.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 use super::differ::Differ;
 use super::pin::Tracker;
@@ -25,11 +26,12 @@ impl Source {
         })
     }
 
-    /// What was committed since the last call, or `None`.
-    pub fn changes(&mut self) -> Result<Option<Segment>, SqliteError> {
+    /// What was committed since the last call, or `None`. A long read
+    /// (a rollback-journal database's copy) gives up once `interrupt` is set.
+    pub fn changes(&mut self, interrupt: &AtomicBool) -> Result<Option<Segment>, SqliteError> {
         match self {
             Source::Wal(t) => t.changes(),
-            Source::Copies(d) => d.changes(),
+            Source::Copies(d) => d.changes(interrupt),
         }
     }
 

@@ -5,6 +5,8 @@
 //! supervisor acts on, instead of uploads stopping unnoticed.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -20,6 +22,13 @@ pub trait Engine: Send + 'static {
     fn wait(&mut self) -> impl Future<Output = ()> + Send;
     /// Does what is due. Never cancelled: the stop waits for it.
     fn act(&mut self) -> impl Future<Output = ()> + Send;
+    /// A flag the stop sets while `act` may still run, so a long step in
+    /// it gives up and leaves the budget to `finish`; cleared before
+    /// `finish` runs. `None`: nothing in `act` looks.
+    fn interrupt(&self) -> Option<Arc<AtomicBool>> {
+        None
+    }
+
     /// Saves everything not saved yet, before `deadline`.
     fn finish(
         &mut self,
@@ -38,17 +47,22 @@ pub struct Worker {
     tx: mpsc::Sender<Final>,
     /// `None` once [`Worker::died`] has reported its end.
     task: Option<JoinHandle<()>>,
+    interrupt: Option<Arc<AtomicBool>>,
 }
 
 impl Worker {
     /// Runs `engine` until [`Worker::final_pass`]; `what` names it in errors.
     pub fn spawn<E: Engine>(what: &'static str, mut engine: E) -> Worker {
         let (tx, mut rx) = mpsc::channel::<Final>(1);
+        let interrupt = engine.interrupt();
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
                     cmd = rx.recv() => {
                         if let Some(Final { deadline, reply }) = cmd {
+                            if let Some(flag) = engine.interrupt() {
+                                flag.store(false, Ordering::SeqCst);
+                            }
                             let r = engine.finish(deadline).await.map_err(Into::into);
                             let _ = reply.send(r);
                         }
@@ -63,6 +77,7 @@ impl Worker {
             what,
             tx,
             task: Some(task),
+            interrupt,
         }
     }
 
@@ -96,6 +111,9 @@ impl Worker {
     pub async fn final_pass(self, deadline: Instant) -> Result<(), FlushError> {
         let gone = || FlushError::WorkerGone(self.what);
         let (reply, rx) = oneshot::channel();
+        if let Some(flag) = &self.interrupt {
+            flag.store(true, Ordering::SeqCst);
+        }
         let result = match self.tx.send(Final { deadline, reply }).await {
             Ok(()) => rx.await.unwrap_or_else(|_| Err(gone())),
             Err(_) => Err(gone()),
@@ -127,8 +145,7 @@ pub async fn died(worker: &mut Option<Worker>) -> StorageFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::AtomicU32;
 
     struct Counting {
         acts: Arc<AtomicU32>,
@@ -171,6 +188,45 @@ mod tests {
             matches!(r, Err(FlushError::WorkerGone("test engine"))),
             "{r:?}"
         );
+    }
+
+    /// An `act` that runs until the stop's flag is set, as a long save does.
+    struct Long {
+        flag: Arc<AtomicBool>,
+        started: Arc<tokio::sync::Notify>,
+    }
+
+    impl Engine for Long {
+        type Unsaved = FlushError;
+        async fn wait(&mut self) {}
+        async fn act(&mut self) {
+            self.started.notify_one();
+            while !self.flag.load(Ordering::SeqCst) {
+                tokio::task::yield_now().await;
+            }
+        }
+        fn interrupt(&self) -> Option<Arc<AtomicBool>> {
+            Some(self.flag.clone())
+        }
+        async fn finish(&mut self, _: Instant) -> Result<(), FlushError> {
+            // Cleared first, so the final pass's own saves run to the end.
+            assert!(!self.flag.load(Ordering::SeqCst));
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_stop_interrupts_a_long_act_and_clears_the_flag_for_finish() {
+        let started = Arc::new(tokio::sync::Notify::new());
+        let w = Worker::spawn(
+            "test engine",
+            Long {
+                flag: Arc::default(),
+                started: started.clone(),
+            },
+        );
+        started.notified().await;
+        w.final_pass(Instant::now()).await.unwrap();
     }
 
     #[tokio::test]
