@@ -204,6 +204,52 @@ fn a_new_databases_first_base_goes_up_packed_and_a_whole_copy_follows() {
 }
 
 #[test]
+fn restore_at_a_moment_brings_back_a_database_deleted_since() {
+    let s = Setup::new();
+    let idle = s.idle.clone();
+    let (mut app, a) = s.boot("a", &[("CVM_GATEWAY_CMD", idle.as_str())]);
+    let doomed = "state/doomed.sqlite";
+    fs::create_dir_all(a.state.join("state")).unwrap();
+    rusqlite::Connection::open(a.state.join(doomed))
+        .unwrap()
+        .execute_batch(
+            "PRAGMA journal_mode=WAL; CREATE TABLE tx(i INTEGER PRIMARY KEY);
+             INSERT INTO tx VALUES (1); INSERT INTO tx VALUES (2);",
+        )
+        .unwrap();
+    wait_until(T, "its base on S3", || {
+        app.log_text()
+            .contains("snapshot uploaded (base) db=state/doomed.sqlite")
+    });
+    let then = std::time::SystemTime::now();
+    wait_until(T, "the clock past that moment", || {
+        std::time::SystemTime::now() > then + Duration::from_millis(20)
+    });
+    fs::remove_file(a.state.join(doomed)).unwrap();
+    wait_until(T, "its line in the trash", || {
+        app.log_text()
+            .lines()
+            .any(|l| l.contains("moved to the trash") && l.contains("state/doomed.sqlite"))
+    });
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    let latest = s.tmp.path().join("latest");
+    let (code, _, stderr) = restore(&s, PASSWORD, &["--to", latest.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!latest.join(doomed).exists(), "deleted now");
+    let at = humantime::format_rfc3339_millis(then).to_string();
+    let back = s.tmp.path().join("then");
+    let (code, stdout, stderr) =
+        restore(&s, PASSWORD, &["--to", back.to_str().unwrap(), "--at", &at]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        inspect(&back.join(doomed)),
+        Some((2, 2)),
+        "it existed then: {stdout}\n{stderr}"
+    );
+}
+
+#[test]
 fn a_missing_segment_ends_the_restore_there_and_is_named() {
     let s = Setup::new();
     let (cmd, out) = writer(&s);
@@ -312,6 +358,7 @@ fn moments(journal: &str) {
     let log = commits(&out);
     // What went up per save is what changed, not the database.
     let app_log = app.log_text();
+
     let segments: Vec<u64> = app_log
         .lines()
         .filter(|l| l.contains("sqlite: segment uploaded db=state/openclaw.sqlite"))
@@ -354,7 +401,13 @@ fn moments(journal: &str) {
         .unwrap()
         .as_nanos() as u64;
     eprintln!("moments seeded with {seed}");
-    let span = newest + 1000 - oldest;
+    // Up to just after the last commit, and never after now (a moment in
+    // the future is refused).
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let span = (newest + 1000).min(now_ms) - oldest;
     for k in 0..10 {
         seed = seed
             .wrapping_mul(6364136223846793005)

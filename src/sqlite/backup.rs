@@ -655,6 +655,13 @@ impl Engine {
         }
         for rel in std::mem::take(&mut self.gone) {
             let rel_str = rel.to_string_lossy();
+            // When it went, in its manifest: a restore to a moment before
+            // takes it from the trash.
+            if let Err(e) = self.mark_gone(&rel).await {
+                tracing::warn!(db = %rel.display(), error = %e, "sqlite: cannot move the snapshot of a deleted database to the trash; retrying");
+                self.gone.push(rel);
+                continue;
+            }
             let (fs, remote) = line::stock(&rel);
             let params = json!({
                 "srcFs": fs, "srcRemote": remote,
@@ -689,6 +696,16 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Records in `rel`'s manifest (if it has one) that it is gone as of now.
+    async fn mark_gone(&self, rel: &Path) -> Result<(), rc::RcError> {
+        let socket = &self.spec.rc_socket;
+        let Some(mut m) = line::read_manifest(socket, rel, &self.scratch).await? else {
+            return Ok(());
+        };
+        m.gone_ms = Some(timepoint::now_ms());
+        line::write_manifest(socket, rel, &m, &self.scratch, &self.spec.fence).await
     }
 
     /// Saves `rel`'s changes: a WAL database's are spooled as a segment for

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::rclone::{rc, CRYPT_REMOTE};
-use crate::remote::bucket::{META_DIR, SQLITE_DIR, WAL_DIR, WAL_MANIFEST};
+use crate::remote::bucket::{META_DIR, SQLITE_DIR, TRASH_DIR, WAL_DIR, WAL_MANIFEST};
 use crate::remote::lease::Fence;
 use crate::sqlite::history::{retain, Keep};
 
@@ -88,9 +88,9 @@ pub const BASES_DIR: &str = "bases";
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub bases: Vec<BaseRef>,
-    /// When a rollback left this database out (Unix ms): its history stays,
-    /// and a database known only by its manifest (no stock copy yet) is
-    /// restored only as of a moment before this.
+    /// When the database was deleted or renamed away, or a rollback left it
+    /// out (Unix ms): a restore takes it only as of a moment before this
+    /// (from the trash, or, left out by a rollback, where it is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gone_ms: Option<u64>,
 }
@@ -240,13 +240,29 @@ pub async fn list(socket: &Path, rel: &Path) -> Result<Vec<(String, u64)>, rc::R
         .collect())
 }
 
+/// `rel`'s line as the trash day `day` holds it (a database deleted or
+/// renamed away that day): `.cvm-trash/<day>/.cvm/wal/<rel>`.
+pub fn trashed_path(day: &str, rel: &Path) -> String {
+    format!("{TRASH_DIR}/{day}/{}", path(rel))
+}
+
 /// Reads `rel`'s manifest through `scratch`; `None` when there is none.
 pub async fn read_manifest(
     socket: &Path,
     rel: &Path,
     scratch: &Path,
 ) -> Result<Option<Manifest>, rc::RcError> {
-    let remote = format!("{}/{WAL_MANIFEST}", path(rel));
+    read_manifest_in(socket, &path(rel), scratch).await
+}
+
+/// Reads the manifest of the line at `line` (a [`path`] or a
+/// [`trashed_path`]) through `scratch`; `None` when there is none.
+pub async fn read_manifest_in(
+    socket: &Path,
+    line: &str,
+    scratch: &Path,
+) -> Result<Option<Manifest>, rc::RcError> {
+    let remote = format!("{line}/{WAL_MANIFEST}");
     let Some(bytes) = rc::read_object(socket, &root(), &remote, scratch).await? else {
         return Ok(None);
     };

@@ -14,7 +14,7 @@ use futures_util::stream::{self, StreamExt};
 use tokio::time::Instant;
 
 use crate::rclone::{rc, CRYPT_REMOTE};
-use crate::remote::bucket::{META_DIR, SQLITE_DIR, WAL_DIR, WAL_MANIFEST};
+use crate::remote::bucket::{META_DIR, SQLITE_DIR, TRASH_DIR, WAL_DIR, WAL_MANIFEST};
 use crate::sqlite::backup::{Known, Line};
 use crate::sqlite::history::{self, Stop};
 use crate::sqlite::line::{self, BaseRef, Manifest, SegRef};
@@ -161,7 +161,7 @@ pub async fn restore_databases_at(
     for (rel, a) in &ahead {
         match &a.segments {
             Some((b, _)) if !(a.stock && a.manifest.bases.first() == Some(b)) => {
-                from_history.push((rel.clone(), b.clone()));
+                from_history.push((rel.clone(), a.dir.clone(), b.clone()));
             }
             None if !a.stock => {
                 let oldest = history::base_at(&a.manifest.bases, at.unwrap_or(u64::MAX)).err();
@@ -171,8 +171,8 @@ pub async fn restore_databases_at(
         }
     }
     let hashed: Vec<Result<(PathBuf, Hashed), RestoreError>> =
-        stream::iter(from_history.into_iter().map(|(rel, b)| async move {
-            let h = fetch_base(socket, root, &rel, &b).await?;
+        stream::iter(from_history.into_iter().map(|(rel, dir, b)| async move {
+            let h = fetch_base(socket, root, &rel, &dir, &b).await?;
             Ok((rel, h))
         }))
         .buffer_unordered(READ_AHEAD)
@@ -251,6 +251,9 @@ const READ_AHEAD: usize = 8;
 struct Ahead {
     /// Whether the database has a stock copy (`sqlite/<path>`).
     stock: bool,
+    /// Where its line is in the crypt remote: [`line::path`], or a
+    /// [`line::trashed_path`] for a database deleted since the moment.
+    dir: String,
     manifest: Manifest,
     segments: Option<(BaseRef, PathBuf)>,
     /// The content hash and size of the base already in place, when it
@@ -289,10 +292,15 @@ async fn list_below(socket: &Path, remote: &str) -> Result<Vec<String>, RestoreE
         .collect())
 }
 
+/// A line a restore may read: the database's path, whether it has a stock
+/// copy, where the line is, and whether that is in the trash.
+type Candidate = (PathBuf, bool, String, bool);
+
 /// [`Ahead`] for every database S3 holds that `local` (the files already
-/// in the restore's root) lacks: those with a stock copy, and those known
-/// only by a manifest that says they are restored without one; the
-/// segments in numbered dirs below `dir`.
+/// in the restore's root) lacks: those with a stock copy, those known only
+/// by a manifest that says they are restored without one, and, for a
+/// moment, those deleted since it (from the trash); the segments in
+/// numbered dirs below `dir`.
 async fn read_ahead(
     socket: &Path,
     local: &BTreeSet<PathBuf>,
@@ -308,21 +316,31 @@ async fn read_ahead(
         .filter_map(|p| p.strip_suffix(&format!("/{WAL_MANIFEST}")))
         .map(PathBuf::from)
         .filter(|rel| !stock.contains(rel));
-    let wanted: Vec<(PathBuf, bool)> = stock
+    let live: Vec<Candidate> = stock
         .iter()
         .map(|rel| (rel.clone(), true))
         .chain(manifest_only.map(|rel| (rel, false)))
         .filter(|(rel, _)| !local.contains(rel))
+        .map(|(rel, stock)| {
+            let dir = line::path(&rel);
+            (rel, stock, dir, false)
+        })
         .collect();
-    let one = |n: usize, (rel, stock): (PathBuf, bool)| async move {
+    let one = |n: usize, (rel, stock, line_dir, trashed): Candidate| async move {
         let scratch = dir.join(n.to_string());
-        let Some(manifest) = line::read_manifest(socket, &rel, &scratch)
+        let Some(manifest) = line::read_manifest_in(socket, &line_dir, &scratch)
             .await
             .map_err(fetch_err(&rel))?
         else {
             return Ok(None);
         };
-        if !stock && !manifest.restores_without_stock(at) {
+        let wanted = if trashed {
+            // Deleted after the moment: it existed then.
+            at.zip(manifest.gone_ms).is_some_and(|(at, gone)| at < gone)
+        } else {
+            stock || manifest.restores_without_stock(at)
+        };
+        if !wanted {
             return Ok(None);
         }
         let base = match at {
@@ -331,15 +349,17 @@ async fn read_ahead(
         };
         let segments = match base {
             Some(b) => {
-                fetch_segments(socket, &rel, &b.gen, &scratch).await?;
+                fetch_segments(socket, &rel, &line_dir, &b.gen, &scratch).await?;
                 Some((b.clone(), scratch))
             }
+            None if trashed => return Ok(None),
             None => None,
         };
         Ok(Some((
             rel,
             Ahead {
                 stock,
+                dir: line_dir,
                 manifest,
                 segments,
                 hashed: None,
@@ -349,10 +369,9 @@ async fn read_ahead(
     // Several databases at once: each is a few small requests, and a state
     // dir of hundreds of databases should not read them one by one.
     let read: Vec<Result<Option<(PathBuf, Ahead)>, RestoreError>> = stream::iter(
-        wanted
-            .into_iter()
+        live.into_iter()
             .enumerate()
-            .map(|(n, wanted)| one(n, wanted)),
+            .map(|(n, candidate)| one(n, candidate)),
     )
     .buffer_unordered(READ_AHEAD)
     .collect()
@@ -363,13 +382,45 @@ async fn read_ahead(
             out.insert(rel, ahead);
         }
     }
+    let Some(at) = at else {
+        return Ok(out);
+    };
+    // Databases with no point at the moment where they are now: a line in
+    // the trash may hold one (the newest day first).
+    let mut trashed: Vec<(String, PathBuf)> = list_below(socket, TRASH_DIR)
+        .await?
+        .iter()
+        .filter_map(|p| {
+            let (day, below) = p
+                .strip_suffix(&format!("/{WAL_MANIFEST}"))?
+                .split_once('/')?;
+            let rel = below.strip_prefix(&format!("{wal}/"))?;
+            Some((day.to_owned(), PathBuf::from(rel)))
+        })
+        .filter(|(_, rel)| !local.contains(rel))
+        .filter(|(_, rel)| out.get(rel).is_none_or(|a: &Ahead| a.segments.is_none()))
+        .collect();
+    trashed.sort_by(|a, b| b.cmp(a));
+    let n = out.len() + 1_000_000;
+    for (k, (day, rel)) in trashed.into_iter().enumerate() {
+        if out.get(&rel).is_some_and(|a| a.dir != line::path(&rel)) {
+            continue;
+        }
+        let line_dir = line::trashed_path(&day, &rel);
+        if let Some((rel, ahead)) = one(n + k, (rel, false, line_dir, true)).await? {
+            tracing::info!(db = %rel.display(), day, at, "sqlite: restoring a database deleted since the moment, from the trash");
+            out.insert(rel, ahead);
+        }
+    }
     Ok(out)
 }
 
-/// Downloads generation `gen`'s segments of `rel` into `dir`.
+/// Downloads generation `gen`'s segments of `rel`'s line at `line_dir`
+/// into `dir`.
 async fn fetch_segments(
     socket: &Path,
     rel: &Path,
+    line_dir: &str,
     gen: &str,
     dir: &Path,
 ) -> Result<(), RestoreError> {
@@ -378,7 +429,7 @@ async fn fetch_segments(
         source,
     })?;
     let params = serde_json::json!({
-        "srcFs": format!("{}/{gen}", line::dir(rel)), "dstFs": dir.to_string_lossy(),
+        "srcFs": format!("{CRYPT_REMOTE}:{line_dir}/{gen}"), "dstFs": dir.to_string_lossy(),
         "_config": { "Transfers": 16, "Checkers": 16 },
     });
     match rc::call(socket, "sync/copy", &params).await {
@@ -405,6 +456,7 @@ async fn catch_up(
         manifest,
         segments,
         hashed,
+        dir: line_dir,
         ..
     }) = ahead
     else {
@@ -432,12 +484,12 @@ async fn catch_up(
             Err(oldest) => return Ok(CatchUp::Before(oldest)),
             Ok(b) if b.sha256 == line::hex(&hash) => b.clone(),
             Ok(b) => {
-                base_bytes = fetch_base(socket, root, rel, b).await?.1;
+                base_bytes = fetch_base(socket, root, rel, &line_dir, b).await?.1;
                 b.clone()
             }
         },
     };
-    let remote = format!("{}/{}", line::dir(rel), base.gen);
+    let remote = format!("{CRYPT_REMOTE}:{line_dir}/{}", base.gen);
     let dir = match segments {
         Some((b, dir)) if b == base => dir,
         // The stock base is not the newest the manifest names (a base
@@ -445,7 +497,7 @@ async fn catch_up(
         _ => {
             let dir = scratch.join("other");
             let _ = fs::remove_dir_all(&dir);
-            fetch_segments(socket, rel, &base.gen, &dir).await?;
+            fetch_segments(socket, rel, &line_dir, &base.gen, &dir).await?;
             dir
         }
     };
@@ -507,15 +559,16 @@ async fn hash(path: &Path) -> Result<([u8; 32], u64), SqliteError> {
         .expect("hashing does not panic")
 }
 
-/// Replaces `root/rel` with the history copy of `base`, checked against its
-/// hash. Returns its content hash and size.
+/// Replaces `root/rel` with the history copy of `base` in the line at
+/// `line_dir`, checked against its hash. Returns its content hash and size.
 async fn fetch_base(
     socket: &Path,
     root: &Path,
     rel: &Path,
+    line_dir: &str,
     base: &BaseRef,
 ) -> Result<Hashed, RestoreError> {
-    let object = format!("{}/{}", line::path(rel), base.object());
+    let object = format!("{line_dir}/{}", base.object());
     let path = root.join(rel);
     let unusable = |why: String| RestoreError::History {
         db: rel.to_owned(),
