@@ -5,13 +5,13 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use common::load::{commits, inspect, DB, WRITER};
 use common::replica::{write, Setup};
-use common::{raw_state, wait_until, Dirs, PASSWORD};
+use common::{raw_state, wait_until, Appliance, Dirs, PASSWORD};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -52,31 +52,38 @@ fn writer(s: &Setup) -> (String, std::path::PathBuf) {
     (format!("python3 {}", writer.display()), out)
 }
 
+/// Boots `name` with the test writer as the gateway and `extra`; returns
+/// it with the directory of the writer's commit log.
+fn boot_writer(s: &Setup, name: &str, extra: &[(&str, &str)]) -> (Appliance, Dirs, PathBuf) {
+    let (cmd, out) = writer(s);
+    let out_s = out.display().to_string();
+    let mut env = vec![("CVM_GATEWAY_CMD", cmd.as_str()), ("OUT", out_s.as_str())];
+    env.extend_from_slice(extra);
+    let (app, dirs) = s.boot(name, &env);
+    (app, dirs, out)
+}
+
+/// Waits until `cvm-init restore` (the latest state) gives a tree that
+/// passes `done`: the last pass and the last segment are on S3.
+fn wait_restorable(s: &Setup, what: &str, done: impl Fn(&Path) -> bool) {
+    let mut n = 0;
+    wait_until(T, what, || {
+        n += 1;
+        let to = s.tmp.path().join(format!("try-{n}"));
+        let (code, _, _) = restore(s, PASSWORD, &["--to", to.to_str().unwrap()]);
+        code == 0 && done(&to)
+    });
+}
+
 #[test]
 fn restore_writes_the_latest_files_and_databases_and_nothing_to_s3() {
     let s = Setup::new();
-    let (cmd, out) = writer(&s);
-    let out_s = out.display().to_string();
-    let (mut app, a) = s.boot(
-        "a",
-        &[
-            ("CVM_GATEWAY_CMD", cmd.as_str()),
-            ("OUT", &out_s),
-            ("LIMIT", "60"),
-        ],
-    );
+    let (mut app, a, out) = boot_writer(&s, "a", &[("LIMIT", "60")]);
     write(&a.state, "notes/a.txt", "hello");
     std::os::unix::fs::symlink("notes/a.txt", a.state.join("link")).unwrap();
     wait_until(T, "60 commits", || commits(&out).len() >= 60);
-    // Until a restore has every commit and the files: the last pass and
-    // the last segment are on S3.
-    let mut n = 0;
-    wait_until(T, "a restore with everything", || {
-        n += 1;
-        let to = s.tmp.path().join(format!("try-{n}"));
-        let (code, _, _) = restore(&s, PASSWORD, &["--to", to.to_str().unwrap()]);
-        code == 0
-            && inspect(&to.join(DB)) == Some((60, 60))
+    wait_restorable(&s, "a restore with everything", |to| {
+        inspect(&to.join(DB)) == Some((60, 60))
             && fs::read_to_string(to.join("link")).is_ok_and(|t| t == "hello")
     });
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
@@ -119,24 +126,10 @@ fn restore_writes_the_latest_files_and_databases_and_nothing_to_s3() {
 #[test]
 fn a_new_databases_first_base_goes_up_packed_and_a_whole_copy_follows() {
     let s = Setup::new();
-    let (cmd, out) = writer(&s);
-    let out_s = out.display().to_string();
-    let (mut app, _) = s.boot(
-        "a",
-        &[
-            ("CVM_GATEWAY_CMD", cmd.as_str()),
-            ("OUT", &out_s),
-            ("LIMIT", "30"),
-            ("EVERY", "0.05"),
-        ],
-    );
+    let (mut app, _, out) = boot_writer(&s, "a", &[("LIMIT", "30"), ("EVERY", "0.05")]);
     wait_until(T, "30 commits", || commits(&out).len() >= 30);
-    let mut n = 0;
-    wait_until(T, "a restore with every commit", || {
-        n += 1;
-        let to = s.tmp.path().join(format!("try-{n}"));
-        let (code, _, _) = restore(&s, PASSWORD, &["--to", to.to_str().unwrap()]);
-        code == 0 && inspect(&to.join(DB)) == Some((30, 30))
+    wait_restorable(&s, "a restore with every commit", |to| {
+        inspect(&to.join(DB)) == Some((30, 30))
     });
     let log = app.log_text();
     assert!(
@@ -252,18 +245,8 @@ fn restore_at_a_moment_brings_back_a_database_deleted_since() {
 #[test]
 fn a_missing_segment_ends_the_restore_there_and_is_named() {
     let s = Setup::new();
-    let (cmd, out) = writer(&s);
-    let out_s = out.display().to_string();
     // Commits spread over 3 s: at least two segments.
-    let (mut app, _) = s.boot(
-        "a",
-        &[
-            ("CVM_GATEWAY_CMD", cmd.as_str()),
-            ("OUT", &out_s),
-            ("LIMIT", "10"),
-            ("EVERY", "0.3"),
-        ],
-    );
+    let (mut app, _, out) = boot_writer(&s, "a", &[("LIMIT", "10"), ("EVERY", "0.3")]);
     wait_until(T, "10 commits and a second segment", || {
         commits(&out).len() >= 10
             && app
@@ -327,15 +310,12 @@ fn a_rollback_journal_database_has_the_same_history() {
 
 fn moments(journal: &str) {
     let s = Setup::new();
-    let (cmd, out) = writer(&s);
-    let out_s = out.display().to_string();
     // About 20 s of commits, with a new base every few seconds: moments
     // fall on several bases and between them.
-    let (mut app, _) = s.boot(
+    let (mut app, _, out) = boot_writer(
+        &s,
         "a",
         &[
-            ("CVM_GATEWAY_CMD", cmd.as_str()),
-            ("OUT", &out_s),
             ("LIMIT", "250"),
             ("EVERY", "0.08"),
             ("CVM_SQLITE_BASE_MAX_AGE", "4s"),

@@ -46,15 +46,21 @@ impl Setup {
     /// Boots a fresh "container" named `name` running `cmd`.
     fn boot(&self, name: &str, cmd: &str, extra: &[(&str, &str)]) -> (Appliance, Dirs) {
         let dirs = Dirs::new(self.tmp.path(), name);
+        let mut app = self.start(&dirs, cmd, extra);
+        app.wait_ready(T);
+        (app, dirs)
+    }
+
+    /// Starts a "container" on `dirs` running `cmd` (the mount layout
+    /// unless `extra` says otherwise).
+    fn start(&self, dirs: &Dirs, cmd: &str, extra: &[(&str, &str)]) -> Appliance {
         let mut env = self.g.s3_env();
         env.extend(dirs.env());
         env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
         env.push(("CVM_GATEWAY_CMD".into(), cmd.into()));
         env.push(("CVM_STORAGE".into(), "mount".into()));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let mut app = Appliance::start(&dirs, &env);
-        app.wait_ready(T);
-        (app, dirs)
+        Appliance::start(dirs, &env)
     }
 
     fn writer_cmd(&self) -> String {
@@ -409,12 +415,7 @@ fn a_remote_snapshot_that_fails_its_check_stops_the_boot() {
         "gw.sh",
         &format!("touch {}\nexec sleep 100000", started.display()),
     );
-    let mut env = s.g.s3_env();
-    env.extend(dirs.env());
-    env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
-    env.push(("CVM_GATEWAY_CMD".into(), gw.display().to_string()));
-    env.push(("CVM_STORAGE".into(), "mount".into()));
-    let mut app = Appliance::start(&dirs, &env);
+    let mut app = s.start(&dirs, gw.to_str().unwrap(), &[]);
     assert_eq!(app.wait_exit(T), 65, "{}", app.log_text());
     let log = app.log_text();
     assert!(
@@ -640,12 +641,9 @@ fn a_stop_with_a_big_rollback_journal_database_fits_its_budget() {
              INSERT INTO t(b) SELECT zeroblob(1000000) FROM c;",
         )
         .unwrap();
-    let mut env = s.g.s3_env();
-    env.extend(dirs.env());
-    env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
-    env.push(("CVM_GATEWAY_CMD".into(), s.idle.display().to_string()));
-    env.push(("CVM_STORAGE".into(), "replicate".into()));
-    let mut app = Appliance::start(&dirs, &env);
+    let idle = s.idle.to_str().unwrap();
+    let replicate = [("CVM_STORAGE", "replicate")];
+    let mut app = s.start(&dirs, idle, &replicate);
     app.wait_ready(T);
     let long = Duration::from_secs(180);
     wait_until(long, "the first base", || {
@@ -666,12 +664,7 @@ fn a_stop_with_a_big_rollback_journal_database_fits_its_budget() {
 
     // A new container: the database restored (a gigabyte: given longer).
     let b = Dirs::new(s.tmp.path(), "after");
-    let mut env = s.g.s3_env();
-    env.extend(b.env());
-    env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
-    env.push(("CVM_GATEWAY_CMD".into(), s.idle.display().to_string()));
-    env.push(("CVM_STORAGE".into(), "replicate".into()));
-    let mut app = Appliance::start(&b, &env);
+    let mut app = s.start(&b, idle, &replicate);
     app.wait_ready(long);
     let c = rusqlite::Connection::open(b.state.join("state/big.sqlite")).unwrap();
     let last: String = c

@@ -6,7 +6,7 @@
 //! a copy of the mirror, so it takes no lock on the app's database.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -14,7 +14,7 @@ use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 
 use super::segment::Segment;
-use super::{io_err, sidecar, sql_err, SqliteError, BUSY_TIMEOUT};
+use super::{io_err, read_full, sidecar, sql_err, SqliteError, BUSY_TIMEOUT};
 
 /// Pages copied between two looks at the stop's flag.
 const STEP_PAGES: i32 = 1024;
@@ -165,7 +165,7 @@ fn diff(
     let mut pages = std::collections::BTreeMap::new();
     let mut pgno = 0u32;
     loop {
-        let got = read_page(&mut b, &mut pb).map_err(io_err(new))?;
+        let got = read_full(&mut b, &mut pb).map_err(io_err(new))?;
         if got == 0 {
             break;
         }
@@ -176,7 +176,7 @@ fn diff(
             });
         }
         let had = if same_size {
-            read_page(&mut a, &mut pa).map_err(io_err(old))?
+            read_full(&mut a, &mut pa).map_err(io_err(old))?
         } else {
             0
         };
@@ -192,18 +192,6 @@ fn diff(
         db_pages: pgno,
         pages,
     }))
-}
-
-/// Fills `buf` from `r` as far as `r` goes; returns the bytes read.
-fn read_page(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

@@ -86,18 +86,23 @@ pub fn is_sqlite(path: &Path) -> io::Result<bool> {
     Ok(n == 16 && &buf == HEADER)
 }
 
+/// Fills `buf` from `r` as far as `r` goes; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
 /// The first `N` bytes of the file at `path` (fewer when it is shorter).
 fn head<const N: usize>(path: &Path) -> io::Result<([u8; N], usize)> {
     let mut buf = [0u8; N];
-    let mut f = fs::File::open(path)?;
-    let mut read = 0;
-    while read < N {
-        match f.read(&mut buf[read..])? {
-            0 => break,
-            n => read += n,
-        }
-    }
-    Ok((buf, read))
+    let n = read_full(&mut fs::File::open(path)?, &mut buf)?;
+    Ok((buf, n))
 }
 
 /// The page size a database file's header gives.
@@ -258,13 +263,7 @@ const VOLATILE_HEADER: [std::ops::Range<usize>; 3] = [18..20, 24..28, 92..100];
 pub fn content_hash(path: &Path) -> Result<([u8; 32], u64), SqliteError> {
     let mut f = fs::File::open(path).map_err(io_err(path))?;
     let mut head = [0u8; 100];
-    let mut n = 0;
-    while n < head.len() {
-        match f.read(&mut head[n..]).map_err(io_err(path))? {
-            0 => break,
-            r => n += r,
-        }
-    }
+    let n = read_full(&mut f, &mut head).map_err(io_err(path))?;
     for r in VOLATILE_HEADER {
         head[r].fill(0);
     }
