@@ -3,13 +3,14 @@
 //!
 //! The loop polls cheap fingerprints (two `stat`s per database). A database
 //! whose fingerprint moved is saved `debounce` after its first unsaved
-//! change, however busy it stays. A WAL database is followed page by page
-//! (`pin`): what is saved is a segment of the pages its new commits changed
+//! change, however busy it stays. A database is followed page by page
+//! (`source`: from its WAL, or by comparing snapshots in another journal
+//! mode): what is saved is a segment of the pages its new commits changed
 //! (`segment`), on top of a whole snapshot taken again once it is
 //! `base_max_age` old or the segments since it weigh four times as much
-//! (`line`). A database in another journal mode is saved as a whole
-//! snapshot, uploaded unless its content hash equals the last uploaded one.
-//! An idle database costs no S3 request.
+//! (`line`). One that cannot be followed is saved as a whole snapshot,
+//! uploaded unless its content hash equals the last uploaded one. An idle
+//! database costs no S3 request.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
