@@ -301,6 +301,13 @@ fn base_due(line: &Line, now_ms: u64, max_age: Duration) -> bool {
     (line.base.packed && age >= max_age) || (changed && (age >= max_age || heavy))
 }
 
+/// Whether a first base of `plain` bytes is sent packed at `packed`: only
+/// when that saves a quarter or more. Otherwise packing would save little
+/// and still delay the stock copy and make restores decompress it.
+fn worth_packing(plain: u64, packed: u64) -> bool {
+    packed * 4 <= plain * 3
+}
+
 /// Writes `from` zstd-compressed to `to`; returns the bytes written.
 fn compress(from: &Path, to: &Path) -> std::io::Result<u64> {
     let mut src = std::fs::File::open(from)?;
@@ -894,6 +901,12 @@ impl Engine {
                     db: db.clone(),
                     source,
                 })?;
+            if !worth_packing(snap.bytes, sent) {
+                let _ = std::fs::remove_file(self.spec.scratch.join(&upload));
+                base.packed = false;
+                upload = rel.to_string_lossy().into_owned();
+                sent = snap.bytes;
+            }
         }
         let manifest = self
             .writer()
@@ -1013,6 +1026,17 @@ mod tests {
             base_bytes,
             since_base,
         }
+    }
+
+    #[test]
+    fn a_first_base_is_packed_only_when_that_saves_a_quarter() {
+        assert!(
+            worth_packing(659_456, 12_215),
+            "the gateway's agent database"
+        );
+        assert!(worth_packing(1000, 750));
+        assert!(!worth_packing(1000, 751));
+        assert!(!worth_packing(69_632, 60_615), "random rows");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 # logs each commit with its time to $OUT/commits after it returns.
 # LIMIT stops after that many commits; the file $OUT/pause pauses writing,
 # acknowledged by the file $OUT/paused. LOCKING sets PRAGMA locking_mode,
-# JOURNAL the journal mode (default wal).
+# JOURNAL the journal mode (default wal), PAD=zeros compressible rows
+# (default: random bytes).
 # SIGTERM ends it between commits: a stop never falls between a commit and
 # its log line, so the log numbers have no gap (SIGKILL still can).
 import os, signal, sqlite3, sys, time
@@ -19,6 +20,7 @@ if os.environ.get("LOCKING"):
 db.execute("create table if not exists tx(i integer primary key, ts real, pad blob)")
 i = db.execute("select coalesce(max(i), 0) from tx").fetchone()[0]
 limit, every = int(os.environ.get("LIMIT", "0")), float(os.environ.get("EVERY", "0.02"))
+pad = (lambda: bytes(2000)) if os.environ.get("PAD") == "zeros" else (lambda: os.urandom(2000))
 log = open(os.path.join(out, "commits"), "a", buffering=1)
 n = 0
 pause = os.path.join(out, "pause")
@@ -31,7 +33,7 @@ while True:
         time.sleep(0.05)
         continue
     i += 1
-    db.execute("insert into tx values (?, ?, ?)", (i, time.time(), os.urandom(2000)))
+    db.execute("insert into tx values (?, ?, ?)", (i, time.time(), pad()))
     log.write(f"{i} {time.time()}\n")
     n += 1
     time.sleep(every)
