@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{bucket_config, fail, with_bucket, Failed};
 use crate::exit::Status;
 use crate::rclone::{rc, RunPaths, CRYPT_REMOTE};
-use crate::remote::bucket::{HIST_DIR, META_DIR, TRASH_DIR, WAL_DIR, WAL_MANIFEST};
+use crate::remote::bucket::{HIST_DIR, META_DIR, TRASH_DIR, WAL_DIR};
 use crate::sqlite::history::{self, Summary};
 use crate::sqlite::line::{self, Object};
 use crate::storage::replicate::timeline;
@@ -57,23 +57,9 @@ struct Files {
 async fn read(paths: &RunPaths) -> Result<(Dbs, Files, Vec<String>), Failed> {
     let socket = &paths.rc_socket;
     let unavailable = fail(Status::StorageUnavailable);
-    let wal = format!("{META_DIR}/{WAL_DIR}");
-    let listed = rc::list(
-        socket,
-        &json!({ "fs": line::root(), "remote": wal, "opt": { "recurse": true, "filesOnly": true } }),
-    )
-    .await
-    .map_err(|e| unavailable(format!("listing {wal}: {e}")))?;
-    let rels: Vec<PathBuf> = listed
-        .iter()
-        .filter_map(|i| {
-            i["Path"]
-                .as_str()?
-                .strip_prefix(&format!("{wal}/"))?
-                .strip_suffix(&format!("/{WAL_MANIFEST}"))
-        })
-        .map(PathBuf::from)
-        .collect();
+    let rels = line::with_manifests(socket)
+        .await
+        .map_err(|e| unavailable(format!("listing {META_DIR}/{WAL_DIR}: {e}")))?;
     let mut dbs = BTreeMap::new();
     for rel in rels {
         let manifest = line::read_manifest(socket, &rel, &paths.scratch)

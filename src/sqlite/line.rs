@@ -240,6 +240,31 @@ pub async fn list(socket: &Path, rel: &Path) -> Result<Vec<(String, u64)>, rc::R
         .collect())
 }
 
+/// Every database that has a line: the paths below `.cvm/wal/` that hold a
+/// manifest.
+pub async fn with_manifests(socket: &Path) -> Result<Vec<PathBuf>, rc::RcError> {
+    let wal = format!("{META_DIR}/{WAL_DIR}");
+    let listed = rc::list(
+        socket,
+        &json!({
+            "fs": root(), "remote": wal,
+            "opt": { "recurse": true, "filesOnly": true, "noModTime": true, "noMimeType": true },
+        }),
+    )
+    .await?;
+    let (prefix, suffix) = (format!("{wal}/"), format!("/{WAL_MANIFEST}"));
+    Ok(listed
+        .iter()
+        .filter_map(|i| {
+            i["Path"]
+                .as_str()?
+                .strip_prefix(&prefix)?
+                .strip_suffix(&suffix)
+        })
+        .map(PathBuf::from)
+        .collect())
+}
+
 /// `rel`'s line as the trash day `day` holds it (a database deleted or
 /// renamed away that day): `.cvm-trash/<day>/.cvm/wal/<rel>`.
 pub fn trashed_path(day: &str, rel: &Path) -> String {

@@ -307,15 +307,17 @@ async fn read_ahead(
     dir: &Path,
     at: Option<u64>,
 ) -> Result<BTreeMap<PathBuf, Ahead>, RestoreError> {
-    let wal = format!("{META_DIR}/{WAL_DIR}");
-    let (stock, lines) =
-        tokio::try_join!(list_below(socket, SQLITE_DIR), list_below(socket, &wal))?;
+    let lines = async {
+        line::with_manifests(socket)
+            .await
+            .map_err(|e| RestoreError::Fetch {
+                exit: format!("listing {CRYPT_REMOTE}:{META_DIR}/{WAL_DIR}"),
+                stderr: e.to_string(),
+            })
+    };
+    let (stock, lines) = tokio::try_join!(list_below(socket, SQLITE_DIR), lines)?;
     let stock: BTreeSet<PathBuf> = stock.into_iter().map(PathBuf::from).collect();
-    let manifest_only = lines
-        .iter()
-        .filter_map(|p| p.strip_suffix(&format!("/{WAL_MANIFEST}")))
-        .map(PathBuf::from)
-        .filter(|rel| !stock.contains(rel));
+    let manifest_only = lines.into_iter().filter(|rel| !stock.contains(rel));
     let live: Vec<Candidate> = stock
         .iter()
         .map(|rel| (rel.clone(), true))
@@ -387,6 +389,7 @@ async fn read_ahead(
     };
     // Databases with no point at the moment where they are now: a line in
     // the trash may hold one (the newest day first).
+    let wal = format!("{META_DIR}/{WAL_DIR}");
     let mut trashed: Vec<(String, PathBuf)> = list_below(socket, TRASH_DIR)
         .await?
         .iter()
