@@ -341,6 +341,19 @@ fn moments(journal: &str) {
     );
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
     let log = commits(&out);
+    // The stop comes right after the last commit, often before cvm-init
+    // has read it: the app's close must leave it in the WAL for the final
+    // pass (a header read once dropped the pin's lock, and the close
+    // checkpointed the WAL past it and deleted it).
+    let latest = s.tmp.path().join("latest");
+    let (code, _, stderr) = restore(&s, PASSWORD, &["--to", latest.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        inspect(&latest.join(DB)),
+        Some((250, 250)),
+        "the stop keeps every commit:\n{}",
+        app.log_text()
+    );
     // What went up per save is what changed, not the database.
     let app_log = app.log_text();
 
@@ -377,7 +390,8 @@ fn moments(journal: &str) {
     // commit is only known to be after the commit before it was logged.
     assert!(
         newest as f64 / 1000.0 >= log[log.len() - 2].1,
-        "the last commit is a point: {h}"
+        "the last commit is a point: {h}\nlast commits: {:?}\n{app_log}",
+        &log[log.len() - 3..]
     );
 
     // Ten moments from the oldest point to just after the last commit.

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 
+use super::held::{self, Hold};
 use super::segment::Segment;
 use super::{io_err, read_full, sidecar, sql_err, SqliteError, BUSY_TIMEOUT};
 
@@ -24,19 +25,16 @@ pub struct Differ {
     conn: Connection,
     /// The database as of the last segment (or the open).
     mirror: PathBuf,
-    /// Device and inode of the file opened.
-    file: (u64, u64),
     /// Content hash of the mirror at the open.
     opened: [u8; 32],
+    /// The file opened; after `conn`, so it ends after the connection closes.
+    file: Hold,
 }
 
 impl Differ {
     /// Snapshots `db` into `mirror`: changes are counted from this state.
     pub fn open(db: &Path, mirror: PathBuf) -> Result<Differ, SqliteError> {
-        let file = super::file_id(db).ok_or_else(|| SqliteError::Io {
-            path: db.to_owned(),
-            source: io::ErrorKind::NotFound.into(),
-        })?;
+        let file = Hold::new(db).map_err(io_err(db))?;
         let conn = Connection::open_with_flags(
             db,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -48,8 +46,8 @@ impl Differ {
             db: db.to_owned(),
             conn,
             mirror,
-            file,
             opened: snap.sha256,
+            file,
         })
     }
 
@@ -99,7 +97,7 @@ impl Differ {
     /// Whether `db` is still the file opened and still not in WAL mode (a
     /// switch to WAL is followed from its WAL, on a new line).
     pub fn same_file(&self) -> bool {
-        super::file_id(&self.db) == Some(self.file) && !super::in_wal_mode(&self.db)
+        held::file_id(&self.db) == Some(self.file.id()) && !super::in_wal_mode(&self.db)
     }
 }
 

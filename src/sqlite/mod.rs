@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod differ;
+pub mod held;
 pub mod history;
 pub mod line;
 pub mod patterns;
@@ -98,10 +99,11 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-/// The first `N` bytes of the file at `path` (fewer when it is shorter).
+/// The first `N` bytes of the file at `path` (fewer when it is shorter),
+/// read without dropping SQLite's locks on it ([`held`]).
 fn head<const N: usize>(path: &Path) -> io::Result<([u8; N], usize)> {
     let mut buf = [0u8; N];
-    let n = read_full(&mut fs::File::open(path)?, &mut buf)?;
+    let n = held::read_head(path, &mut buf)?;
     Ok((buf, n))
 }
 
@@ -121,12 +123,6 @@ fn page_size(path: &Path) -> Result<u32, SqliteError> {
 /// Whether the database file's header says WAL mode (file format 2).
 fn in_wal_mode(path: &Path) -> bool {
     head::<20>(path).is_ok_and(|(h, n)| n == 20 && h[18] == 2 && h[19] == 2)
-}
-
-/// Device and inode of the file at `path`.
-fn file_id(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Whether `name` is a sidecar of some database rather than a database.

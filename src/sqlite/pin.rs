@@ -22,9 +22,10 @@ use std::path::{Path, PathBuf};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
 
+use super::held::{self, Hold};
 use super::segment::Segment;
 use super::wal::{self, Pos};
-use super::{file_id, sidecar, sql_err, SqliteError};
+use super::{sidecar, sql_err, SqliteError};
 
 /// WAL length, in frames, from which cvm-init seals: SQLite's default
 /// autocheckpoint, so the WAL peaks where it would without cvm-init.
@@ -40,8 +41,8 @@ pub struct Tracker {
     pos: Option<Pos>,
     /// Frames in the current WAL incarnation, as far as read.
     wal_frames: u32,
-    /// Device and inode of the file opened.
-    file: (u64, u64),
+    /// The file opened; after `conns`, so it ends after they close.
+    file: Hold,
 }
 
 fn open(db: &Path) -> Result<Connection, SqliteError> {
@@ -61,12 +62,10 @@ impl Tracker {
     /// Opens `db` and pins it; `None` when it is not in WAL mode (a reader
     /// there would block the app's writes, so it is never pinned).
     pub fn open(db: &Path) -> Result<Option<Tracker>, SqliteError> {
-        let Some(file) = file_id(db) else {
-            return Err(SqliteError::Io {
-                path: db.to_owned(),
-                source: std::io::ErrorKind::NotFound.into(),
-            });
-        };
+        let file = Hold::new(db).map_err(|source| SqliteError::Io {
+            path: db.to_owned(),
+            source,
+        })?;
         let first = open(db)?;
         let mode: String = first
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -278,7 +277,7 @@ impl Tracker {
     /// Whether `db` is still the file this tracker follows (not replaced by
     /// a rename, nor deleted).
     pub fn same_file(&self) -> bool {
-        file_id(&self.db) == Some(self.file)
+        held::file_id(&self.db) == Some(self.file.id())
     }
 }
 
@@ -397,5 +396,55 @@ mod tests {
             s.apply(&base).unwrap();
         }
         assert_eq!(count(&base), 4000);
+    }
+    /// POSIX locks are per process, so the app here is another process. A
+    /// header read of the followed database (the rescan's) must not drop the
+    /// pin's lock: the app's last connection, closing, would take the
+    /// exclusive lock, checkpoint the WAL past the pin and delete it.
+    #[test]
+    fn the_apps_last_close_leaves_the_unread_commits_after_a_header_read() {
+        use std::io::{BufRead, Write};
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("app.sqlite");
+        let mut app = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3, sys\n\
+                c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+                c.execute('pragma journal_mode=wal')\n\
+                c.execute('create table t(i integer primary key, v blob)')\n\
+                c.execute('insert into t(v) values (randomblob(3000))')\n\
+                print('one', flush=True)\n\
+                sys.stdin.readline()\n\
+                c.execute('insert into t(v) values (randomblob(3000))')\n\
+                c.close()\n",
+            ])
+            .arg(&db)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs the app");
+        let mut line = String::new();
+        std::io::BufReader::new(app.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "one\n");
+
+        let mut t = Tracker::open(&db).unwrap().expect("WAL mode");
+        let base = d.path().join("base.sqlite");
+        t.base(&base).unwrap();
+        let mut segs: Vec<_> = t.changes().unwrap().into_iter().collect();
+        for _ in 0..3 {
+            assert!(crate::sqlite::is_sqlite(&db).unwrap());
+        }
+        writeln!(app.stdin.take().unwrap()).unwrap();
+        assert!(app.wait().unwrap().success());
+
+        assert!(sidecar(&db, "-wal").exists(), "the WAL is left to the pin");
+        segs.extend(t.changes().unwrap());
+        for s in &segs {
+            s.apply(&base).unwrap();
+        }
+        assert_eq!(count(&base), 2, "the commit made before the close is read");
     }
 }
