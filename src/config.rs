@@ -42,6 +42,7 @@ struct RawEnv {
     cvm_backup_debounce: Option<String>,
     cvm_backup_interval: Option<String>,
     cvm_sqlite_base_max_age: Option<String>,
+    cvm_sqlite_span_segments: Option<String>,
     cvm_storage: Option<String>,
     cvm_exclude: Option<String>,
     cvm_trash_days: Option<String>,
@@ -144,6 +145,9 @@ pub struct SqliteConfig {
     /// A WAL database's whole snapshot (its base, what stock rclone restores)
     /// is taken again once it is this old and the database changed since.
     pub base_max_age: Duration,
+    /// Uploaded segments merged into one span, which a restore downloads
+    /// instead of them.
+    pub span_segments: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,7 +267,7 @@ impl Config {
 
 /// Every `CVM_*` variable `RawEnv` reads; any other is a misspelling to warn
 /// about, not something to ignore in silence.
-const KNOWN_CVM_VARS: [&str; 19] = [
+const KNOWN_CVM_VARS: [&str; 20] = [
     "CVM_LOCAL_DIR",
     "CVM_RUN_DIR",
     "CVM_GATEWAY_CMD",
@@ -274,6 +278,7 @@ const KNOWN_CVM_VARS: [&str; 19] = [
     "CVM_BACKUP_DEBOUNCE",
     "CVM_BACKUP_INTERVAL",
     "CVM_SQLITE_BASE_MAX_AGE",
+    "CVM_SQLITE_SPAN_SEGMENTS",
     "CVM_STORAGE",
     "CVM_EXCLUDE",
     "CVM_TRASH_DAYS",
@@ -589,11 +594,25 @@ impl Validator {
         if base_max_age.is_zero() {
             self.problem("CVM_SQLITE_BASE_MAX_AGE", "must be more than zero");
         }
+        let span_segments = match given(raw.cvm_sqlite_span_segments) {
+            None => 64,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if n >= 2 => n,
+                _ => {
+                    self.problem(
+                        "CVM_SQLITE_SPAN_SEGMENTS",
+                        format!("{v:?} is not a whole number of segments, 2 or more"),
+                    );
+                    64
+                }
+            },
+        };
         let mut sqlite = SqliteConfig {
             patterns,
             debounce,
             interval,
             base_max_age,
+            span_segments,
         };
 
         let layout = match given(raw.cvm_storage).as_deref() {
@@ -1038,6 +1057,7 @@ mod tests {
         );
         assert_eq!(c.stop_timeout, Duration::from_secs(9));
         assert_eq!(c.s3_wait, None, "boot waits for S3 forever by default");
+        assert_eq!(c.sqlite.span_segments, 64);
         assert_eq!(
             c.restart,
             RestartPolicy {
@@ -1065,12 +1085,14 @@ mod tests {
             ("OPENCLAW_STATE_DIR", "relative/dir"),
             ("CVM_GATEWAY_CMD", "   "),
             ("CVM_STOP_TIMEOUT", "soon"),
+            ("CVM_SQLITE_SPAN_SEGMENTS", "1"),
         ]);
         let vars: Vec<_> = p.iter().map(|p| p.var).collect();
         for v in [
             "OPENCLAW_STATE_DIR",
             "CVM_GATEWAY_CMD",
             "CVM_STOP_TIMEOUT",
+            "CVM_SQLITE_SPAN_SEGMENTS",
             "S3_ENDPOINT",
             "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY",

@@ -324,6 +324,9 @@ fn moments(journal: &str) {
             ("LIMIT", "250"),
             ("EVERY", "0.08"),
             ("CVM_SQLITE_BASE_MAX_AGE", "4s"),
+            // Spans of four segments: moments fall inside spans, and a
+            // restore mixes spans and segments.
+            ("CVM_SQLITE_SPAN_SEGMENTS", "4"),
             ("JOURNAL", journal),
         ],
     );
@@ -369,6 +372,10 @@ fn moments(journal: &str) {
                 .ok()
         })
         .collect();
+    assert!(
+        app_log.matches("sqlite: span uploaded").count() >= 2,
+        "segments are merged into spans:\n{app_log}"
+    );
     let mean = segments.iter().sum::<u64>() / segments.len().max(1) as u64;
     assert!(
         segments.len() >= 10 && mean < 250 * 2000 / 4,

@@ -110,34 +110,63 @@ pub fn base_at(bases: &[BaseRef], at: u64) -> Result<&BaseRef, Option<u64>> {
         .ok_or_else(|| bases.iter().map(BaseRef::taken_ms).min())
 }
 
-/// The segments of `base`'s generation to apply onto it, in order: every
-/// one after `base.after` without a gap, up to the last read at or before
-/// `at` (`None`: the newest). `segs` are the generation's segments in any
-/// order.
+/// The segments of `base`'s generation to apply onto it, in order: from
+/// `base.after` on without a gap, up to the last read at or before `at`
+/// (`None`: the newest). `segs` are the generation's segments and spans in
+/// any order. Where a span starts at or before the next number and is
+/// within the moment, the one reaching furthest is taken instead of its
+/// segments: each of its pages is as its last segment wrote it, so it is
+/// right on any state from its first segment on.
 pub fn segments_to(
     base: &BaseRef,
     segs: &[SegRef],
     at: Option<u64>,
 ) -> (Vec<SegRef>, Option<Stop>) {
-    let mut later: Vec<&SegRef> = segs.iter().filter(|s| s.seq > base.after).collect();
-    later.sort_by_key(|s| s.seq);
+    let mut by_seq: BTreeMap<u64, Vec<&SegRef>> = BTreeMap::new();
+    let mut spans = Vec::new();
+    for s in segs.iter().filter(|s| s.seq > base.after) {
+        if s.is_span() {
+            spans.push(s);
+        } else {
+            by_seq.entry(s.seq).or_default().push(s);
+        }
+    }
+    let within = |s: &SegRef| match (at, s.t_ms) {
+        (Some(at), Some(t)) => t <= at,
+        (Some(_), None) => false,
+        (None, _) => true,
+    };
     let mut apply = Vec::new();
-    for (i, s) in later.iter().enumerate() {
-        let next = base.after + 1 + apply.len() as u64;
-        if later.get(i + 1).is_some_and(|n| n.seq == s.seq) && s.seq == next {
-            return (apply, Some(Stop::Twice(s.seq)));
+    let mut done = base.after;
+    loop {
+        let next = done + 1;
+        let here = by_seq.get(&next).map_or(&[][..], Vec::as_slice);
+        if here.len() > 1 {
+            return (apply, Some(Stop::Twice(next)));
         }
-        // A hole is reported even when the segment after it is too new:
-        // what is missing may have been older than `at`.
-        if s.seq != next {
-            return (apply, Some(Stop::Missing(next)));
-        }
-        match (at, s.t_ms) {
-            (Some(at), Some(t)) if t > at => break,
-            (Some(_), None) => return (apply, Some(Stop::Untimed(s.name.clone()))),
-            _ => {}
-        }
-        apply.push((*s).clone());
+        let span = spans
+            .iter()
+            .filter(|s| s.first <= next && s.seq >= next && within(s))
+            .max_by_key(|s| s.seq);
+        let s = match (span, here.first()) {
+            (Some(span), _) => *span,
+            (None, Some(s)) if within(s) => *s,
+            (None, Some(s)) if s.t_ms.is_none() => {
+                return (apply, Some(Stop::Untimed(s.name.clone())))
+            }
+            (None, Some(_)) => break,
+            // A hole is reported even when what follows it is too new:
+            // what is missing may have been older than `at`.
+            (None, None) if by_seq.range(next..).next().is_some() => {
+                return (apply, Some(Stop::Missing(next)))
+            }
+            (None, None) if spans.iter().any(|s| s.seq > next) => {
+                return (apply, Some(Stop::Missing(next)))
+            }
+            (None, None) => break,
+        };
+        apply.push(s.clone());
+        done = s.seq;
     }
     (apply, None)
 }
@@ -172,7 +201,7 @@ pub fn summarize(
     sorted.sort_by_key(|b| std::cmp::Reverse(b.taken_ms()));
     let mut by_gen: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
     for (gen, s) in segments {
-        by_gen.entry(gen).or_default().insert(s.seq);
+        by_gen.entry(gen).or_default().extend(s.first..=s.seq);
     }
     // Walking back from the newest base: each whose segments are all there
     // up to its generation's newest extends the continuous range.
@@ -413,5 +442,100 @@ mod tests {
             seqs(segments_to(b, &old, Some(T0))),
             (vec![], Some(Stop::Untimed("000000000001".into())))
         );
+    }
+    #[test]
+    fn a_restore_takes_the_span_reaching_furthest_within_the_moment() {
+        let span = |first: u64, last: u64| {
+            parse_segment(&crate::sqlite::line::span_name(
+                first,
+                last,
+                T0 + last * 1000,
+            ))
+            .unwrap()
+        };
+        let l0 = |seqs: std::ops::RangeInclusive<u64>| -> Vec<SegRef> {
+            seqs.map(|n| seg(n, Some(T0 + n * 1000))).collect()
+        };
+        let names = |(v, stop): (Vec<SegRef>, Option<Stop>)| {
+            let v: Vec<String> = v
+                .iter()
+                .map(|s| match s.is_span() {
+                    true => format!("{}..{}", s.first, s.seq),
+                    false => s.seq.to_string(),
+                })
+                .collect();
+            (v.join(" "), stop)
+        };
+        let all = |extra: &[SegRef]| [l0(1..=12), extra.to_vec()].concat();
+        // (base after, objects, moment in seconds after T0, applied, stop)
+        type Case<'a> = (u64, Vec<SegRef>, Option<u64>, &'a str, Option<Stop>);
+        let cases: Vec<Case> = vec![
+            (
+                0,
+                all(&[span(1, 4), span(5, 8)]),
+                None,
+                "1..4 5..8 9 10 11 12",
+                None,
+            ),
+            (
+                0,
+                all(&[span(1, 4), span(1, 8)]),
+                None,
+                "1..8 9 10 11 12",
+                None,
+            ),
+            // The base is inside a span: the span is right on it.
+            (
+                2,
+                all(&[span(1, 4), span(5, 8)]),
+                None,
+                "1..4 5..8 9 10 11 12",
+                None,
+            ),
+            // A span after the moment: its segments, up to the moment.
+            (0, all(&[span(1, 4), span(5, 8)]), Some(6), "1..4 5 6", None),
+            (
+                0,
+                all(&[span(1, 4), span(5, 8)]),
+                Some(8),
+                "1..4 5..8",
+                None,
+            ),
+            // Segments pruned or lost under a span: the span stands in.
+            (
+                0,
+                [l0(1..=1), vec![span(1, 8)], l0(9..=10)].concat(),
+                None,
+                "1..8 9 10",
+                None,
+            ),
+            (
+                0,
+                [l0(1..=1), vec![span(1, 8)], l0(9..=10)].concat(),
+                Some(5),
+                "1",
+                Some(Stop::Missing(2)),
+            ),
+            // Spans only, none starting at the next number.
+            (0, vec![span(3, 8)], None, "", Some(Stop::Missing(1))),
+        ];
+        for (after, objects, at, want, stop) in cases {
+            let b = base("g", after, T0);
+            assert_eq!(
+                names(segments_to(&b, &objects, at.map(|s| T0 + s * 1000))),
+                (want.to_owned(), stop),
+                "after {after}, at {at:?}"
+            );
+        }
+        // The summary counts a span's segments as there.
+        let objects: Vec<(String, SegRef)> = [l0(1..=2), vec![span(3, 8)], l0(9..=9)]
+            .concat()
+            .into_iter()
+            .map(|s| ("g".to_owned(), s))
+            .collect();
+        let bases = [base("g", 0, T0), base("g", 5, T0 + 5000)];
+        let s = summarize(&bases, &objects, 5, 0);
+        assert_eq!(s.continuous_from, Some(T0), "both bases continue");
+        assert_eq!(s.newest, Some(T0 + 9000));
     }
 }

@@ -170,29 +170,43 @@ pub fn remote_segment_name(seq: u64, t_ms: u64) -> String {
     format!("{seq:012}-{t_ms:013}")
 }
 
-/// A segment on S3, from its name.
+/// A span's name: segments `first..=last` merged (each page as the last of
+/// them wrote it), timed as the last. An older cvm-init ignores it.
+pub fn span_name(first: u64, last: u64, t_ms: u64) -> String {
+    format!("{first:012}-{last:012}-{t_ms:013}")
+}
+
+/// A segment or a span on S3, from its name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegRef {
+    /// The (last) segment number it brings the database to.
     pub seq: u64,
+    /// The first segment number it holds: `seq` but for a span.
+    pub first: u64,
     /// `None` for a segment uploaded before segments were timed.
     pub t_ms: Option<u64>,
     pub name: String,
 }
 
-pub fn parse_segment(name: &str) -> Option<SegRef> {
-    let (seq, t) = match name.split_once('-') {
-        Some((seq, t)) => (seq, Some(t)),
-        None => (name, None),
-    };
-    if seq.len() != 12 || t.is_some_and(|t| t.len() != 13) {
-        return None;
+impl SegRef {
+    pub fn is_span(&self) -> bool {
+        self.first != self.seq
     }
-    Some(SegRef {
-        seq: seq.parse().ok()?,
-        t_ms: match t {
-            Some(t) => Some(t.parse().ok()?),
-            None => None,
-        },
+}
+
+pub fn parse_segment(name: &str) -> Option<SegRef> {
+    let num = |s: &str, len: usize| (s.len() == len).then(|| s.parse::<u64>().ok())?;
+    let parts: Vec<&str> = name.split('-').collect();
+    let (first, seq, t_ms) = match parts[..] {
+        [seq] => (num(seq, 12)?, num(seq, 12)?, None),
+        [seq, t] => (num(seq, 12)?, num(seq, 12)?, Some(num(t, 13)?)),
+        [first, last, t] => (num(first, 12)?, num(last, 12)?, Some(num(t, 13)?)),
+        _ => return None,
+    };
+    (first <= seq).then(|| SegRef {
+        seq,
+        first,
+        t_ms,
         name: name.to_owned(),
     })
 }
@@ -480,7 +494,20 @@ mod tests {
             None,
             "step 1's names"
         );
-        for bad in ["manifest", "42", "000000000042-12", "00000000004x"] {
+        let span = parse_segment(&span_name(5, 9, 1_796_000_000_123)).unwrap();
+        assert_eq!(
+            (span.first, span.seq, span.t_ms, span.is_span()),
+            (5, 9, Some(1_796_000_000_123), true)
+        );
+        assert!(!seg.is_span());
+        for bad in [
+            "manifest",
+            "42",
+            "000000000042-12",
+            "00000000004x",
+            "000000000009-000000000005-1796000000123",
+            "000000000005-000000000009-1796000000123-1",
+        ] {
             assert_eq!(parse_segment(bad), None, "{bad}");
         }
         let b = BaseRef {

@@ -160,7 +160,7 @@ pub async fn restore_databases_at(
     let mut from_history = Vec::new();
     for (rel, a) in &ahead {
         match &a.segments {
-            Some((b, _)) if !(a.stock && a.manifest.bases.first() == Some(b)) => {
+            Some((b, _, _)) if !(a.stock && a.manifest.bases.first() == Some(b)) => {
                 from_history.push((rel.clone(), a.dir.clone(), b.clone()));
             }
             None if !a.stock => {
@@ -255,7 +255,9 @@ struct Ahead {
     /// [`line::trashed_path`] for a database deleted since the moment.
     dir: String,
     manifest: Manifest,
-    segments: Option<(BaseRef, PathBuf)>,
+    /// The base to restore, where its segments were fetched, and what to
+    /// apply of them.
+    segments: Option<(BaseRef, PathBuf, Plan)>,
     /// The content hash and size of the base already in place, when it
     /// was fetched (and checked) from the history ahead of the rest.
     hashed: Option<Hashed>,
@@ -263,6 +265,10 @@ struct Ahead {
 
 /// A database file's content hash and size.
 type Hashed = ([u8; 32], u64);
+
+/// The segments (and spans) to apply onto a base, in order, and why
+/// applying stops before the moment asked for.
+type Plan = (Vec<SegRef>, Option<Stop>);
 
 fn fetch_err(rel: &Path) -> impl Fn(rc::RcError) -> RestoreError + '_ {
     move |e| RestoreError::Fetch {
@@ -351,8 +357,8 @@ async fn read_ahead(
         };
         let segments = match base {
             Some(b) => {
-                fetch_segments(socket, &rel, &line_dir, &b.gen, &scratch).await?;
-                Some((b.clone(), scratch))
+                let plan = fetch_segments(socket, &rel, &line_dir, b, at, &scratch).await?;
+                Some((b.clone(), scratch, plan))
             }
             None if trashed => return Ok(None),
             None => None,
@@ -418,28 +424,53 @@ async fn read_ahead(
     Ok(out)
 }
 
-/// Downloads generation `gen`'s segments of `rel`'s line at `line_dir`
-/// into `dir`.
+/// Lists the generation of `base` in `rel`'s line at `line_dir`, plans what
+/// to apply onto it up to `at`, and downloads only that into `dir`: spans
+/// stand in for the segments they merge, so an hour of segments costs a
+/// restore about a hundred downloads, not thousands.
 async fn fetch_segments(
     socket: &Path,
     rel: &Path,
     line_dir: &str,
-    gen: &str,
+    base: &BaseRef,
+    at: Option<u64>,
     dir: &Path,
-) -> Result<(), RestoreError> {
-    fs::create_dir_all(dir).map_err(|source| RestoreError::Io {
+) -> Result<Plan, RestoreError> {
+    let gen_dir = format!("{line_dir}/{}", base.gen);
+    let listed = rc::list(
+        socket,
+        &serde_json::json!({
+            "fs": line::root(), "remote": gen_dir,
+            "opt": { "filesOnly": true, "noModTime": true, "noMimeType": true },
+        }),
+    )
+    .await
+    .map_err(fetch_err(rel))?;
+    let segs: Vec<SegRef> = listed
+        .iter()
+        .filter_map(|i| line::parse_segment(i["Name"].as_str()?))
+        .collect();
+    let plan = history::segments_to(base, &segs, at);
+    let io = |source| RestoreError::Io {
         path: dir.to_owned(),
         source,
-    })?;
-    let params = serde_json::json!({
-        "srcFs": format!("{CRYPT_REMOTE}:{line_dir}/{gen}"), "dstFs": dir.to_string_lossy(),
-        "_config": { "Transfers": 16, "Checkers": 16 },
-    });
-    match rc::call(socket, "sync/copy", &params).await {
-        Ok(_) => Ok(()),
-        Err(rc::RcError::Status { body, .. }) if body.contains("directory not found") => Ok(()),
-        Err(e) => Err(fetch_err(rel)(e)),
+    };
+    fs::create_dir_all(dir).map_err(io)?;
+    if plan.0.is_empty() {
+        return Ok(plan);
     }
+    let names: String = plan.0.iter().map(|s| format!("{}\n", s.name)).collect();
+    let list = dir.with_extension("files");
+    fs::write(&list, names).map_err(io)?;
+    let params = serde_json::json!({
+        "srcFs": format!("{CRYPT_REMOTE}:{gen_dir}"), "dstFs": dir.to_string_lossy(),
+        "_config": { "Transfers": 16, "Checkers": 16, "NoTraverse": true },
+        "_filter": { "FilesFrom": [list.to_string_lossy()] },
+    });
+    let r = rc::call(socket, "sync/copy", &params).await;
+    let _ = fs::remove_file(&list);
+    r.map_err(fetch_err(rel))?;
+    Ok(plan)
 }
 
 /// Brings the base at `root/rel` to `at` (`None`: the newest state): the
@@ -493,25 +524,17 @@ async fn catch_up(
         },
     };
     let remote = format!("{CRYPT_REMOTE}:{line_dir}/{}", base.gen);
-    let dir = match segments {
-        Some((b, dir)) if b == base => dir,
+    let (dir, (todo, mut stopped)) = match segments {
+        Some((b, dir, plan)) if b == base => (dir, plan),
         // The stock base is not the newest the manifest names (a base
         // taken by hand, or an upload cut short): its own generation.
         _ => {
             let dir = scratch.join("other");
             let _ = fs::remove_dir_all(&dir);
-            fetch_segments(socket, rel, &line_dir, &base.gen, &dir).await?;
-            dir
+            let plan = fetch_segments(socket, rel, &line_dir, &base, at, &dir).await?;
+            (dir, plan)
         }
     };
-    let segs: Vec<SegRef> = fs::read_dir(&dir)
-        .map_err(|source| RestoreError::Io {
-            path: dir.clone(),
-            source,
-        })?
-        .filter_map(|e| line::parse_segment(&e.ok()?.file_name().to_string_lossy()))
-        .collect();
-    let (todo, mut stopped) = history::segments_to(&base, &segs, at);
     let (applied, since_base, failed) = {
         let (dir, path) = (dir.clone(), path.clone());
         let names: Vec<String> = todo.iter().map(|s| s.name.clone()).collect();
@@ -540,13 +563,13 @@ async fn catch_up(
                     .to_owned(),
             ),
         };
-        tracing::error!(db = %rel.display(), restored_to = base.after + applied as u64, "sqlite: restore stopped at segment {remote}/{object}: {why}; the database is restored as of the segment before it");
+        tracing::error!(db = %rel.display(), restored_to = done.last().map_or(base.after, |s| s.seq), "sqlite: restore stopped at segment {remote}/{object}: {why}; the database is restored as of the segment before it");
     }
     let point = done.last().and_then(|s| s.t_ms).unwrap_or(base.taken_ms());
     tracing::info!(db = %rel.display(), generation = %base.gen, segments = applied, "sqlite: restored base and segments");
     let line = (stopped.is_none() && at.is_none()).then(|| Line {
         gen: base.gen.clone(),
-        seq: base.after + applied as u64,
+        seq: done.last().map_or(base.after, |s| s.seq),
         manifest: Manifest::clone(&manifest),
         base,
         base_bytes,

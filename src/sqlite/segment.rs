@@ -98,6 +98,8 @@ impl Segment {
 
     /// This segment followed by `later`: the newest image of each page.
     pub fn then(mut self, later: Segment) -> Segment {
+        // Pages `later` cut off are gone, as applying both in turn leaves them.
+        self.pages.retain(|&p, _| p <= later.db_pages);
         self.pages.extend(later.pages);
         self.db_pages = later.db_pages;
         self
