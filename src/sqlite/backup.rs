@@ -52,6 +52,8 @@ const SEGMENTS_MIN: u64 = 16 << 20;
 const SPOOL_DIR: &str = ".wal-spool";
 /// Uploaded segments waiting to make a span, below the scratch dir.
 const SPAN_DIR: &str = ".wal-spans";
+/// Page images a span holds in memory at most while it is merged.
+const SPAN_MAX: usize = 64 << 20;
 /// Failed saves in a row, all for the app's lock, after which that is said
 /// loudly (the retries back off: about 3 s).
 const LOCKED_LOUD_AFTER: u32 = 3;
@@ -336,11 +338,14 @@ fn compress(from: &Path, to: &Path) -> std::io::Result<u64> {
 /// Runs `f` on the tracker off the async threads.
 /// Once `spans` (a generation's uploaded segments) holds `n` in a row,
 /// merges them into a span in `spool`; returns its name and the segments
-/// merged. Segments before a gap never make a span and are dropped.
+/// merged. Segments before a gap never make a span and are dropped. The
+/// page images held stay under `max` bytes: a span ends early after big
+/// segments (a bulk load), and the rest make the next.
 fn spool_span(
     spans: &Path,
     spool: &Path,
     n: usize,
+    max: usize,
 ) -> std::io::Result<Option<(String, Vec<PathBuf>)>> {
     let mut segs: Vec<line::SegRef> = match std::fs::read_dir(spans) {
         Ok(d) => d
@@ -355,21 +360,34 @@ fn spool_span(
             let _ = std::fs::remove_file(spans.join(&s.name));
         }
     }
-    let (Some(first), Some(last)) = (segs.first(), segs.last()) else {
+    if segs.len() < n {
         return Ok(None);
-    };
-    let Some(t) = last.t_ms.filter(|_| segs.len() >= n) else {
-        return Ok(None);
-    };
-    let mut merged = None;
+    }
+    let mut merged: Option<Segment> = None;
+    let mut taken = 0;
     for s in &segs {
+        if merged.as_ref().is_some_and(|m| m.bytes() >= max) {
+            break;
+        }
         let seg = Segment::decode(&std::fs::read(spans.join(&s.name))?)
             .map_err(|e| std::io::Error::other(format!("{}: {e}", s.name)))?;
         merged = Segment::join(merged, Some(seg));
+        taken += 1;
     }
-    let merged = merged.expect("at least one segment").encode()?;
+    let segs = &segs[..taken];
+    let (Some(first), Some(last), Some(merged)) = (segs.first(), segs.last(), merged) else {
+        return Ok(None);
+    };
+    if taken < 2 {
+        // One big segment is its own span.
+        let _ = std::fs::remove_file(spans.join(&first.name));
+        return Ok(None);
+    }
+    let Some(t) = last.t_ms else {
+        return Ok(None);
+    };
     let name = line::span_name(first.seq, last.seq, t);
-    std::fs::write(spool.join(&name), merged)?;
+    std::fs::write(spool.join(&name), merged.encode()?)?;
     Ok(Some((
         name,
         segs.iter().map(|s| spans.join(&s.name)).collect(),
@@ -892,7 +910,7 @@ impl Engine {
         if !self.stopping && f.span.is_none() {
             let (spans, dir) = (self.spans(rel).join(&line.gen), dir.clone());
             let n = self.spec.span_segments;
-            f.span = tokio::task::spawn_blocking(move || spool_span(&spans, &dir, n))
+            f.span = tokio::task::spawn_blocking(move || spool_span(&spans, &dir, n, SPAN_MAX))
                 .await?
                 .unwrap_or_else(|e| {
                     tracing::warn!(db = %rel.display(), error = %e, "sqlite: span not made; its segments stay separate");
@@ -1136,14 +1154,22 @@ mod tests {
             let name = line::remote_segment_name(seq, T0 + seq);
             std::fs::write(spans.join(name), seg.encode().unwrap()).unwrap();
         };
-        assert_eq!(spool_span(&spans, &spool, 3).unwrap(), None, "none yet");
+        assert_eq!(
+            spool_span(&spans, &spool, 3, MIB as usize).unwrap(),
+            None,
+            "none yet"
+        );
         put(1, &[(1, 1)], 1);
         // A gap: 1 never makes a span.
         put(3, &[(1, 3), (2, 3), (9, 3)], 9);
         put(4, &[(2, 4)], 4);
-        assert_eq!(spool_span(&spans, &spool, 3).unwrap(), None, "two in a row");
+        assert_eq!(
+            spool_span(&spans, &spool, 3, MIB as usize).unwrap(),
+            None,
+            "two in a row"
+        );
         put(5, &[(5, 5)], 5);
-        let (name, merged) = spool_span(&spans, &spool, 3)
+        let (name, merged) = spool_span(&spans, &spool, 3, MIB as usize)
             .unwrap()
             .expect("three in a row");
         assert_eq!(name, line::span_name(3, 5, T0 + 5));
@@ -1157,6 +1183,23 @@ mod tests {
             [(1, 3), (2, 4), (5, 5)],
             "the last image of each page; page 9 was cut off by segment 4"
         );
+
+        // Big segments end a span early; one alone makes none.
+        for p in merged {
+            std::fs::remove_file(p).unwrap();
+        }
+        put(6, &[(1, 6), (2, 6)], 6);
+        put(7, &[(3, 7)], 7);
+        put(8, &[(4, 8)], 8);
+        let (name, _) = spool_span(&spans, &spool, 3, 3 * 512).unwrap().unwrap();
+        assert_eq!(name, line::span_name(6, 7, T0 + 7), "ends at 3 pages");
+        for seq in [6, 7] {
+            std::fs::remove_file(spans.join(line::remote_segment_name(seq, T0 + seq))).unwrap();
+        }
+        put(9, &[(5, 9)], 9);
+        put(10, &[(6, 10)], 10);
+        assert_eq!(spool_span(&spans, &spool, 3, 512).unwrap(), None);
+        assert!(!spans.join(line::remote_segment_name(8, T0 + 8)).exists());
     }
 
     #[test]

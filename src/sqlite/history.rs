@@ -144,9 +144,13 @@ pub fn segments_to(
         if here.len() > 1 {
             return (apply, Some(Stop::Twice(next)));
         }
+        // A span over a number two writers wrote is not taken either.
+        let once =
+            |s: &&&SegRef| (next..=s.seq).all(|n| by_seq.get(&n).is_none_or(|v| v.len() < 2));
         let span = spans
             .iter()
             .filter(|s| s.first <= next && s.seq >= next && within(s))
+            .filter(once)
             .max_by_key(|s| s.seq);
         let s = match (span, here.first()) {
             (Some(span), _) => *span,
@@ -518,6 +522,14 @@ mod tests {
             ),
             // Spans only, none starting at the next number.
             (0, vec![span(3, 8)], None, "", Some(Stop::Missing(1))),
+            // Two writers of 6: no span over it is taken.
+            (
+                0,
+                all(&[span(1, 4), span(5, 8), seg(6, Some(T0 + 6001))]),
+                None,
+                "1..4 5",
+                Some(Stop::Twice(6)),
+            ),
         ];
         for (after, objects, at, want, stop) in cases {
             let b = base("g", after, T0);
