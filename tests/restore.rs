@@ -286,6 +286,66 @@ fn a_missing_segment_ends_the_restore_there_and_is_named() {
     assert!(max < 10, "nothing after the missing segment is applied");
 }
 
+/// A span only stands in for its segments: a damaged one is passed over
+/// for them, and nothing is lost.
+#[test]
+fn a_damaged_span_is_passed_over_for_its_segments() {
+    let s = Setup::new();
+    let (mut app, _, out) = boot_writer(
+        &s,
+        "a",
+        &[
+            ("LIMIT", "12"),
+            ("EVERY", "0.3"),
+            ("CVM_SQLITE_SPAN_SEGMENTS", "2"),
+        ],
+    );
+    wait_until(T, "12 commits and a span", || {
+        commits(&out).len() >= 12 && app.log_text().contains("sqlite: span uploaded")
+    });
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let conf = common::stock_config(&s.g, s.tmp.path());
+    let dir = ".cvm/wal/state/openclaw.sqlite";
+    let listing = String::from_utf8(common::rclone(
+        &conf,
+        &["lsf", "-R", "--files-only", &format!("crypt:{dir}")],
+    ))
+    .unwrap();
+    let span = listing
+        .lines()
+        .find(|l| {
+            l.rsplit('/')
+                .next()
+                .is_some_and(|n| n.split('-').count() == 3)
+        })
+        .unwrap_or_else(|| panic!("a span in {listing}"))
+        .to_owned();
+    let garbage = s.tmp.path().join("garbage");
+    fs::write(&garbage, "not a span").unwrap();
+    common::rclone(
+        &conf,
+        &[
+            "copyto",
+            garbage.to_str().unwrap(),
+            &format!("crypt:{dir}/{span}"),
+        ],
+    );
+
+    let to = s.tmp.path().join("restored");
+    let (code, _, stderr) = restore(&s, PASSWORD, &["--to", to.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("a span could not be applied; its segments are taken instead"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("restore stopped"), "{stderr}");
+    assert_eq!(
+        inspect(&to.join(DB)),
+        Some((12, 12)),
+        "every commit: {stderr}"
+    );
+}
+
 /// `cvm-init history --json`'s summary of the one database.
 fn history(s: &Setup) -> serde_json::Value {
     let (code, stdout, stderr) = cli(s, PASSWORD, &["history", "--json"]);

@@ -387,7 +387,17 @@ fn spool_span(
         return Ok(None);
     };
     let name = line::span_name(first.seq, last.seq, t);
-    std::fs::write(spool.join(&name), merged.encode()?)?;
+    // Renamed into the spool whole: a span cut short by a full disk must
+    // never go up.
+    let tmp = spans.join(".span");
+    let written = merged
+        .encode()
+        .and_then(|b| std::fs::write(&tmp, b))
+        .and_then(|()| std::fs::rename(&tmp, spool.join(&name)));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     Ok(Some((
         name,
         segs.iter().map(|s| spans.join(&s.name)).collect(),

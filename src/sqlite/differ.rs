@@ -41,6 +41,13 @@ impl Differ {
         )
         .map_err(sql_err(db))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sql_err(db))?;
+        // The hold is on the file the path named before the open: the
+        // connection's file only while the path still names it.
+        if held::file_id(db) != Some(file.id()) {
+            return Err(SqliteError::Replaced {
+                path: db.to_owned(),
+            });
+        }
         let snap = super::snapshot(db, &mirror)?;
         Ok(Differ {
             db: db.to_owned(),

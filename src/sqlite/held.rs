@@ -78,23 +78,25 @@ impl Drop for Hold {
 
 /// Fills `buf` from the start of the file at `path` as far as it goes;
 /// returns the bytes read. A held file's descriptor is kept, not closed.
+/// The lock is not held while the file is opened and read (a file on the
+/// mount may stall for as long as S3 does), only to reuse a kept
+/// descriptor and to decide whether to keep this one: a hold that started
+/// after the open is seen then, and one that starts later finds it closed.
 pub fn read_head(path: &Path, buf: &mut [u8]) -> io::Result<usize> {
-    // Held across the open and the close, so a hold never starts between
-    // them.
-    let mut files = files();
-    if let Some(f) = file_id(path)
-        .and_then(|id| files.get(&id))
-        .and_then(|e| e.kept.first())
-    {
-        return read_full_at(f, buf);
+    if let Some(id) = file_id(path) {
+        if let Some(f) = files().get(&id).and_then(|e| e.kept.first()) {
+            return read_full_at(f, buf);
+        }
     }
     let f = fs::File::open(path)?;
-    let m = f.metadata()?;
-    let n = read_full_at(&f, buf)?;
-    if let Some(e) = files.get_mut(&(m.dev(), m.ino())) {
-        e.kept.push(f);
+    let id = f.metadata().map(|m| (m.dev(), m.ino()));
+    let n = read_full_at(&f, buf);
+    let mut files = files();
+    match id.ok().and_then(|id| files.get_mut(&id)) {
+        Some(e) => e.kept.push(f),
+        None => drop(f),
     }
-    Ok(n)
+    n
 }
 
 fn read_full_at(f: &fs::File, buf: &mut [u8]) -> io::Result<usize> {

@@ -15,6 +15,8 @@ use crate::sqlite::line::{BaseRef, SegRef};
 /// and a margin for a prune that runs late.
 const RECENT_MS: u64 = 65 * 60_000;
 pub const HOUR_MS: u64 = 3_600_000;
+/// More segments than any span merges (a bound for names read from S3).
+const MAX_SPAN: u64 = 1 << 16;
 const DAY_MS: u64 = 24 * HOUR_MS;
 
 /// Retention's two boundaries at a moment, for databases and files alike:
@@ -126,7 +128,9 @@ pub fn segments_to(
     let mut spans = Vec::new();
     for s in segs.iter().filter(|s| s.seq > base.after) {
         if s.is_span() {
-            spans.push(s);
+            if s.seq - s.first <= MAX_SPAN {
+                spans.push(s);
+            }
         } else {
             by_seq.entry(s.seq).or_default().push(s);
         }
@@ -205,7 +209,10 @@ pub fn summarize(
     sorted.sort_by_key(|b| std::cmp::Reverse(b.taken_ms()));
     let mut by_gen: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
     for (gen, s) in segments {
-        by_gen.entry(gen).or_default().extend(s.first..=s.seq);
+        // A stray name cannot make this build a huge set: a span merges
+        // far fewer segments.
+        let first = s.first.max(s.seq.saturating_sub(MAX_SPAN));
+        by_gen.entry(gen).or_default().extend(first..=s.seq);
     }
     // Walking back from the newest base: each whose segments are all there
     // up to its generation's newest extends the continuous range.

@@ -39,6 +39,8 @@ pub enum SqliteError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("{path}: replaced while cvm-init opened it; opened again at the next save")]
+    Replaced { path: PathBuf },
     #[error("{path}: cvm-init lost its hold on the WAL; following it anew from a new base")]
     PinLost { path: PathBuf },
     #[error("{path}: interrupted by the stop")]
@@ -184,6 +186,9 @@ pub fn snapshot(src: &Path, dst: &Path) -> Result<Snapshot, SqliteError> {
     let tmp = sidecar(dst, ".tmp");
     let _ = fs::remove_file(&tmp);
     {
+        // Registered first, so a header read elsewhere in this process
+        // cannot drop this connection's locks mid-copy (`held`).
+        let _hold = held::Hold::new(src).map_err(io_err(src))?;
         // Read-write open (no create) so a WAL database can be read while
         // its writer runs; nothing is written to the source.
         let from = Connection::open_with_flags(

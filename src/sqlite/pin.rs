@@ -81,6 +81,13 @@ impl Tracker {
             pos: None,
             wal_frames: 0,
         };
+        // The hold is on the file the path named before the open: the
+        // connections' file only while the path still names it.
+        if !t.same_file() {
+            return Err(SqliteError::Replaced {
+                path: db.to_owned(),
+            });
+        }
         t.pin(0)?;
         t.held = Some(0);
         Ok(Some(t))

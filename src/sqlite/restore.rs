@@ -266,6 +266,9 @@ struct Ahead {
 /// A database file's content hash and size.
 type Hashed = ([u8; 32], u64);
 
+/// Spans passed over in one restore at most before a bad one stops it.
+const SPAN_RETRIES: usize = 3;
+
 /// The segments (and spans) to apply onto a base, in order, and why
 /// applying stops before the moment asked for.
 type Plan = (Vec<SegRef>, Option<Stop>);
@@ -357,7 +360,7 @@ async fn read_ahead(
         };
         let segments = match base {
             Some(b) => {
-                let plan = fetch_segments(socket, &rel, &line_dir, b, at, &scratch).await?;
+                let plan = fetch_segments(socket, &rel, &line_dir, b, at, &scratch, &[]).await?;
                 Some((b.clone(), scratch, plan))
             }
             None if trashed => return Ok(None),
@@ -435,6 +438,7 @@ async fn fetch_segments(
     base: &BaseRef,
     at: Option<u64>,
     dir: &Path,
+    skip: &[String],
 ) -> Result<Plan, RestoreError> {
     let gen_dir = format!("{line_dir}/{}", base.gen);
     let listed = rc::list(
@@ -449,6 +453,7 @@ async fn fetch_segments(
     let segs: Vec<SegRef> = listed
         .iter()
         .filter_map(|i| line::parse_segment(i["Name"].as_str()?))
+        .filter(|s| !skip.contains(&s.name))
         .collect();
     let plan = history::segments_to(base, &segs, at);
     let io = |source| RestoreError::Io {
@@ -524,30 +529,52 @@ async fn catch_up(
         },
     };
     let remote = format!("{CRYPT_REMOTE}:{line_dir}/{}", base.gen);
-    let (dir, (todo, mut stopped)) = match segments {
+    let (mut dir, mut plan) = match segments {
         Some((b, dir, plan)) if b == base => (dir, plan),
         // The stock base is not the newest the manifest names (a base
         // taken by hand, or an upload cut short): its own generation.
         _ => {
             let dir = scratch.join("other");
             let _ = fs::remove_dir_all(&dir);
-            let plan = fetch_segments(socket, rel, &line_dir, &base, at, &dir).await?;
+            let plan = fetch_segments(socket, rel, &line_dir, &base, at, &dir, &[]).await?;
             (dir, plan)
         }
     };
-    let (applied, since_base, failed) = {
-        let (dir, path) = (dir.clone(), path.clone());
-        let names: Vec<String> = todo.iter().map(|s| s.name.clone()).collect();
-        let wal = !base.rollback;
-        tokio::task::spawn_blocking(move || apply_segments(&dir, &path, &names, wal))
-            .await
-            .expect("applying does not panic")
+    let (mut done, mut since_base, mut skipped) = (Vec::new(), 0, Vec::new());
+    let stopped = loop {
+        let (todo, stop) = plan;
+        let (applied, bytes, failed) = {
+            let (dir, path) = (dir.clone(), path.clone());
+            let names: Vec<String> = todo.iter().map(|s| s.name.clone()).collect();
+            tokio::task::spawn_blocking(move || apply_segments(&dir, &path, &names))
+                .await
+                .expect("applying does not panic")
+        };
+        let _ = fs::remove_dir_all(&dir);
+        since_base += bytes;
+        done.extend_from_slice(&todo[..applied]);
+        let Some(why) = failed else { break stop };
+        let bad = &todo[applied];
+        // A span only stands in for its segments: one that cannot be
+        // read is passed over for them (a few times at most).
+        if !bad.is_span() || skipped.len() >= SPAN_RETRIES {
+            break Some(Stop::Failed(bad.name.clone(), why));
+        }
+        tracing::warn!(db = %rel.display(), span = bad.name, error = why, "sqlite: a span could not be applied; its segments are taken instead");
+        skipped.push(bad.name.clone());
+        let from = BaseRef {
+            after: done.last().map_or(base.after, |s: &SegRef| s.seq),
+            ..base.clone()
+        };
+        dir = scratch.join(format!("retry-{}", skipped.len()));
+        plan = fetch_segments(socket, rel, &line_dir, &from, at, &dir, &skipped).await?;
     };
-    let _ = fs::remove_dir_all(&dir);
-    if let Some(why) = failed {
-        stopped = Some(Stop::Failed(todo[applied].name.clone(), why));
+    if !base.rollback {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || to_wal(&path))
+            .await
+            .expect("switching does not panic");
     }
-    let done = &todo[..applied];
     if let Some(stop) = &stopped {
         let (object, why) = match stop {
             Stop::Missing(seq) => (line::segment_name(*seq), "missing".to_owned()),
@@ -566,7 +593,7 @@ async fn catch_up(
         tracing::error!(db = %rel.display(), restored_to = done.last().map_or(base.after, |s| s.seq), "sqlite: restore stopped at segment {remote}/{object}: {why}; the database is restored as of the segment before it");
     }
     let point = done.last().and_then(|s| s.t_ms).unwrap_or(base.taken_ms());
-    tracing::info!(db = %rel.display(), generation = %base.gen, segments = applied, "sqlite: restored base and segments");
+    tracing::info!(db = %rel.display(), generation = %base.gen, segments = done.len(), "sqlite: restored base and segments");
     let line = (stopped.is_none() && at.is_none()).then(|| Line {
         gen: base.gen.clone(),
         seq: done.last().map_or(base.after, |s| s.seq),
@@ -646,12 +673,7 @@ async fn fetch_base(
 /// one fails; then sets WAL mode when `wal` (a rollback-journal database
 /// stays as it is). Returns how many were applied, their bytes, and why it
 /// stopped early.
-fn apply_segments(
-    dir: &Path,
-    db: &Path,
-    names: &[String],
-    wal: bool,
-) -> (usize, u64, Option<String>) {
+fn apply_segments(dir: &Path, db: &Path, names: &[String]) -> (usize, u64, Option<String>) {
     let mut applied = 0;
     let mut bytes = 0;
     let mut failed = None;
@@ -669,15 +691,16 @@ fn apply_segments(
         }
         applied += 1;
     }
-    if !wal {
-        return (applied, bytes, failed);
-    }
+    (applied, bytes, failed)
+}
+
+/// Leaves a restored WAL database in WAL mode, as its app left it.
+fn to_wal(db: &Path) {
     if let Err(e) =
         rusqlite::Connection::open(db).and_then(|c| c.pragma_update(None, "journal_mode", "WAL"))
     {
         tracing::warn!(db = %db.display(), error = %e, "sqlite: cannot put the restored database in WAL mode");
     }
-    (applied, bytes, failed)
 }
 
 /// The fetch half of [`restore_databases`]: returns the files it added.
