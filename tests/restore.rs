@@ -148,7 +148,7 @@ fn a_new_databases_first_base_goes_up_packed_and_a_whole_copy_follows() {
     let stock = String::from_utf8(common::rclone(&conf, &["lsf", "-R", "crypt:sqlite"])).unwrap();
     assert!(!stock.contains("openclaw"), "no stock copy yet: {stock}");
     // Stock rclone and zstd read the packed base: a whole database.
-    let dir = ".cvm/wal/state/openclaw.sqlite/bases";
+    let dir = format!("{LINE}/bases");
     let listing =
         String::from_utf8(common::rclone(&conf, &["lsf", &format!("crypt:{dir}")])).unwrap();
     let bases: Vec<&str> = listing.lines().collect();
@@ -231,9 +231,7 @@ fn restore_at_a_moment_brings_back_a_database_deleted_since() {
     });
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
 
-    let latest = s.tmp.path().join("latest");
-    let (code, _, stderr) = restore(&s, PASSWORD, &["--to", latest.to_str().unwrap()]);
-    assert_eq!(code, 0, "{stderr}");
+    let (latest, _) = restore_latest(&s);
     assert!(!latest.join(doomed).exists(), "deleted now");
     let at = humantime::format_rfc3339_millis(then).to_string();
     let back = s.tmp.path().join("then");
@@ -259,23 +257,14 @@ fn a_missing_segment_ends_the_restore_there_and_is_named() {
                 .contains("sqlite: segment uploaded db=state/openclaw.sqlite seq=2")
     });
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
-    let conf = common::stock_config(&s.g, s.tmp.path());
-    let dir = ".cvm/wal/state/openclaw.sqlite";
-    let listing = String::from_utf8(common::rclone(
-        &conf,
-        &["lsf", "-R", "--files-only", &format!("crypt:{dir}")],
-    ))
-    .unwrap();
-    let first = listing
-        .lines()
+    let (conf, objects) = line_objects(&s);
+    let first = objects
+        .iter()
         .find(|l| l.contains("/000000000001-"))
-        .unwrap_or_else(|| panic!("segment 1 in {listing}"))
-        .to_owned();
-    common::rclone(&conf, &["deletefile", &format!("crypt:{dir}/{first}")]);
+        .unwrap_or_else(|| panic!("segment 1 in {objects:?}"));
+    common::rclone(&conf, &["deletefile", &format!("crypt:{LINE}/{first}")]);
 
-    let to = s.tmp.path().join("restored");
-    let (code, _, stderr) = restore(&s, PASSWORD, &["--to", to.to_str().unwrap()]);
-    assert_eq!(code, 0, "{stderr}");
+    let (to, stderr) = restore_latest(&s);
     assert!(
         stderr.contains("restore stopped at segment")
             && stderr.contains(first.split('-').next().unwrap()),
@@ -304,22 +293,15 @@ fn a_damaged_span_is_passed_over_for_its_segments() {
         commits(&out).len() >= 12 && app.log_text().contains("sqlite: span uploaded")
     });
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
-    let conf = common::stock_config(&s.g, s.tmp.path());
-    let dir = ".cvm/wal/state/openclaw.sqlite";
-    let listing = String::from_utf8(common::rclone(
-        &conf,
-        &["lsf", "-R", "--files-only", &format!("crypt:{dir}")],
-    ))
-    .unwrap();
-    let span = listing
-        .lines()
+    let (conf, objects) = line_objects(&s);
+    let span = objects
+        .iter()
         .find(|l| {
             l.rsplit('/')
                 .next()
                 .is_some_and(|n| n.split('-').count() == 3)
         })
-        .unwrap_or_else(|| panic!("a span in {listing}"))
-        .to_owned();
+        .unwrap_or_else(|| panic!("a span in {objects:?}"));
     let garbage = s.tmp.path().join("garbage");
     fs::write(&garbage, "not a span").unwrap();
     common::rclone(
@@ -327,13 +309,11 @@ fn a_damaged_span_is_passed_over_for_its_segments() {
         &[
             "copyto",
             garbage.to_str().unwrap(),
-            &format!("crypt:{dir}/{span}"),
+            &format!("crypt:{LINE}/{span}"),
         ],
     );
 
-    let to = s.tmp.path().join("restored");
-    let (code, _, stderr) = restore(&s, PASSWORD, &["--to", to.to_str().unwrap()]);
-    assert_eq!(code, 0, "{stderr}");
+    let (to, stderr) = restore_latest(&s);
     assert!(
         stderr.contains("a span could not be applied; its segments are taken instead"),
         "{stderr}"
@@ -344,6 +324,30 @@ fn a_damaged_span_is_passed_over_for_its_segments() {
         Some((12, 12)),
         "every commit: {stderr}"
     );
+}
+
+/// The test database's line in the crypt remote.
+const LINE: &str = ".cvm/wal/state/openclaw.sqlite";
+
+/// The line as stock rclone sees it: its config, and every object below
+/// the line.
+fn line_objects(s: &Setup) -> (PathBuf, Vec<String>) {
+    let conf = common::stock_config(&s.g, s.tmp.path());
+    let listing = String::from_utf8(common::rclone(
+        &conf,
+        &["lsf", "-R", "--files-only", &format!("crypt:{LINE}")],
+    ))
+    .unwrap();
+    (conf, listing.lines().map(str::to_owned).collect())
+}
+
+/// `cvm-init restore` of the latest state into a new directory, which
+/// must succeed; returns the directory and what it logged.
+fn restore_latest(s: &Setup) -> (PathBuf, String) {
+    let to = s.tmp.path().join("restored");
+    let (code, _, stderr) = restore(s, PASSWORD, &["--to", to.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    (to, stderr)
 }
 
 /// `cvm-init history --json`'s summary of the one database.
@@ -408,9 +412,7 @@ fn moments(journal: &str) {
     // has read it: the app's close must leave it in the WAL for the final
     // pass (a header read once dropped the pin's lock, and the close
     // checkpointed the WAL past it and deleted it).
-    let latest = s.tmp.path().join("latest");
-    let (code, _, stderr) = restore(&s, PASSWORD, &["--to", latest.to_str().unwrap()]);
-    assert_eq!(code, 0, "{stderr}");
+    let (latest, _) = restore_latest(&s);
     assert_eq!(
         inspect(&latest.join(DB)),
         Some((250, 250)),
@@ -538,20 +540,17 @@ fn moments(journal: &str) {
 
     // A kept base deleted from the bucket: a restore that needs it stops
     // and names it, and takes nothing else in its place.
-    let conf = common::stock_config(&s.g, s.tmp.path());
-    let dir = ".cvm/wal/state/openclaw.sqlite";
-    let listing = String::from_utf8(common::rclone(
-        &conf,
-        &["lsf", "--files-only", &format!("crypt:{dir}/bases")],
-    ))
-    .unwrap();
-    let mut bases: Vec<&str> = listing.lines().collect();
+    let (conf, objects) = line_objects(&s);
+    let mut bases: Vec<&str> = objects
+        .iter()
+        .filter_map(|o| o.strip_prefix("bases/"))
+        .collect();
     bases.sort();
-    assert!(bases.len() >= 3, "{listing}");
+    assert!(bases.len() >= 3, "{objects:?}");
     let first = bases[0];
     common::rclone(
         &conf,
-        &["deletefile", &format!("crypt:{dir}/bases/{first}")],
+        &["deletefile", &format!("crypt:{LINE}/bases/{first}")],
     );
     let to = s.tmp.path().join("no-base");
     let at = humantime::format_rfc3339_millis(

@@ -78,25 +78,31 @@ impl Drop for Hold {
 
 /// Fills `buf` from the start of the file at `path` as far as it goes;
 /// returns the bytes read. A held file's descriptor is kept, not closed.
-/// The lock is not held while the file is opened and read (a file on the
-/// mount may stall for as long as S3 does), only to reuse a kept
-/// descriptor and to decide whether to keep this one: a hold that started
-/// after the open is seen then, and one that starts later finds it closed.
 pub fn read_head(path: &Path, buf: &mut [u8]) -> io::Result<usize> {
     if let Some(id) = file_id(path) {
         if let Some(f) = files().get(&id).and_then(|e| e.kept.first()) {
             return read_full_at(f, buf);
         }
     }
+    with_open(path, |f| read_full_at(f, buf))
+}
+
+/// Opens `path` for reading and runs `use_it` on it; then closes it, unless
+/// SQLite holds the file open in this process by then: its descriptor is
+/// kept instead. The lock is not held while the file is opened and used (a
+/// file on the mount may stall as long as S3 does), only to decide: a hold
+/// that started after the open is seen then, and one that starts later
+/// finds the descriptor closed.
+pub fn with_open<T>(path: &Path, use_it: impl FnOnce(&fs::File) -> io::Result<T>) -> io::Result<T> {
     let f = fs::File::open(path)?;
     let id = f.metadata().map(|m| (m.dev(), m.ino()));
-    let n = read_full_at(&f, buf);
+    let r = use_it(&f);
     let mut files = files();
     match id.ok().and_then(|id| files.get_mut(&id)) {
         Some(e) => e.kept.push(f),
         None => drop(f),
     }
-    n
+    r
 }
 
 fn read_full_at(f: &fs::File, buf: &mut [u8]) -> io::Result<usize> {

@@ -1,7 +1,7 @@
 //! Consistent copies of files on their way to S3. rclone aborts an upload
 //! whose source changes while it reads it, so a file appended faster than it
 //! uploads never reached S3; a copy made first (a reflink where the file
-//! system has them: `fs::copy` uses `copy_file_range`) is still while it
+//! system has them: `io::copy` uses `copy_file_range`) is still while it
 //! uploads.
 
 use std::fs;
@@ -35,7 +35,13 @@ pub(super) fn copy(src: &Path, dst: &Path) -> io::Result<Stamp> {
             ));
         }
         let _ = fs::remove_file(dst);
-        fs::copy(src, dst)?;
+        // Through `held`: a file that became a database since the scan may
+        // be open in SQLite here, and closing it would drop SQLite's locks.
+        crate::sqlite::held::with_open(src, |f| {
+            let mut out = fs::File::create(dst)?;
+            io::copy(&mut &*f, &mut out)?;
+            out.set_permissions(f.metadata()?.permissions())
+        })?;
         let after = fs::symlink_metadata(src)?;
         let still = stamp(&before) == stamp(&after);
         if still || attempt >= ATTEMPTS {
