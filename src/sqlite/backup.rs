@@ -335,7 +335,6 @@ fn compress(from: &Path, to: &Path) -> std::io::Result<u64> {
     dst.metadata().map(|m| m.len())
 }
 
-/// Runs `f` on the tracker off the async threads.
 /// Once `spans` (a generation's uploaded segments) holds `n` in a row,
 /// merges them into a span in `spool`; returns its name and the segments
 /// merged. Segments before a gap never make a span and are dropped. The
@@ -404,6 +403,7 @@ fn spool_span(
     )))
 }
 
+/// Runs `f` on the tracker off the async threads.
 async fn with_tracker<T: Send + 'static>(
     follow: &mut Follow,
     f: impl FnOnce(&mut Source) -> T + Send + 'static,
