@@ -52,6 +52,7 @@ struct RawEnv {
     cvm_lease_ttl: Option<String>,
     cvm_lease_wait: Option<String>,
     cvm_lease_takeover: Option<String>,
+    cvm_lease_while_idle: Option<String>,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/data/openclaw";
@@ -109,6 +110,20 @@ pub struct LeaseConfig {
     /// The instance id of a holder the operator knows is dead: its lease is
     /// taken at once (`CVM_LEASE_TAKEOVER`).
     pub takeover: Option<String>,
+    /// Whether renewals pause while nothing uploads (`CVM_LEASE_WHILE_IDLE`).
+    pub while_idle: WhileIdle,
+}
+
+/// What the lease does while nothing uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhileIdle {
+    /// No S3 request while idle; the lease lapses and the next upload takes
+    /// it again first (the replicate layout's default).
+    Pause,
+    /// Renewed every third of the TTL, idle or not: a second instance waits
+    /// for a live holder however quiet (the mount layout, whose rclone
+    /// uploads are not fenced one by one, always renews).
+    Renew,
 }
 
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
@@ -267,7 +282,7 @@ impl Config {
 
 /// Every `CVM_*` variable `RawEnv` reads; any other is a misspelling to warn
 /// about, not something to ignore in silence.
-const KNOWN_CVM_VARS: [&str; 20] = [
+const KNOWN_CVM_VARS: [&str; 21] = [
     "CVM_LOCAL_DIR",
     "CVM_RUN_DIR",
     "CVM_GATEWAY_CMD",
@@ -288,6 +303,7 @@ const KNOWN_CVM_VARS: [&str; 20] = [
     "CVM_LEASE_TTL",
     "CVM_LEASE_WAIT",
     "CVM_LEASE_TAKEOVER",
+    "CVM_LEASE_WHILE_IDLE",
 ];
 
 /// `CVM_*` variables read outside the configuration: `logging` reads `CVM_LOG`
@@ -547,7 +563,7 @@ impl Validator {
                 format!("{ttl:?} is too short; give at least {MIN_LEASE_TTL:?} (the default is {DEFAULT_LEASE_TTL:?})"),
             );
         }
-        let lease = LeaseConfig {
+        let mut lease = LeaseConfig {
             ttl,
             wait: match given(raw.cvm_lease_wait) {
                 Some(s) if s.trim() == "forever" => None,
@@ -555,6 +571,7 @@ impl Validator {
                 None => None,
             },
             takeover: given(raw.cvm_lease_takeover).map(|t| t.trim().to_owned()),
+            while_idle: WhileIdle::Renew,
         };
 
         let patterns = match given(raw.cvm_sqlite_paths) {
@@ -624,6 +641,25 @@ impl Validator {
                     format!("{other:?} is not a layout; use replicate (the default) or mount"),
                 );
                 Layout::Replicate
+            }
+        };
+        lease.while_idle = match (given(raw.cvm_lease_while_idle).as_deref().map(str::trim), layout) {
+            (None, Layout::Replicate) | (Some("pause"), Layout::Replicate) => WhileIdle::Pause,
+            (None, Layout::Mount) | (Some("renew"), _) => WhileIdle::Renew,
+            (Some("pause"), Layout::Mount) => {
+                self.problem(
+                    "CVM_LEASE_WHILE_IDLE",
+                    "pause needs the replicate layout: the mount layout's rclone uploads are not \
+                     fenced one by one, so its lease is renewed while idle; use renew or leave it unset",
+                );
+                WhileIdle::Renew
+            }
+            (Some(other), _) => {
+                self.problem(
+                    "CVM_LEASE_WHILE_IDLE",
+                    format!("{other:?} is neither pause (no S3 request while idle; the replicate layout's default) nor renew"),
+                );
+                WhileIdle::Renew
             }
         };
         let restore_at = given(raw.cvm_restore_at);
@@ -925,7 +961,8 @@ mod tests {
             LeaseConfig {
                 ttl: Duration::from_secs(30),
                 wait: None,
-                takeover: None
+                takeover: None,
+                while_idle: WhileIdle::Pause,
             }
         );
         let (c, _) = Config::from_vars(env(&[
@@ -937,6 +974,28 @@ mod tests {
         assert_eq!(c.lease.ttl, Duration::from_secs(5));
         assert_eq!(c.lease.wait, Some(Duration::from_secs(120)));
         assert_eq!(c.lease.takeover.as_deref(), Some("1f2e3d4c5b6a7988"));
+        // Paused while idle by default in the replicate layout only.
+        for (given, want) in [
+            (vec![("CVM_STORAGE", "mount")], Some(WhileIdle::Renew)),
+            (vec![("CVM_LEASE_WHILE_IDLE", "renew")], Some(WhileIdle::Renew)),
+            (vec![("CVM_LEASE_WHILE_IDLE", "pause")], Some(WhileIdle::Pause)),
+            (
+                vec![("CVM_STORAGE", "mount"), ("CVM_LEASE_WHILE_IDLE", "pause")],
+                None,
+            ),
+            (vec![("CVM_LEASE_WHILE_IDLE", "sleep")], None),
+        ] {
+            let got = Config::from_vars(env(&given));
+            match want {
+                Some(w) => assert_eq!(got.unwrap().0.lease.while_idle, w, "{given:?}"),
+                None => assert!(
+                    got.unwrap_err().problems[0]
+                        .to_string()
+                        .starts_with("CVM_LEASE_WHILE_IDLE: "),
+                    "{given:?}"
+                ),
+            }
+        }
         let e = Config::from_vars(env(&[("CVM_LEASE_TTL", "500ms")])).unwrap_err();
         assert!(
             e.problems[0]

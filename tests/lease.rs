@@ -51,10 +51,13 @@ fn on_s3(s: &Setup, name: &str) -> bool {
     s.remote("").iter().any(|n| n == name)
 }
 
+/// A holder that renews while idle: a second instance waits for it however quiet.
+const RENEW: [(&str, &str); 1] = [("CVM_LEASE_WHILE_IDLE", "renew")];
+
 #[test]
 fn a_second_instance_waits_and_takes_over_within_seconds_of_a_graceful_stop() {
     let s = Setup::new();
-    let (mut a, ad) = s.boot("a", &[]);
+    let (mut a, ad) = s.boot("a", &RENEW);
     assert!(a.log_text().contains("lease: held"), "{}", a.log_text());
     write(&ad.state, "from-a.txt", "a1");
     wait_until(T, "a's file on S3", || on_s3(&s, "from-a.txt"));
@@ -217,6 +220,56 @@ fn a_holder_frozen_past_its_lease_uploads_nothing_when_it_wakes_and_exits_73() {
 }
 
 #[test]
+fn an_idle_holder_lets_its_lease_lapse_a_second_instance_takes_over_and_the_holder_exits_73_at_its_next_write(
+) {
+    let s = Setup::new();
+    let (mut a, ad) = s.boot("a", &[]);
+    let paused = |a: &mut Appliance| {
+        a.log_text()
+            .matches("lease: idle, renewals paused")
+            .count()
+    };
+    wait_until(T, "a's renewals to pause", || paused(&mut a) >= 1);
+    // Woken by a change, a verifies its lease and uploads it.
+    write(&ad.state, "from-a.txt", "a1");
+    wait_until(T, "a's file on S3", || on_s3(&s, "from-a.txt"));
+    assert!(
+        a.log_text().contains("lease: verified again and renewed"),
+        "{}",
+        a.log_text()
+    );
+    wait_until(T, "a's renewals to pause again", || paused(&mut a) >= 2);
+
+    // A second instance sees the lease unchanged for a TTL and takes it.
+    let bd = Dirs::new(s.tmp.path(), "b");
+    let started = Instant::now();
+    let mut b = s.start(&bd, &[]);
+    b.wait_ready(T);
+    let took = started.elapsed();
+    assert!(took >= TTL, "b took a renewed lease after {took:?}");
+    assert!(b.log_text().contains("Expired"), "{}", b.log_text());
+    assert_eq!(
+        std::fs::read_to_string(bd.state.join("from-a.txt")).unwrap(),
+        "a1"
+    );
+
+    // a's next change finds the lease gone: nothing of it goes up, a says
+    // what it holds that is not on S3, and stops.
+    write(&ad.state, "late-a.txt", "written after b took over");
+    assert_eq!(a.wait_exit(T), 73, "{}", a.log_text());
+    let log = a.log_text();
+    assert!(log.contains("lost the bucket prefix's lease"), "{log}");
+    assert!(log.contains("late-a.txt"), "{log}");
+    assert!(!on_s3(&s, "late-a.txt"), "a uploaded after b took over");
+    assert_eq!(
+        std::fs::read_to_string(ad.state.join("late-a.txt")).unwrap(),
+        "written after b took over"
+    );
+    assert_eq!(b.stop(T), 0);
+    eprintln!("takeover of an idle holder: {took:?}");
+}
+
+#[test]
 fn s3_down_longer_than_the_ttl_keeps_the_gateway_and_verifies_the_lease_on_return() {
     let mut s = Setup::new();
     let (mut a, ad) = s.boot("a", &[]);
@@ -267,6 +320,7 @@ fn with_conditional_writes_exactly_one_of_two_simultaneous_instances_holds_the_l
             env.push(("S3_PREFIX".into(), format!("round-{round}")));
             env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
             env.push(("CVM_GATEWAY_CMD".into(), idle.clone()));
+            env.extend(RENEW.map(|(k, v)| (k.into(), v.into())));
             (Appliance::start(&dirs, &env), dirs)
         };
         let (mut a, _) = start("a");

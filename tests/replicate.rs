@@ -300,11 +300,8 @@ fn restart_keeps_its_state(s: &Setup, dirs: &Dirs, written: &str) {
 #[test]
 fn idle_costs_no_s3_request_and_a_busy_file_is_uploaded_once_per_debounce() {
     let s = Setup::new();
-    // A lease renewed less often than the test lasts: it is measured apart.
-    let (mut app, a) = s.boot(
-        "a",
-        &[("CVM_BACKUP_INTERVAL", "1s"), ("CVM_LEASE_TTL", "1h")],
-    );
+    // The default lease (`common::LEASE_TTL`, paused while idle).
+    let (mut app, a) = s.boot("a", &[("CVM_BACKUP_INTERVAL", "1s")]);
     // Twenty writes within 400 ms: one debounce window, one upload.
     for i in 0..20 {
         write(&a.state, "busy.json", &format!("{{\"n\":{i}}}"));
@@ -318,11 +315,31 @@ fn idle_costs_no_s3_request_and_a_busy_file_is_uploaded_once_per_debounce() {
     assert_eq!(uploaded(&app), 1, "{}", app.log_text());
     assert!(s.g.s3_requests().get("PutObject").copied().unwrap_or(0) > 0);
 
-    // Idle over three full scans (CVM_BACKUP_INTERVAL=1s): no S3 request at all.
+    // Idle over four full scans (CVM_BACKUP_INTERVAL=1s) and more than a
+    // lease TTL once renewals have paused: no S3 request at all.
+    wait_until(T, "the lease's renewals to pause", || {
+        app.log_text().contains("lease: idle, renewals paused")
+    });
     let before = s.g.s3_requests();
-    let until = Instant::now() + Duration::from_secs(3);
+    let until = Instant::now() + Duration::from_secs(4);
     wait_until(T, "the idle window", || Instant::now() >= until);
     assert_eq!(s.g.s3_requests(), before, "S3 requests while idle");
+
+    // The next change goes up: the lease is verified and renewed first.
+    let written = Instant::now();
+    write(&a.state, "after-idle.json", "{}");
+    wait_until(T, "the file written after the idle spell", || {
+        s.remote("").contains(&"after-idle.json".to_owned())
+    });
+    eprintln!(
+        "first change after the idle spell on S3 after {:?}",
+        written.elapsed()
+    );
+    assert!(
+        app.log_text().contains("lease: verified again and renewed"),
+        "{}",
+        app.log_text()
+    );
     assert_eq!(app.stop(T), 0);
 }
 

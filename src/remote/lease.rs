@@ -19,6 +19,12 @@
 //!   [`settle`] and reads the object back; it holds the lease only if the
 //!   object is still its own. That is safe while no writer takes longer
 //!   than the settle time between reading the lease and writing it.
+//! - While idle (`CVM_LEASE_WHILE_IDLE=pause`, the replicate layout's
+//!   default), renewals pause once no upload has asked for the fence for a
+//!   `TTL` ([`step`]), so an idle instance makes no S3 request. The next
+//!   upload wakes the keeper ([`Fence::permit`]), which verifies the lease is
+//!   still its own before writing it, as after an outage. Meanwhile the lease
+//!   lapses: a waiting instance takes it over, and this one learns it then.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -30,7 +36,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::sleep;
 
-use crate::config::LeaseConfig;
+use crate::config::{LeaseConfig, WhileIdle};
 use crate::rclone::rc::{self, RcError};
 use crate::rclone::CRYPT_REMOTE;
 use crate::remote::bucket::{CAS_PROBE, LEASE_FILE, META_DIR};
@@ -190,9 +196,34 @@ pub fn verdict(
     }
 }
 
+/// What the keeper does when a renewal is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Renew,
+    /// Nothing has uploaded for `pause_after`: let the lease lapse until
+    /// the next upload asks for it.
+    Pause,
+}
+
+/// Whether to renew or pause, given `pause_after` (`None`: always renew),
+/// the uploads under way and when the fence was last used.
+fn step(pause_after: Option<Duration>, in_flight: usize, last_use: Duration, now: Duration) -> Step {
+    match pause_after {
+        Some(after) if in_flight == 0 && now.saturating_sub(last_use) >= after => Step::Pause,
+        _ => Step::Renew,
+    }
+}
+
 /// Whether uploads may go out now: the lease is held with margin.
 #[derive(Debug, Clone, Default)]
-pub struct Fence(Arc<Mutex<FenceState>>);
+pub struct Fence(Arc<Shared>);
+
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<FenceState>,
+    /// Wakes a keeper whose renewals are paused.
+    wake: tokio::sync::Notify,
+}
 
 #[derive(Debug, Default)]
 struct FenceState {
@@ -202,38 +233,104 @@ struct FenceState {
     lost: Option<String>,
     /// How often the keeper renews ([`renew_every`]).
     period: Duration,
+    /// Uploads under way: [`Permit`]s alive.
+    in_flight: usize,
+    /// [`clock`] when an upload last asked for the fence or ended.
+    last_use: Duration,
+    /// Renewals paused while idle ([`Step::Pause`]).
+    paused: bool,
+}
+
+/// What [`Fence::permit`] does now.
+enum Admit {
+    Go,
+    /// Paused while idle: wake the keeper and wait for its renewal.
+    Wake,
+    No(String),
+}
+
+impl FenceState {
+    fn admit(&self, now: Duration) -> Admit {
+        if let Some(by) = &self.lost {
+            Admit::No(format!(
+                "this instance lost the bucket prefix's lease to {by}"
+            ))
+        } else if now < self.valid_until {
+            Admit::Go
+        } else if self.paused {
+            Admit::Wake
+        } else {
+            Admit::No(
+                "this instance's lease on the bucket prefix is not confirmed (S3 unreachable, or the \
+                 process was stopped); uploads wait until it is"
+                    .into(),
+            )
+        }
+    }
+}
+
+/// One upload allowed to start; while it lives the keeper keeps renewing.
+#[derive(Debug)]
+pub struct Permit(Fence);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.in_flight = st.in_flight.saturating_sub(1);
+        st.last_use = clock();
+    }
 }
 
 impl Fence {
     fn lock(&self) -> std::sync::MutexGuard<'_, FenceState> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `Ok` while an upload may start; else why not.
-    pub fn check(&self) -> Result<(), String> {
-        let st = self.lock();
-        if let Some(by) = &st.lost {
-            return Err(format!(
-                "this instance lost the bucket prefix's lease to {by}"
-            ));
+    /// Lets one upload start while the lease is held with margin; else
+    /// says why not. A lease paused while idle is first verified and
+    /// renewed by the keeper, waited for up to two renewal periods.
+    pub async fn permit(&self) -> Result<Permit, String> {
+        let started = clock();
+        loop {
+            let (admit, bound) = {
+                let mut st = self.lock();
+                st.last_use = clock();
+                let admit = st.admit(clock());
+                if matches!(admit, Admit::Go) {
+                    st.in_flight += 1;
+                }
+                (admit, (st.period * 2).max(Duration::from_secs(1)))
+            };
+            match admit {
+                Admit::Go => return Ok(Permit(self.clone())),
+                Admit::No(why) => return Err(why),
+                Admit::Wake if clock().saturating_sub(started) >= bound => {
+                    return Err(format!(
+                        "this instance's lease on the bucket prefix, paused while idle, was not \
+                         renewed within {bound:?} (S3 slow or unreachable); uploads wait until it is"
+                    ))
+                }
+                Admit::Wake => {
+                    self.0.wake.notify_one();
+                    sleep(Duration::from_millis(20)).await;
+                }
+            }
         }
-        if clock() >= st.valid_until {
-            return Err("this instance's lease on the bucket prefix is not confirmed (S3 unreachable, or the \
-                        process was stopped); uploads wait until it is"
-                .into());
-        }
-        Ok(())
     }
 
     /// Waits until the lease is confirmed for at least one more renewal
     /// period (so a pass that starts now does not run into the margin while
     /// the keeper is still retrying after an outage or an rclone restart),
-    /// the lease is lost, or `deadline`.
+    /// the lease is lost or paused while idle (an upload wakes it), or
+    /// `deadline`.
     pub async fn opened(&self, deadline: tokio::time::Instant) {
         loop {
             {
                 let st = self.lock();
-                if st.lost.is_some() || clock().saturating_add(st.period) < st.valid_until {
+                if st.lost.is_some()
+                    || st.paused
+                    || clock().saturating_add(st.period) < st.valid_until
+                {
                     return;
                 }
             }
@@ -262,6 +359,15 @@ impl Fence {
     fn valid_at(&self, t: Duration) -> bool {
         let st = self.lock();
         st.lost.is_none() && t < st.valid_until
+    }
+
+    fn step(&self, pause_after: Option<Duration>) -> Step {
+        let st = self.lock();
+        step(pause_after, st.in_flight, st.last_use, clock())
+    }
+
+    fn set_paused(&self, paused: bool) {
+        self.lock().paused = paused;
     }
 }
 
@@ -525,6 +631,8 @@ pub struct Held {
     fence: Fence,
     /// [`clock`] when the last successful write started.
     last: Duration,
+    /// Idle this long, renewals pause (`None`: never).
+    pause_after: Option<Duration>,
 }
 
 /// Takes the lease for `me` once it may (see [`verdict`]), reporting the
@@ -612,7 +720,11 @@ pub async fn acquire(
                     Mode::Conditional => io.etag().await?,
                     Mode::Timed => None,
                 };
-                fence.lock().period = renew_every(cfg.ttl);
+                {
+                    let mut st = fence.lock();
+                    st.period = renew_every(cfg.ttl);
+                    st.last_use = clock();
+                }
                 fence.extend(start + valid_for(cfg.ttl));
                 if why == Why::TakeOver || why == Why::Expired {
                     let from = seen
@@ -630,6 +742,10 @@ pub async fn acquire(
                     ttl: cfg.ttl,
                     fence,
                     last: start,
+                    pause_after: match cfg.while_idle {
+                        WhileIdle::Pause => Some(cfg.ttl),
+                        WhileIdle::Renew => None,
+                    },
                 });
             }
         }
@@ -677,10 +793,23 @@ impl Held {
                 _ = &mut stop => return self,
                 () = sleep(wait) => {}
             }
+            if self.fence.step(self.pause_after) == Step::Pause {
+                self.fence.set_paused(true);
+                tracing::info!(
+                    "lease: idle, renewals paused until the next upload (no S3 request meanwhile; \
+                     another instance may take the lease over once it lapses)"
+                );
+                tokio::select! {
+                    _ = &mut stop => return self,
+                    () = self.fence.0.wake.notified() => {}
+                }
+            }
             // A renewal that hangs (rclone wedged) must not hold the loop:
             // the fence closes on its own, and the next try reads first.
             // Bounded by the margin: past it the fence is closed anyway.
             let renewed = tokio::time::timeout(valid_for(self.ttl), self.renew()).await;
+            // Renewed or not, uploads now see the outcome, not the pause.
+            self.fence.set_paused(false);
             if renewed.is_err() {
                 tracing::warn!(
                     "lease: cannot renew it: no answer within {:?} (S3 or rclone not answering); retrying",
@@ -952,24 +1081,70 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_fence_opens_for_two_thirds_of_a_ttl_after_a_renewal_started_and_a_loss_closes_it_for_good(
+    #[tokio::test]
+    async fn the_fence_opens_for_two_thirds_of_a_ttl_after_a_renewal_started_and_a_loss_closes_it_for_good(
     ) {
         let f = Fence::default();
-        assert!(f.check().is_err(), "closed until the lease is held");
+        assert!(f.permit().await.is_err(), "closed until the lease is held");
         let ttl = Duration::from_secs(30);
         f.extend(clock() + valid_for(ttl));
-        assert!(f.check().is_ok());
+        let p = f.permit().await.unwrap();
+        assert_eq!(f.lock().in_flight, 1);
+        drop(p);
+        assert_eq!(f.lock().in_flight, 0);
         assert!(!f.valid_at(clock() + Duration::from_secs(21)));
         f.close(Some("instance x".into()));
         f.extend(clock() + valid_for(ttl));
         assert!(f
-            .check()
+            .permit()
+            .await
             .unwrap_err()
             .contains("lost the bucket prefix's lease to instance x"));
         assert_eq!(renew_every(ttl), Duration::from_secs(10));
         assert_eq!(settle(ttl), Duration::from_secs(2));
         assert_eq!(settle(Duration::from_secs(3)), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn renewals_pause_only_when_allowed_nothing_uploads_and_nothing_did_for_a_ttl() {
+        let s = Duration::from_secs;
+        let ttl = Some(s(30));
+        let table = [
+            // (pause_after, in flight, last use, now, step)
+            (None, 0, 0, 1_000, Step::Renew),
+            (ttl, 0, 100, 129, Step::Renew),
+            (ttl, 0, 100, 130, Step::Pause),
+            (ttl, 1, 0, 1_000, Step::Renew),
+            (ttl, 0, 200, 100, Step::Renew),
+        ];
+        for (after, in_flight, last, now, want) in table {
+            assert_eq!(
+                step(after, in_flight, s(last), s(now)),
+                want,
+                "{after:?} {in_flight} {last} {now}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_paused_fence_wakes_the_keeper_and_opens_when_it_renews() {
+        let f = Fence::default();
+        f.lock().period = Duration::from_secs(10);
+        f.set_paused(true);
+        let keeper = {
+            let f = f.clone();
+            tokio::spawn(async move {
+                f.0.wake.notified().await;
+                f.extend(clock() + Duration::from_secs(20));
+                f.set_paused(false);
+            })
+        };
+        let p = f.permit().await.expect("opened by the keeper's renewal");
+        keeper.await.unwrap();
+        drop(p);
+        // A renewal that fails leaves the fence closed: said, not waited for.
+        f.close(None);
+        assert!(f.permit().await.unwrap_err().contains("not confirmed"));
     }
 
     #[test]

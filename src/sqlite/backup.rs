@@ -655,7 +655,7 @@ impl Engine {
         }) {
             return Ok(());
         }
-        self.spec.fence.check().map_err(rc::RcError::Fenced)?;
+        let _permit = self.spec.fence.permit().await.map_err(rc::RcError::Fenced)?;
         let params = json!({
             "srcFs": self.spool_root().to_string_lossy(),
             "dstFs": format!("{}{META_DIR}/{WAL_DIR}", line::root()),
@@ -758,10 +758,13 @@ impl Engine {
         let Some(trash) = self.spec.trash.clone() else {
             return;
         };
-        let day = crate::remote::bucket::trash_day(std::time::SystemTime::now());
-        if self.spec.fence.check().is_err() {
+        if self.gone.is_empty() {
             return;
         }
+        let day = crate::remote::bucket::trash_day(std::time::SystemTime::now());
+        let Ok(_permit) = self.spec.fence.permit().await else {
+            return;
+        };
         for rel in std::mem::take(&mut self.gone) {
             let rel_str = rel.to_string_lossy();
             // When it went, in its manifest: a restore to a moment before

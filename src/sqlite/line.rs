@@ -329,7 +329,7 @@ pub async fn write_manifest(
     };
     std::fs::create_dir_all(scratch).map_err(io)?;
     std::fs::write(&local, serde_json::to_vec(manifest).expect("serializable")).map_err(io)?;
-    fence.check().map_err(rc::RcError::Fenced)?;
+    let _permit = fence.permit().await.map_err(rc::RcError::Fenced)?;
     let r = rc::call(
         socket,
         "operations/copyfile",
@@ -411,7 +411,7 @@ impl Writer<'_> {
         from: (&str, &str),
         to: (&str, &str),
     ) -> Result<(), rc::RcError> {
-        self.fence.check().map_err(rc::RcError::Fenced)?;
+        let _permit = self.fence.permit().await.map_err(rc::RcError::Fenced)?;
         let params = json!({
             "srcFs": from.0, "srcRemote": from.1,
             "dstFs": to.0, "dstRemote": to.1,
@@ -438,9 +438,9 @@ pub async fn prune(socket: &Path, rel: &Path, keep: &Keep, fence: &Fence) {
         if !doomed {
             continue;
         }
-        if fence.check().is_err() {
+        let Ok(_permit) = fence.permit().await else {
             return;
-        }
+        };
         let object = format!("{}/{below}", path(rel));
         let r = rc::call(
             socket,

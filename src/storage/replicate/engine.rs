@@ -632,7 +632,7 @@ impl Engine {
     /// Uploads `names` (new regular files, none on S3 yet, nothing writing
     /// them) in one rclone `sync/copy` job with a file list.
     async fn upload_batch(&self, names: &[String]) -> Result<(), RcError> {
-        self.spec.fence.check().map_err(RcError::Fenced)?;
+        let _permit = self.spec.fence.permit().await.map_err(RcError::Fenced)?;
         let list = self.spec.scratch.join("batch-files");
         let io = |source| RcError::Io {
             path: list.clone(),
@@ -730,7 +730,7 @@ impl Engine {
     /// changes while it uploads still reaches S3. Returns the stamp of what
     /// was uploaded.
     async fn upload(&self, name: &str, slot: usize) -> Result<Uploaded, TransferError> {
-        self.spec.fence.check().map_err(RcError::Fenced)?;
+        let _permit = self.spec.fence.permit().await.map_err(RcError::Fenced)?;
         let replaces = self.remote.contains_key(name);
         let local = local_path(name);
         if name.ends_with(LINK_SUFFIX) {
@@ -820,7 +820,7 @@ impl Engine {
     /// ms), server-side: a copy when it is about to be overwritten (`keep`),
     /// a move when it is deleted. Nothing to do when it is gone already.
     async fn to_history(&self, name: &str, keep: bool, end: u64) -> Result<(), RcError> {
-        self.spec.fence.check().map_err(RcError::Fenced)?;
+        let _permit = self.spec.fence.permit().await.map_err(RcError::Fenced)?;
         let method = if keep {
             "operations/copyfile"
         } else {
@@ -845,7 +845,7 @@ impl Engine {
     }
 
     async fn upload_tree(&self, tree: &TreeMeta) -> Result<(), RcError> {
-        self.spec.fence.check().map_err(RcError::Fenced)?;
+        let _permit = self.spec.fence.permit().await.map_err(RcError::Fenced)?;
         let path = self.spec.scratch.join(TREE_FILE);
         let io = |source| RcError::Io {
             path: path.clone(),

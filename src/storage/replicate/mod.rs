@@ -718,9 +718,9 @@ async fn prune_history(socket: PathBuf, days: u32, fence: crate::remote::lease::
                 kept += 1;
                 continue;
             }
-            if fence.check().is_err() {
+            let Ok(_permit) = fence.permit().await else {
                 return;
-            }
+            };
             let r = rc::call(
                 &socket,
                 "operations/deletefile",
@@ -753,7 +753,10 @@ async fn purge_old_trash(socket: &Path, days: u32, fence: &crate::remote::lease:
     let cutoff =
         trash_day(std::time::SystemTime::now() - Duration::from_secs(86_400 * u64::from(days)));
     for day in listing.iter().filter_map(|i| i["Path"].as_str()) {
-        if day < cutoff.as_str() && fence.check().is_ok() {
+        if day >= cutoff.as_str() {
+            continue;
+        }
+        if let Ok(_permit) = fence.permit().await {
             let r = rc::call(
                 socket,
                 "operations/purge",
