@@ -243,8 +243,10 @@ fn spec_boot(root: &Path, name: &str, conf: &Path, marker_gateway: &str, marker:
     took
 }
 
-/// What reached S3 after a stop: (files under out/, rows in the database snapshot).
-fn durable(g: &Garage, root: &Path, prefix: &str) -> (usize, i64) {
+/// What reached S3 after a stop: (files under out/, rows in the database).
+/// cvm-init's database is what `cvm-init restore` makes of S3 (base plus
+/// segments); the spec's, its snapshot as stock rclone reads it.
+fn durable(g: &Garage, root: &Path, prefix: &str, by_cvm: bool) -> (usize, i64) {
     let conf = g.rclone_config(root, prefix, PASSWORD, None);
     let files = Command::new(rclone_bin())
         .arg("--config")
@@ -254,14 +256,28 @@ fn durable(g: &Garage, root: &Path, prefix: &str) -> (usize, i64) {
         .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
         .unwrap_or(0);
     let db = root.join(format!("{prefix}.sqlite"));
-    let fetched = Command::new(rclone_bin())
-        .arg("--config")
-        .arg(&conf)
-        .args(["copyto", "crypt:sqlite/state/openclaw.sqlite"])
-        .arg(&db)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let fetched = if by_cvm {
+        let to = root.join(format!("{prefix}-restored"));
+        let elsewhere = Dirs::new(root, &format!("{prefix}-elsewhere"));
+        let ok = Command::new(common::BIN)
+            .args(["restore", "--to"])
+            .arg(&to)
+            .envs(env_for(g, &elsewhere, prefix, "replicate", "true"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok && fs::rename(to.join("state/openclaw.sqlite"), &db).is_ok()
+    } else {
+        Command::new(rclone_bin())
+            .arg("--config")
+            .arg(&conf)
+            .args(["copyto", "crypt:sqlite/state/openclaw.sqlite"])
+            .arg(&db)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
     let rows = if fetched {
         Connection::open(&db)
             .and_then(|c| c.query_row("SELECT count(*) FROM tx", [], |r| r.get(0)))
@@ -373,7 +389,7 @@ fn stop_cvm(g: &Garage, root: &Path, name: &str, layout: &str, gateway_py: &Path
     let exit_secs = t.elapsed().as_secs_f64();
     app.kill_all();
     drop(app);
-    let (files, rows) = durable(g, root, &prefix);
+    let (files, rows) = durable(g, root, &prefix, true);
     StopResult {
         exit_secs,
         files,
@@ -402,7 +418,7 @@ fn stop_spec(g: &Garage, root: &Path, name: &str, gateway_py: &Path) -> StopResu
     let pid = pid1_of(&child);
     let exit_secs = stop_like_docker(pid, &mut child);
     unmount_below(&base);
-    let (files, rows) = durable(g, root, &prefix);
+    let (files, rows) = durable(g, root, &prefix, false);
     StopResult {
         exit_secs,
         files,

@@ -643,7 +643,10 @@ impl Validator {
                 Layout::Replicate
             }
         };
-        lease.while_idle = match (given(raw.cvm_lease_while_idle).as_deref().map(str::trim), layout) {
+        lease.while_idle = match (
+            given(raw.cvm_lease_while_idle).as_deref().map(str::trim),
+            layout,
+        ) {
             (None, Layout::Replicate) | (Some("pause"), Layout::Replicate) => WhileIdle::Pause,
             (None, Layout::Mount) | (Some("renew"), _) => WhileIdle::Renew,
             (Some("pause"), Layout::Mount) => {
@@ -977,8 +980,14 @@ mod tests {
         // Paused while idle by default in the replicate layout only.
         for (given, want) in [
             (vec![("CVM_STORAGE", "mount")], Some(WhileIdle::Renew)),
-            (vec![("CVM_LEASE_WHILE_IDLE", "renew")], Some(WhileIdle::Renew)),
-            (vec![("CVM_LEASE_WHILE_IDLE", "pause")], Some(WhileIdle::Pause)),
+            (
+                vec![("CVM_LEASE_WHILE_IDLE", "renew")],
+                Some(WhileIdle::Renew),
+            ),
+            (
+                vec![("CVM_LEASE_WHILE_IDLE", "pause")],
+                Some(WhileIdle::Pause),
+            ),
             (
                 vec![("CVM_STORAGE", "mount"), ("CVM_LEASE_WHILE_IDLE", "pause")],
                 None,

@@ -224,11 +224,7 @@ fn an_idle_holder_lets_its_lease_lapse_a_second_instance_takes_over_and_the_hold
 ) {
     let s = Setup::new();
     let (mut a, ad) = s.boot("a", &[]);
-    let paused = |a: &mut Appliance| {
-        a.log_text()
-            .matches("lease: idle, renewals paused")
-            .count()
-    };
+    let paused = |a: &mut Appliance| a.log_text().matches("lease: idle, renewals paused").count();
     wait_until(T, "a's renewals to pause", || paused(&mut a) >= 1);
     // Woken by a change, a verifies its lease and uploads it.
     write(&ad.state, "from-a.txt", "a1");

@@ -624,6 +624,77 @@ fn a_database_created_on_the_mount_after_boot_is_saved_within_the_rpo() {
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
 }
 
+/// A WAL database's base is a whole copy (1 GB here, bases due every
+/// second): a stop that comes while one is being taken or uploaded gives
+/// it up, and its last pass ships the commit as a segment within budget.
+#[test]
+fn a_stop_with_a_big_base_in_flight_gives_it_up_and_fits_its_budget() {
+    let s = Setup::new();
+    let dirs = Dirs::new(s.tmp.path(), "big");
+    let db = dirs.state.join("state/big.sqlite");
+    fs::create_dir_all(db.parent().unwrap()).unwrap();
+    let app_conn = rusqlite::Connection::open(&db).unwrap();
+    app_conn
+        .execute_batch(
+            "CREATE TABLE t(i INTEGER PRIMARY KEY, b BLOB);
+             WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000)
+             INSERT INTO t(b) SELECT zeroblob(1000000) FROM c;
+             PRAGMA journal_mode=WAL;",
+        )
+        .unwrap();
+    let idle = s.idle.to_str().unwrap();
+    let env = [
+        ("CVM_STORAGE", "replicate"),
+        ("CVM_SQLITE_BASE_MAX_AGE", "1s"),
+    ];
+    let mut app = s.start(&dirs, idle, &env);
+    let long = Duration::from_secs(180);
+    app.wait_ready(long);
+    wait_until(long, "the first base", || {
+        app.log_text()
+            .contains("sqlite: snapshot uploaded (base) db=state/big.sqlite")
+    });
+    // A commit after the base is a second old: its segment, then a new base.
+    app_conn
+        .execute("INSERT INTO t(b) VALUES ('a commit')", [])
+        .unwrap();
+    wait_until(long, "a base in flight", || {
+        let log = app.log_text();
+        log.matches("sqlite: taking a base db=state/big.sqlite")
+            .count()
+            > log
+                .matches("sqlite: snapshot uploaded (base) db=state/big.sqlite")
+                .count()
+    });
+    app_conn
+        .execute("INSERT INTO t(b) VALUES ('the last commit')", [])
+        .unwrap();
+    let stopping = Instant::now();
+    assert_eq!(app.stop(long), 0, "{}", app.log_text());
+    let took = stopping.elapsed();
+    let log = app.log_text();
+    eprintln!("MEASURED: stop with a 1 GB WAL database's base in flight: {took:?}");
+    assert!(log.contains("status=Clean"), "{log}");
+    assert!(
+        log.contains("sqlite: save interrupted by the stop db=state/big.sqlite"),
+        "{log}"
+    );
+
+    let b = Dirs::new(s.tmp.path(), "after");
+    let mut app = s.start(&b, idle, &env);
+    app.wait_ready(long);
+    let c = rusqlite::Connection::open(b.state.join("state/big.sqlite")).unwrap();
+    let last: String = c
+        .query_row("SELECT b FROM t ORDER BY i DESC LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(last, "the last commit", "the last commit survived the stop");
+    let ok: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    assert_eq!(app.stop(long), 0, "{}", app.log_text());
+}
+
 /// The issue's case: a 1 GB rollback-journal database, a commit, a stop.
 /// Its saves are segments of the pages that changed, so the stop's last
 /// pass costs a snapshot and a compare, not an upload of the database.

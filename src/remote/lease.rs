@@ -207,7 +207,12 @@ enum Step {
 
 /// Whether to renew or pause, given `pause_after` (`None`: always renew),
 /// the uploads under way and when the fence was last used.
-fn step(pause_after: Option<Duration>, in_flight: usize, last_use: Duration, now: Duration) -> Step {
+fn step(
+    pause_after: Option<Duration>,
+    in_flight: usize,
+    last_use: Duration,
+    now: Duration,
+) -> Step {
     match pause_after {
         Some(after) if in_flight == 0 && now.saturating_sub(last_use) >= after => Step::Pause,
         _ => Step::Renew,

@@ -14,7 +14,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +30,7 @@ use crate::sqlite::line::{self, BaseRef, Manifest};
 use crate::sqlite::segment::Segment;
 use crate::sqlite::source::Source;
 use crate::sqlite::{self, Fingerprint, Patterns, Snapshot, SqliteError};
-use crate::storage::worker::{self, Worker};
+use crate::storage::worker::{self, Interrupt, Worker};
 use crate::timepoint;
 
 /// How often fingerprints are compared.
@@ -214,7 +213,7 @@ struct Engine {
     last_error: String,
     /// Set by the stop: a save in progress gives up, leaving the budget to
     /// the final pass.
-    interrupt: Arc<AtomicBool>,
+    interrupt: Arc<Interrupt>,
     /// In the final pass, whose budget is for the changes, not for spans.
     stopping: bool,
 }
@@ -432,7 +431,7 @@ impl worker::Engine for Engine {
         self.report_lag();
     }
 
-    fn interrupt(&self) -> Option<Arc<AtomicBool>> {
+    fn interrupt(&self) -> Option<Arc<Interrupt>> {
         Some(self.interrupt.clone())
     }
 
@@ -655,7 +654,12 @@ impl Engine {
         }) {
             return Ok(());
         }
-        let _permit = self.spec.fence.permit().await.map_err(rc::RcError::Fenced)?;
+        let _permit = self
+            .spec
+            .fence
+            .permit()
+            .await
+            .map_err(rc::RcError::Fenced)?;
         let params = json!({
             "srcFs": self.spool_root().to_string_lossy(),
             "dstFs": format!("{}{META_DIR}/{WAL_DIR}", line::root()),
@@ -886,7 +890,7 @@ impl Engine {
         let before = f.line.as_ref().expect("started above").seq;
         let db = rel.to_owned();
         let interrupt = self.interrupt.clone();
-        let seg = match with_tracker(f, move |t| t.changes(&interrupt)).await {
+        let seg = match with_tracker(f, move |t| t.changes(interrupt.flag())).await {
             Ok(seg) => seg,
             // Too much changed for one segment: the new state is a base.
             Err(SqliteError::Rewritten { .. }) => {
@@ -971,9 +975,10 @@ impl Engine {
         let started = Instant::now();
         let dst = self.spec.scratch.join(rel);
         let db = rel.to_owned();
+        tracing::info!(db = %rel.display(), "sqlite: taking a base");
         let snap = {
-            let dst = dst.clone();
-            with_tracker(f, move |t| t.base(&dst)).await
+            let (dst, interrupt) = (dst.clone(), self.interrupt.clone());
+            with_tracker(f, move |t| t.base(&dst, &interrupt)).await
         }
         .map_err(|source| BackupError::Snapshot {
             db: db.clone(),
@@ -1029,13 +1034,23 @@ impl Engine {
                 sent = snap.bytes;
             }
         }
-        let manifest = self
-            .writer()
-            .publish(rel, (&self.spec.scratch, &upload), &base, &manifest)
-            .await;
+        // A big base takes long to go up: the stop's final pass does not
+        // wait for it. Given up, it leaves at most an object the manifest
+        // does not name (pruned), or a manifest naming it before its stock
+        // copy; the line goes on from the base before either way.
+        let writer = self.writer();
+        let manifest = tokio::select! {
+            m = writer.publish(rel, (&self.spec.scratch, &upload), &base, &manifest) => {
+                m.map_err(upload_err)
+            }
+            () = self.interrupt.raised() => Err(BackupError::Snapshot {
+                db: db.clone(),
+                source: SqliteError::Interrupted { path: rel.to_owned() },
+            }),
+        };
         let _ = std::fs::remove_file(&snap.path);
         let _ = std::fs::remove_file(self.spec.scratch.join(&upload));
-        let manifest = manifest.map_err(upload_err)?;
+        let manifest = manifest?;
         tracing::info!(db = %rel.display(), bytes = snap.bytes, sent, packed = base.packed,
             generation = %gen, after, took = ?started.elapsed(), "sqlite: snapshot uploaded (base)");
         if let Some(st) = self.dbs.get_mut(rel) {

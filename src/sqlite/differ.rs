@@ -10,15 +10,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rusqlite::backup::{Backup, StepResult};
+use rusqlite::backup::Backup;
 use rusqlite::{Connection, OpenFlags};
 
 use super::held::{self, Hold};
 use super::segment::Segment;
 use super::{io_err, read_full, sidecar, sql_err, SqliteError, BUSY_TIMEOUT};
-
-/// Pages copied between two looks at the stop's flag.
-const STEP_PAGES: i32 = 1024;
 
 pub struct Differ {
     db: PathBuf,
@@ -87,8 +84,13 @@ impl Differ {
         })
     }
 
-    /// A base: the mirror, copied to `dst`.
-    pub fn base(&self, dst: &Path) -> Result<super::Snapshot, SqliteError> {
+    /// A base: the mirror, copied to `dst` (not begun once `interrupt` is set).
+    pub fn base(&self, dst: &Path, interrupt: &AtomicBool) -> Result<super::Snapshot, SqliteError> {
+        if interrupt.load(Ordering::SeqCst) {
+            return Err(SqliteError::Interrupted {
+                path: self.db.clone(),
+            });
+        }
         if let Some(parent) = dst.parent() {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
@@ -127,22 +129,7 @@ fn copy(
         .map_err(sql_err(src))?;
         let mut to = Connection::open(dst).map_err(sql_err(dst))?;
         let backup = Backup::new(conn, &mut to).map_err(sql_err(src))?;
-        loop {
-            if interrupt.load(Ordering::SeqCst) {
-                return Err(SqliteError::Interrupted {
-                    path: src.to_owned(),
-                });
-            }
-            match backup.step(STEP_PAGES).map_err(sql_err(src))? {
-                StepResult::Done => return Ok(()),
-                StepResult::More => {}
-                _ => {
-                    return Err(SqliteError::Busy {
-                        path: src.to_owned(),
-                    })
-                }
-            }
-        }
+        super::step_all(&backup, src, interrupt)
     })();
     let _ = conn.execute_batch("COMMIT");
     copied
@@ -175,7 +162,7 @@ fn diff(
             break;
         }
         pgno += 1;
-        if pgno % STEP_PAGES as u32 == 0 && interrupt.load(Ordering::SeqCst) {
+        if pgno % super::STEP_PAGES as u32 == 0 && interrupt.load(Ordering::SeqCst) {
             return Err(SqliteError::Interrupted {
                 path: new.to_owned(),
             });
@@ -220,7 +207,9 @@ mod tests {
             .unwrap();
         let mut f = Differ::open(&db, d.path().join("mirror")).unwrap();
         let go = AtomicBool::new(false);
-        let base = f.base(&d.path().join("base")).unwrap();
+        let base = f
+            .base(&d.path().join("base"), &AtomicBool::new(false))
+            .unwrap();
         assert!(f.changes(&go).unwrap().is_none(), "nothing changed");
 
         app.execute("INSERT INTO t VALUES ('one more')", [])

@@ -16,11 +16,15 @@ pub mod wal;
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 use sha2::{Digest, Sha256};
+
+use crate::storage::worker::Interrupt;
 
 pub use patterns::Patterns;
 
@@ -197,7 +201,7 @@ pub fn snapshot(src: &Path, dst: &Path) -> Result<Snapshot, SqliteError> {
         )
         .map_err(sql_err(src))?;
         from.busy_timeout(BUSY_TIMEOUT).map_err(sql_err(src))?;
-        copy_out(&from, src, &tmp)?;
+        copy_out(&from, src, &tmp, None)?;
     }
     finish_snapshot(&tmp, dst)
 }
@@ -217,14 +221,67 @@ fn finish_snapshot(tmp: &Path, dst: &Path) -> Result<Snapshot, SqliteError> {
 
 /// Copies the database `from` reads (as of its open read transaction, if it
 /// has one) into a new self-contained file `tmp` in rollback-journal mode,
-/// page for page, and checks it. One step copies every page under a single
-/// read transaction: a consistent snapshot even while the writer commits.
-fn copy_out(from: &Connection, src: &Path, tmp: &Path) -> Result<(), SqliteError> {
+/// page for page, and checks it. Without `interrupt`, one step copies every
+/// page under a single read transaction: a consistent snapshot even while
+/// the writer commits. With it, `from` must hold a read transaction (a
+/// tracker's pin): the copy goes in steps, and it and the check give up once
+/// `interrupt` is raised.
+fn copy_out(
+    from: &Connection,
+    src: &Path,
+    tmp: &Path,
+    interrupt: Option<&Arc<Interrupt>>,
+) -> Result<(), SqliteError> {
     let mut to = Connection::open(tmp).map_err(sql_err(tmp))?;
     {
         let backup = Backup::new(from, &mut to).map_err(sql_err(src))?;
-        match backup.step(-1).map_err(sql_err(src))? {
-            StepResult::Done => {}
+        match interrupt {
+            Some(i) => step_all(&backup, src, i.flag())?,
+            None => match backup.step(-1).map_err(sql_err(src))? {
+                StepResult::Done => {}
+                _ => {
+                    return Err(SqliteError::Busy {
+                        path: src.to_owned(),
+                    })
+                }
+            },
+        }
+    }
+    to.pragma_update(None, "journal_mode", "DELETE")
+        .map_err(sql_err(tmp))?;
+    if let Some(i) = interrupt {
+        let i = i.clone();
+        to.progress_handler(10_000, Some(move || i.is_raised()));
+    }
+    let checked = quick_check_conn(&to, tmp);
+    if interrupt.is_some_and(|i| i.is_raised()) {
+        return Err(SqliteError::Interrupted {
+            path: src.to_owned(),
+        });
+    }
+    checked
+}
+
+/// Pages a stepped copy copies between looks at the stop's flag.
+pub(crate) const STEP_PAGES: i32 = 1024;
+
+/// Runs `backup` to its end in steps, giving up once `interrupt` is set.
+/// Consistent only while the source connection holds one read transaction
+/// over all the steps.
+pub(crate) fn step_all(
+    backup: &Backup,
+    src: &Path,
+    interrupt: &AtomicBool,
+) -> Result<(), SqliteError> {
+    loop {
+        if interrupt.load(Ordering::SeqCst) {
+            return Err(SqliteError::Interrupted {
+                path: src.to_owned(),
+            });
+        }
+        match backup.step(STEP_PAGES).map_err(sql_err(src))? {
+            StepResult::Done => return Ok(()),
+            StepResult::More => {}
             _ => {
                 return Err(SqliteError::Busy {
                     path: src.to_owned(),
@@ -232,23 +289,22 @@ fn copy_out(from: &Connection, src: &Path, tmp: &Path) -> Result<(), SqliteError
             }
         }
     }
-    to.pragma_update(None, "journal_mode", "DELETE")
-        .map_err(sql_err(tmp))?;
-    quick_check_conn(&to, tmp)
 }
 
-/// [`snapshot`] through an open connection (a tracker's pin).
+/// [`snapshot`] through a tracker's pin (an open read transaction), giving
+/// up once `interrupt` is raised.
 pub(crate) fn backup_into(
     from: &Connection,
     src: &Path,
     dst: &Path,
+    interrupt: &Arc<Interrupt>,
 ) -> Result<Snapshot, SqliteError> {
     if let Some(parent) = dst.parent() {
         fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
     let tmp = sidecar(dst, ".tmp");
     let _ = fs::remove_file(&tmp);
-    copy_out(from, src, &tmp)?;
+    copy_out(from, src, &tmp, Some(interrupt))?;
     finish_snapshot(&tmp, dst)
 }
 

@@ -18,6 +18,7 @@
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
@@ -26,6 +27,7 @@ use super::held::{self, Hold};
 use super::segment::Segment;
 use super::wal::{self, Pos};
 use super::{sidecar, sql_err, SqliteError};
+use crate::storage::worker::Interrupt;
 
 /// WAL length, in frames, from which cvm-init seals: SQLite's default
 /// autocheckpoint, so the WAL peaks where it would without cvm-init.
@@ -276,9 +278,14 @@ impl Tracker {
     /// A consistent copy of the database as of the held pin, which is no
     /// newer than the last [`Tracker::changes`] read and no older than the one
     /// before it. The copy keeps the WAL's page images byte for byte.
-    pub fn base(&self, dst: &Path) -> Result<super::Snapshot, SqliteError> {
+    /// Gives up once `interrupt` is raised.
+    pub fn base(
+        &self,
+        dst: &Path,
+        interrupt: &Arc<Interrupt>,
+    ) -> Result<super::Snapshot, SqliteError> {
         let held = &self.conns[self.pinned()?];
-        super::backup_into(held, &self.db, dst)
+        super::backup_into(held, &self.db, dst, interrupt)
     }
 
     /// Whether `db` is still the file this tracker follows (not replaced by
@@ -316,7 +323,7 @@ mod tests {
             .unwrap();
         let mut t = Tracker::open(&db).unwrap().expect("WAL mode");
         let base = d.path().join("base.sqlite");
-        t.base(&base).unwrap();
+        t.base(&base, &Arc::default()).unwrap();
         let mut segs = Vec::new();
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -382,7 +389,7 @@ mod tests {
             .unwrap();
         let mut t = Tracker::open(&db).unwrap().unwrap();
         let base = d.path().join("base.sqlite");
-        t.base(&base).unwrap();
+        t.base(&base, &Arc::default()).unwrap();
         let mut segs = Vec::new();
         let wal_len = || fs::metadata(sidecar(&db, "-wal")).unwrap().len();
         let mut peak = 0;
@@ -460,7 +467,7 @@ mod tests {
 
         let mut t = Tracker::open(&db).unwrap().expect("WAL mode");
         let base = d.path().join("base.sqlite");
-        t.base(&base).unwrap();
+        t.base(&base, &Arc::default()).unwrap();
         let mut segs: Vec<_> = t.changes().unwrap().into_iter().collect();
         for _ in 0..3 {
             assert!(crate::sqlite::is_sqlite(&db).unwrap());

@@ -5,15 +5,17 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use super::differ::Differ;
 use super::pin::Tracker;
 use super::segment::Segment;
 use super::{Snapshot, SqliteError};
+use crate::storage::worker::Interrupt;
 
 pub enum Source {
     Wal(Box<Tracker>),
-    Copies(Differ),
+    Copies(Box<Differ>),
 }
 
 impl Source {
@@ -22,7 +24,7 @@ impl Source {
     pub fn open(db: &Path, mirror: PathBuf) -> Result<Source, SqliteError> {
         Ok(match Tracker::open(db)? {
             Some(t) => Source::Wal(Box::new(t)),
-            None => Source::Copies(Differ::open(db, mirror)?),
+            None => Source::Copies(Box::new(Differ::open(db, mirror)?)),
         })
     }
 
@@ -43,11 +45,12 @@ impl Source {
         }
     }
 
-    /// A whole copy as of what was last read, at `dst`.
-    pub fn base(&self, dst: &Path) -> Result<Snapshot, SqliteError> {
+    /// A whole copy as of what was last read, at `dst`; gives up once
+    /// `interrupt` is raised.
+    pub fn base(&self, dst: &Path, interrupt: &Arc<Interrupt>) -> Result<Snapshot, SqliteError> {
         match self {
-            Source::Wal(t) => t.base(dst),
-            Source::Copies(d) => d.base(dst),
+            Source::Wal(t) => t.base(dst, interrupt),
+            Source::Copies(d) => d.base(dst, interrupt.flag()),
         }
     }
 

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -22,10 +22,10 @@ pub trait Engine: Send + 'static {
     fn wait(&mut self) -> impl Future<Output = ()> + Send;
     /// Does what is due. Never cancelled: the stop waits for it.
     fn act(&mut self) -> impl Future<Output = ()> + Send;
-    /// A flag the stop sets while `act` may still run, so a long step in
+    /// Raised by the stop while `act` may still run, so a long step in
     /// it gives up and leaves the budget to `finish`; cleared before
     /// `finish` runs. `None`: nothing in `act` looks.
-    fn interrupt(&self) -> Option<Arc<AtomicBool>> {
+    fn interrupt(&self) -> Option<Arc<Interrupt>> {
         None
     }
 
@@ -34,6 +34,41 @@ pub trait Engine: Send + 'static {
         &mut self,
         deadline: Instant,
     ) -> impl Future<Output = Result<(), Self::Unsaved>> + Send;
+}
+
+/// The stop's flag for a long step in `act`: blocking code reads
+/// [`Interrupt::flag`], async code awaits [`Interrupt::raised`].
+#[derive(Debug, Default)]
+pub struct Interrupt {
+    flag: AtomicBool,
+    notify: Notify,
+}
+
+impl Interrupt {
+    pub fn flag(&self) -> &AtomicBool {
+        &self.flag
+    }
+
+    pub fn is_raised(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the flag is raised (at once if it is).
+    pub async fn raised(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !self.is_raised() {
+            notified.await;
+        }
+    }
+
+    fn set(&self, raised: bool) {
+        self.flag.store(raised, Ordering::SeqCst);
+        if raised {
+            self.notify.notify_waiters();
+        }
+    }
 }
 
 struct Final {
@@ -47,7 +82,7 @@ pub struct Worker {
     tx: mpsc::Sender<Final>,
     /// `None` once [`Worker::died`] has reported its end.
     task: Option<JoinHandle<()>>,
-    interrupt: Option<Arc<AtomicBool>>,
+    interrupt: Option<Arc<Interrupt>>,
 }
 
 impl Worker {
@@ -60,8 +95,8 @@ impl Worker {
                 tokio::select! {
                     cmd = rx.recv() => {
                         if let Some(Final { deadline, reply }) = cmd {
-                            if let Some(flag) = engine.interrupt() {
-                                flag.store(false, Ordering::SeqCst);
+                            if let Some(i) = engine.interrupt() {
+                                i.set(false);
                             }
                             let r = engine.finish(deadline).await.map_err(Into::into);
                             let _ = reply.send(r);
@@ -111,8 +146,8 @@ impl Worker {
     pub async fn final_pass(self, deadline: Instant) -> Result<(), FlushError> {
         let gone = || FlushError::WorkerGone(self.what);
         let (reply, rx) = oneshot::channel();
-        if let Some(flag) = &self.interrupt {
-            flag.store(true, Ordering::SeqCst);
+        if let Some(i) = &self.interrupt {
+            i.set(true);
         }
         let result = match self.tx.send(Final { deadline, reply }).await {
             Ok(()) => rx.await.unwrap_or_else(|_| Err(gone())),
@@ -192,7 +227,7 @@ mod tests {
 
     /// An `act` that runs until the stop's flag is set, as a long save does.
     struct Long {
-        flag: Arc<AtomicBool>,
+        flag: Arc<Interrupt>,
         started: Arc<tokio::sync::Notify>,
     }
 
@@ -201,16 +236,14 @@ mod tests {
         async fn wait(&mut self) {}
         async fn act(&mut self) {
             self.started.notify_one();
-            while !self.flag.load(Ordering::SeqCst) {
-                tokio::task::yield_now().await;
-            }
+            self.flag.raised().await;
         }
-        fn interrupt(&self) -> Option<Arc<AtomicBool>> {
+        fn interrupt(&self) -> Option<Arc<Interrupt>> {
             Some(self.flag.clone())
         }
         async fn finish(&mut self, _: Instant) -> Result<(), FlushError> {
             // Cleared first, so the final pass's own saves run to the end.
-            assert!(!self.flag.load(Ordering::SeqCst));
+            assert!(!self.flag.is_raised());
             Ok(())
         }
     }
