@@ -62,6 +62,10 @@ pub const DEFAULT_RUN_DIR: &str = "/run/cvm-init";
 /// worst 1.3 s of commits in a crash (Litestream's measured figure is 0.95 s);
 /// 2 s doubles that and cuts snapshot bytes about 3x. Durability first: 1 s.
 pub const DEFAULT_BACKUP_DEBOUNCE: Duration = Duration::from_secs(1);
+/// The stock copy's bound: a changed database's whole copy is at most this
+/// old. Bases are otherwise taken when a restore would read half a base
+/// after one (`sqlite::backup`), so a shorter bound only costs whole copies.
+pub const DEFAULT_BASE_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_GATEWAY_CMD: &str = "openclaw gateway run --bind lan --port 18789";
 
 /// Everything cvm-init needs, validated.
@@ -606,7 +610,7 @@ impl Validator {
         let base_max_age = self.duration(
             "CVM_SQLITE_BASE_MAX_AGE",
             raw.cvm_sqlite_base_max_age,
-            Duration::from_secs(3600),
+            DEFAULT_BASE_MAX_AGE,
         );
         if base_max_age.is_zero() {
             self.problem("CVM_SQLITE_BASE_MAX_AGE", "must be more than zero");

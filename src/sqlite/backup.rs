@@ -40,13 +40,14 @@ const RESCAN: Duration = Duration::from_secs(1);
 /// Pages read ahead of a segment held in memory at most; beyond, the pin
 /// waits for the next save.
 const PENDING_MAX: usize = 8 << 20;
-/// A new base is taken once the segments since the last one weigh this many
-/// times the base (and at least `SEGMENTS_MIN`): a restore reads at most
-/// about five times the database, and on an append-only database (each base
-/// bigger than the last) the bases cost about a quarter of the segments
-/// instead of as much again.
-const SEGMENTS_PER_BASE: u64 = 4;
-const SEGMENTS_MIN: u64 = 16 << 20;
+/// A restore reads the base, then the spans and segments after it: a new
+/// base is taken once those weigh this fraction of the base (and at least
+/// `AFTER_BASE_MIN`), so a restore reads at most about 1.5 times the
+/// database, however big, and a base costs what the changes since it did.
+const AFTER_BASE_PER_BASE: f64 = 0.5;
+const AFTER_BASE_MIN: u64 = 16 << 20;
+/// How often a line whose database changed is pruned between bases.
+const PRUNE_EVERY_MS: u64 = crate::sqlite::history::HOUR_MS;
 /// Segments waiting for upload, below the scratch dir.
 const SPOOL_DIR: &str = ".wal-spool";
 /// Uploaded segments waiting to make a span, below the scratch dir.
@@ -148,8 +149,12 @@ pub struct Line {
     /// The base: segments after `after` apply to it; taken at `at` (Unix s).
     pub base: BaseRef,
     pub base_bytes: u64,
-    /// Bytes of segments uploaded since the base.
-    pub since_base: u64,
+    /// Bytes a restore of the newest point reads after the base: the spans
+    /// since it, then the segments since the last span.
+    pub after_base: u64,
+    /// When retention last ran on the line (Unix ms), and its last segment
+    /// number then: it runs again an hour later if that moved.
+    pub pruned: (u64, u64),
 }
 
 /// A WAL database followed page by page.
@@ -307,15 +312,23 @@ fn changed_at(db: &Path) -> Instant {
         .unwrap_or(now)
 }
 
-/// Whether `line` takes a new base now: once its base is `max_age` old and
-/// the database changed since, or once the segments since weigh
-/// [`SEGMENTS_PER_BASE`] times the base; a packed base (no stock copy)
-/// once it is `max_age` old, changed or not.
+/// Whether `line` takes a new base now: once what a restore reads after
+/// the base weighs [`AFTER_BASE_PER_BASE`] of it, or once the base is
+/// `max_age` old (the stock copy's bound) and the database changed since;
+/// a packed base (no stock copy) once it is `max_age` old, changed or not.
 fn base_due(line: &Line, now_ms: u64, max_age: Duration) -> bool {
     let age = Duration::from_millis(now_ms.saturating_sub(line.base.taken_ms()));
     let changed = line.seq > line.base.after;
-    let heavy = line.since_base >= (SEGMENTS_PER_BASE * line.base_bytes).max(SEGMENTS_MIN);
+    let limit = (line.base_bytes as f64 * AFTER_BASE_PER_BASE) as u64;
+    let heavy = line.after_base >= limit.max(AFTER_BASE_MIN);
     (line.base.packed && age >= max_age) || (changed && (age >= max_age || heavy))
+}
+
+/// Whether retention runs on `line` now: an hour after it last did, and
+/// only if something went up since (an idle line makes no request).
+fn prune_due(line: &Line, now_ms: u64) -> bool {
+    let (at, seq) = line.pruned;
+    line.seq > seq && now_ms.saturating_sub(at) >= PRUNE_EVERY_MS
 }
 
 /// Whether a first base of `plain` bytes is sent packed at `packed`: only
@@ -334,11 +347,12 @@ fn compress(from: &Path, to: &Path) -> std::io::Result<u64> {
     dst.metadata().map(|m| m.len())
 }
 
-/// Once `spans` (a generation's uploaded segments) holds `n` in a row,
-/// merges them into a span in `spool`; returns its name and the segments
-/// merged. Segments before a gap never make a span and are dropped. The
-/// page images held stay under `max` bytes: a span ends early after big
-/// segments (a bulk load), and the rest make the next.
+/// Once `spans` (a generation's uploaded segments) holds `n` in a row, or
+/// segments of an hour that has ended (UTC, by their times), merges them
+/// into a span in `spool`; returns its name and the segments merged.
+/// Segments before a gap never make a span and are dropped; a span never
+/// crosses an hour. The page images held stay under `max` bytes: a span
+/// ends early after big segments (a bulk load), and the rest make the next.
 fn spool_span(
     spans: &Path,
     spool: &Path,
@@ -358,13 +372,22 @@ fn spool_span(
             let _ = std::fs::remove_file(spans.join(&s.name));
         }
     }
-    if segs.len() < n {
+    // Past the recent window retention keeps spans, not segments: an
+    // hour's last point outlives it as a span's end, so the segments of
+    // an hour that has ended make a span of their own, however few.
+    let hour = |s: &line::SegRef| s.t_ms.map(|t| t / crate::sqlite::history::HOUR_MS);
+    let in_hour = segs
+        .iter()
+        .take_while(|s| hour(s) == segs.first().and_then(hour))
+        .count();
+    let hour_ended = in_hour < segs.len();
+    if !hour_ended && segs.len() < n {
         return Ok(None);
     }
     let mut merged: Option<Segment> = None;
     let mut taken = 0;
     for s in &segs {
-        if merged.as_ref().is_some_and(|m| m.bytes() >= max) {
+        if merged.as_ref().is_some_and(|m| m.bytes() >= max) || (hour_ended && taken == in_hour) {
             break;
         }
         let seg = Segment::decode(&std::fs::read(spans.join(&s.name))?)
@@ -554,6 +577,7 @@ impl Engine {
         }
         if !force {
             self.stock_bases().await;
+            self.prune_lines().await;
         }
         if spooled.is_empty() {
             return unsaved;
@@ -611,6 +635,41 @@ impl Engine {
             self.dbs.get_mut(&rel).expect("listed above").follow = Some(f);
             if let Err(e) = r {
                 self.failed(rel, &e, &mut Vec::new());
+            }
+        }
+    }
+
+    /// Applies retention to every line whose hour has come ([`prune_due`]):
+    /// between bases, which are rare, old segments and points go here.
+    async fn prune_lines(&mut self) {
+        let now = timepoint::now_ms();
+        let due: Vec<(PathBuf, Manifest)> = self
+            .dbs
+            .iter()
+            .filter_map(|(rel, st)| {
+                let line = st.follow.as_ref()?.line.as_ref()?;
+                prune_due(line, now).then(|| (rel.clone(), line.manifest.clone()))
+            })
+            .collect();
+        for (rel, manifest) in due {
+            let r = self.writer().prune(&rel, &manifest, now).await;
+            let Some(line) = self
+                .dbs
+                .get_mut(&rel)
+                .and_then(|st| st.follow.as_mut())
+                .and_then(|f| f.line.as_mut())
+            else {
+                continue;
+            };
+            match r {
+                Ok(m) => {
+                    line.manifest = m;
+                    line.pruned = (now, line.seq);
+                }
+                Err(e) => {
+                    tracing::warn!(db = %rel.display(), error = %e, "sqlite: history not pruned; trying again in an hour");
+                    line.pruned.0 = now;
+                }
             }
         }
     }
@@ -687,13 +746,19 @@ impl Engine {
                 {
                     let _ = std::fs::remove_file(&path);
                 }
-                line.since_base += size;
+                line.after_base += size;
                 tracing::info!(db = %rel.display(), seq, bytes = size, "sqlite: segment uploaded");
             }
             if let Some((name, merged)) = f.span.take() {
                 let path = spool.join(rel).join(&line.gen).join(&name);
                 let size = std::fs::metadata(&path).map_or(0, |m| m.len());
                 let _ = std::fs::remove_file(&path);
+                // A restore now reads the span instead of its segments.
+                let replaced: u64 = merged
+                    .iter()
+                    .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+                    .sum();
+                line.after_base = line.after_base.saturating_sub(replaced) + size;
                 for p in merged {
                     let _ = std::fs::remove_file(p);
                 }
@@ -1062,7 +1127,8 @@ impl Engine {
             manifest,
             base,
             base_bytes: snap.bytes,
-            since_base: 0,
+            after_base: 0,
+            pruned: (taken, seq),
         });
         Ok(())
     }
@@ -1148,11 +1214,10 @@ impl Engine {
 mod tests {
     use super::*;
 
-    const HOUR: Duration = Duration::from_secs(3600);
     const T0: u64 = 1_795_910_400_000;
     const MIB: u64 = 1 << 20;
 
-    fn line(after: u64, seq: u64, packed: bool, base_bytes: u64, since_base: u64) -> Line {
+    fn line(after: u64, seq: u64, packed: bool, base_bytes: u64, after_base: u64) -> Line {
         let mut base = BaseRef::new("g".into(), after, &[0; 32], T0);
         base.packed = packed;
         Line {
@@ -1161,7 +1226,8 @@ mod tests {
             manifest: Manifest::default(),
             base,
             base_bytes,
-            since_base,
+            after_base,
+            pruned: (T0, seq),
         }
     }
 
@@ -1230,6 +1296,64 @@ mod tests {
         assert!(!spans.join(line::remote_segment_name(8, T0 + 8)).exists());
     }
 
+    /// An hour's segments make a span once the hour has ended, however
+    /// few; a span never crosses an hour; one alone makes none.
+    #[test]
+    fn the_segments_of_an_hour_that_ended_make_a_span_of_their_own() {
+        let hour = crate::sqlite::history::HOUR_MS;
+        let d = tempfile::tempdir().unwrap();
+        let (spans, spool) = (d.path().join("spans"), d.path().join("spool"));
+        std::fs::create_dir_all(&spans).unwrap();
+        std::fs::create_dir_all(&spool).unwrap();
+        let put = |seq: u64, t: u64| {
+            let seg = Segment {
+                page_size: 512,
+                db_pages: 1,
+                pages: [(1, vec![seq as u8; 512])].into_iter().collect(),
+            };
+            std::fs::write(
+                spans.join(line::remote_segment_name(seq, t)),
+                seg.encode().unwrap(),
+            )
+            .unwrap();
+        };
+        put(1, T0 + hour - 2);
+        put(2, T0 + hour - 1);
+        assert_eq!(
+            spool_span(&spans, &spool, 64, MIB as usize).unwrap(),
+            None,
+            "the hour goes on"
+        );
+        put(3, T0 + hour);
+        put(4, T0 + hour + 1);
+        let (name, merged) = spool_span(&spans, &spool, 64, MIB as usize)
+            .unwrap()
+            .expect("hour 0 ended");
+        assert_eq!(name, line::span_name(1, 2, T0 + hour - 1));
+        assert_eq!(merged.len(), 2);
+        for p in merged {
+            std::fs::remove_file(p).unwrap();
+        }
+        put(5, T0 + 2 * hour);
+        let (name, _) = spool_span(&spans, &spool, 64, MIB as usize)
+            .unwrap()
+            .expect("hour 1 ended");
+        assert_eq!(name, line::span_name(3, 4, T0 + hour + 1));
+        for seq in [3, 4] {
+            std::fs::remove_file(spans.join(line::remote_segment_name(seq, T0 + hour + seq - 3)))
+                .unwrap();
+        }
+        put(6, T0 + 3 * hour);
+        assert_eq!(
+            spool_span(&spans, &spool, 64, MIB as usize).unwrap(),
+            None,
+            "one segment alone in its hour"
+        );
+        assert!(!spans
+            .join(line::remote_segment_name(5, T0 + 2 * hour))
+            .exists());
+    }
+
     #[test]
     fn a_first_base_is_packed_only_when_that_saves_a_quarter() {
         assert!(
@@ -1242,8 +1366,9 @@ mod tests {
     }
 
     #[test]
-    fn a_base_is_due_when_old_and_changed_when_heavy_and_a_packed_one_when_old() {
+    fn a_base_is_due_when_what_follows_it_weighs_half_of_it_or_it_is_old_and_changed() {
         let min = 60_000;
+        let day = Duration::from_secs(86_400);
         for (l, now, due, why) in [
             (
                 line(0, 5, false, MIB, MIB),
@@ -1252,14 +1377,20 @@ mod tests {
                 "young, light",
             ),
             (
+                line(0, 5, false, 200 * MIB, 90 * MIB),
+                T0 + 23 * 60 * min,
+                false,
+                "a day not over, under half the base",
+            ),
+            (
                 line(0, 5, false, MIB, MIB),
-                T0 + 60 * min,
+                T0 + 24 * 60 * min,
                 true,
-                "an hour old, changed",
+                "a day old, changed: the stock copy's bound",
             ),
             (
                 line(5, 5, false, MIB, 0),
-                T0 + 600 * min,
+                T0 + 100 * 24 * 60 * min,
                 false,
                 "old, unchanged: idle costs nothing",
             ),
@@ -1267,40 +1398,60 @@ mod tests {
                 line(0, 5, false, MIB, 16 * MIB),
                 T0 + min,
                 true,
-                "segments weigh 4× (at least 16 MiB)",
+                "at least 16 MiB after a small base",
             ),
             (
-                line(0, 5, false, 10 * MIB, 16 * MIB),
+                line(0, 5, false, 200 * MIB, 99 * MIB),
                 T0 + min,
                 false,
-                "segments under 4× the base",
+                "under half the base",
             ),
             (
-                line(0, 5, false, 10 * MIB, 40 * MIB),
+                line(0, 5, false, 200 * MIB, 100 * MIB),
                 T0 + min,
                 true,
-                "segments at 4× the base",
+                "half the base: a restore would read 1.5 times it",
+            ),
+            (
+                line(0, 5, false, 2000 * MIB, 999 * MIB),
+                T0 + 600 * min,
+                false,
+                "2 GB: ten hours and still under half",
             ),
             (
                 line(0, 0, true, MIB, 0),
-                T0 + 59 * min,
+                T0 + 23 * 60 * min,
                 false,
                 "packed, young",
             ),
             (
                 line(0, 0, true, MIB, 0),
-                T0 + 60 * min,
+                T0 + 24 * 60 * min,
                 true,
-                "packed, an hour old though idle: the stock copy",
+                "packed, a day old though idle: the stock copy",
             ),
             (
                 line(0, 3, true, MIB, 0),
-                T0 + 60 * min,
+                T0 + 24 * 60 * min,
                 true,
-                "packed, an hour old, changed",
+                "packed, a day old, changed",
             ),
         ] {
-            assert_eq!(base_due(&l, now, HOUR), due, "{why}");
+            assert_eq!(base_due(&l, now, day), due, "{why}");
+        }
+    }
+
+    #[test]
+    fn retention_runs_hourly_on_a_line_that_moved_and_never_on_an_idle_one() {
+        let min = 60_000;
+        for (pruned, seq, now, due) in [
+            ((T0, 5), 9, T0 + 60 * min, true),
+            ((T0, 5), 9, T0 + 59 * min, false),
+            ((T0, 9), 9, T0 + 600 * min, false),
+        ] {
+            let mut l = line(0, seq, false, MIB, 0);
+            l.pruned = pruned;
+            assert_eq!(prune_due(&l, now), due, "{pruned:?} {seq} {now}");
         }
     }
 }

@@ -3,9 +3,10 @@
 //! listing; `line` deletes, `restore` fetches.
 //!
 //! Every point of the last [`RECENT_MS`] is kept (the newest base at or
-//! before its start, every base after it, and every segment after those
-//! bases), then one point per UTC hour (the newest base taken in that hour)
-//! for `days`. The newest base is always kept.
+//! before its start and the spans and segments that bring it there, every
+//! base after it, and every segment and span after those), then one point
+//! per UTC hour for `days`: the newest point of the hour that bases and the
+//! spans and segments kept for it reach. The newest base is always kept.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -45,11 +46,14 @@ pub struct Keep {
     pub bases: Vec<BaseRef>,
     /// Per generation, the segments after this number are kept.
     segments_after: BTreeMap<String, u64>,
+    /// Segments and spans (generation, name) a kept point is built from.
+    chains: BTreeSet<(String, String)>,
 }
 
 impl Keep {
-    pub fn segment(&self, gen: &str, seq: u64) -> bool {
-        self.segments_after.get(gen).is_some_and(|&a| seq > a)
+    pub fn segment(&self, gen: &str, seg: &SegRef) -> bool {
+        self.segments_after.get(gen).is_some_and(|&a| seg.seq > a)
+            || self.chains.contains(&(gen.to_owned(), seg.name.clone()))
     }
 
     /// Whether the base stored at `name` (below the line's path) is kept.
@@ -58,33 +62,64 @@ impl Keep {
     }
 }
 
-/// What to keep of `bases` (any order) at `now` (Unix ms), keeping hourly
-/// points for `days`.
-pub fn retain(bases: &[BaseRef], now: u64, days: u32) -> Keep {
+/// What to keep of `bases` and `segs` (a listing: generation and segment or
+/// span, any order) at `now` (Unix ms), keeping hourly points for `days`.
+/// Bases are rare (`backup::base_due`), so an hourly point is mostly a base
+/// and the spans after it: those are kept, and the segments under them go.
+pub fn retain(bases: &[BaseRef], segs: &[(String, SegRef)], now: u64, days: u32) -> Keep {
     let mut sorted = bases.to_vec();
     sorted.sort_by_key(|b| std::cmp::Reverse(b.taken_ms()));
+    let mut by_gen: BTreeMap<&str, Vec<SegRef>> = BTreeMap::new();
+    for (gen, seg) in segs {
+        by_gen.entry(gen).or_default().push(seg.clone());
+    }
+    let chain_to = |b: &BaseRef, at: u64| {
+        let segs = by_gen.get(b.gen.as_str()).map_or(&[][..], Vec::as_slice);
+        segments_to(b, segs, Some(at)).0
+    };
     let Window { recent, horizon } = Window::at(now, days);
     // The newest base at or before the recent window's start: points in
-    // the window just after that start are built on it.
+    // the window just after that start are built on it, through the
+    // spans and segments up to that start, then every later one.
     let anchor = sorted
         .iter()
         .position(|b| b.taken_ms() <= recent)
         .unwrap_or(sorted.len().saturating_sub(1));
     let mut kept: Vec<BaseRef> = sorted.iter().take(anchor + 1).cloned().collect();
+    let mut chains = BTreeSet::new();
     let mut segments_after = BTreeMap::new();
-    for b in &kept {
-        let a = segments_after.entry(b.gen.clone()).or_insert(b.after);
-        *a = (*a).min(b.after);
+    for (i, b) in kept.iter().enumerate() {
+        let mut after = b.after;
+        if i == anchor {
+            let chain = chain_to(b, recent);
+            after = chain.last().map_or(after, |s| s.seq);
+            chains.extend(chain.into_iter().map(|s| (b.gen.clone(), s.name)));
+        }
+        let a = segments_after.entry(b.gen.clone()).or_insert(after);
+        *a = (*a).min(after);
     }
-    let mut hours: BTreeSet<u64> = kept.iter().map(|b| b.taken_ms() / HOUR_MS).collect();
-    for b in sorted.iter().skip(anchor + 1) {
-        if b.taken_ms() >= horizon && hours.insert(b.taken_ms() / HOUR_MS) {
+    // An hour's point is where its last moment restores to; an hour whose
+    // last moment restores to an earlier hour's point has none of its own.
+    for hour in horizon / HOUR_MS..=recent / HOUR_MS {
+        let end = ((hour + 1) * HOUR_MS - 1).min(recent);
+        let Ok(b) = base_at(&sorted, end) else {
+            continue;
+        };
+        let chain = chain_to(b, end);
+        let point = chain.last().and_then(|s| s.t_ms).unwrap_or(b.taken_ms());
+        if point < horizon || point / HOUR_MS != hour {
+            continue;
+        }
+        if !kept.contains(b) {
             kept.push(b.clone());
         }
+        chains.extend(chain.into_iter().map(|s| (b.gen.clone(), s.name)));
     }
+    kept.sort_by_key(|b| std::cmp::Reverse(b.taken_ms()));
     Keep {
         bases: kept,
         segments_after,
+        chains,
     }
 }
 
@@ -189,7 +224,7 @@ pub struct Summary {
     pub continuous_from: Option<u64>,
     /// The newest restore point.
     pub newest: Option<u64>,
-    /// Restore points before `continuous_from` (one per kept base).
+    /// Hours before `continuous_from` that hold a restore point.
     pub hourly_points: usize,
     /// When the base stock rclone restores was taken.
     pub stock_base: Option<u64>,
@@ -207,31 +242,57 @@ pub fn summarize(
 ) -> Summary {
     let mut sorted = bases.to_vec();
     sorted.sort_by_key(|b| std::cmp::Reverse(b.taken_ms()));
-    let mut by_gen: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+    // Every change is a point only where its segment is there: a span's
+    // inner segments, once pruned, are not.
+    let mut by_gen: BTreeMap<&str, BTreeMap<u64, Option<u64>>> = BTreeMap::new();
+    let mut tops: BTreeMap<&str, u64> = BTreeMap::new();
     for (gen, s) in segments {
-        // A stray name cannot make this build a huge set: a span merges
-        // far fewer segments.
-        let first = s.first.max(s.seq.saturating_sub(MAX_SPAN));
-        by_gen.entry(gen).or_default().extend(first..=s.seq);
+        let top = tops.entry(gen).or_default();
+        *top = (*top).max(s.seq);
+        if !s.is_span() {
+            by_gen.entry(gen).or_default().insert(s.seq, s.t_ms);
+        }
     }
+    let present = |gen: &str, n: u64| by_gen.get(gen).is_some_and(|s| s.contains_key(&n));
+    let top = |gen: &str| tops.get(gen).copied().unwrap_or(0);
     // Walking back from the newest base: each whose segments are all there
     // up to its generation's newest extends the continuous range.
-    let mut continuous = 0;
-    for b in &sorted {
-        let seqs = by_gen.get(b.gen.as_str());
-        let newest = seqs.and_then(|s| s.last().copied()).unwrap_or(0);
-        if !(b.after + 1..=newest).all(|n| seqs.is_some_and(|s| s.contains(&n))) {
-            break;
-        }
-        continuous += 1;
-    }
+    let continuous = sorted
+        .iter()
+        .take_while(|b| (b.after + 1..=top(&b.gen)).all(|n| present(&b.gen, n)))
+        .count();
     let newest_segment = segments.iter().filter_map(|(_, s)| s.t_ms).max();
     let newest_base = sorted.first().map(BaseRef::taken_ms);
+    let newest = newest_segment.max(newest_base);
+    let continuous_from = match (continuous, sorted.first()) {
+        (0, Some(b)) => {
+            // Not from the newest base: from the first of the segments in
+            // a row up to its generation's newest.
+            let mut k = top(&b.gen) + 1;
+            while k - 1 > b.after && present(&b.gen, k - 1) {
+                k -= 1;
+            }
+            by_gen
+                .get(b.gen.as_str())
+                .and_then(|s| s.get(&k).copied().flatten())
+                .or(newest)
+        }
+        (n, _) => sorted.get(n.max(1) - 1).map(BaseRef::taken_ms),
+    };
+    // Before that, one point an hour at most: bases and span ends.
+    let before = |t: u64| continuous_from.is_some_and(|c| t < c);
+    let hours: BTreeSet<u64> = sorted
+        .iter()
+        .map(BaseRef::taken_ms)
+        .chain(segments.iter().filter_map(|(_, s)| s.t_ms))
+        .filter(|&t| before(t))
+        .map(|t| t / HOUR_MS)
+        .collect();
     Summary {
         oldest: sorted.last().map(BaseRef::taken_ms),
-        continuous_from: sorted.get(continuous.max(1) - 1).map(BaseRef::taken_ms),
-        newest: newest_segment.max(newest_base),
-        hourly_points: sorted.len().saturating_sub(continuous.max(1)),
+        continuous_from,
+        newest,
+        hourly_points: hours.len(),
         stock_base: sorted.iter().find(|b| !b.packed).map(BaseRef::taken_ms),
         objects,
         bytes,
@@ -278,7 +339,7 @@ mod tests {
             .map(|i| base("g", i * 100, T0 + i * 20 * MIN))
             .collect();
         let now = T0 + 48 * 60 * MIN;
-        let k = retain(&bases, now, 1);
+        let k = retain(&bases, &[], now, 1);
         // The last 65 minutes: bases at 47:20, 47:40 (and 48:00 is `now`,
         // not taken); the anchor is the newest at or before 46:55: 46:40.
         let newest = bases.last().unwrap().taken_ms();
@@ -307,10 +368,11 @@ mod tests {
         assert!(hourly.windows(2).all(|w| w[1] - w[0] == 60));
         assert!(*hourly.last().unwrap() <= 24 * 60);
         // Segments: only after the window's bases.
-        assert!(k.segment("g", 14_001) && k.segment("g", 14_300));
-        assert!(!k.segment("g", 14_000), "before the anchor");
+        let at = |seq| seg(seq, Some(now));
+        assert!(k.segment("g", &at(14_001)) && k.segment("g", &at(14_300)));
+        assert!(!k.segment("g", &at(14_000)), "before the anchor");
         assert!(
-            !k.segment("other", 99_999),
+            !k.segment("other", &at(99_999)),
             "a generation with nothing kept"
         );
         assert!(k.base_object(&bases[140].object()));
@@ -318,6 +380,74 @@ mod tests {
             !k.base_object(&bases[139].object()),
             "same hour as a newer kept base"
         );
+    }
+
+    /// One base, then a segment a minute for five hours and a span of each
+    /// ten (none across an hour): past the recent window, each hour's point
+    /// is the base and its spans; the segments under them go.
+    #[test]
+    fn with_one_base_an_hours_point_is_kept_as_the_spans_that_reach_it() {
+        let span = |first: u64, last: u64| {
+            parse_segment(&crate::sqlite::line::span_name(
+                first,
+                last,
+                T0 + last * MIN,
+            ))
+            .unwrap()
+        };
+        let minute = |n: u64| seg(n, Some(T0 + n * MIN));
+        let mut objects: Vec<SegRef> = (1..=300).map(minute).collect();
+        for hour in 0..5 {
+            let seqs: Vec<u64> = ((hour * 60).max(1)..hour * 60 + 60).collect();
+            objects.extend(seqs.chunks(10).map(|c| span(c[0], *c.last().unwrap())));
+        }
+        let listing = |objects: &[SegRef]| -> Vec<(String, SegRef)> {
+            objects
+                .iter()
+                .map(|s| ("g".to_owned(), s.clone()))
+                .collect()
+        };
+        let bases = [base("g", 0, T0)];
+        let now = T0 + 300 * MIN;
+        let k = retain(&bases, &listing(&objects), now, 1);
+        assert_eq!(k.bases, bases);
+        for (s, kept, why) in [
+            (span(51, 59), true, "hour 0's point"),
+            (span(1, 10), true, "the first span of every chain"),
+            (minute(30), false, "under a span, before the recent window"),
+            (minute(119), false, "hour 1's end, under its span"),
+            (
+                span(220, 229),
+                true,
+                "the recent window's start is built on it",
+            ),
+            (minute(233), true, "in the chain to the window's start"),
+            (minute(237), true, "in the window"),
+            (span(230, 239), true, "in the window"),
+            (minute(300), true, "the newest"),
+        ] {
+            assert_eq!(k.segment("g", &s), kept, "{}: {why}", s.name);
+        }
+
+        // An hour without spans keeps its segments: its point needs them.
+        objects.retain(|s| !(s.is_span() && (60..120).contains(&s.first)));
+        let k = retain(&bases, &listing(&objects), now, 1);
+        assert!(k.segment("g", &minute(100)) && k.segment("g", &minute(119)));
+        assert!(!k.segment("g", &minute(30)));
+        // While that base is the newest, its whole chain stays: the newest
+        // point needs it. Once a newer base is older than the days, its
+        // chain and it go.
+        let later = base("g", 300, now);
+        let k = retain(&bases, &listing(&objects), now + 2 * DAY_MS, 1);
+        assert!(k.segment("g", &span(51, 59)));
+        let k = retain(
+            &[bases[0].clone(), later.clone()],
+            &listing(&objects),
+            now + 2 * DAY_MS,
+            1,
+        );
+        assert_eq!(k.bases, [later], "the newest base alone");
+        assert!(!k.segment("g", &span(51, 59)) && !k.segment("g", &minute(300)));
     }
 
     #[test]
@@ -344,7 +474,7 @@ mod tests {
             ),
             (vec![], 7, vec![]),
         ] {
-            let k = retain(&bases, now, days);
+            let k = retain(&bases, &[], now, days);
             assert_eq!(afters(&k), want, "{bases:?}");
         }
         let k = retain(
@@ -352,10 +482,11 @@ mod tests {
                 base("a", 9, now - 2 * HOUR_MS),
                 base("b", 0, now - 10 * MIN),
             ],
+            &[],
             now,
             0,
         );
-        assert!(k.segment("a", 10) && k.segment("b", 1));
+        assert!(k.segment("a", &seg(10, Some(now))) && k.segment("b", &seg(1, Some(now))));
     }
 
     #[test]
@@ -546,7 +677,7 @@ mod tests {
                 "after {after}, at {at:?}"
             );
         }
-        // The summary counts a span's segments as there.
+        // The summary counts a span's end as a point, not its segments.
         let objects: Vec<(String, SegRef)> = [l0(1..=2), vec![span(3, 8)], l0(9..=9)]
             .concat()
             .into_iter()
@@ -554,7 +685,11 @@ mod tests {
             .collect();
         let bases = [base("g", 0, T0), base("g", 5, T0 + 5000)];
         let s = summarize(&bases, &objects, 5, 0);
-        assert_eq!(s.continuous_from, Some(T0), "both bases continue");
+        assert_eq!(
+            s.continuous_from,
+            Some(T0 + 9000),
+            "a span's inner segments are no points"
+        );
         assert_eq!(s.newest, Some(T0 + 9000));
     }
 }

@@ -380,8 +380,10 @@ impl Writer<'_> {
         let history_name = format!("{}/{}", path(rel), base.object());
         self.copy((&dir.to_string_lossy(), name), (&root(), &history_name))
             .await?;
+        let listed = list(self.socket, rel).await?;
         let keep = retain(
             &manifest.with(base.clone()).bases,
+            &segments(&listed),
             base.taken_ms(),
             self.history_days,
         );
@@ -394,7 +396,32 @@ impl Writer<'_> {
             let (fs, remote) = stock(rel);
             self.copy((&root(), &history_name), (&fs, &remote)).await?;
         }
-        prune(self.socket, rel, &keep, self.fence).await;
+        delete_unkept(self.socket, rel, &listed, &keep, self.fence).await;
+        Ok(manifest)
+    }
+
+    /// Applies retention to `rel`'s line at `now` between bases (which are
+    /// rare): the manifest rewritten when it drops a base, then what is not
+    /// kept deleted. Returns the manifest as it now is.
+    pub async fn prune(
+        &self,
+        rel: &Path,
+        manifest: &Manifest,
+        now: u64,
+    ) -> Result<Manifest, rc::RcError> {
+        let listed = list(self.socket, rel).await?;
+        let keep = retain(&manifest.bases, &segments(&listed), now, self.history_days);
+        let manifest = if keep.bases == manifest.bases {
+            manifest.clone()
+        } else {
+            let m = Manifest {
+                bases: keep.bases.clone(),
+                gone_ms: manifest.gone_ms,
+            };
+            write_manifest(self.socket, rel, &m, self.scratch, self.fence).await?;
+            m
+        };
+        delete_unkept(self.socket, rel, &listed, &keep, self.fence).await;
         Ok(manifest)
     }
 
@@ -422,17 +449,31 @@ impl Writer<'_> {
     }
 }
 
-/// Deletes what `keep` does not keep of `rel`'s line (old segments and
-/// bases, generations with nothing kept), fenced. Best effort: what is left
-/// is deleted next time.
-pub async fn prune(socket: &Path, rel: &Path, keep: &Keep, fence: &Fence) {
-    let Ok(listed) = list(socket, rel).await else {
-        return;
-    };
+/// The segments and spans in a listing of a line, with their generations.
+fn segments(listed: &[(String, u64)]) -> Vec<(String, SegRef)> {
+    listed
+        .iter()
+        .filter_map(|(below, _)| match classify(below) {
+            Object::Segment { gen, seg } => Some((gen, seg)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Deletes what `keep` does not keep of `listed`, `rel`'s line (old
+/// segments, spans and bases, generations with nothing kept), fenced. Best
+/// effort: what is left is deleted next time.
+async fn delete_unkept(
+    socket: &Path,
+    rel: &Path,
+    listed: &[(String, u64)],
+    keep: &Keep,
+    fence: &Fence,
+) {
     for (below, _) in listed {
-        let doomed = match classify(&below) {
+        let doomed = match classify(below) {
             Object::Base(name) => !keep.base_object(&name),
-            Object::Segment { gen, seg } => !keep.segment(&gen, seg.seq),
+            Object::Segment { gen, seg } => !keep.segment(&gen, &seg),
             Object::Manifest | Object::Other => false,
         };
         if !doomed {

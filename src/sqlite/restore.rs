@@ -540,7 +540,7 @@ async fn catch_up(
             (dir, plan)
         }
     };
-    let (mut done, mut since_base, mut skipped) = (Vec::new(), 0, Vec::new());
+    let (mut done, mut after_base, mut skipped) = (Vec::new(), 0, Vec::new());
     let stopped = loop {
         let (todo, stop) = plan;
         let (applied, bytes, failed) = {
@@ -551,7 +551,7 @@ async fn catch_up(
                 .expect("applying does not panic")
         };
         let _ = fs::remove_dir_all(&dir);
-        since_base += bytes;
+        after_base += bytes;
         done.extend_from_slice(&todo[..applied]);
         let Some(why) = failed else { break stop };
         let bad = &todo[applied];
@@ -594,13 +594,15 @@ async fn catch_up(
     }
     let point = done.last().and_then(|s| s.t_ms).unwrap_or(base.taken_ms());
     tracing::info!(db = %rel.display(), generation = %base.gen, segments = done.len(), "sqlite: restored base and segments");
+    let seq = done.last().map_or(base.after, |s| s.seq);
     let line = (stopped.is_none() && at.is_none()).then(|| Line {
         gen: base.gen.clone(),
-        seq: done.last().map_or(base.after, |s| s.seq),
+        seq,
         manifest: Manifest::clone(&manifest),
         base,
         base_bytes,
-        since_base,
+        after_base,
+        pruned: (crate::timepoint::now_ms(), seq),
     });
     Ok(CatchUp::Line { line, point })
 }
