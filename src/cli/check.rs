@@ -221,7 +221,8 @@ async fn lease(r: &mut Report, paths: &RunPaths, s3: &S3Config) {
         Ok(Some((rec, _))) => r.ok(
             "lease",
             &format!(
-                "held by {}: a new instance waits until it is released or unrenewed for CVM_LEASE_TTL; {mode}",
+                "held by {}: a new instance waits until it is released or unrenewed for CVM_LEASE_TTL \
+                 (an idle holder stops renewing unless CVM_LEASE_WHILE_IDLE=renew); {mode}",
                 rec.describe()
             ),
         ),

@@ -323,6 +323,20 @@ impl Fence {
         }
     }
 
+    /// An upload is coming (a change was seen): a keeper paused while idle
+    /// starts verifying the lease now, so the upload, a debounce later,
+    /// waits less for it.
+    pub fn wake(&self) {
+        let paused = {
+            let mut st = self.lock();
+            st.last_use = clock();
+            st.paused
+        };
+        if paused {
+            self.0.wake.notify_one();
+        }
+    }
+
     /// Waits until the lease is confirmed for at least one more renewal
     /// period (so a pass that starts now does not run into the margin while
     /// the keeper is still retrying after an outage or an rclone restart),

@@ -561,6 +561,9 @@ impl Engine {
             if !fp.exists() || state.saved == Some(fp) {
                 continue;
             }
+            if state.dirty_since.is_none() {
+                self.spec.fence.wake();
+            }
             let since = *state.dirty_since.get_or_insert(now);
             let due = force
                 || (now.duration_since(since) >= self.spec.debounce

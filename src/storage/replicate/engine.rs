@@ -279,6 +279,9 @@ impl worker::Engine for Engine {
                     }
                     next = self.events.try_recv().ok();
                 }
+                if !self.dirty.is_empty() {
+                    self.spec.fence.wake();
+                }
             }
             _ = sleep(POLL) => {}
         }
