@@ -226,7 +226,10 @@ fn an_idle_holder_lets_its_lease_lapse_a_second_instance_takes_over_and_the_hold
     let (mut a, ad) = s.boot("a", &[]);
     let paused = |a: &mut Appliance| a.log_text().matches("lease: idle, renewals paused").count();
     wait_until(T, "a's renewals to pause", || paused(&mut a) >= 1);
-    // Woken by a change, a verifies its lease and uploads it.
+    // Once its lease has lapsed, a change wakes a: it verifies the lease
+    // (its fence closed) and uploads the change.
+    let lapsed = Instant::now() + TTL;
+    wait_until(T, "a's lease to lapse", || Instant::now() >= lapsed);
     write(&ad.state, "from-a.txt", "a1");
     wait_until(T, "a's file on S3", || on_s3(&s, "from-a.txt"));
     assert!(
