@@ -624,83 +624,12 @@ fn a_database_created_on_the_mount_after_boot_is_saved_within_the_rpo() {
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
 }
 
-/// A WAL database's base is a whole copy (1 GB here, bases due every
-/// second): a stop that comes while one is being taken or uploaded gives
-/// it up, and its last pass ships the commit as a segment within budget.
-#[test]
-fn a_stop_with_a_big_base_in_flight_gives_it_up_and_fits_its_budget() {
-    let s = Setup::new();
-    let dirs = Dirs::new(s.tmp.path(), "big");
-    let db = dirs.state.join("state/big.sqlite");
-    fs::create_dir_all(db.parent().unwrap()).unwrap();
-    let app_conn = rusqlite::Connection::open(&db).unwrap();
-    app_conn
-        .execute_batch(
-            "CREATE TABLE t(i INTEGER PRIMARY KEY, b BLOB);
-             WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000)
-             INSERT INTO t(b) SELECT zeroblob(1000000) FROM c;
-             PRAGMA journal_mode=WAL;",
-        )
-        .unwrap();
-    let idle = s.idle.to_str().unwrap();
-    let env = [
-        ("CVM_STORAGE", "replicate"),
-        ("CVM_SQLITE_BASE_MAX_AGE", "1s"),
-    ];
-    let mut app = s.start(&dirs, idle, &env);
-    let long = Duration::from_secs(180);
-    app.wait_ready(long);
-    wait_until(long, "the first base", || {
-        app.log_text()
-            .contains("sqlite: snapshot uploaded (base) db=state/big.sqlite")
-    });
-    // A commit after the base is a second old: its segment, then a new base.
-    app_conn
-        .execute("INSERT INTO t(b) VALUES ('a commit')", [])
-        .unwrap();
-    wait_until(long, "a base in flight", || {
-        let log = app.log_text();
-        log.matches("sqlite: taking a base db=state/big.sqlite")
-            .count()
-            > log
-                .matches("sqlite: snapshot uploaded (base) db=state/big.sqlite")
-                .count()
-    });
-    app_conn
-        .execute("INSERT INTO t(b) VALUES ('the last commit')", [])
-        .unwrap();
-    let stopping = Instant::now();
-    assert_eq!(app.stop(long), 0, "{}", app.log_text());
-    let took = stopping.elapsed();
-    let log = app.log_text();
-    eprintln!("MEASURED: stop with a 1 GB WAL database's base in flight: {took:?}");
-    assert!(log.contains("status=Clean"), "{log}");
-    assert!(
-        log.contains("sqlite: save interrupted by the stop db=state/big.sqlite"),
-        "{log}"
-    );
+/// A gigabyte: given longer.
+const LONG: Duration = Duration::from_secs(180);
 
-    let b = Dirs::new(s.tmp.path(), "after");
-    let mut app = s.start(&b, idle, &env);
-    app.wait_ready(long);
-    let c = rusqlite::Connection::open(b.state.join("state/big.sqlite")).unwrap();
-    let last: String = c
-        .query_row("SELECT b FROM t ORDER BY i DESC LIMIT 1", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(last, "the last commit", "the last commit survived the stop");
-    let ok: String = c
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(ok, "ok");
-    assert_eq!(app.stop(long), 0, "{}", app.log_text());
-}
-
-/// The issue's case: a 1 GB rollback-journal database, a commit, a stop.
-/// Its saves are segments of the pages that changed, so the stop's last
-/// pass costs a snapshot and a compare, not an upload of the database.
-#[test]
-fn a_stop_with_a_big_rollback_journal_database_fits_its_budget() {
-    let s = Setup::new();
+/// A 1 GB database at `state/big.sqlite` of a new state dir (rows of a
+/// megabyte), in WAL mode or not, and the app's connection to it.
+fn big_database(s: &Setup, wal: bool) -> (Dirs, rusqlite::Connection) {
     let dirs = Dirs::new(s.tmp.path(), "big");
     let db = dirs.state.join("state/big.sqlite");
     fs::create_dir_all(db.parent().unwrap()).unwrap();
@@ -712,35 +641,98 @@ fn a_stop_with_a_big_rollback_journal_database_fits_its_budget() {
              INSERT INTO t(b) SELECT zeroblob(1000000) FROM c;",
         )
         .unwrap();
-    let idle = s.idle.to_str().unwrap();
-    let replicate = [("CVM_STORAGE", "replicate")];
-    let mut app = s.start(&dirs, idle, &replicate);
-    app.wait_ready(T);
-    let long = Duration::from_secs(180);
-    wait_until(long, "the first base", || {
-        app.log_text()
-            .contains("sqlite: snapshot uploaded (base) db=state/big.sqlite")
-    });
-    app_conn
-        .execute("INSERT INTO t(b) VALUES ('the last commit')", [])
+    if wal {
+        app_conn.execute_batch("PRAGMA journal_mode=WAL").unwrap();
+    }
+    (dirs, app_conn)
+}
+
+/// Commits "the last commit", stops `app` and checks the stop was clean
+/// by cvm-init's own account (exit 74 and `NotFlushed` if its budget ran
+/// out); returns its log and how long it took.
+fn commit_and_stop(app: &mut Appliance, conn: &rusqlite::Connection) -> (String, Duration) {
+    conn.execute("INSERT INTO t(b) VALUES ('the last commit')", [])
         .unwrap();
     let stopping = Instant::now();
-    assert_eq!(app.stop(long), 0, "{}", app.log_text());
+    assert_eq!(app.stop(LONG), 0, "{}", app.log_text());
     let took = stopping.elapsed();
     let log = app.log_text();
-    eprintln!("MEASURED: stop with a 1 GB rollback-journal database: {took:?}");
-    // Within CVM_STOP_TIMEOUT, by cvm-init's own account (exit 74 and
-    // NotFlushed if its budget ran out).
     assert!(log.contains("status=Clean"), "{log}");
+    (log, took)
+}
 
-    // A new container: the database restored (a gigabyte: given longer).
+/// A new container with `env` restores the big database whole, its last
+/// row the last commit.
+fn the_last_commit_comes_back(s: &Setup, env: &[(&str, &str)]) {
     let b = Dirs::new(s.tmp.path(), "after");
-    let mut app = s.start(&b, idle, &replicate);
-    app.wait_ready(long);
+    let mut app = s.start(&b, s.idle.to_str().unwrap(), env);
+    app.wait_ready(LONG);
     let c = rusqlite::Connection::open(b.state.join("state/big.sqlite")).unwrap();
     let last: String = c
         .query_row("SELECT b FROM t ORDER BY i DESC LIMIT 1", [], |r| r.get(0))
         .unwrap();
     assert_eq!(last, "the last commit", "the last commit survived the stop");
-    assert_eq!(app.stop(long), 0, "{}", app.log_text());
+    let ok: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    assert_eq!(app.stop(LONG), 0, "{}", app.log_text());
+}
+
+fn first_base(app: &mut Appliance) {
+    wait_until(LONG, "the first base", || {
+        app.log_text()
+            .contains("sqlite: snapshot uploaded (base) db=state/big.sqlite")
+    });
+}
+
+/// A WAL database's base is a whole copy (1 GB here, bases due every
+/// second): a stop that comes while one is being taken or uploaded gives
+/// it up, and its last pass ships the commit as a segment within budget.
+#[test]
+fn a_stop_with_a_big_base_in_flight_gives_it_up_and_fits_its_budget() {
+    let s = Setup::new();
+    let (dirs, app_conn) = big_database(&s, true);
+    let env = [
+        ("CVM_STORAGE", "replicate"),
+        ("CVM_SQLITE_BASE_MAX_AGE", "1s"),
+    ];
+    let mut app = s.start(&dirs, s.idle.to_str().unwrap(), &env);
+    app.wait_ready(LONG);
+    first_base(&mut app);
+    // A commit after the base is a second old: its segment, then a new base.
+    app_conn
+        .execute("INSERT INTO t(b) VALUES ('a commit')", [])
+        .unwrap();
+    wait_until(LONG, "a base in flight", || {
+        let log = app.log_text();
+        log.matches("sqlite: taking a base db=state/big.sqlite")
+            .count()
+            > log
+                .matches("sqlite: snapshot uploaded (base) db=state/big.sqlite")
+                .count()
+    });
+    let (log, took) = commit_and_stop(&mut app, &app_conn);
+    eprintln!("MEASURED: stop with a 1 GB WAL database's base in flight: {took:?}");
+    assert!(
+        log.contains("sqlite: save interrupted by the stop db=state/big.sqlite"),
+        "{log}"
+    );
+    the_last_commit_comes_back(&s, &env);
+}
+
+/// The issue's case: a 1 GB rollback-journal database, a commit, a stop.
+/// Its saves are segments of the pages that changed, so the stop's last
+/// pass costs a snapshot and a compare, not an upload of the database.
+#[test]
+fn a_stop_with_a_big_rollback_journal_database_fits_its_budget() {
+    let s = Setup::new();
+    let (dirs, app_conn) = big_database(&s, false);
+    let replicate = [("CVM_STORAGE", "replicate")];
+    let mut app = s.start(&dirs, s.idle.to_str().unwrap(), &replicate);
+    app.wait_ready(T);
+    first_base(&mut app);
+    let (_, took) = commit_and_stop(&mut app, &app_conn);
+    eprintln!("MEASURED: stop with a 1 GB rollback-journal database: {took:?}");
+    the_last_commit_comes_back(&s, &replicate);
 }
