@@ -8,7 +8,7 @@
 //! per UTC hour for `days`: the newest point of the hour that bases and the
 //! spans and segments kept for it reach. The newest base is always kept.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use crate::sqlite::line::{BaseRef, SegRef};
 
@@ -46,14 +46,17 @@ pub struct Keep {
     pub bases: Vec<BaseRef>,
     /// Per generation, the segments after this number are kept.
     segments_after: BTreeMap<String, u64>,
-    /// Segments and spans (generation, name) a kept point is built from.
-    chains: BTreeSet<(String, String)>,
+    /// Segments and spans (generation, first, last number, time) a kept
+    /// point is built from.
+    chains: BTreeSet<(String, u64, u64, Option<u64>)>,
 }
 
 impl Keep {
     pub fn segment(&self, gen: &str, seg: &SegRef) -> bool {
         self.segments_after.get(gen).is_some_and(|&a| seg.seq > a)
-            || self.chains.contains(&(gen.to_owned(), seg.name.clone()))
+            || self
+                .chains
+                .contains(&(gen.to_owned(), seg.first, seg.seq, seg.t_ms))
     }
 
     /// Whether the base stored at `name` (below the line's path) is kept.
@@ -93,7 +96,11 @@ pub fn retain(bases: &[BaseRef], segs: &[(String, SegRef)], now: u64, days: u32)
         if i == anchor {
             let chain = chain_to(b, recent);
             after = chain.last().map_or(after, |s| s.seq);
-            chains.extend(chain.into_iter().map(|s| (b.gen.clone(), s.name)));
+            chains.extend(
+                chain
+                    .into_iter()
+                    .map(|s| (b.gen.clone(), s.first, s.seq, s.t_ms)),
+            );
         }
         let a = segments_after.entry(b.gen.clone()).or_insert(after);
         *a = (*a).min(after);
@@ -113,7 +120,11 @@ pub fn retain(bases: &[BaseRef], segs: &[(String, SegRef)], now: u64, days: u32)
         if !kept.contains(b) {
             kept.push(b.clone());
         }
-        chains.extend(chain.into_iter().map(|s| (b.gen.clone(), s.name)));
+        chains.extend(
+            chain
+                .into_iter()
+                .map(|s| (b.gen.clone(), s.first, s.seq, s.t_ms)),
+        );
     }
     kept.sort_by_key(|b| std::cmp::Reverse(b.taken_ms()));
     Keep {
@@ -159,22 +170,38 @@ pub fn segments_to(
     segs: &[SegRef],
     at: Option<u64>,
 ) -> (Vec<SegRef>, Option<Stop>) {
-    let mut by_seq: BTreeMap<u64, Vec<&SegRef>> = BTreeMap::new();
-    let mut spans = Vec::new();
-    for s in segs.iter().filter(|s| s.seq > base.after) {
-        if s.is_span() {
-            if s.seq - s.first <= MAX_SPAN {
-                spans.push(s);
-            }
-        } else {
-            by_seq.entry(s.seq).or_default().push(s);
-        }
-    }
     let within = |s: &SegRef| match (at, s.t_ms) {
         (Some(at), Some(t)) => t <= at,
         (Some(_), None) => false,
         (None, _) => true,
     };
+    let mut by_seq: BTreeMap<u64, Vec<&SegRef>> = BTreeMap::new();
+    let mut spans = Vec::new();
+    // How far any span reaches, within the moment or not (for a hole).
+    let mut spans_reach = 0;
+    for s in segs.iter().filter(|s| s.seq > base.after) {
+        if s.is_span() {
+            if s.seq - s.first <= MAX_SPAN {
+                spans_reach = spans_reach.max(s.seq);
+                if within(s) {
+                    spans.push(s);
+                }
+            }
+        } else {
+            by_seq.entry(s.seq).or_default().push(s);
+        }
+    }
+    let twice: BTreeSet<u64> = by_seq
+        .iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(&n, _)| n)
+        .collect();
+    // Spans start to count once the next number reaches their first: kept
+    // by how far they reach, so each step looks at the furthest only (a
+    // retention pass plans every hour of a week of spans).
+    spans.sort_by_key(|s| s.first);
+    let mut waiting = 0;
+    let mut open: BinaryHeap<(u64, usize)> = BinaryHeap::new();
     let mut apply = Vec::new();
     let mut done = base.after;
     loop {
@@ -183,16 +210,27 @@ pub fn segments_to(
         if here.len() > 1 {
             return (apply, Some(Stop::Twice(next)));
         }
-        // A span over a number two writers wrote is not taken either.
-        let once =
-            |s: &&&SegRef| (next..=s.seq).all(|n| by_seq.get(&n).is_none_or(|v| v.len() < 2));
-        let span = spans
-            .iter()
-            .filter(|s| s.first <= next && s.seq >= next && within(s))
-            .filter(once)
-            .max_by_key(|s| s.seq);
+        while let Some(s) = spans.get(waiting).filter(|s| s.first <= next) {
+            open.push((s.seq, waiting));
+            waiting += 1;
+        }
+        // A span over a number two writers wrote is not taken either; nor,
+        // since the next number only grows, ever after.
+        let once = |s: &SegRef| twice.range(next..=s.seq).next().is_none();
+        let span = loop {
+            match open.peek() {
+                Some(&(seq, _)) if seq < next => {
+                    open.pop();
+                }
+                Some(&(_, i)) if !once(spans[i]) => {
+                    open.pop();
+                }
+                Some(&(_, i)) => break Some(spans[i]),
+                None => break None,
+            }
+        };
         let s = match (span, here.first()) {
-            (Some(span), _) => *span,
+            (Some(span), _) => span,
             (None, Some(s)) if within(s) => *s,
             (None, Some(s)) if s.t_ms.is_none() => {
                 return (apply, Some(Stop::Untimed(s.name.clone())))
@@ -200,10 +238,7 @@ pub fn segments_to(
             (None, Some(_)) => break,
             // A hole is reported even when what follows it is too new:
             // what is missing may have been older than `at`.
-            (None, None) if by_seq.range(next..).next().is_some() => {
-                return (apply, Some(Stop::Missing(next)))
-            }
-            (None, None) if spans.iter().any(|s| s.seq > next) => {
+            (None, None) if by_seq.range(next..).next().is_some() || spans_reach > next => {
                 return (apply, Some(Stop::Missing(next)))
             }
             (None, None) => break,
@@ -448,6 +483,43 @@ mod tests {
         );
         assert_eq!(k.bases, [later], "the newest base alone");
         assert!(!k.segment("g", &span(51, 59)) && !k.segment("g", &minute(300)));
+    }
+
+    /// A week of the 100 ms load: a span a minute (64 segments) for seven
+    /// days on one base, pruned as retention runs hourly: every hour's
+    /// point is kept, as spans, and no segment before the recent window.
+    #[test]
+    fn a_week_of_spans_on_one_base_keeps_each_hours_point() {
+        let per_span = 64;
+        let minutes = 7 * 24 * 60;
+        let now = T0 + minutes * MIN;
+        let mut objects: Vec<(String, SegRef)> = (0..minutes)
+            .map(|m| {
+                let (first, last) = (m * per_span + 1, (m + 1) * per_span);
+                let name = crate::sqlite::line::span_name(first, last, T0 + m * MIN + MIN - 1);
+                ("g".to_owned(), parse_segment(&name).unwrap())
+            })
+            .collect();
+        // The segments of the last 70 minutes.
+        let from = (minutes - 70) * per_span + 1;
+        objects.extend((from..=minutes * per_span).map(|n| {
+            let t = T0 + (n - 1) / per_span * MIN + MIN - 1;
+            ("g".to_owned(), seg(n, Some(t)))
+        }));
+        let k = retain(&[base("g", 0, T0)], &objects, now, 7);
+        let spans_kept = objects
+            .iter()
+            .filter(|(g, s)| s.is_span() && k.segment(g, s))
+            .count();
+        assert_eq!(
+            spans_kept, minutes as usize,
+            "the newest point needs them all"
+        );
+        let old_segments = objects
+            .iter()
+            .filter(|(g, s)| !s.is_span() && s.t_ms < Some(now - 66 * MIN) && k.segment(g, s))
+            .count();
+        assert_eq!(old_segments, 0);
     }
 
     #[test]
