@@ -41,10 +41,10 @@ const RESCAN: Duration = Duration::from_secs(1);
 /// waits for the next save.
 const PENDING_MAX: usize = 8 << 20;
 /// A restore reads the base, then the spans and segments after it: a new
-/// base is taken once those weigh this fraction of the base (and at least
+/// base is taken once those weigh the base divided by this (and at least
 /// `AFTER_BASE_MIN`), so a restore reads at most about 1.5 times the
 /// database, however big, and a base costs what the changes since it did.
-const AFTER_BASE_PER_BASE: f64 = 0.5;
+const AFTER_BASE_DIVISOR: u64 = 2;
 const AFTER_BASE_MIN: u64 = 16 << 20;
 /// How often a line whose database changed is pruned between bases.
 const PRUNE_EVERY_MS: u64 = crate::sqlite::history::HOUR_MS;
@@ -313,14 +313,13 @@ fn changed_at(db: &Path) -> Instant {
 }
 
 /// Whether `line` takes a new base now: once what a restore reads after
-/// the base weighs [`AFTER_BASE_PER_BASE`] of it, or once the base is
+/// the base weighs a [`AFTER_BASE_DIVISOR`]th of it, or once the base is
 /// `max_age` old (the stock copy's bound) and the database changed since;
 /// a packed base (no stock copy) once it is `max_age` old, changed or not.
 fn base_due(line: &Line, now_ms: u64, max_age: Duration) -> bool {
     let age = Duration::from_millis(now_ms.saturating_sub(line.base.taken_ms()));
     let changed = line.seq > line.base.after;
-    let limit = (line.base_bytes as f64 * AFTER_BASE_PER_BASE) as u64;
-    let heavy = line.after_base >= limit.max(AFTER_BASE_MIN);
+    let heavy = line.after_base >= (line.base_bytes / AFTER_BASE_DIVISOR).max(AFTER_BASE_MIN);
     (line.base.packed && age >= max_age) || (changed && (age >= max_age || heavy))
 }
 
