@@ -226,7 +226,8 @@ pub struct Fence(Arc<Shared>);
 #[derive(Debug, Default)]
 struct Shared {
     state: Mutex<FenceState>,
-    /// Wakes a keeper whose renewals are paused.
+    /// Wakes a keeper whose renewals are paused (it listens before it
+    /// pauses, so nothing is stored for a keeper not listening).
     wake: tokio::sync::Notify,
 }
 
@@ -316,7 +317,7 @@ impl Fence {
                     ))
                 }
                 Admit::Wake => {
-                    self.0.wake.notify_one();
+                    self.0.wake.notify_waiters();
                     sleep(Duration::from_millis(20)).await;
                 }
             }
@@ -333,7 +334,7 @@ impl Fence {
             st.paused
         };
         if paused {
-            self.0.wake.notify_one();
+            self.0.wake.notify_waiters();
         }
     }
 
@@ -813,6 +814,12 @@ impl Held {
                 () = sleep(wait) => {}
             }
             if self.fence.step(self.pause_after) == Step::Pause {
+                let fence = self.fence.clone();
+                let woken = fence.0.wake.notified();
+                tokio::pin!(woken);
+                // Listening before the pause shows: a wake-up that sees it
+                // is never missed, and none is stored for a later pause.
+                woken.as_mut().enable();
                 self.fence.set_paused(true);
                 tracing::info!(
                     "lease: idle, renewals paused until the next upload (no S3 request meanwhile; \
@@ -820,7 +827,7 @@ impl Held {
                 );
                 tokio::select! {
                     _ = &mut stop => return self,
-                    () = self.fence.0.wake.notified() => {}
+                    () = woken => {}
                 }
             }
             // A renewal that hangs (rclone wedged) must not hold the loop:
