@@ -277,9 +277,16 @@ impl FenceState {
 
 /// One upload allowed to start; while it lives the keeper keeps renewing.
 #[derive(Debug)]
-pub struct Permit(Fence);
+pub struct Permit {
+    _busy: Busy,
+}
 
-impl Drop for Permit {
+/// Work that ends in an upload is under way; while it lives the keeper
+/// keeps renewing, as for a [`Permit`], but it lets nothing go out.
+#[derive(Debug)]
+pub struct Busy(Fence);
+
+impl Drop for Busy {
     fn drop(&mut self) {
         let mut st = self.0.lock();
         st.in_flight = st.in_flight.saturating_sub(1);
@@ -308,7 +315,11 @@ impl Fence {
                 (admit, (st.period * 2).max(Duration::from_secs(1)))
             };
             match admit {
-                Admit::Go => return Ok(Permit(self.clone())),
+                Admit::Go => {
+                    return Ok(Permit {
+                        _busy: Busy(self.clone()),
+                    })
+                }
                 Admit::No(why) => return Err(why),
                 Admit::Wake if clock().saturating_sub(started) >= bound => {
                     return Err(format!(
@@ -322,6 +333,17 @@ impl Fence {
                 }
             }
         }
+    }
+
+    /// Work that ends in an upload starts (a snapshot of a big database
+    /// can take longer than the pause after the last upload): the keeper
+    /// does not pause until it ends, so its upload finds the lease renewed
+    /// instead of waiting for it to be verified again.
+    pub fn busy(&self) -> Busy {
+        let mut st = self.lock();
+        st.in_flight += 1;
+        st.last_use = clock();
+        Busy(self.clone())
     }
 
     /// An upload is coming (a change was seen): a keeper paused while idle
@@ -1112,6 +1134,15 @@ mod tests {
     ) {
         let f = Fence::default();
         assert!(f.permit().await.is_err(), "closed until the lease is held");
+        let busy = f.busy();
+        assert_eq!(
+            f.lock().in_flight,
+            1,
+            "work under way keeps the lease renewed"
+        );
+        assert!(f.permit().await.is_err(), "and lets nothing out");
+        drop(busy);
+        assert_eq!(f.lock().in_flight, 0);
         let ttl = Duration::from_secs(30);
         f.extend(clock() + valid_for(ttl));
         let p = f.permit().await.unwrap();

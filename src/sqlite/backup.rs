@@ -571,6 +571,7 @@ impl Engine {
                 continue;
             }
             self.report_lag();
+            let _busy = self.spec.fence.busy();
             match self.save(&rel, fp).await {
                 Ok(Some(s)) => spooled.push(s),
                 Ok(None) => {}
@@ -633,6 +634,7 @@ impl Engine {
             // Everything read is on S3 (nothing queued or pending): the pin
             // is at the line's last segment.
             let after = f.line.as_ref().map(|l| l.seq);
+            let _busy = self.spec.fence.busy();
             let r = self.new_base(&rel, &mut f, after).await;
             self.dbs.get_mut(&rel).expect("listed above").follow = Some(f);
             if let Err(e) = r {
