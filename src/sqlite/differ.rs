@@ -6,11 +6,11 @@
 //! a copy of the mirror, so it takes no lock on the app's database.
 
 use std::fs;
-use std::io;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rusqlite::backup::Backup;
 use rusqlite::{Connection, OpenFlags};
 
 use super::held::{self, Hold};
@@ -45,12 +45,18 @@ impl Differ {
                 path: db.to_owned(),
             });
         }
-        let snap = super::snapshot(db, &mirror)?;
+        if let Some(parent) = mirror.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        in_read_txn(&conn, db, |live, page_size, db_pages| {
+            copy(live, page_size, db_pages, &mirror, &AtomicBool::new(false))
+        })?;
+        let (opened, _) = super::content_hash(&mirror)?;
         Ok(Differ {
             db: db.to_owned(),
             conn,
             mirror,
-            opened: snap.sha256,
+            opened,
             file,
         })
     }
@@ -63,25 +69,33 @@ impl Differ {
     /// The pages committed since the last call (or the open), or `None`.
     /// Gives up (`Interrupted`) once `interrupt` is set.
     pub fn changes(&mut self, interrupt: &AtomicBool) -> Result<Option<Segment>, SqliteError> {
-        let next = sidecar(&self.mirror, ".next");
-        let _ = fs::remove_file(&next);
-        let seg = copy(&self.conn, &self.db, &next, interrupt)
-            .and_then(|()| diff(&self.mirror, &next, REWRITE_BYTES, interrupt));
-        let seg = match seg {
-            Ok(Some(seg)) if seg.pages.is_empty() => {
-                let _ = fs::remove_file(&next);
-                return Ok(None);
+        let mirror = &self.mirror;
+        let read = in_read_txn(&self.conn, &self.db, |live, page_size, db_pages| {
+            diff(live, mirror, page_size, db_pages, REWRITE_BYTES, interrupt)
+        });
+        match read? {
+            Some(seg) if seg.pages.is_empty() => Ok(None),
+            Some(seg) => {
+                seg.apply(&self.mirror).map_err(io_err(&self.mirror))?;
+                Ok(Some(seg))
             }
-            Ok(seg) => seg,
-            Err(e) => {
-                let _ = fs::remove_file(&next);
-                return Err(e);
+            // Too much changed to hold: the mirror is copied afresh, to be
+            // the next base.
+            None => {
+                let next = sidecar(&self.mirror, ".next");
+                let copied = in_read_txn(&self.conn, &self.db, |live, page_size, db_pages| {
+                    copy(live, page_size, db_pages, &next, interrupt)
+                });
+                if let Err(e) = copied {
+                    let _ = fs::remove_file(&next);
+                    return Err(e);
+                }
+                fs::rename(&next, &self.mirror).map_err(io_err(&self.mirror))?;
+                Err(SqliteError::Rewritten {
+                    path: self.db.clone(),
+                })
             }
-        };
-        fs::rename(&next, &self.mirror).map_err(io_err(&self.mirror))?;
-        seg.map(Some).ok_or_else(|| SqliteError::Rewritten {
-            path: self.db.clone(),
-        })
+        }
     }
 
     /// A base: the mirror, copied to `dst` (not begun once `interrupt` is set).
@@ -110,78 +124,130 @@ impl Differ {
     }
 }
 
-/// Copies the database `conn` reads into the new file `dst`, consistent:
-/// one read transaction over the whole copy (in a rollback-journal mode no
-/// commit can land while it is held), in steps, giving up once `interrupt`
-/// is set. No check and no fsync: the copy is compared and dropped, or
-/// kept as the local mirror, which a restart rebuilds.
-fn copy(
-    conn: &Connection,
-    src: &Path,
-    dst: &Path,
-    interrupt: &AtomicBool,
-) -> Result<(), SqliteError> {
-    conn.execute_batch("BEGIN").map_err(sql_err(src))?;
-    let copied = (|| {
-        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
-            r.get::<_, i64>(0)
-        })
-        .map_err(sql_err(src))?;
-        let mut to = Connection::open(dst).map_err(sql_err(dst))?;
-        let backup = Backup::new(conn, &mut to).map_err(sql_err(src))?;
-        super::step_all(&backup, src, interrupt)
-    })();
-    let _ = conn.execute_batch("COMMIT");
-    copied
-}
-
 /// Changed pages held in memory at most; beyond, the change (a VACUUM, a
 /// bulk rewrite) goes up as a new base instead of a segment.
 const REWRITE_BYTES: usize = 64 << 20;
 
-/// The segment that turns the database `old` into `new`: every page of
-/// `new` that differs from `old`'s (all of them when the page size
-/// changed), and `new`'s size; `None` once more than `limit` bytes differ.
+/// Pages read from the database at a time.
+const READ_PAGES: usize = 256;
+
+/// Runs `read` on the database file `db` with its page size and page
+/// count, in one read transaction of `conn`: in a rollback-journal mode no
+/// commit can land while it is held, so the file is the database as of one
+/// moment. The lock lasts one read of the file, not a copy of it through
+/// SQLite's backup API (which also writes the copy).
+fn in_read_txn<T>(
+    conn: &Connection,
+    db: &Path,
+    read: impl FnOnce(&fs::File, u32, u32) -> io::Result<T>,
+) -> Result<T, SqliteError> {
+    conn.execute_batch("BEGIN").map_err(sql_err(db))?;
+    let r = (|| {
+        // The first read takes the lock (rolling back a hot journal).
+        let (page_size, db_pages): (u32, u32) = conn
+            .query_row(
+                "SELECT (SELECT page_size FROM pragma_page_size), \
+                        (SELECT page_count FROM pragma_page_count)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(sql_err(db))?;
+        held::with_file(db, |live| {
+            // Switched to WAL since the open: the file alone is not the
+            // database; the next save starts a line from its WAL.
+            let mut head = [0u8; 20];
+            live.read_exact_at(&mut head, 0)?;
+            if head[18] == 2 {
+                return Err(io::Error::other(WAL_NOW));
+            }
+            read(live, page_size, db_pages)
+        })
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::Interrupted => SqliteError::Interrupted {
+                path: db.to_owned(),
+            },
+            _ if e.to_string() == WAL_NOW => SqliteError::Replaced {
+                path: db.to_owned(),
+            },
+            _ => io_err(db)(e),
+        })
+    })();
+    let _ = conn.execute_batch("COMMIT");
+    r
+}
+
+const WAL_NOW: &str = "switched to WAL";
+
+/// Copies the `db_pages` pages of `live` into a new file `dst`; an
+/// `Interrupted` error once `interrupt` is set. No fsync: the copy is the
+/// local mirror, which a restart rebuilds.
+fn copy(
+    live: &fs::File,
+    page_size: u32,
+    db_pages: u32,
+    dst: &Path,
+    interrupt: &AtomicBool,
+) -> io::Result<()> {
+    let mut out = io::BufWriter::with_capacity(1 << 20, fs::File::create(dst)?);
+    let size = page_size as usize;
+    let mut chunk = vec![0u8; READ_PAGES * size];
+    let mut pgno = 0u32;
+    while pgno < db_pages {
+        if interrupt.load(Ordering::SeqCst) {
+            return Err(io::ErrorKind::Interrupted.into());
+        }
+        let n = (db_pages - pgno).min(READ_PAGES as u32);
+        let chunk = &mut chunk[..n as usize * size];
+        live.read_exact_at(chunk, u64::from(pgno) * size as u64)?;
+        out.write_all(chunk)?;
+        pgno += n;
+    }
+    out.flush()
+}
+
+/// The segment that turns the file `mirror` into `live` (`db_pages` pages
+/// of `page_size`): every page that differs (all of them when the mirror's
+/// page size is another), and the size; `None` once more than `limit`
+/// bytes differ. An `Interrupted` error once `interrupt` is set.
 fn diff(
-    old: &Path,
-    new: &Path,
+    live: &fs::File,
+    mirror: &Path,
+    page_size: u32,
+    db_pages: u32,
     limit: usize,
     interrupt: &AtomicBool,
-) -> Result<Option<Segment>, SqliteError> {
-    let page_size = super::page_size(new)?;
-    let same_size = super::page_size(old).ok() == Some(page_size);
+) -> io::Result<Option<Segment>> {
+    let same_size = super::page_size(mirror).ok() == Some(page_size);
     let size = page_size as usize;
-    let mut a = io::BufReader::with_capacity(1 << 20, fs::File::open(old).map_err(io_err(old))?);
-    let mut b = io::BufReader::with_capacity(1 << 20, fs::File::open(new).map_err(io_err(new))?);
-    let (mut pa, mut pb) = (vec![0u8; size], vec![0u8; size]);
+    let mut old = io::BufReader::with_capacity(1 << 20, fs::File::open(mirror)?);
+    let (mut chunk, mut pa) = (vec![0u8; READ_PAGES * size], vec![0u8; size]);
     let mut pages = std::collections::BTreeMap::new();
     let mut pgno = 0u32;
-    loop {
-        let got = read_full(&mut b, &mut pb).map_err(io_err(new))?;
-        if got == 0 {
-            break;
+    while pgno < db_pages {
+        if interrupt.load(Ordering::SeqCst) {
+            return Err(io::ErrorKind::Interrupted.into());
         }
-        pgno += 1;
-        if pgno % super::STEP_PAGES as u32 == 0 && interrupt.load(Ordering::SeqCst) {
-            return Err(SqliteError::Interrupted {
-                path: new.to_owned(),
-            });
-        }
-        let had = if same_size {
-            read_full(&mut a, &mut pa).map_err(io_err(old))?
-        } else {
-            0
-        };
-        if had != size || pa[..] != pb[..] {
-            if (pages.len() + 1) * size > limit {
-                return Ok(None);
+        let n = (db_pages - pgno).min(READ_PAGES as u32) as usize;
+        let chunk = &mut chunk[..n * size];
+        live.read_exact_at(chunk, u64::from(pgno) * size as u64)?;
+        for page in chunk.chunks(size) {
+            pgno += 1;
+            let had = if same_size {
+                read_full(&mut old, &mut pa)?
+            } else {
+                0
+            };
+            if had != size || pa[..] != page[..] {
+                if (pages.len() + 1) * size > limit {
+                    return Ok(None);
+                }
+                pages.insert(pgno, page.to_vec());
             }
-            pages.insert(pgno, pb[..got].to_vec());
         }
     }
     Ok(Some(Segment {
         page_size,
-        db_pages: pgno,
+        db_pages,
         pages,
     }))
 }
@@ -233,23 +299,30 @@ mod tests {
             .apply(&base.path)
             .unwrap();
         assert_eq!(rows(&base.path), 1);
-        // A snapshot's schema cookie is its own (the backup API sets it), so
-        // the base matches a snapshot of the database, not its file.
-        let now = super::super::snapshot(&db, &d.path().join("now")).unwrap();
-        assert_eq!(
-            super::super::content_hash(&base.path).unwrap().0,
-            now.sha256
-        );
+        // Pages are read from the file: the base is the file, byte for byte.
+        assert_eq!(fs::read(&base.path).unwrap(), fs::read(&db).unwrap());
         assert!(f.same_file());
         // Past the limit, no segment: the engine takes a new base.
         let old = d.path().join("old");
         fs::copy(&base.path, &old).unwrap();
         app.execute("UPDATE t SET x = zeroblob(100001)", [])
             .unwrap();
-        let next = d.path().join("next");
-        super::super::snapshot(&db, &next).unwrap();
-        assert!(diff(&old, &next, 8 * 4096, &go).unwrap().is_none());
-        assert!(diff(&old, &next, 1 << 20, &go).unwrap().is_some());
+        let diff_within = |limit| {
+            in_read_txn(&f.conn, &db, |live, size, pages| {
+                diff(live, &old, size, pages, limit, &go)
+            })
+            .unwrap()
+        };
+        assert!(diff_within(8 * 4096).is_none());
+        assert!(diff_within(1 << 20).is_some());
+        // A rewrite past the engine's limit leaves the mirror the database,
+        // the next base.
+        app.execute_batch("UPDATE t SET x = randomblob(70000000)")
+            .unwrap();
+        assert!(matches!(f.changes(&go), Err(SqliteError::Rewritten { .. })));
+        let next = f.base(&d.path().join("next"), &go).unwrap();
+        assert_eq!(rows(&next.path), 1);
+        assert!(f.changes(&go).unwrap().is_none(), "nothing changed since");
         // The stop's flag ends a save early; nothing is lost by it.
         app.execute("INSERT INTO t VALUES ('after the flag')", [])
             .unwrap();
@@ -261,5 +334,9 @@ mod tests {
         f.changes(&go).unwrap().expect("the change, next time");
         app.pragma_update(None, "journal_mode", "WAL").unwrap();
         assert!(!f.same_file(), "a switch to WAL ends the line");
+        assert!(
+            matches!(f.changes(&go), Err(SqliteError::Replaced { .. })),
+            "the file alone is no longer the database"
+        );
     }
 }

@@ -20,7 +20,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// Device and inode.
 pub type FileId = (u64, u64);
@@ -30,7 +30,7 @@ struct Entry {
     holds: usize,
     /// Descriptors opened for reads while held: closing one would drop the
     /// locks of the connections.
-    kept: Vec<fs::File>,
+    kept: Vec<Arc<fs::File>>,
 }
 
 static FILES: Mutex<BTreeMap<FileId, Entry>> = Mutex::new(BTreeMap::new());
@@ -79,12 +79,19 @@ impl Drop for Hold {
 /// Fills `buf` from the start of the file at `path` as far as it goes;
 /// returns the bytes read. A held file's descriptor is kept, not closed.
 pub fn read_head(path: &Path, buf: &mut [u8]) -> io::Result<usize> {
-    if let Some(id) = file_id(path) {
-        if let Some(f) = files().get(&id).and_then(|e| e.kept.first()) {
-            return read_full_at(f, buf);
-        }
+    with_file(path, |f| read_full_at(f, buf))
+}
+
+/// Runs `use_it` on a descriptor of `path` that is not closed while SQLite
+/// holds the file (one kept before, reused), else as [`with_open`]. The
+/// registry is not locked while it runs: a read of a whole database takes
+/// a while.
+pub fn with_file<T>(path: &Path, use_it: impl FnOnce(&fs::File) -> io::Result<T>) -> io::Result<T> {
+    let kept = file_id(path).and_then(|id| files().get(&id)?.kept.first().cloned());
+    match kept {
+        Some(f) => use_it(&f),
+        None => with_open(path, use_it),
     }
-    with_open(path, |f| read_full_at(f, buf))
 }
 
 /// Opens `path` for reading and runs `use_it` on it; then closes it, unless
@@ -99,7 +106,7 @@ pub fn with_open<T>(path: &Path, use_it: impl FnOnce(&fs::File) -> io::Result<T>
     let r = use_it(&f);
     let mut files = files();
     match id.ok().and_then(|id| files.get_mut(&id)) {
-        Some(e) => e.kept.push(f),
+        Some(e) => e.kept.push(Arc::new(f)),
         None => drop(f),
     }
     r
