@@ -1,7 +1,7 @@
 //! Boot-time restore of SQLite databases from the crypt remote, before the
 //! gateway can open anything: only where no local copy exists, and every
-//! restored file must pass `PRAGMA quick_check`. The gateway never starts on
-//! an empty database while a remote one exists. A database with a line
+//! restored file must pass `PRAGMA quick_check` and is synced to disk. The
+//! gateway never starts on an empty database while a remote one exists. A database with a line
 //! (`line`) is its base plus every segment after it, in order; a missing or
 //! unreadable segment ends the restore of that database there, named.
 
@@ -39,6 +39,10 @@ pub enum RestoreError {
     },
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error(
+        "cannot write the restored {path} to disk: {source}; the disk under the state dir fails"
+    )]
+    Sync { path: PathBuf, source: io::Error },
     #[error("restoring {db}: its history object {object} is unusable ({why}); nothing older is taken in its place")]
     History {
         db: PathBuf,
@@ -190,6 +194,7 @@ pub async fn restore_databases_at(
     }
     fetched.sort();
     fetched.dedup();
+    start_writeback(root, &fetched);
     let mut lines = BTreeMap::new();
     let mut kept = Vec::new();
     for rel in &fetched {
@@ -614,6 +619,20 @@ async fn hash(path: &Path) -> Result<([u8; 32], u64), SqliteError> {
         .expect("hashing does not panic")
 }
 
+/// Starts writing the downloaded `files` out to disk and returns at once.
+/// Each is synced before the restore is trusted ([`check_databases`]), and
+/// writing out a base of hundreds of MB takes about as long as hashing,
+/// patching and checking it: it runs meanwhile, not after them.
+fn start_writeback(root: &Path, files: &[PathBuf]) {
+    for rel in files {
+        let path = root.join(rel);
+        // A failure here shows again in the sync that counts.
+        drop(tokio::task::spawn_blocking(move || {
+            fs::File::open(&path).and_then(|f| f.sync_data())
+        }));
+    }
+}
+
 /// Replaces `root/rel` with the history copy of `base` in the line at
 /// `line_dir`, checked against its hash. Returns its content hash and size.
 async fn fetch_base(
@@ -652,8 +671,7 @@ async fn fetch_base(
         let unpacked = tokio::task::spawn_blocking(move || {
             let r = fs::File::open(&packed).and_then(|mut src| {
                 let mut dst = fs::File::create(&plain)?;
-                zstd::stream::copy_decode(&mut src, &mut dst)?;
-                dst.sync_all()
+                zstd::stream::copy_decode(&mut src, &mut dst)
             });
             let _ = fs::remove_file(&packed);
             r
@@ -727,18 +745,26 @@ async fn check_databases(
         let path = root.join(rel);
         let checked = {
             let path = path.clone();
-            // Both read the whole file: on two threads, the hash costs no time.
+            // Both read the whole file: on two threads, the hash costs no
+            // time, nor does the sync that puts what was applied on disk.
             tokio::task::spawn_blocking(move || {
                 std::thread::scope(|s| {
                     let hashed = s.spawn(|| sqlite::content_hash(&path));
+                    let synced = s.spawn(|| fs::File::open(&path).and_then(|f| f.sync_data()));
                     let checked = sqlite::quick_check(&path);
                     let hashed = hashed.join().expect("hashing does not panic");
-                    checked.and(hashed)
+                    let synced = synced.join().expect("syncing does not panic");
+                    (checked.and(hashed), synced)
                 })
             })
             .await
             .expect("quick_check does not panic")
         };
+        let (checked, synced) = checked;
+        synced.map_err(|source| RestoreError::Sync {
+            path: path.clone(),
+            source,
+        })?;
         match checked {
             Ok((hash, _)) => {
                 restored.insert(rel.clone(), hash);

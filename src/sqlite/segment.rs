@@ -113,15 +113,15 @@ impl Segment {
         }
     }
 
-    /// Writes the pages into the database file `db` and sets its size.
+    /// Writes the pages into the database file `db` and sets its size. It
+    /// does not sync: a restore applies many segments and syncs once.
     pub fn apply(&self, db: &Path) -> io::Result<()> {
         let f = fs::OpenOptions::new().write(true).open(db)?;
         let size = u64::from(self.page_size);
         for (pgno, page) in &self.pages {
             f.write_all_at(page, u64::from(pgno - 1) * size)?;
         }
-        f.set_len(u64::from(self.db_pages) * size)?;
-        f.sync_all()
+        f.set_len(u64::from(self.db_pages) * size)
     }
 }
 
