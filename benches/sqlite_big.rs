@@ -2,13 +2,15 @@
 //! 0.5, each replicating the same load to its own fresh Garage in one run.
 //!
 //! A WAL database pre-filled to each size (`BENCH_DB_MB`, default
-//! `20,200`), then a 2 KB row committed every 100 ms. After a warm-up (the
+//! `20,200`), then a 2 KB row committed every 100 ms (`BENCH_ROW_BYTES`,
+//! `BENCH_EVERY`; `BENCH_LITESTREAM=0` leaves Litestream out, and
+//! `BENCH_REPORT` names the file written). After a warm-up (the
 //! first whole copy of the database goes up), the load window meters what
 //! Garage stored (`block_bytes_written`, compression off) and the CPU of
 //! cvm-init with its rclone (Litestream: its own process). Then crash
 //! rounds: SIGKILL of everything at a random moment, a fresh container
 //! restores, and the commits lost are counted; the restore is timed against
-//! stock rclone downloading a database of the same size. Litestream's loss
+//! stock rclone downloading an object of the restored database's size. Litestream's loss
 //! is sampled with `litestream restore` during its window. Results:
 //! bench/sqlite-big.md.
 
@@ -30,7 +32,30 @@ use support::{
 };
 
 const T: Duration = Duration::from_secs(600);
-const EVERY: &str = "0.1";
+
+/// The writer's load: a row of `row_bytes` every `every` seconds.
+#[derive(Clone)]
+struct Load {
+    every: String,
+    row_bytes: String,
+}
+
+impl Load {
+    fn from_env() -> Load {
+        let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.into());
+        Load {
+            every: var("BENCH_EVERY", "0.1"),
+            row_bytes: var("BENCH_ROW_BYTES", "2000"),
+        }
+    }
+
+    fn env(&self) -> [(&'static str, String); 2] {
+        [
+            ("EVERY", self.every.clone()),
+            ("ROW_BYTES", self.row_bytes.clone()),
+        ]
+    }
+}
 
 const PREFILL: &str = r#"
 import os, sqlite3, sys
@@ -77,6 +102,8 @@ struct Row {
     lost: Vec<f64>,
     restore_secs: Vec<f64>,
     stock_secs: f64,
+    /// The size of the database the last crash round restored.
+    restored_bytes: u64,
 }
 
 fn mib(b: f64) -> String {
@@ -91,6 +118,7 @@ fn boot(
     name: &str,
     writer: &Path,
     out: &Path,
+    load: &Load,
     takeover: Option<String>,
 ) -> (Appliance, Dirs) {
     let dirs = Dirs::new(root, name);
@@ -105,7 +133,7 @@ fn boot(
     env.push(("CVM_LOG".into(), "info".into()));
     env.push(("CVM_LEASE_TTL".into(), "30s".into()));
     env.push(("OUT".into(), out.display().to_string()));
-    env.push(("EVERY".into(), EVERY.into()));
+    env.extend(load.env().map(|(k, v)| (k.to_owned(), v)));
     env.extend(takeover.map(|id| ("CVM_LEASE_TAKEOVER".to_owned(), id)));
     (Appliance::start(&dirs, &env), dirs)
 }
@@ -113,6 +141,7 @@ fn boot(
 fn cvm_init(
     root: &Path,
     writer: &Path,
+    load_spec: &Load,
     mb: u64,
     warmup: Duration,
     load: Duration,
@@ -122,7 +151,7 @@ fn cvm_init(
     let dirs = Dirs::new(root, "load");
     prefill(root, &dirs.state.join(DB), mb);
     let out = root.join("out-load");
-    let (mut app, dirs) = boot(&g, root, "load", writer, &out, None);
+    let (mut app, dirs) = boot(&g, root, "load", writer, &out, load_spec, None);
     app.wait_ready(T);
     wait_until(T, "the first base", || {
         app.log_text().contains("sqlite: snapshot uploaded (base)")
@@ -158,12 +187,14 @@ fn cvm_init(
             &format!("crash-{round}"),
             writer,
             &out,
+            load_spec,
             Some(holder.trim().to_owned()),
         );
         app.wait_ready(T);
         row.restore_secs.push(restore_took(&app.log_text()));
         let (max, _) =
             inspect(&dirs.state.join(DB)).expect("the restored database passes its check");
+        row.restored_bytes = fs::metadata(dirs.state.join(DB)).unwrap().len();
         row.lost
             .push(lost_seconds(&commits(&prev.0), max, killed_at));
         wait_until(T, "the writer", || !commits(&out).is_empty());
@@ -171,10 +202,15 @@ fn cvm_init(
     }
     assert_eq!(prev.1.stop(T), 0);
 
-    // Stock rclone downloading one object of the database's size, same Garage.
+    // Stock rclone downloading one object of the restored database's size, same Garage.
     let conf = stock_config(&g, root);
     let file = root.join("stock.bin");
-    fs::write(&file, vec![7u8; (mb * 1024 * 1024) as usize]).unwrap();
+    let size = if row.restored_bytes > 0 {
+        row.restored_bytes
+    } else {
+        mb * 1024 * 1024
+    };
+    fs::write(&file, vec![7u8; size as usize]).unwrap();
     let rclone = |args: &[&str]| {
         let ok = Command::new(rclone_bin())
             .arg("--config")
@@ -218,6 +254,7 @@ fn restore_took(log: &str) -> f64 {
 fn litestream(
     root: &Path,
     writer: &Path,
+    load_spec: &Load,
     mb: u64,
     warmup: Duration,
     load: Duration,
@@ -235,7 +272,7 @@ fn litestream(
         .arg(writer)
         .env("OPENCLAW_STATE_DIR", &state)
         .env("OUT", &out)
-        .env("EVERY", EVERY)
+        .envs(load_spec.env())
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
@@ -286,6 +323,9 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
+    let load_spec = Load::from_env();
+    let with_litestream = std::env::var("BENCH_LITESTREAM").as_deref() != Ok("0");
+    let report = std::env::var("BENCH_REPORT").unwrap_or_else(|_| "sqlite-big".into());
     let tmp = tempfile::tempdir().unwrap();
     let writer = tmp.path().join("writer.py");
     fs::write(&writer, WRITER).unwrap();
@@ -297,24 +337,44 @@ fn main() {
             d
         };
         eprintln!("bench: cvm-init, {mb} MB…");
-        rows.push(cvm_init(&dir("cvm"), &writer, mb, warmup, load, rounds));
-        eprintln!("bench: Litestream, {mb} MB…");
-        rows.extend(litestream(&dir("litestream"), &writer, mb, warmup, load));
+        rows.push(cvm_init(
+            &dir("cvm"),
+            &writer,
+            &load_spec,
+            mb,
+            warmup,
+            load,
+            rounds,
+        ));
+        if with_litestream {
+            eprintln!("bench: Litestream, {mb} MB…");
+            rows.extend(litestream(
+                &dir("litestream"),
+                &writer,
+                &load_spec,
+                mb,
+                warmup,
+                load,
+            ));
+        }
     }
 
     let mut md = String::new();
     let _ = writeln!(md, "# SQLite on a big database: cost of a small change\n");
     let _ = writeln!(
         md,
-        "Machine: {} cores. Load: a WAL database pre-filled to the size shown, then a 2 KB row committed \
-         every {EVERY} s by a Python writer. Bytes are what Garage stored (`block_bytes_written`, compression \
+        "Machine: {} cores. Load: a WAL database pre-filled to the size shown, then a row of {} random bytes \
+         committed every {} s by a Python writer. Bytes are what Garage stored (`block_bytes_written`, compression \
          off) over a {}s window after a {}s warm-up; CPU is cvm-init plus its rclone (Litestream: its process) \
          over the same window. Data lost: cvm-init by {rounds} crash rounds (SIGKILL of everything, a fresh \
          container restores); Litestream by `litestream restore` every 20 s during its window. Restore: the fresh \
          container's restore as its log times it (cvm-init; the lease is taken over explicitly, \
          `CVM_LEASE_TAKEOVER`) or `litestream restore`, beside stock rclone downloading one \
-         object of the database's size from the same Garage. `./scripts/bench sqlite-big` wrote this file.\n",
+         object of the restored database's size (shown) from the same Garage. `./scripts/bench sqlite-big` wrote \
+         this file.\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        load_spec.row_bytes,
+        load_spec.every,
         load.as_secs(),
         warmup.as_secs(),
     );
@@ -327,7 +387,11 @@ fn main() {
         let (_, lm, lw) = stats(&r.lost);
         let (_, rm, _) = stats(&r.restore_secs);
         let stock = if r.stock_secs > 0.0 {
-            format!("{:.2} s", r.stock_secs)
+            format!(
+                "{:.2} s ({:.0} MB)",
+                r.stock_secs,
+                r.restored_bytes as f64 / 1e6
+            )
         } else {
             "—".into()
         };
@@ -345,11 +409,16 @@ fn main() {
     for &mb in &sizes {
         let ours = rows.iter().find(|r| r.mb == mb && r.name == "cvm-init");
         let lite = rows.iter().find(|r| r.mb == mb && r.name != "cvm-init");
-        if let (Some(o), Some(l)) = (ours, lite) {
+        if let Some(o) = ours {
+            let bytes = lite.map_or(String::new(), |l| {
+                format!(
+                    "cvm-init / Litestream bytes {:.2}×; ",
+                    o.bytes_per_min / l.bytes_per_min.max(1.0)
+                )
+            });
             let _ = writeln!(
                 md,
-                "- {mb} MB: cvm-init / Litestream bytes {:.2}×; cvm-init restore / stock download {:.2}×",
-                o.bytes_per_min / l.bytes_per_min.max(1.0),
+                "- {mb} MB: {bytes}cvm-init restore / stock download {:.2}×",
                 stats(&o.restore_secs).1 / o.stock_secs.max(0.01)
             );
         }
@@ -368,5 +437,5 @@ fn main() {
             big.bytes_per_min / small.bytes_per_min.max(1.0)
         );
     }
-    write_report("sqlite-big", &md);
+    write_report(&report, &md);
 }

@@ -511,11 +511,18 @@ fn after_a_crash_the_dead_mount_is_replaced_and_cached_writes_are_uploaded() {
         app.log_text()
     );
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let uploader = app.log_text();
 
     let fresh = Dirs::new(tmp.path(), "fresh");
     let mut app = boot(&g, &fresh, idle.to_str().unwrap(), &[]);
     app.wait_ready(T);
-    same_tree(&tree(&fresh.state), &written);
+    let back = tree(&fresh.state);
+    if back != written {
+        // Seen once in a dozen runs under load: what the restarted run did
+        // with the cached files says where one went.
+        eprintln!("the run that uploaded the cache:\n{uploader}");
+    }
+    same_tree(&back, &written);
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
 }
 

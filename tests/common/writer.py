@@ -4,7 +4,7 @@
 # LIMIT stops after that many commits; the file $OUT/pause pauses writing,
 # acknowledged by the file $OUT/paused. LOCKING sets PRAGMA locking_mode,
 # JOURNAL the journal mode (default wal), PAD=zeros compressible rows
-# (default: random bytes).
+# (default: random bytes), ROW_BYTES their size (default 2000).
 # SIGTERM ends it between commits: a stop never falls between a commit and
 # its log line, so the log numbers have no gap (SIGKILL still can).
 import os, signal, sqlite3, sys, time
@@ -20,7 +20,8 @@ if os.environ.get("LOCKING"):
 db.execute("create table if not exists tx(i integer primary key, ts real, pad blob)")
 i = db.execute("select coalesce(max(i), 0) from tx").fetchone()[0]
 limit, every = int(os.environ.get("LIMIT", "0")), float(os.environ.get("EVERY", "0.02"))
-pad = (lambda: bytes(2000)) if os.environ.get("PAD") == "zeros" else (lambda: os.urandom(2000))
+size = int(os.environ.get("ROW_BYTES", "2000"))
+pad = (lambda: bytes(size)) if os.environ.get("PAD") == "zeros" else (lambda: os.urandom(size))
 log = open(os.path.join(out, "commits"), "a", buffering=1)
 n = 0
 pause = os.path.join(out, "pause")
