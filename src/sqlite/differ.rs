@@ -152,21 +152,15 @@ fn in_read_txn<T>(
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(sql_err(db))?;
-        held::with_file(db, |live| {
-            // Switched to WAL since the open: the file alone is not the
-            // database; the next save starts a line from its WAL.
-            let mut head = [0u8; 20];
-            live.read_exact_at(&mut head, 0)?;
-            if head[18] == 2 {
-                return Err(io::Error::other(WAL_NOW));
-            }
-            read(live, page_size, db_pages)
-        })
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::Interrupted => SqliteError::Interrupted {
+        // Switched to WAL since the open: the file alone is not the
+        // database; the next save starts a line from its WAL.
+        if super::in_wal_mode(db) {
+            return Err(SqliteError::Replaced {
                 path: db.to_owned(),
-            },
-            _ if e.to_string() == WAL_NOW => SqliteError::Replaced {
+            });
+        }
+        held::with_file(db, |live| read(live, page_size, db_pages)).map_err(|e| match e.kind() {
+            io::ErrorKind::Interrupted => SqliteError::Interrupted {
                 path: db.to_owned(),
             },
             _ => io_err(db)(e),
@@ -175,8 +169,6 @@ fn in_read_txn<T>(
     let _ = conn.execute_batch("COMMIT");
     r
 }
-
-const WAL_NOW: &str = "switched to WAL";
 
 /// Copies the `db_pages` pages of `live` into a new file `dst`; an
 /// `Interrupted` error once `interrupt` is set. No fsync: the copy is the
