@@ -42,7 +42,7 @@ const POLL: Duration = Duration::from_millis(250);
 /// Transfers that could not reach S3 at which a pass stops starting more (see `Engine::pass`).
 const GIVE_UP_AFTER: u32 = 2;
 /// Transfers in flight at once, as rclone's own `--transfers` would run.
-const TRANSFERS: usize = 32;
+const TRANSFERS: usize = 64;
 /// New files at the stop from which one batch job beats one call per file.
 const BATCH_MIN: usize = 64;
 /// Uploads one pass takes on (the rest wait for the next, oldest first).
