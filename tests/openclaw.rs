@@ -145,6 +145,10 @@ impl Gateway {
             "CVM_GATEWAY_CMD".into(),
             format!("openclaw gateway run --bind loopback --port {port}"),
         ));
+        // The gateway's own shutdown (its SQLite maintenance worker) took
+        // over 4.5 s, the default budget's half it gets, on a loaded 2-core
+        // machine: a graceful stop of the real gateway is given room here.
+        env.push(("CVM_STOP_TIMEOUT".into(), "20s".into()));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         (Appliance::start(&dirs, &env), dirs)
     }
