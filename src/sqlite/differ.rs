@@ -1,9 +1,9 @@
 //! Following a database in a rollback-journal mode (not WAL), whose
-//! commits leave no frames to read. Each save takes a consistent snapshot
-//! (SQLite's backup API, as a whole-database save does) and compares it
-//! page by page with the previous one, kept on local disk (the *mirror*):
-//! the pages that differ are the segment, as a WAL database's are. A base is
-//! a copy of the mirror, so it takes no lock on the app's database.
+//! commits leave no frames to read. Each save reads the database file in
+//! one read transaction and compares it page by page with the previous
+//! state, kept on local disk (the *mirror*, the file byte for byte): the
+//! pages that differ are the segment, as a WAL database's are. A base is a
+//! copy of the mirror, so it takes no lock on the app's database.
 
 use std::fs;
 use std::io::{self, Write};
@@ -181,6 +181,23 @@ fn copy(
     interrupt: &AtomicBool,
 ) -> io::Result<()> {
     let mut out = io::BufWriter::with_capacity(1 << 20, fs::File::create(dst)?);
+    read_pages(live, page_size, db_pages, interrupt, |chunk| {
+        out.write_all(chunk)?;
+        Ok(true)
+    })?;
+    out.flush()
+}
+
+/// Reads the `db_pages` pages of `live` in order, [`READ_PAGES`] at a time,
+/// into `each` until it returns `false`; an `Interrupted` error once
+/// `interrupt` is set.
+fn read_pages(
+    live: &fs::File,
+    page_size: u32,
+    db_pages: u32,
+    interrupt: &AtomicBool,
+    mut each: impl FnMut(&[u8]) -> io::Result<bool>,
+) -> io::Result<()> {
     let size = page_size as usize;
     let mut chunk = vec![0u8; READ_PAGES * size];
     let mut pgno = 0u32;
@@ -191,10 +208,12 @@ fn copy(
         let n = (db_pages - pgno).min(READ_PAGES as u32);
         let chunk = &mut chunk[..n as usize * size];
         live.read_exact_at(chunk, u64::from(pgno) * size as u64)?;
-        out.write_all(chunk)?;
+        if !each(chunk)? {
+            break;
+        }
         pgno += n;
     }
-    out.flush()
+    Ok(())
 }
 
 /// The segment that turns the file `mirror` into `live` (`db_pages` pages
@@ -212,16 +231,10 @@ fn diff(
     let same_size = super::page_size(mirror).ok() == Some(page_size);
     let size = page_size as usize;
     let mut old = io::BufReader::with_capacity(1 << 20, fs::File::open(mirror)?);
-    let (mut chunk, mut pa) = (vec![0u8; READ_PAGES * size], vec![0u8; size]);
+    let mut pa = vec![0u8; size];
     let mut pages = std::collections::BTreeMap::new();
-    let mut pgno = 0u32;
-    while pgno < db_pages {
-        if interrupt.load(Ordering::SeqCst) {
-            return Err(io::ErrorKind::Interrupted.into());
-        }
-        let n = (db_pages - pgno).min(READ_PAGES as u32) as usize;
-        let chunk = &mut chunk[..n * size];
-        live.read_exact_at(chunk, u64::from(pgno) * size as u64)?;
+    let (mut pgno, mut over) = (0u32, false);
+    read_pages(live, page_size, db_pages, interrupt, |chunk| {
         for page in chunk.chunks(size) {
             pgno += 1;
             let had = if same_size {
@@ -231,11 +244,16 @@ fn diff(
             };
             if had != size || pa[..] != page[..] {
                 if (pages.len() + 1) * size > limit {
-                    return Ok(None);
+                    over = true;
+                    return Ok(false);
                 }
                 pages.insert(pgno, page.to_vec());
             }
         }
+        Ok(true)
+    })?;
+    if over {
+        return Ok(None);
     }
     Ok(Some(Segment {
         page_size,

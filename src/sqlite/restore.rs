@@ -1,9 +1,10 @@
 //! Boot-time restore of SQLite databases from the crypt remote, before the
 //! gateway can open anything: only where no local copy exists, and every
 //! restored file must pass `PRAGMA quick_check` and is synced to disk. The
-//! gateway never starts on an empty database while a remote one exists. A database with a line
-//! (`line`) is its base plus every segment after it, in order; a missing or
-//! unreadable segment ends the restore of that database there, named.
+//! gateway never starts on an empty database while a remote one exists. A
+//! database with a line (`line`) is its base plus every segment after it, in
+//! order; a missing or unreadable segment ends the restore of that database
+//! there, named.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
