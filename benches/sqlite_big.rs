@@ -3,8 +3,9 @@
 //!
 //! A WAL database pre-filled to each size (`BENCH_DB_MB`, default
 //! `20,200`), then a 2 KB row committed every 100 ms (`BENCH_ROW_BYTES`,
-//! `BENCH_EVERY`; `BENCH_LITESTREAM=0` leaves Litestream out, and
-//! `BENCH_REPORT` names the file written). After a warm-up (the
+//! `BENCH_EVERY`; `BENCH_LITESTREAM=0` leaves Litestream out,
+//! `BENCH_REPORT` names the file written, and `BENCH_LOG=1` prints each
+//! restore's log). After a warm-up (the
 //! first whole copy of the database goes up), the load window meters what
 //! Garage stored (`block_bytes_written`, compression off) and the CPU of
 //! cvm-init with its rclone (Litestream: its own process). Then crash
@@ -130,7 +131,12 @@ fn boot(
         "CVM_GATEWAY_CMD".into(),
         format!("python3 {}", writer.display()),
     ));
-    env.push(("CVM_LOG".into(), "info".into()));
+    let log = if std::env::var_os("BENCH_LOG").is_some() {
+        "info,cvm_init=debug"
+    } else {
+        "info"
+    };
+    env.push(("CVM_LOG".into(), log.into()));
     env.push(("CVM_LEASE_TTL".into(), "30s".into()));
     env.push(("OUT".into(), out.display().to_string()));
     env.extend(load.env().map(|(k, v)| (k.to_owned(), v)));
@@ -179,6 +185,10 @@ fn cvm_init(
         pause_until(Instant::now() + Duration::from_millis(1000 + (seed >> 33) % 2000));
         let killed_at = now();
         prev.1.kill_all();
+        // A fresh container starts on a machine with nothing of this one's
+        // to write out: the killed run's files and Garage's are put on disk
+        // here, not in the restore's own sync.
+        assert!(Command::new("sync").status().unwrap().success());
         let holder = fs::read_to_string(prev.2.local.join("instance-id")).unwrap();
         let out = root.join(format!("out-{round}"));
         let (mut app, dirs) = boot(
@@ -191,7 +201,18 @@ fn cvm_init(
             Some(holder.trim().to_owned()),
         );
         app.wait_ready(T);
-        row.restore_secs.push(restore_took(&app.log_text()));
+        let log = app.log_text();
+        row.restore_secs.push(restore_took(&log));
+        if std::env::var_os("BENCH_LOG").is_some() {
+            // The restore's phases, from its log, for a run by hand.
+            let end = log
+                .find("boot: state restored")
+                .map_or(log.len(), |i| i + 200);
+            eprintln!(
+                "bench: round {round} restore log:\n{}",
+                &log[..end.min(log.len())]
+            );
+        }
         let (max, _) =
             inspect(&dirs.state.join(DB)).expect("the restored database passes its check");
         row.restored_bytes = fs::metadata(dirs.state.join(DB)).unwrap().len();

@@ -275,6 +275,55 @@ fn a_missing_segment_ends_the_restore_there_and_is_named() {
     assert!(max < 10, "nothing after the missing segment is applied");
 }
 
+/// A restore writes the segments onto the stock copy first and checks the
+/// base's hash beside its own check, since the stock copy is almost always
+/// the newest base its manifest names. When it is another file, what the
+/// segments wrote over is put back: the file is restored as it is, and
+/// said so.
+#[test]
+fn a_stock_copy_that_is_not_the_newest_base_is_restored_as_it_is() {
+    let s = Setup::new();
+    let (mut app, _, out) = boot_writer(&s, "a", &[("LIMIT", "10"), ("EVERY", "0.3")]);
+    wait_until(T, "10 commits and a second segment", || {
+        commits(&out).len() >= 10
+            && app
+                .log_text()
+                .contains("sqlite: segment uploaded db=state/openclaw.sqlite seq=2")
+    });
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    // Another database where the stock copy is: a copy put there by hand.
+    let other = s.tmp.path().join("other.sqlite");
+    {
+        let c = rusqlite::Connection::open(&other).unwrap();
+        c.pragma_update(None, "journal_mode", "WAL").unwrap();
+        // Smaller than the app's: its segments write over it and past it.
+        c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+            .unwrap();
+    }
+    let conf = common::stock_config(&s.g, s.tmp.path());
+    common::rclone(
+        &conf,
+        &[
+            "copyto",
+            other.to_str().unwrap(),
+            &format!("crypt:sqlite/{DB}"),
+        ],
+    );
+
+    let (to, stderr) = restore_latest(&s);
+    assert!(
+        stderr.contains("is not the one its manifest names"),
+        "{stderr}"
+    );
+    let (got, want) = (fs::read(to.join(DB)).unwrap(), fs::read(&other).unwrap());
+    assert_eq!(got.len(), want.len(), "{stderr}");
+    // Past the header, whose version fields a check may rewrite.
+    assert!(
+        got[100..] == want[100..],
+        "the file put back is the file S3 holds"
+    );
+}
+
 /// A span only stands in for its segments: a damaged one is passed over
 /// for them, and nothing is lost.
 #[test]

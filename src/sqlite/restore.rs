@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use futures_util::stream::{self, StreamExt};
@@ -145,6 +146,8 @@ pub async fn restore_databases_at(
     let ahead_dir = scratch.join("segments");
     let _ = fs::remove_dir_all(&ahead_dir);
     let before = files_below(root)?;
+    let started = Instant::now();
+    let writeback = WriteBack::start(root, &before);
     let (mut fetched, mut ahead) = match at {
         // The bases and each database's segments download at once: the
         // segments do not wait for a base as big as the database.
@@ -157,6 +160,8 @@ pub async fn restore_databases_at(
             read_ahead(socket, &before, &ahead_dir, at).await?,
         ),
     };
+    drop(writeback);
+    tracing::debug!(took = ?started.elapsed(), "sqlite: bases and segments downloaded");
     let mut out = Restored::default();
     // A moment's base is often an older one, and a new database's first
     // has no stock copy: those come from the history (for a moment, before
@@ -165,7 +170,7 @@ pub async fn restore_databases_at(
     let mut from_history = Vec::new();
     for (rel, a) in &ahead {
         match &a.segments {
-            Some((b, _, _)) if !(a.stock && a.manifest.bases.first() == Some(b)) => {
+            Some((b, ..)) if !(a.stock && a.manifest.bases.first() == Some(b)) => {
                 from_history.push((rel.clone(), a.dir.clone(), b.clone()));
             }
             None if !a.stock => {
@@ -198,6 +203,7 @@ pub async fn restore_databases_at(
     start_writeback(root, &fetched);
     let mut lines = BTreeMap::new();
     let mut kept = Vec::new();
+    let mut hashed = BTreeMap::new();
     for rel in &fetched {
         let ahead = ahead.remove(rel);
         let caught = catch_up(socket, root, rel, &ahead_dir, at, ahead).await;
@@ -218,14 +224,34 @@ pub async fn restore_databases_at(
                 out.no_history.push(rel.clone());
                 lines.insert(rel.clone(), (None, None));
             }
-            CatchUp::Line { line, point } => {
-                lines.insert(rel.clone(), (line, Some(point)));
+            CatchUp::Line {
+                line,
+                point,
+                stock_hash: Some(sha256),
+                checked: true,
+            } => {
+                let point = Some(point);
+                let line = line.map(|l| *l);
+                let known = Known { sha256, line };
+                out.dbs.insert(rel.clone(), DbRestore { known, point });
+                continue;
+            }
+            CatchUp::Line {
+                line,
+                point,
+                stock_hash,
+                ..
+            } => {
+                hashed.extend(stock_hash.map(|h| (rel.clone(), h)));
+                lines.insert(rel.clone(), (line.map(|l| *l), Some(point)));
             }
         }
         kept.push(rel.clone());
     }
     let _ = fs::remove_dir_all(&ahead_dir);
-    for (rel, sha256) in check_databases(root, &kept).await? {
+    let checked = check_databases(root, &kept, &hashed).await?;
+    tracing::info!(databases = out.dbs.len() + checked.len(), took = ?started.elapsed(), "sqlite: restore done");
+    for (rel, sha256) in checked {
         let (line, point) = lines.remove(&rel).unwrap_or_default();
         out.dbs.insert(
             rel,
@@ -243,7 +269,17 @@ enum CatchUp {
     NoLine,
     /// Restored to `point`; `line` is the line to continue (newest state
     /// only, and only when it was followed to its end).
-    Line { line: Option<Line>, point: u64 },
+    Line {
+        line: Option<Box<Line>>,
+        point: u64,
+        /// A WAL database's line continues from its stock copy: that
+        /// copy's content hash, which the backup loop keeps as what S3
+        /// holds of it (as after it uploads a base), so the restored file
+        /// needs no second hash.
+        stock_hash: Option<[u8; 32]>,
+        /// Already checked and synced ([`catch_up_ahead`]).
+        checked: bool,
+    },
     /// No restore point at or before the moment; the oldest there is.
     Before(Option<u64>),
 }
@@ -261,9 +297,9 @@ struct Ahead {
     /// [`line::trashed_path`] for a database deleted since the moment.
     dir: String,
     manifest: Manifest,
-    /// The base to restore, where its segments were fetched, and what to
-    /// apply of them.
-    segments: Option<(BaseRef, PathBuf, Plan)>,
+    /// The base to restore, where its segments were fetched, what to
+    /// apply of them, and the first of them already read and merged.
+    segments: Option<(BaseRef, PathBuf, Plan, Option<Batch>)>,
     /// The content hash and size of the base already in place, when it
     /// was fetched (and checked) from the history ahead of the rest.
     hashed: Option<Hashed>,
@@ -343,6 +379,7 @@ async fn read_ahead(
             (rel, stock, dir, false)
         })
         .collect();
+    let budget = &std::sync::Mutex::new(AHEAD_BYTES);
     let one = |n: usize, (rel, stock, line_dir, trashed): Candidate| async move {
         let scratch = dir.join(n.to_string());
         let Some(manifest) = line::read_manifest_in(socket, &line_dir, &scratch)
@@ -367,7 +404,8 @@ async fn read_ahead(
         let segments = match base {
             Some(b) => {
                 let plan = fetch_segments(socket, &rel, &line_dir, b, at, &scratch, &[]).await?;
-                Some((b.clone(), scratch, plan))
+                let batch = read_ahead_batch(budget, &scratch, &plan.0).await;
+                Some((b.clone(), scratch, plan, batch))
             }
             None if trashed => return Ok(None),
             None => None,
@@ -508,6 +546,13 @@ async fn catch_up(
         return Ok(CatchUp::NoLine);
     };
     let path = root.join(rel);
+    let started = Instant::now();
+    let mut segments = segments;
+    if at.is_none() && hashed.is_none() {
+        if let Some(done) = catch_up_ahead(rel, &path, &manifest, &mut segments).await? {
+            return Ok(done);
+        }
+    }
     let hashed = match hashed {
         Some(h) => Ok(h),
         None => hash(&path).await,
@@ -535,24 +580,26 @@ async fn catch_up(
         },
     };
     let remote = format!("{CRYPT_REMOTE}:{line_dir}/{}", base.gen);
-    let (mut dir, mut plan) = match segments {
-        Some((b, dir, plan)) if b == base => (dir, plan),
+    let (mut dir, mut plan, mut batch) = match segments {
+        Some((b, dir, plan, batch)) if b == base => (dir, plan, batch),
         // The stock base is not the newest the manifest names (a base
         // taken by hand, or an upload cut short): its own generation.
         _ => {
             let dir = scratch.join("other");
             let _ = fs::remove_dir_all(&dir);
             let plan = fetch_segments(socket, rel, &line_dir, &base, at, &dir, &[]).await?;
-            (dir, plan)
+            (dir, plan, None)
         }
     };
+    let hashed_in = started.elapsed();
     let (mut done, mut after_base, mut skipped) = (Vec::new(), 0, Vec::new());
     let stopped = loop {
         let (todo, stop) = plan;
         let (applied, bytes, failed) = {
             let (dir, path) = (dir.clone(), path.clone());
             let names: Vec<String> = todo.iter().map(|s| s.name.clone()).collect();
-            tokio::task::spawn_blocking(move || apply_segments(&dir, &path, &names))
+            let first = batch.take();
+            tokio::task::spawn_blocking(move || apply_segments(&dir, &path, &names, first))
                 .await
                 .expect("applying does not panic")
         };
@@ -575,6 +622,7 @@ async fn catch_up(
         dir = scratch.join(format!("retry-{}", skipped.len()));
         plan = fetch_segments(socket, rel, &line_dir, &from, at, &dir, &skipped).await?;
     };
+    let applied_in = started.elapsed();
     if !base.rollback {
         let path = path.clone();
         tokio::task::spawn_blocking(move || to_wal(&path))
@@ -598,19 +646,193 @@ async fn catch_up(
         };
         tracing::error!(db = %rel.display(), restored_to = done.last().map_or(base.after, |s| s.seq), "sqlite: restore stopped at segment {remote}/{object}: {why}; the database is restored as of the segment before it");
     }
+    tracing::info!(db = %rel.display(), generation = %base.gen, segments = done.len(), hashed_in = ?hashed_in, applied_in = ?applied_in,
+        took = ?started.elapsed(), "sqlite: restored base and segments");
+    let continued = (stopped.is_none() && at.is_none()).then_some((base_bytes, after_base));
+    Ok(caught_up(&manifest, base, &done, continued, hash, false))
+}
+
+/// What [`catch_up`] returns for `base` and the segments `done` after it;
+/// `continued` (the base's bytes and theirs) when the line goes on from
+/// them, `hash` the base's content hash.
+fn caught_up(
+    manifest: &Manifest,
+    base: BaseRef,
+    done: &[SegRef],
+    continued: Option<(u64, u64)>,
+    hash: [u8; 32],
+    checked: bool,
+) -> CatchUp {
     let point = done.last().and_then(|s| s.t_ms).unwrap_or(base.taken_ms());
-    tracing::info!(db = %rel.display(), generation = %base.gen, segments = done.len(), "sqlite: restored base and segments");
     let seq = done.last().map_or(base.after, |s| s.seq);
-    let line = (stopped.is_none() && at.is_none()).then(|| Line {
-        gen: base.gen.clone(),
-        seq,
-        manifest: Manifest::clone(&manifest),
-        base,
-        base_bytes,
-        after_base,
-        pruned: (crate::timepoint::now_ms(), seq),
+    let line = continued.map(|(base_bytes, after_base)| {
+        Box::new(Line {
+            gen: base.gen.clone(),
+            seq,
+            manifest: Manifest::clone(manifest),
+            base,
+            base_bytes,
+            after_base,
+            pruned: (crate::timepoint::now_ms(), seq),
+        })
     });
-    Ok(CatchUp::Line { line, point })
+    let stock_hash = line
+        .as_ref()
+        .is_some_and(|l| !l.base.rollback)
+        .then_some(hash);
+    CatchUp::Line {
+        line,
+        point,
+        stock_hash,
+        checked,
+    }
+}
+
+/// The usual restore, made shorter: the stock copy is the newest base its
+/// manifest names (unless a base was taken by hand, or its upload was cut
+/// short), and its segments were read ahead. They are written first; the
+/// base's hash, taken from the file and what they wrote over, is checked
+/// beside the `quick_check` and the sync, not before them. When the hash
+/// is another, what they wrote over is put back and `None` returned, for
+/// [`catch_up`] to go the long way.
+async fn catch_up_ahead(
+    rel: &Path,
+    path: &Path,
+    manifest: &Manifest,
+    segments: &mut Option<(BaseRef, PathBuf, Plan, Option<Batch>)>,
+) -> Result<Option<CatchUp>, RestoreError> {
+    let Some((base, dir, (todo, None), batch)) = segments else {
+        return Ok(None);
+    };
+    let whole = batch
+        .as_ref()
+        .is_some_and(|b| b.failed.is_none() && b.taken == todo.len());
+    if manifest.bases.first() != Some(&*base) || base.rollback || !whole {
+        return Ok(None);
+    }
+    let Some(Batch { merged, bytes, .. }) = batch.take() else {
+        return Ok(None);
+    };
+    let started = Instant::now();
+    let checked = {
+        let (path, dir) = (path.to_owned(), dir.clone());
+        tokio::task::spawn_blocking(move || -> io::Result<_> {
+            let Some(undo) = Undo::take(&path, merged.as_ref())? else {
+                return Ok(None);
+            };
+            if let Some(m) = &merged {
+                m.apply(&path)?;
+            }
+            to_wal(&path);
+            let (hashed, checked, synced) = std::thread::scope(|s| {
+                let hashed = s.spawn(|| undo.hash(&path));
+                let synced = s.spawn(|| fs::File::open(&path).and_then(|f| f.sync_data()));
+                // Unlinking tens of MB of segments takes a while, and
+                // before the boot's sync(), or that writes them out.
+                s.spawn(|| fs::remove_dir_all(&dir));
+                let checked = sqlite::quick_check(&path);
+                let hashed = hashed.join().expect("hashing does not panic");
+                let synced = synced.join().expect("syncing does not panic");
+                (hashed, checked, synced)
+            });
+            Ok(Some((undo, hashed, checked, synced)))
+        })
+        .await
+        .expect("applying does not panic")
+    };
+    let io = |source| RestoreError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let Some((undo, hashed, checked, synced)) = checked.map_err(io)? else {
+        return Ok(None);
+    };
+    match hashed {
+        Ok(h) if line::hex(&h) == base.sha256 => {
+            synced.map_err(|source| RestoreError::Sync {
+                path: path.to_owned(),
+                source,
+            })?;
+            checked.map_err(|source| corrupt(path, rel, source))?;
+            tracing::info!(db = %rel.display(), generation = %base.gen, segments = todo.len(),
+                took = ?started.elapsed(), "sqlite: restored base and segments, checked");
+            let continued = Some((undo.len, bytes));
+            Ok(Some(caught_up(
+                manifest,
+                base.clone(),
+                todo,
+                continued,
+                h,
+                true,
+            )))
+        }
+        _ => {
+            undo.put_back(path).map_err(io)?;
+            // Its segments are gone with `dir`; they were not this base's.
+            *segments = None;
+            Ok(None)
+        }
+    }
+}
+
+/// What a batch of pages is about to write over in a database file, and
+/// its size: enough to hash the file as it was once they are written.
+struct Undo {
+    len: u64,
+    /// Byte offset → what was there.
+    pages: BTreeMap<u64, Vec<u8>>,
+}
+
+impl Undo {
+    /// Reads what `seg` would write over in `db` (and its first page, which
+    /// the switch to WAL mode writes). `None` when `seg` cuts the file
+    /// short: all it cuts off would have to be kept.
+    fn take(db: &Path, seg: Option<&Segment>) -> io::Result<Option<Undo>> {
+        let f = fs::File::open(db)?;
+        let len = f.metadata()?.len();
+        let size = seg.map_or(4096, |s| u64::from(s.page_size));
+        if seg.is_some_and(|s| u64::from(s.db_pages) * size < len) {
+            return Ok(None);
+        }
+        let pgnos = seg.into_iter().flat_map(|s| s.pages.keys().copied());
+        let mut pages = BTreeMap::new();
+        for pgno in std::iter::once(1).chain(pgnos) {
+            let at = u64::from(pgno - 1) * size;
+            if at >= len || pages.contains_key(&at) {
+                continue;
+            }
+            let mut page = vec![0u8; size.min(len - at) as usize];
+            f.read_exact_at(&mut page, at)?;
+            pages.insert(at, page);
+        }
+        Ok(Some(Undo { len, pages }))
+    }
+
+    /// The content hash of `db` as it was.
+    fn hash(&self, db: &Path) -> Result<[u8; 32], SqliteError> {
+        sqlite::content_hash_before(db, self.len, &self.pages)
+    }
+
+    /// Writes back what was written over, and the size.
+    fn put_back(&self, db: &Path) -> io::Result<()> {
+        let f = fs::OpenOptions::new().write(true).open(db)?;
+        for (&at, page) in &self.pages {
+            f.write_all_at(page, at)?;
+        }
+        f.set_len(self.len)
+    }
+}
+
+/// Moves a restored database that fails its check aside; the error to stop
+/// the boot with.
+fn corrupt(path: &Path, rel: &Path, source: SqliteError) -> RestoreError {
+    let aside = sqlite::sidecar(path, ".corrupt");
+    let _ = fs::rename(path, &aside);
+    RestoreError::Corrupt {
+        db: rel.to_owned(),
+        aside,
+        source: Box::new(source),
+    }
 }
 
 async fn hash(path: &Path) -> Result<([u8; 32], u64), SqliteError> {
@@ -618,6 +840,38 @@ async fn hash(path: &Path) -> Result<([u8; 32], u64), SqliteError> {
     tokio::task::spawn_blocking(move || sqlite::content_hash(&path))
         .await
         .expect("hashing does not panic")
+}
+
+/// Writes what the downloads put under a restore's root out to disk while
+/// they run, every [`WRITEBACK_EVERY`]: a restored database must be on
+/// disk before the restore counts as done, and a base of hundreds of MB
+/// written out only once it is downloaded made a restore wait for its
+/// disk (0.25 s for 280 MB here). Stops when dropped.
+struct WriteBack {
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+const WRITEBACK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl WriteBack {
+    fn start(root: &Path, before: &BTreeSet<PathBuf>) -> WriteBack {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (root, before) = (root.to_owned(), before.clone());
+        // A failure here shows again in the sync that counts.
+        drop(tokio::task::spawn_blocking(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(WRITEBACK_EVERY)
+            {
+                let Ok(now) = files_below(&root) else {
+                    continue;
+                };
+                for rel in now.difference(&before) {
+                    let _ = fs::File::open(root.join(rel)).and_then(|f| f.sync_data());
+                }
+            }
+        }));
+        WriteBack { _stop: stop }
+    }
 }
 
 /// Starts writing the downloaded `files` out to disk and returns at once.
@@ -690,29 +944,111 @@ async fn fetch_base(
     Ok((got, bytes))
 }
 
-/// Applies the segments named `names`, in order, from `dir` to `db`, until
-/// one fails; then sets WAL mode when `wal` (a rollback-journal database
-/// stays as it is). Returns how many were applied, their bytes, and why it
-/// stopped early.
-fn apply_segments(dir: &Path, db: &Path, names: &[String]) -> (usize, u64, Option<String>) {
-    let mut applied = 0;
-    let mut bytes = 0;
-    let mut failed = None;
+/// Bytes of pages read and merged ahead, while the bases download, over
+/// all databases of a restore; each takes at most half.
+const AHEAD_BYTES: usize = 256 << 20;
+
+/// Bytes of pages merged before they are written: a history's segments
+/// can weigh half a big database.
+const BATCH_BYTES: usize = 128 << 20;
+
+/// Segments read and merged in order: the newest image of each page, which
+/// written at once leaves the database as writing them one by one does (a
+/// span is made the same way).
+#[derive(Debug, Default)]
+struct Batch {
+    merged: Option<Segment>,
+    /// How many of the names given were merged.
+    taken: usize,
+    /// Their bytes as stored.
+    bytes: u64,
+    /// Why the next one could not be read.
+    failed: Option<String>,
+}
+
+/// Reads and merges the segments named `names` from `dir`, in order, until
+/// one fails or the pages merged reach `cap` bytes.
+fn read_batch(dir: &Path, names: &[String], cap: usize) -> Batch {
+    let mut b = Batch::default();
     for name in names {
-        let r = fs::read(dir.join(name))
-            .map_err(|e| e.to_string())
-            .and_then(|b| {
-                bytes += b.len() as u64;
-                Segment::decode(&b).map_err(|e| e.to_string())
-            })
-            .and_then(|s| s.apply(db).map_err(|e| e.to_string()));
-        if let Err(e) = r {
-            failed = Some(e);
+        if b.merged.as_ref().is_some_and(|m| m.bytes() >= cap) {
             break;
         }
-        applied += 1;
+        let read = fs::read(dir.join(name)).map_err(|e| e.to_string());
+        let seg = read.and_then(|bytes| {
+            let seg = Segment::decode(&bytes).map_err(|e| e.to_string())?;
+            Ok((seg, bytes.len() as u64))
+        });
+        match seg {
+            Ok((seg, bytes)) => {
+                b.merged = Segment::join(b.merged.take(), Some(seg));
+                b.taken += 1;
+                b.bytes += bytes;
+            }
+            Err(e) => {
+                b.failed = Some(e);
+                break;
+            }
+        }
     }
-    (applied, bytes, failed)
+    b
+}
+
+/// The first [`Batch`] of `names` in `dir`, read while the bases still
+/// download, within what is left of `budget`; `None` when nothing is left.
+async fn read_ahead_batch(
+    budget: &std::sync::Mutex<usize>,
+    dir: &Path,
+    names: &[SegRef],
+) -> Option<Batch> {
+    let take = |b: &mut usize| {
+        let n = (*b).min(AHEAD_BYTES / 2);
+        *b -= n;
+        n
+    };
+    let cap = take(&mut budget.lock().expect("the budget's lock is not poisoned"));
+    if names.is_empty() || cap == 0 {
+        return None;
+    }
+    let (dir, names) = (
+        dir.to_owned(),
+        names.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+    );
+    let batch = tokio::task::spawn_blocking(move || read_batch(&dir, &names, cap))
+        .await
+        .expect("reading segments does not panic");
+    let used = batch.merged.as_ref().map_or(0, Segment::bytes).min(cap);
+    *budget.lock().expect("the budget's lock is not poisoned") += cap - used;
+    Some(batch)
+}
+
+/// Applies the segments named `names`, in order, from `dir` to `db`, until
+/// one fails, a batch of them at a time (`first`, when given, is the first
+/// batch, already read). Returns how many were applied, their bytes, and
+/// why it stopped early.
+fn apply_segments(
+    dir: &Path,
+    db: &Path,
+    names: &[String],
+    mut first: Option<Batch>,
+) -> (usize, u64, Option<String>) {
+    let (mut applied, mut bytes) = (0, 0);
+    while applied < names.len() {
+        let b = first
+            .take()
+            .unwrap_or_else(|| read_batch(dir, &names[applied..], BATCH_BYTES));
+        if let Some(m) = &b.merged {
+            if let Err(e) = m.apply(db) {
+                return (applied, bytes, Some(e.to_string()));
+            }
+        }
+        applied += b.taken;
+        bytes += b.bytes;
+        if b.failed.is_some() {
+            return (applied, bytes, b.failed);
+        }
+    }
+    (applied, bytes, None)
 }
 
 /// Leaves a restored WAL database in WAL mode, as its app left it.
@@ -735,22 +1071,26 @@ async fn fetch_databases(
 }
 
 /// The check half of [`restore_databases`]: `quick_check` and content hash of
-/// each fetched file; a failing one is moved aside and stops the boot.
+/// each fetched file (`hashed` gives the hash to keep for some); a failing
+/// one is moved aside and stops the boot.
 async fn check_databases(
     root: &Path,
     fetched: &[PathBuf],
+    hashed: &BTreeMap<PathBuf, [u8; 32]>,
 ) -> Result<BTreeMap<PathBuf, [u8; 32]>, RestoreError> {
-    let started = Instant::now();
     let mut restored = BTreeMap::new();
     for rel in fetched {
         let path = root.join(rel);
         let checked = {
-            let path = path.clone();
-            // Both read the whole file: on two threads, the hash costs no
-            // time, nor does the sync that puts what was applied on disk.
+            let (path, known) = (path.clone(), hashed.get(rel).copied());
+            // All three read or write the whole file: on threads of their
+            // own, the hash and the sync that puts it on disk cost no time.
             tokio::task::spawn_blocking(move || {
                 std::thread::scope(|s| {
-                    let hashed = s.spawn(|| sqlite::content_hash(&path));
+                    let hashed = s.spawn(|| match known {
+                        Some(h) => Ok((h, 0)),
+                        None => sqlite::content_hash(&path),
+                    });
                     let synced = s.spawn(|| fs::File::open(&path).and_then(|f| f.sync_data()));
                     let checked = sqlite::quick_check(&path);
                     let hashed = hashed.join().expect("hashing does not panic");
@@ -770,17 +1110,54 @@ async fn check_databases(
             Ok((hash, _)) => {
                 restored.insert(rel.clone(), hash);
             }
-            Err(source) => {
-                let aside = sqlite::sidecar(&path, ".corrupt");
-                let _ = fs::rename(&path, &aside);
-                return Err(RestoreError::Corrupt {
-                    db: rel.clone(),
-                    aside,
-                    source: Box::new(source),
-                });
-            }
+            Err(source) => return Err(corrupt(&path, rel, source)),
         }
     }
-    tracing::info!(databases = restored.len(), took = ?started.elapsed(), "sqlite: restore done");
     Ok(restored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undo_hashes_the_file_as_it_was_and_puts_it_back() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("db");
+        let before: Vec<u8> = (0..512 * 6).map(|i| (i % 253) as u8).collect();
+        fs::write(&db, &before).unwrap();
+        let (hash, _) = sqlite::content_hash(&db).unwrap();
+        // Writes over page 3, adds pages 7 and 9 (a gap at 8).
+        let seg = Segment {
+            page_size: 512,
+            db_pages: 9,
+            pages: [
+                (3, vec![1u8; 512]),
+                (7, vec![2u8; 512]),
+                (9, vec![3u8; 512]),
+            ]
+            .into(),
+        };
+        let undo = Undo::take(&db, Some(&seg))
+            .unwrap()
+            .expect("it does not cut the file");
+        seg.apply(&db).unwrap();
+        // What the switch to WAL mode writes.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&db)
+            .unwrap()
+            .write_all_at(&[2, 2], 18)
+            .unwrap();
+        assert_ne!(sqlite::content_hash(&db).unwrap().0, hash);
+        assert_eq!(undo.hash(&db).unwrap(), hash);
+        undo.put_back(&db).unwrap();
+        assert_eq!(fs::read(&db).unwrap(), before);
+
+        let shorter = Segment { db_pages: 5, ..seg };
+        assert!(
+            Undo::take(&db, Some(&shorter)).unwrap().is_none(),
+            "a cut is not undone"
+        );
+    }
 }

@@ -490,7 +490,9 @@ impl Replicate {
             let _ = fs::remove_dir_all(&staging);
             let remote_tree = remote_tree.unwrap_or_default();
             self.apply_tree_meta(&remote_tree);
+            let synced = Instant::now();
             nix::unistd::sync();
+            tracing::debug!(took = ?synced.elapsed(), "boot: restore synced");
             write_evidence(&evidence_path, &this)
                 .map_err(|e| StorageError::from(io_err(&evidence_path)(e)))?;
             fs::remove_file(&marker).map_err(|e| StorageError::from(io_err(&marker)(e)))?;
