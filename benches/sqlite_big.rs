@@ -390,7 +390,8 @@ fn main() {
          over the same window. Data lost: cvm-init by {rounds} crash rounds (SIGKILL of everything, a fresh \
          container restores); Litestream by `litestream restore` every 20 s during its window. Restore: the fresh \
          container's restore as its log times it (cvm-init; the lease is taken over explicitly, \
-         `CVM_LEASE_TAKEOVER`) or `litestream restore`, beside stock rclone downloading one \
+         `CVM_LEASE_TAKEOVER`, and the host's writes are put on disk before it starts, as a new machine has none \
+         waiting) or `litestream restore`, beside stock rclone downloading one \
          object of the restored database's size (shown) from the same Garage. `./scripts/bench sqlite-big` wrote \
          this file.\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
