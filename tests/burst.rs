@@ -27,6 +27,13 @@ fn a_burst_of_5000_files_is_flushed_by_a_stop_and_a_crash_loses_only_the_last_se
             &format!("{{\"n\":{i}}}"),
         );
     }
+    // The machine's own dirty pages (a test build's, the burst's copy
+    // outside) go to disk first: the stop is measured, not their writeback
+    // (after a build it throttled the stop's uploads past the budget).
+    assert!(std::process::Command::new("sync")
+        .status()
+        .unwrap()
+        .success());
     fs::rename(outside.join("burst"), a.state.join("burst")).unwrap();
     let t = Instant::now();
     assert_eq!(app.stop(T), 0, "{}", app.log_text());

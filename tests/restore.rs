@@ -700,6 +700,62 @@ fn restore_at_a_moment_gives_each_file_as_it_was_then() {
     }
 }
 
+/// Modes, owners and empty directories travel in `.cvm/tree.json`, whose
+/// versions are kept as a file's are: a restore to a moment gets the tree
+/// of that moment.
+#[test]
+fn restore_at_a_moment_gives_modes_and_empty_directories_as_they_were_then() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new();
+    let (mut app, a) = s.boot("a", &[]);
+    let mode = |p: &Path| fs::metadata(p).map(|m| m.permissions().mode() & 0o777).ok();
+    let set =
+        |m: u32| fs::set_permissions(a.state.join("a.txt"), fs::Permissions::from_mode(m)).unwrap();
+    write(&a.state, "a.txt", "content");
+    set(0o644);
+    wait_restorable(&s, "a.txt with mode 644", |to| {
+        mode(&to.join("a.txt")) == Some(0o644)
+    });
+    let t0 = std::time::SystemTime::now();
+    set(0o600);
+    fs::create_dir(a.state.join("e")).unwrap();
+    wait_restorable(&s, "mode 600 and the empty directory", |to| {
+        mode(&to.join("a.txt")) == Some(0o600) && to.join("e").is_dir()
+    });
+    let t1 = std::time::SystemTime::now();
+    set(0o640);
+    fs::remove_dir(a.state.join("e")).unwrap();
+    wait_restorable(&s, "mode 640, the directory gone", |to| {
+        mode(&to.join("a.txt")) == Some(0o640) && !to.join("e").exists()
+    });
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    let at = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    for (k, (when, want, dir)) in [(t0, 0o644, false), (t1, 0o600, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let to = s.tmp.path().join(format!("tree-at-{k}"));
+        let (code, stdout, stderr) = restore(
+            &s,
+            PASSWORD,
+            &["--to", to.to_str().unwrap(), "--at", &at(when)],
+        );
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(
+            mode(&to.join("a.txt")),
+            Some(want),
+            "a.txt's mode at moment {k}: {stdout}{:?}",
+            s.remote(".cvm/hist")
+        );
+        assert_eq!(
+            to.join("e").is_dir(),
+            dir,
+            "the empty directory at moment {k}"
+        );
+    }
+}
+
 #[test]
 fn a_rollback_boot_starts_from_a_moment_and_can_itself_be_undone() {
     let s = Setup::new();

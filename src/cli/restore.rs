@@ -119,15 +119,22 @@ async fn fetch(
             Err(e) => return Err(unavailable(format!("copying the files: {e}"))),
         }
     }
-    let versions = match at {
+    let (versions, tree_at) = match at {
         Some(at) => files_at(socket, to, excludes, at)
             .await
             .map_err(|e| unavailable(format!("restoring the files' versions: {e}")))?,
-        None => 0,
+        None => (0, None),
     };
-    let tree = treemeta::fetch(socket, &paths.scratch)
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
+    let tree = match tree_at {
+        Some(At::Version { version, .. }) => {
+            treemeta::fetch_object(socket, &paths.scratch, &version.object(), false)
+                .await
+                .map(|t| t.map(|t| (t, false)))
+        }
+        Some(At::Absent { .. }) => Ok(None),
+        Some(At::Head) | None => treemeta::fetch(socket, &paths.scratch).await,
+    }
+    .map_err(|e| unavailable(e.to_string()))?;
     if let Some((tree, _)) = &tree {
         treemeta::apply(to, tree);
     }
@@ -181,7 +188,8 @@ async fn fetch(
         ));
     }
     lines.push(
-        "  files: each as it was then (its content; modes, owners and empty directories as they are now)"
+        "  files: each as it was then, with the modes, owners and empty directories of then (the oldest \
+         known, for a moment before cvm-init kept them)"
             .to_owned(),
     );
     Ok(lines.join("\n"))
@@ -189,7 +197,8 @@ async fn fetch(
 
 /// Turns the newest files just copied into `to` into the files as they
 /// were at `at` ([`timeline::at`]): a name takes its kept version, or is
-/// removed. Returns how many came from the history. Removals come first,
+/// removed. Returns how many came from the history, and which tree
+/// (modes, owners, empty directories) was live then. Removals come first,
 /// so a name that was a file then and is a directory now (or the reverse)
 /// finds its place free.
 async fn files_at(
@@ -197,8 +206,9 @@ async fn files_at(
     to: &Path,
     excludes: &Excludes,
     at: u64,
-) -> Result<usize, rc::RcError> {
-    let names = timeline::at(socket, excludes, at).await?;
+) -> Result<(usize, Option<At>), rc::RcError> {
+    let mut names = timeline::at(socket, excludes, at).await?;
+    let tree = names.remove(&treemeta::object());
     for (name, what) in &names {
         if *what == At::Head {
             continue;
@@ -235,5 +245,5 @@ async fn files_at(
         .await?;
         from_history += 1;
     }
-    Ok(from_history)
+    Ok((from_history, tree))
 }

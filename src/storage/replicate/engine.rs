@@ -184,6 +184,9 @@ struct Engine {
     written: Written,
     /// The tree as `.cvm/tree.json` on S3 last described it.
     tree: TreeMeta,
+    /// When that `tree.json` was written (Unix ms), once known: the start
+    /// of the version it becomes.
+    tree_written: Option<u64>,
     dirty: BTreeMap<PathBuf, Instant>,
     /// `None` when inotify is unavailable: the periodic scan finds everything.
     watches: Option<Watches>,
@@ -246,6 +249,7 @@ pub fn start(
             remote,
             written,
             tree,
+            tree_written: None,
             dirty: BTreeMap::new(),
             watches,
             retry: BTreeMap::new(),
@@ -598,10 +602,11 @@ impl Engine {
         }
         // After the files it describes, so the tree on S3 is never newer than them.
         if tree != self.tree && !s3_down {
-            match self.upload_tree(&tree).await {
-                Ok(()) => {
+            match self.replace_tree(&tree).await {
+                Ok(written) => {
                     tracing::debug!(entries = tree.len(), "replicate: tree uploaded");
                     self.tree = tree;
+                    self.tree_written = Some(written);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "replicate: modes, owners and directories not uploaded");
@@ -823,13 +828,26 @@ impl Engine {
     /// ms), server-side: a copy when it is about to be overwritten (`keep`),
     /// a move when it is deleted. Nothing to do when it is gone already.
     async fn to_history(&self, name: &str, keep: bool, end: u64) -> Result<(), RcError> {
+        self.keep_version(name, self.written.get(name).copied(), keep, end)
+            .await
+    }
+
+    /// [`Self::to_history`] for an object written at `start` (`None`: not
+    /// known).
+    async fn keep_version(
+        &self,
+        name: &str,
+        start: Option<u64>,
+        keep: bool,
+        end: u64,
+    ) -> Result<(), RcError> {
         let _permit = self.spec.fence.permit().await.map_err(RcError::Fenced)?;
         let method = if keep {
             "operations/copyfile"
         } else {
             "operations/movefile"
         };
-        let version = history::superseded(name, self.written.get(name).copied(), end);
+        let version = history::superseded(name, start, end);
         tracing::debug!(file = name, version = %version.object(), keep, "replicate: keeping the version S3 holds");
         let r = self
             .rc(
@@ -845,6 +863,22 @@ impl Engine {
             Err(RcError::Status { status: 404, .. }) => Ok(()),
             r => r.map(drop),
         }
+    }
+
+    /// Keeps the `tree.json` S3 holds as a version, as a file's is kept,
+    /// then uploads `tree` in its place; returns when it was written.
+    async fn replace_tree(&mut self, tree: &TreeMeta) -> Result<u64, RcError> {
+        let name = treemeta::object();
+        if self.tree_written.is_none() {
+            let root = format!("{CRYPT_REMOTE}:");
+            let head = rc::stat(&self.spec.rc_socket, &root, &name, false).await?;
+            self.tree_written = head.and_then(|h| timepoint::modtime_ms(h["ModTime"].as_str()?));
+        }
+        let now = timepoint::now_ms();
+        self.keep_version(&name, self.tree_written, true, now)
+            .await?;
+        self.upload_tree(tree).await?;
+        Ok(now)
     }
 
     async fn upload_tree(&self, tree: &TreeMeta) -> Result<(), RcError> {

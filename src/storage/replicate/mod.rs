@@ -289,13 +289,15 @@ impl Replicate {
             }
             Ok(None) => Ok(None),
             Err(treemeta::FetchError::Decode { name, source }) => {
-                Err(io_err(&Path::new(META_DIR).join(name))(source))
+                Err(io_err(Path::new(&name))(source))
             }
-            Err(e @ treemeta::FetchError::Rc { name, .. }) => Err(ReplicateError::Restore {
-                dir: self.state_dir.clone(),
-                detail: e.to_string(),
-                missing: vec![format!("{META_DIR}/{name}")],
-            }),
+            Err(ref e @ treemeta::FetchError::Rc { ref name, .. }) => {
+                Err(ReplicateError::Restore {
+                    dir: self.state_dir.clone(),
+                    detail: e.to_string(),
+                    missing: vec![name.clone()],
+                })
+            }
         }
     }
 

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::scan::Excludes;
 use super::timeline::{self, At};
-use super::{history, ReplicateError};
+use super::{history, treemeta, ReplicateError};
 use crate::rclone::rc;
 use crate::rclone::CRYPT_REMOTE;
 use crate::remote::bucket::{trash_day, META_DIR, ROLLBACKS, SQLITE_DIR, TRASH_DIR};
@@ -103,12 +103,14 @@ impl Rollback<'_> {
         )
         .await
         .map_err(|e| failed(e.to_string()))?;
-        let heads = files
-            .values()
+        // The tree is rolled back with the files (`files`), but it is no
+        // file: it does not count as something the moment held.
+        let tree = treemeta::object();
+        let files_only = || files.iter().filter(|(n, _)| **n != tree).map(|(_, w)| w);
+        let heads = files_only()
             .filter(|w| !matches!(w, At::Absent { head: None }))
             .count();
-        let then = files
-            .values()
+        let then = files_only()
             .filter(|w| !matches!(w, At::Absent { .. }))
             .count();
         if (heads > 0 || !dbs.not_yet.is_empty()) && then == 0 && dbs.dbs.is_empty() {

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::history::{self, Version};
 use super::scan::Excludes;
+use super::treemeta;
 use crate::rclone::rc;
 use crate::rclone::CRYPT_REMOTE;
 use crate::remote::bucket::{HIST_DIR, META_DIR, USER_DIR};
@@ -25,7 +26,8 @@ pub enum At {
     Absent { head: Option<u64> },
 }
 
-/// Every name S3 holds now or kept a version of, with what it was at `at`.
+/// Every name S3 holds now or kept a version of, with what it was at `at`;
+/// `tree.json` ([`treemeta::object`]) among them.
 pub async fn at(
     socket: &Path,
     excludes: &Excludes,
@@ -46,12 +48,21 @@ pub async fn at(
             heads.insert(name, mtime);
         }
     }
+    // The tree (modes, owners, empty directories) is kept and picked as a
+    // file is; it lives below `.cvm/`, which the listing above leaves out.
+    let tree = treemeta::object();
+    if let Some(head) = rc::stat(socket, &format!("{CRYPT_REMOTE}:"), &tree, false).await? {
+        let mtime = head["ModTime"]
+            .as_str()
+            .and_then(crate::timepoint::modtime_ms);
+        heads.insert(tree.clone(), mtime.unwrap_or(0));
+    }
     let mut versions: BTreeMap<String, Vec<Version>> = BTreeMap::new();
     for (v, _) in self::versions(socket).await? {
         versions.entry(v.name.clone()).or_default().push(v);
     }
     let names: BTreeSet<&String> = heads.keys().chain(versions.keys()).collect();
-    Ok(names
+    let mut out: BTreeMap<String, At> = names
         .into_iter()
         .map(|name| {
             let kept: Vec<&Version> = versions.get(name).into_iter().flatten().collect();
@@ -66,7 +77,28 @@ pub async fn at(
             };
             (name.clone(), what)
         })
-        .collect())
+        .collect();
+    // A moment before the tree's kept history (a cvm-init before it kept
+    // none): the oldest tree known, not none, so a restore there still
+    // gets modes and owners, as it got today's before.
+    if let Some(At::Absent { head }) = out.get(&tree) {
+        let head = *head;
+        let oldest = versions
+            .get(&tree)
+            .and_then(|v| v.iter().min_by_key(|v| v.start));
+        let what = match (oldest, head) {
+            (Some(version), head) => Some(At::Version {
+                version: version.clone(),
+                head,
+            }),
+            (None, Some(_)) => Some(At::Head),
+            (None, None) => None,
+        };
+        if let Some(what) = what {
+            out.insert(tree, what);
+        }
+    }
+    Ok(out)
 }
 
 /// Every kept version of a file, with its size.

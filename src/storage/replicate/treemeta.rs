@@ -99,32 +99,54 @@ pub fn decode(bytes: &[u8], legacy: bool) -> io::Result<TreeMeta> {
 /// Why [`fetch`] failed, naming the object in the bucket.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("cannot fetch {META_DIR}/{name}: {source}")]
-    Rc { name: &'static str, source: RcError },
-    #[error("{META_DIR}/{name}: {source}")]
-    Decode {
-        name: &'static str,
-        source: io::Error,
-    },
+    #[error("cannot fetch {name}: {source}")]
+    Rc { name: String, source: RcError },
+    #[error("{name}: {source}")]
+    Decode { name: String, source: io::Error },
+}
+
+/// The tree's name in the crypt remote. Its versions are kept in the
+/// files' history under this name, so a restore to a moment and a rollback
+/// pick the tree of that moment as they pick a file's version.
+pub fn object() -> String {
+    format!("{META_DIR}/{TREE_FILE}")
 }
 
 /// The tree as S3 describes it, if it does: `.cvm/tree.json`, or, from an
 /// older cvm-init, `.cvm/dirs.json` (directory modes only; `true` beside
 /// it). Read through the local directory `scratch`.
 pub async fn fetch(socket: &Path, scratch: &Path) -> Result<Option<(TreeMeta, bool)>, FetchError> {
-    let meta = format!("{CRYPT_REMOTE}:{META_DIR}");
     for (name, legacy) in [(TREE_FILE, false), (LEGACY_DIR_MODES, true)] {
-        let read = rc::read_object(socket, &meta, name, scratch).await;
-        match read.map_err(|source| FetchError::Rc { name, source })? {
-            Some(bytes) => {
-                let tree =
-                    decode(&bytes, legacy).map_err(|source| FetchError::Decode { name, source })?;
-                return Ok(Some((tree, legacy)));
-            }
-            None => continue,
+        let name = format!("{META_DIR}/{name}");
+        if let Some(tree) = fetch_object(socket, scratch, &name, legacy).await? {
+            return Ok(Some((tree, legacy)));
         }
     }
     Ok(None)
+}
+
+/// The tree the object `name` of the crypt remote holds (a kept version
+/// of it, say); `None` when there is no such object.
+pub async fn fetch_object(
+    socket: &Path,
+    scratch: &Path,
+    name: &str,
+    legacy: bool,
+) -> Result<Option<TreeMeta>, FetchError> {
+    let read = rc::read_object(socket, &format!("{CRYPT_REMOTE}:"), name, scratch).await;
+    let Some(bytes) = read.map_err(|source| FetchError::Rc {
+        name: name.to_owned(),
+        source,
+    })?
+    else {
+        return Ok(None);
+    };
+    decode(&bytes, legacy)
+        .map(Some)
+        .map_err(|source| FetchError::Decode {
+            name: name.to_owned(),
+            source,
+        })
 }
 
 /// What [`apply`] did.
