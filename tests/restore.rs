@@ -248,15 +248,7 @@ fn restore_at_a_moment_brings_back_a_database_deleted_since() {
 #[test]
 fn a_missing_segment_ends_the_restore_there_and_is_named() {
     let s = Setup::new();
-    // Commits spread over 3 s: at least two segments.
-    let (mut app, _, out) = boot_writer(&s, "a", &[("LIMIT", "10"), ("EVERY", "0.3")]);
-    wait_until(T, "10 commits and a second segment", || {
-        commits(&out).len() >= 10
-            && app
-                .log_text()
-                .contains("sqlite: segment uploaded db=state/openclaw.sqlite seq=2")
-    });
-    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    ten_commits(&s);
     let (conf, objects) = line_objects(&s);
     let first = objects
         .iter()
@@ -283,14 +275,7 @@ fn a_missing_segment_ends_the_restore_there_and_is_named() {
 #[test]
 fn a_stock_copy_that_is_not_the_newest_base_is_restored_as_it_is() {
     let s = Setup::new();
-    let (mut app, _, out) = boot_writer(&s, "a", &[("LIMIT", "10"), ("EVERY", "0.3")]);
-    wait_until(T, "10 commits and a second segment", || {
-        commits(&out).len() >= 10
-            && app
-                .log_text()
-                .contains("sqlite: segment uploaded db=state/openclaw.sqlite seq=2")
-    });
-    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    ten_commits(&s);
     // Another database where the stock copy is: a copy put there by hand.
     let other = s.tmp.path().join("other.sqlite");
     {
@@ -300,15 +285,7 @@ fn a_stock_copy_that_is_not_the_newest_base_is_restored_as_it_is() {
         c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
             .unwrap();
     }
-    let conf = common::stock_config(&s.g, s.tmp.path());
-    common::rclone(
-        &conf,
-        &[
-            "copyto",
-            other.to_str().unwrap(),
-            &format!("crypt:sqlite/{DB}"),
-        ],
-    );
+    put(&s, &other, &format!("sqlite/{DB}"));
 
     let (to, stderr) = restore_latest(&s);
     assert!(
@@ -342,7 +319,7 @@ fn a_damaged_span_is_passed_over_for_its_segments() {
         commits(&out).len() >= 12 && app.log_text().contains("sqlite: span uploaded")
     });
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
-    let (conf, objects) = line_objects(&s);
+    let (_, objects) = line_objects(&s);
     let span = objects
         .iter()
         .find(|l| {
@@ -353,14 +330,7 @@ fn a_damaged_span_is_passed_over_for_its_segments() {
         .unwrap_or_else(|| panic!("a span in {objects:?}"));
     let garbage = s.tmp.path().join("garbage");
     fs::write(&garbage, "not a span").unwrap();
-    common::rclone(
-        &conf,
-        &[
-            "copyto",
-            garbage.to_str().unwrap(),
-            &format!("crypt:{LINE}/{span}"),
-        ],
-    );
+    put(&s, &garbage, &format!("{LINE}/{span}"));
 
     let (to, stderr) = restore_latest(&s);
     assert!(
@@ -373,6 +343,27 @@ fn a_damaged_span_is_passed_over_for_its_segments() {
         Some((12, 12)),
         "every commit: {stderr}"
     );
+}
+
+/// The test writer's 10 commits, spread over 3 s (two segments at least),
+/// on S3, and the appliance stopped.
+fn ten_commits(s: &Setup) {
+    let (mut app, _, out) = boot_writer(s, "a", &[("LIMIT", "10"), ("EVERY", "0.3")]);
+    wait_until(T, "10 commits and a second segment", || {
+        commits(&out).len() >= 10
+            && app
+                .log_text()
+                .contains("sqlite: segment uploaded db=state/openclaw.sqlite seq=2")
+    });
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}
+
+/// Puts the local file `from` at `to` in the crypt remote, as stock
+/// rclone does.
+fn put(s: &Setup, from: &Path, to: &str) {
+    let conf = common::stock_config(&s.g, s.tmp.path());
+    let to = format!("crypt:{to}");
+    common::rclone(&conf, &["copyto", from.to_str().unwrap(), &to]);
 }
 
 /// The test database's line in the crypt remote.
