@@ -204,9 +204,12 @@ fn crash_rounds(layout: &str, journal: &str, rounds: usize) {
         let (max, count) = checked(&dirs.state);
         assert_eq!(max, count, "round {round}: restored rows have gaps");
         if let Some((prev_i, killed_at)) = last_committed {
+            // The writer logs a commit after it returns: a SIGKILL can fall
+            // between them (a log write held up by the disk, seen in CI),
+            // so one commit more than its log shows may be on S3.
             assert!(
-                max <= prev_i,
-                "round {round}: restored more than was committed"
+                max <= prev_i + 1,
+                "round {round}: restored {max} rows, more than the {prev_i} committed"
             );
             let prev = commits(&s.tmp.path().join(format!("round-{}", round - 1)));
             // The data lost: from the oldest lost commit to the kill.
