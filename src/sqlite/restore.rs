@@ -725,15 +725,10 @@ async fn catch_up_ahead(
             }
             to_wal(&path);
             let (hashed, checked, synced) = std::thread::scope(|s| {
-                let hashed = s.spawn(|| undo.hash(&path));
-                let synced = s.spawn(|| fs::File::open(&path).and_then(|f| f.sync_data()));
                 // Unlinking tens of MB of segments takes a while, and
                 // before the boot's sync(), or that writes them out.
                 s.spawn(|| fs::remove_dir_all(&dir));
-                let checked = sqlite::quick_check(&path);
-                let hashed = hashed.join().expect("hashing does not panic");
-                let synced = synced.join().expect("syncing does not panic");
-                (hashed, checked, synced)
+                check_beside(&path, || undo.hash(&path))
             });
             Ok(Some((undo, hashed, checked, synced)))
         })
@@ -821,6 +816,27 @@ impl Undo {
         }
         f.set_len(self.len)
     }
+}
+
+/// `quick_check` of the restored database at `path`, with `hash` and the
+/// sync that puts it on disk each on a thread of its own: all three read
+/// or write the whole file, and together they take the time of one.
+fn check_beside<T: Send>(
+    path: &Path,
+    hash: impl FnOnce() -> Result<T, SqliteError> + Send,
+) -> (
+    Result<T, SqliteError>,
+    Result<(), SqliteError>,
+    io::Result<()>,
+) {
+    std::thread::scope(|s| {
+        let hashed = s.spawn(hash);
+        let synced = s.spawn(|| fs::File::open(path).and_then(|f| f.sync_data()));
+        let checked = sqlite::quick_check(path);
+        let hashed = hashed.join().expect("hashing does not panic");
+        let synced = synced.join().expect("syncing does not panic");
+        (hashed, checked, synced)
+    })
 }
 
 /// Moves a restored database that fails its check aside; the error to stop
@@ -1083,20 +1099,12 @@ async fn check_databases(
         let path = root.join(rel);
         let checked = {
             let (path, known) = (path.clone(), hashed.get(rel).copied());
-            // All three read or write the whole file: on threads of their
-            // own, the hash and the sync that puts it on disk cost no time.
             tokio::task::spawn_blocking(move || {
-                std::thread::scope(|s| {
-                    let hashed = s.spawn(|| match known {
-                        Some(h) => Ok((h, 0)),
-                        None => sqlite::content_hash(&path),
-                    });
-                    let synced = s.spawn(|| fs::File::open(&path).and_then(|f| f.sync_data()));
-                    let checked = sqlite::quick_check(&path);
-                    let hashed = hashed.join().expect("hashing does not panic");
-                    let synced = synced.join().expect("syncing does not panic");
-                    (checked.and(hashed), synced)
-                })
+                let (hashed, checked, synced) = check_beside(&path, || match known {
+                    Some(h) => Ok((h, 0)),
+                    None => sqlite::content_hash(&path),
+                });
+                (checked.and(hashed), synced)
             })
             .await
             .expect("quick_check does not panic")
