@@ -4,6 +4,14 @@
 //! state, kept on local disk (the *mirror*, the file byte for byte): the
 //! pages that differ are the segment, as a WAL database's are. A base is a
 //! copy of the mirror, so it takes no lock on the app's database.
+//!
+//! On XFS and btrfs, whose clones (reflinks) take as long as writing back
+//! the file's dirty pages and copying its extent map, the read transaction
+//! lasts only while the file is cloned, and the clone is read after it.
+//! Elsewhere the file itself is read in the transaction, and the app's
+//! commits wait for that read: ext4 makes no clones, and ZFS refuses to
+//! clone blocks written since its last transaction group, or waits for that
+//! group (seconds, with `zfs_bclone_wait_dirty`), which the lock would last.
 
 use std::fs;
 use std::io::{self, Write};
@@ -26,6 +34,9 @@ pub struct Differ {
     opened: [u8; 32],
     /// The file opened; after `conn`, so it ends after the connection closes.
     file: Hold,
+    /// Whether the database's file system may make clones: until one is
+    /// refused for a reason that does not pass.
+    clones: bool,
 }
 
 impl Differ {
@@ -48,9 +59,19 @@ impl Differ {
         if let Some(parent) = mirror.parent() {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
-        in_read_txn(&conn, db, |live, page_size, db_pages| {
-            copy(live, page_size, db_pages, &mirror, &AtomicBool::new(false))
-        })?;
+        let mut clones = clones_quickly(db);
+        if !clones {
+            reads_under_lock(db, &"no quick clones on its file system");
+        }
+        at_one_moment(
+            &conn,
+            db,
+            &mirror,
+            &mut clones,
+            |live, page_size, db_pages| {
+                copy(live, page_size, db_pages, &mirror, &AtomicBool::new(false))
+            },
+        )?;
         let (opened, _) = super::content_hash(&mirror)?;
         Ok(Differ {
             db: db.to_owned(),
@@ -58,6 +79,7 @@ impl Differ {
             mirror,
             opened,
             file,
+            clones,
         })
     }
 
@@ -70,9 +92,15 @@ impl Differ {
     /// Gives up (`Interrupted`) once `interrupt` is set.
     pub fn changes(&mut self, interrupt: &AtomicBool) -> Result<Option<Segment>, SqliteError> {
         let mirror = &self.mirror;
-        let read = in_read_txn(&self.conn, &self.db, |live, page_size, db_pages| {
-            diff(live, mirror, page_size, db_pages, REWRITE_BYTES, interrupt)
-        });
+        let read = at_one_moment(
+            &self.conn,
+            &self.db,
+            mirror,
+            &mut self.clones,
+            |live, page_size, db_pages| {
+                diff(live, mirror, page_size, db_pages, REWRITE_BYTES, interrupt)
+            },
+        );
         match read? {
             Some(seg) if seg.pages.is_empty() => Ok(None),
             Some(seg) => {
@@ -83,9 +111,13 @@ impl Differ {
             // the next base.
             None => {
                 let next = sidecar(&self.mirror, ".next");
-                let copied = in_read_txn(&self.conn, &self.db, |live, page_size, db_pages| {
-                    copy(live, page_size, db_pages, &next, interrupt)
-                });
+                let copied = at_one_moment(
+                    &self.conn,
+                    &self.db,
+                    &self.mirror,
+                    &mut self.clones,
+                    |live, page_size, db_pages| copy(live, page_size, db_pages, &next, interrupt),
+                );
                 if let Err(e) = copied {
                     let _ = fs::remove_file(&next);
                     return Err(e);
@@ -131,6 +163,105 @@ const REWRITE_BYTES: usize = 64 << 20;
 /// Pages read from the database at a time.
 const READ_PAGES: usize = 256;
 
+/// Runs `read` on the database `db` as of one moment, with its page size
+/// and page count: on a clone of the file made in a read transaction of
+/// `conn` while `clones` holds (made beside `mirror`, on the same file
+/// system as the scratch dir, and removed after), else on the file itself
+/// within the transaction. A clone refused for good (no reflinks here, or
+/// another file system) clears `clones`, once, with a line in the log.
+fn at_one_moment<T>(
+    conn: &Connection,
+    db: &Path,
+    mirror: &Path,
+    clones: &mut bool,
+    read: impl FnOnce(&fs::File, u32, u32) -> io::Result<T>,
+) -> Result<T, SqliteError> {
+    if *clones {
+        let at = sidecar(mirror, ".clone");
+        let locked = std::time::Instant::now();
+        let (cloned, page_size, db_pages) = in_read_txn(conn, db, |live, page_size, db_pages| {
+            Ok((clone(live, &at), page_size, db_pages))
+        })?;
+        tracing::debug!(db = %db.display(), held = ?locked.elapsed(), cloned = cloned.is_ok(), "sqlite: read lock let go");
+        match cloned {
+            Ok(file) => {
+                let r = read(&file, page_size, db_pages);
+                let _ = fs::remove_file(&at);
+                return r.map_err(read_err(db));
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&at);
+                if refused_for_good(&e) {
+                    *clones = false;
+                    reads_under_lock(db, &e);
+                } else {
+                    tracing::debug!(db = %db.display(), error = %e, "sqlite: clone refused; this save reads the file under the lock");
+                }
+            }
+        }
+    }
+    in_read_txn(conn, db, read)
+}
+
+/// Whether `db` is on a file system whose clones take no longer than
+/// writing back its dirty pages (XFS, btrfs).
+fn clones_quickly(db: &Path) -> bool {
+    const XFS: u32 = 0x5846_5342;
+    const BTRFS: u32 = 0x9123_683e;
+    held::with_file(db, |f| Ok(rustix::fs::fstatfs(f)?.f_type)).is_ok_and(|t| {
+        [XFS, BTRFS]
+            .iter()
+            .any(|&m| t == rustix::fs::FsWord::from(m))
+    })
+}
+
+/// Says, as a database starts being followed, that its saves lock it for
+/// a whole read.
+fn reads_under_lock(db: &Path, why: &dyn std::fmt::Display) {
+    tracing::info!(db = %db.display(), reason = %why,
+        "sqlite: each save of this rollback-journal database reads it whole under a read lock, which the app's commits wait for (WAL mode needs no lock)");
+}
+
+/// A clone of `live` at `dst` (replaced), sharing its blocks: made in the
+/// time it takes to write back the file's dirty pages and copy its extent
+/// map, whatever its size.
+fn clone(live: &fs::File, dst: &Path) -> io::Result<fs::File> {
+    let out = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dst)?;
+    rustix::fs::ioctl_ficlone(&out, live)?;
+    Ok(out)
+}
+
+/// Whether a refused clone will be refused every time: the file system
+/// has them switched off, or the scratch dir is on another one. Anything
+/// else may pass by the next save.
+fn refused_for_good(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    [
+        Errno::OPNOTSUPP,
+        Errno::XDEV,
+        Errno::INVAL,
+        Errno::NOTTY,
+        Errno::NOSYS,
+    ]
+    .contains(&Errno::from_io_error(e).unwrap_or(Errno::IO))
+}
+
+/// An error reading the database: `Interrupted` (the stop's flag) is the
+/// save given up.
+fn read_err(db: &Path) -> impl FnOnce(io::Error) -> SqliteError + '_ {
+    move |e| match e.kind() {
+        io::ErrorKind::Interrupted => SqliteError::Interrupted {
+            path: db.to_owned(),
+        },
+        _ => io_err(db)(e),
+    }
+}
+
 /// Runs `read` on the database file `db` with its page size and page
 /// count, in one read transaction of `conn`: in a rollback-journal mode no
 /// commit can land while it is held, so the file is the database as of one
@@ -159,12 +290,7 @@ fn in_read_txn<T>(
                 path: db.to_owned(),
             });
         }
-        held::with_file(db, |live| read(live, page_size, db_pages)).map_err(|e| match e.kind() {
-            io::ErrorKind::Interrupted => SqliteError::Interrupted {
-                path: db.to_owned(),
-            },
-            _ => io_err(db)(e),
-        })
+        held::with_file(db, |live| read(live, page_size, db_pages)).map_err(read_err(db))
     })();
     let _ = conn.execute_batch("COMMIT");
     r

@@ -458,6 +458,47 @@ impl Dirs {
     }
 }
 
+/// An XFS file system with reflinks, on a loop device over a sparse file
+/// below `root`, mounted at `root/xfs` until the guard drops (declare it
+/// before the appliances that use it: they drop, and unmount, first).
+pub struct Xfs {
+    pub dir: PathBuf,
+}
+
+impl Xfs {
+    pub fn mount(root: &Path, bytes: u64) -> Xfs {
+        let image = root.join("xfs.img");
+        let dir = root.join("xfs");
+        fs::create_dir_all(&dir).unwrap();
+        fs::File::create(&image).unwrap().set_len(bytes).unwrap();
+        for (cmd, args) in [
+            ("mkfs.xfs", vec!["-q", "-m", "reflink=1"]),
+            ("mount", vec!["-o", "loop"]),
+        ] {
+            let mut c = Command::new(cmd);
+            c.args(args).arg(&image);
+            if cmd == "mount" {
+                c.arg(&dir);
+            }
+            let out = c
+                .output()
+                .unwrap_or_else(|e| panic!("{cmd}: {e} (scripts/setup installs xfsprogs)"));
+            assert!(
+                out.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Xfs { dir }
+    }
+}
+
+impl Drop for Xfs {
+    fn drop(&mut self) {
+        unmount_below(&self.dir);
+    }
+}
+
 /// Writes an executable shell script to stand in for the gateway.
 pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     let path = dir.join(name);
