@@ -178,11 +178,14 @@ fn at_one_moment<T>(
 ) -> Result<T, SqliteError> {
     if *clones {
         let at = sidecar(mirror, ".clone");
-        let locked = std::time::Instant::now();
-        let (cloned, page_size, db_pages) = in_read_txn(conn, db, |live, page_size, db_pages| {
-            Ok((clone(live, &at), page_size, db_pages))
-        })?;
-        tracing::debug!(db = %db.display(), held = ?locked.elapsed(), cloned = cloned.is_ok(), "sqlite: read lock let go");
+        let (cloned, took, page_size, db_pages) =
+            in_read_txn(conn, db, |live, page_size, db_pages| {
+                let started = std::time::Instant::now();
+                let cloned = clone(live, &at);
+                Ok((cloned, started.elapsed(), page_size, db_pages))
+            })?;
+        // Most of the lock's length (the rest is reading two header fields).
+        tracing::debug!(db = %db.display(), took = ?took, ok = cloned.is_ok(), "sqlite: cloned under the read lock");
         match cloned {
             Ok(file) => {
                 let r = read(&file, page_size, db_pages);
