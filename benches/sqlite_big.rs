@@ -26,10 +26,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::load::{commits, inspect, lost_seconds, now, DB, WRITER};
-use common::{rclone_bin, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD};
+use common::{wait_until, Appliance, Dirs, Garage, PASSWORD};
 use support::{
     litestream_bin, litestream_cmd, litestream_config, litestream_restore, proc_cpu_secs,
-    rclone_under, secs, stats, write_report,
+    rclone_under, restore_took, secs, stats, stock_download_secs, write_report,
 };
 
 const T: Duration = Duration::from_secs(600);
@@ -224,52 +224,13 @@ fn cvm_init(
     assert_eq!(prev.1.stop(T), 0);
 
     // Stock rclone downloading one object of the restored database's size, same Garage.
-    let conf = stock_config(&g, root);
-    let file = root.join("stock.bin");
     let size = if row.restored_bytes > 0 {
         row.restored_bytes
     } else {
         mb * 1024 * 1024
     };
-    fs::write(&file, vec![7u8; size as usize]).unwrap();
-    let rclone = |args: &[&str]| {
-        let ok = Command::new(rclone_bin())
-            .arg("--config")
-            .arg(&conf)
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "rclone {args:?}");
-    };
-    rclone(&["copyto", file.to_str().unwrap(), "crypt:stock/bin"]);
-    let t = Instant::now();
-    rclone(&[
-        "copyto",
-        "crypt:stock/bin",
-        root.join("stock.back").to_str().unwrap(),
-    ]);
-    row.stock_secs = t.elapsed().as_secs_f64();
+    row.stock_secs = stock_download_secs(&g, root, size);
     row
-}
-
-/// The restore's own time from cvm-init's log (`boot: state restored …
-/// took=…`): the lease and rclone's start are not the restore.
-fn restore_took(log: &str) -> f64 {
-    let took = log
-        .lines()
-        .find(|l| l.contains("boot: state restored"))
-        .and_then(|l| l.split("took=").nth(1))
-        .and_then(|t| t.split_whitespace().next())
-        .expect("the log says how long the restore took");
-    let (num, unit) = took.split_at(took.find(|c: char| c.is_alphabetic() || c == 'µ').unwrap());
-    let n: f64 = num.parse().unwrap();
-    match unit {
-        "s" => n,
-        "ms" => n / 1e3,
-        "µs" => n / 1e6,
-        "ns" => n / 1e9,
-        other => panic!("unit {other} in {took}"),
-    }
 }
 
 fn litestream(

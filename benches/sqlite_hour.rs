@@ -2,8 +2,10 @@
 //! 20 ms): how big cvm-init's bucket grows with its history, beside
 //! Litestream's under the same load, each on its own Garage, run side by
 //! side. Sampled every few minutes; at the end, what cvm-init's bucket
-//! holds by kind (stock bases, kept bases, segments). Sizes are what the
-//! bucket lists (`rclone size` of the raw bucket: ciphertext, names
+//! holds by kind (stock bases, kept bases, spans, segments), and how long
+//! a new container takes to restore the database from that history,
+//! beside stock rclone downloading an object of its size. Sizes are what
+//! the bucket lists (`rclone size` of the raw bucket: ciphertext, names
 //! included); bytes written are Garage's `block_bytes_written`.
 //! Results: bench/sqlite-hour.md.
 //!
@@ -20,9 +22,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::load::{commits, DB, WRITER};
-use common::{rclone, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD};
-use support::{litestream_bin, litestream_cmd, litestream_config, secs, write_report};
+use common::load::{commits, inspect, DB, WRITER};
+use common::{rclone, script, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD};
+use support::{
+    litestream_bin, litestream_cmd, litestream_config, restore_took, secs, stock_download_secs,
+    write_report,
+};
 
 const T: Duration = Duration::from_secs(60);
 const SAMPLE_EVERY: Duration = Duration::from_secs(300);
@@ -50,6 +55,7 @@ fn by_kind(g: &Garage, dir: &Path) -> Vec<(&'static str, u64, u64)> {
     let mut kinds: Vec<(&'static str, u64, u64)> = [
         "stock base (sqlite/)",
         "kept bases",
+        "spans",
         "segments",
         "manifests",
         "other",
@@ -60,16 +66,19 @@ fn by_kind(g: &Garage, dir: &Path) -> Vec<(&'static str, u64, u64)> {
     for i in items {
         let path = i["Path"].as_str().unwrap_or_default();
         let size = i["Size"].as_u64().unwrap_or(0);
+        let name = path.rsplit('/').next().unwrap_or_default();
         let k = if path.starts_with("sqlite/") {
             0
         } else if path.starts_with(".cvm/wal/") && path.contains("/bases/") {
             1
         } else if path.starts_with(".cvm/wal/") && path.ends_with("/manifest") {
-            3
-        } else if path.starts_with(".cvm/wal/") {
-            2
-        } else {
             4
+        } else if path.starts_with(".cvm/wal/") && name.split('-').count() == 3 {
+            2
+        } else if path.starts_with(".cvm/wal/") {
+            3
+        } else {
+            5
         };
         kinds[k].1 += 1;
         kinds[k].2 += size;
@@ -166,6 +175,30 @@ fn main() {
     let _ = lw.kill();
     let _ = lw.wait();
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let committed = commits(&out).last().map_or(0, |c| c.0);
+
+    // A new container restores the database from that hour of history; a
+    // new machine has nothing of this one's waiting to be written.
+    assert!(Command::new("sync").status().unwrap().success());
+    let idle = script(&ours, "idle.sh", "exec sleep 100000");
+    let after = Dirs::new(&ours, "after");
+    let mut env_after = g.s3_env();
+    env_after.extend(after.env());
+    env_after.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
+    env_after.push(("CVM_GATEWAY_CMD".into(), idle.display().to_string()));
+    env_after.push(("CVM_LOG".into(), "info".into()));
+    let mut restored = Appliance::start(&after, &env_after);
+    restored.wait_ready(T);
+    let restore_secs = restore_took(&restored.log_text());
+    let (max, _) = inspect(&after.state.join(DB)).expect("the restored database passes its check");
+    // The writer logs a commit after it returns: the stop may fall between.
+    assert!(
+        (committed..=committed + 1).contains(&max),
+        "every commit restored after the clean stop: {max} of {committed}"
+    );
+    let restored_bytes = fs::metadata(after.state.join(DB)).unwrap().len();
+    assert_eq!(restored.stop(T), 0, "{}", restored.log_text());
+    let stock_secs = stock_download_secs(&g, &ours, restored_bytes);
 
     let mut md = String::new();
     let _ = writeln!(md, "# The bucket after an hour of the SQLite load\n");
@@ -193,15 +226,26 @@ fn main() {
     }
     let _ = writeln!(
         md,
+        "\nRestore after the hour: a new container restored the database ({:.0} MB, every commit, \
+         `integrity_check` ok) in {restore_secs:.2} s, as its log times it; stock rclone downloads one \
+         object of that size from the same Garage in {stock_secs:.2} s: {:.2}×.",
+        restored_bytes as f64 / 1e6,
+        restore_secs / stock_secs.max(0.01)
+    );
+    let _ = writeln!(
+        md,
         "\nHow retention bounds it (docs/durability.md, SQLite history): every restore point of the last 65 \
-         minutes is kept (the newest base at or before that window's start, every base after it, all their \
-         segments), then the newest base of each UTC hour for `CVM_HISTORY_DAYS`; the newest base always. \
-         Within the first hour nothing is old enough to go, so this table is the whole first hour. After it, \
-         each new base (hourly, or when the segments since the last outweigh it four times) lets the prune \
-         delete the segments before the window: segments stay between about 65 minutes and 2 hours' worth \
-         (here {}/h written), and the bases grow by one database-sized copy per hour until the horizon \
-         (7 days: at most 24 × 7 + 2 of them). A kept base and the stock base are one server-side copy: \
-         listed twice, stored once on Garage.",
+         minutes is kept (the newest base at or before that window's start with the spans and segments that \
+         bring it there, every base after it, every span and segment after those), then one point per UTC \
+         hour for `CVM_HISTORY_DAYS` (7), kept as its base and the spans that reach it; the newest base \
+         always. Within the first hour nothing is old enough to go, so this table is the whole first hour. \
+         A new base comes once the spans after the last weigh half of it (or after \
+         `CVM_SQLITE_BASE_MAX_AGE`, 24 h); the prune runs after each base and hourly while the line changes, \
+         and deletes the segments under a kept span once they leave the 65 minutes. So the bucket holds \
+         about 65 minutes to 2 hours of segments (here {}/h written in all), the spans since the oldest \
+         base a kept point needs, and those bases: bases and spans grow it by about three times what \
+         changed, up to the 7-day horizon. A kept base and the stock base are one server-side copy: listed \
+         twice, stored once on Garage.",
         mib((written as f64 * 3600.0 / load.as_secs_f64()) as u64)
     );
     write_report("sqlite-hour", &md);

@@ -133,3 +133,49 @@ pub fn litestream_restore(bin: &Path, config: &Path, db: &Path, dst: &Path) -> b
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// The restore's own time from cvm-init's log (`boot: state restored …
+/// took=…`): the lease and rclone's start are not the restore.
+pub fn restore_took(log: &str) -> f64 {
+    let took = log
+        .lines()
+        .find(|l| l.contains("boot: state restored"))
+        .and_then(|l| l.split("took=").nth(1))
+        .and_then(|t| t.split_whitespace().next())
+        .expect("the log says how long the restore took");
+    let (num, unit) = took.split_at(took.find(|c: char| c.is_alphabetic() || c == 'µ').unwrap());
+    let n: f64 = num.parse().unwrap();
+    match unit {
+        "s" => n,
+        "ms" => n / 1e3,
+        "µs" => n / 1e6,
+        "ns" => n / 1e9,
+        other => panic!("unit {other} in {took}"),
+    }
+}
+
+/// Seconds stock rclone takes to download one object of `size` bytes
+/// through the crypt remote from `g` (uploaded first, under `root`): a
+/// restore's anchor, on the same Garage.
+pub fn stock_download_secs(g: &crate::common::Garage, root: &Path, size: u64) -> f64 {
+    let conf = crate::common::stock_config(g, root);
+    let file = root.join("stock.bin");
+    fs::write(&file, vec![7u8; size as usize]).unwrap();
+    let rclone = |args: &[&str]| {
+        let ok = std::process::Command::new(crate::common::rclone_bin())
+            .arg("--config")
+            .arg(&conf)
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "rclone {args:?}");
+    };
+    rclone(&["copyto", file.to_str().unwrap(), "crypt:stock/bin"]);
+    let t = std::time::Instant::now();
+    rclone(&[
+        "copyto",
+        "crypt:stock/bin",
+        root.join("stock.back").to_str().unwrap(),
+    ]);
+    t.elapsed().as_secs_f64()
+}

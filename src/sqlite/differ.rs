@@ -404,6 +404,22 @@ mod tests {
     }
 
     #[test]
+    fn a_clone_refused_for_good_ends_the_clones() {
+        use rustix::io::Errno;
+        for (errno, for_good) in [
+            (Errno::OPNOTSUPP, true), // no clones, or switched off
+            (Errno::XDEV, true),      // the scratch dir on another file system
+            (Errno::INVAL, true),
+            (Errno::AGAIN, false), // blocks still being written
+            (Errno::NOSPC, false),
+            (Errno::IO, false),
+        ] {
+            let e = io::Error::from_raw_os_error(errno.raw_os_error());
+            assert_eq!(refused_for_good(&e), for_good, "{e}");
+        }
+    }
+
+    #[test]
     fn changed_pages_applied_to_a_base_give_the_database() {
         let d = tempfile::tempdir().unwrap();
         let db = d.path().join("app.sqlite");
