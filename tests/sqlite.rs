@@ -789,8 +789,6 @@ fn on_a_file_system_with_clones_a_save_locks_a_big_database_only_to_clone_it() {
     );
     commit_and_stop(&mut app, &app_conn);
     the_last_commit_comes_back(&s, &replicate);
-    drop(app);
-    drop(xfs);
 }
 
 /// Commits a small row every 10 ms for `window` with `busy_timeout=0`, as

@@ -471,24 +471,23 @@ impl Xfs {
         let dir = root.join("xfs");
         fs::create_dir_all(&dir).unwrap();
         fs::File::create(&image).unwrap().set_len(bytes).unwrap();
-        for (cmd, args) in [
-            ("mkfs.xfs", vec!["-q", "-m", "reflink=1"]),
-            ("mount", vec!["-o", "loop"]),
-        ] {
-            let mut c = Command::new(cmd);
-            c.args(args).arg(&image);
-            if cmd == "mount" {
-                c.arg(&dir);
-            }
+        let run = |c: &mut Command| {
             let out = c
                 .output()
-                .unwrap_or_else(|e| panic!("{cmd}: {e} (scripts/setup installs xfsprogs)"));
+                .unwrap_or_else(|e| panic!("{c:?}: {e} (scripts/setup installs xfsprogs)"));
             assert!(
                 out.status.success(),
-                "{cmd}: {}",
+                "{c:?}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-        }
+        };
+        run(Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&image));
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&dir));
         Xfs { dir }
     }
 }
