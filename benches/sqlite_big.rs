@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 use common::load::{commits, inspect, lost_seconds, now, DB, WRITER};
 use common::{wait_until, Appliance, Dirs, Garage, PASSWORD};
 use support::{
-    litestream_bin, litestream_cmd, litestream_config, litestream_restore, proc_cpu_secs,
-    rclone_under, restore_took, secs, stats, stock_download_secs, write_report,
+    litestream_bin, litestream_cmd, litestream_config, litestream_restore, print_restore_log,
+    proc_cpu_secs, rclone_under, restore_log_level, restore_took, secs, stats, stock_download_secs,
+    write_report,
 };
 
 const T: Duration = Duration::from_secs(600);
@@ -131,12 +132,7 @@ fn boot(
         "CVM_GATEWAY_CMD".into(),
         format!("python3 {}", writer.display()),
     ));
-    let log = if std::env::var_os("BENCH_LOG").is_some() {
-        "info,cvm_init=debug"
-    } else {
-        "info"
-    };
-    env.push(("CVM_LOG".into(), log.into()));
+    env.push(("CVM_LOG".into(), restore_log_level()));
     env.push(("CVM_LEASE_TTL".into(), "30s".into()));
     env.push(("OUT".into(), out.display().to_string()));
     env.extend(load.env().map(|(k, v)| (k.to_owned(), v)));
@@ -203,16 +199,7 @@ fn cvm_init(
         app.wait_ready(T);
         let log = app.log_text();
         row.restore_secs.push(restore_took(&log));
-        if std::env::var_os("BENCH_LOG").is_some() {
-            // The restore's phases, from its log, for a run by hand.
-            let end = log
-                .find("boot: state restored")
-                .map_or(log.len(), |i| i + 200);
-            eprintln!(
-                "bench: round {round} restore log:\n{}",
-                &log[..end.min(log.len())]
-            );
-        }
+        print_restore_log(&format!("round {round}"), &log);
         let (max, _) =
             inspect(&dirs.state.join(DB)).expect("the restored database passes its check");
         row.restored_bytes = fs::metadata(dirs.state.join(DB)).unwrap().len();

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use common::load::{commits, inspect, DB, WRITER};
 use common::{rclone, script, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD};
 use support::{
-    litestream_bin, litestream_cmd, litestream_config, restore_took, secs, stock_download_secs,
-    write_report,
+    litestream_bin, litestream_cmd, litestream_config, print_restore_log, restore_log_level,
+    restore_took, secs, stock_download_secs, write_report,
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -186,10 +186,11 @@ fn main() {
     env_after.extend(after.env());
     env_after.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
     env_after.push(("CVM_GATEWAY_CMD".into(), idle.display().to_string()));
-    env_after.push(("CVM_LOG".into(), "info".into()));
+    env_after.push(("CVM_LOG".into(), restore_log_level()));
     let mut restored = Appliance::start(&after, &env_after);
     restored.wait_ready(T);
     let restore_secs = restore_took(&restored.log_text());
+    print_restore_log("the hour's", &restored.log_text());
     let (max, _) = inspect(&after.state.join(DB)).expect("the restored database passes its check");
     // The writer logs a commit after it returns: the stop may fall between.
     assert!(

@@ -134,6 +134,27 @@ pub fn litestream_restore(bin: &Path, config: &Path, db: &Path, dst: &Path) -> b
         .is_ok_and(|s| s.success())
 }
 
+/// `CVM_LOG` for a cvm-init whose restore a bench times: its phases too
+/// with `BENCH_LOG=1`.
+pub fn restore_log_level() -> String {
+    match std::env::var_os("BENCH_LOG") {
+        Some(_) => "info,cvm_init=debug".into(),
+        None => "info".into(),
+    }
+}
+
+/// With `BENCH_LOG=1`, prints `log` up to its restore's end, for a run by
+/// hand.
+pub fn print_restore_log(what: &str, log: &str) {
+    if std::env::var_os("BENCH_LOG").is_some() {
+        let end = log
+            .find("boot: state restored")
+            .map_or(log.len(), |i| i + 200)
+            .min(log.len());
+        eprintln!("bench: {what} restore log:\n{}", &log[..end]);
+    }
+}
+
 /// The restore's own time from cvm-init's log (`boot: state restored …
 /// took=…`): the lease and rclone's start are not the restore.
 pub fn restore_took(log: &str) -> f64 {

@@ -403,8 +403,12 @@ async fn read_ahead(
         };
         let segments = match base {
             Some(b) => {
+                let t = Instant::now();
                 let plan = fetch_segments(socket, &rel, &line_dir, b, at, &scratch, &[]).await?;
+                let downloaded = t.elapsed();
                 let batch = read_ahead_batch(budget, &scratch, &plan.0).await;
+                tracing::debug!(db = %rel.display(), objects = plan.0.len(), downloaded = ?downloaded,
+                    took = ?t.elapsed(), "sqlite: segments and spans read ahead");
                 Some((b.clone(), scratch, plan, batch))
             }
             None if trashed => return Ok(None),
@@ -982,28 +986,43 @@ struct Batch {
     failed: Option<String>,
 }
 
+/// Segments decoded at once, each on a thread of its own: decoding (zstd,
+/// SHA-256, the pages copied out) 90 MB of spans took a restore
+/// 0.21–0.31 s on one thread, 0.13–0.18 s on two (2 cores).
+const DECODERS: usize = 2;
+
 /// Reads and merges the segments named `names` from `dir`, in order, until
-/// one fails or the pages merged reach `cap` bytes.
+/// one fails or the pages merged reach `cap` bytes; [`DECODERS`] decoded
+/// at once.
 fn read_batch(dir: &Path, names: &[String], cap: usize) -> Batch {
+    let decode = |name: &String| {
+        let bytes = fs::read(dir.join(name)).map_err(|e| e.to_string())?;
+        let seg = Segment::decode(&bytes).map_err(|e| e.to_string())?;
+        Ok::<_, String>((seg, bytes.len() as u64))
+    };
     let mut b = Batch::default();
-    for name in names {
+    for some in names.chunks(DECODERS) {
         if b.merged.as_ref().is_some_and(|m| m.bytes() >= cap) {
             break;
         }
-        let read = fs::read(dir.join(name)).map_err(|e| e.to_string());
-        let seg = read.and_then(|bytes| {
-            let seg = Segment::decode(&bytes).map_err(|e| e.to_string())?;
-            Ok((seg, bytes.len() as u64))
+        let decoded: Vec<_> = std::thread::scope(|s| {
+            let running: Vec<_> = some.iter().map(|n| s.spawn(move || decode(n))).collect();
+            running
+                .into_iter()
+                .map(|r| r.join().expect("decoding does not panic"))
+                .collect()
         });
-        match seg {
-            Ok((seg, bytes)) => {
-                b.merged = Segment::join(b.merged.take(), Some(seg));
-                b.taken += 1;
-                b.bytes += bytes;
-            }
-            Err(e) => {
-                b.failed = Some(e);
-                break;
+        for d in decoded {
+            match d {
+                Ok((seg, bytes)) => {
+                    b.merged = Segment::join(b.merged.take(), Some(seg));
+                    b.taken += 1;
+                    b.bytes += bytes;
+                }
+                Err(e) => {
+                    b.failed = Some(e);
+                    return b;
+                }
             }
         }
     }
@@ -1127,6 +1146,36 @@ async fn check_databases(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Segments read in windows merge in order, stop at the first that
+    /// cannot be read (though the one beside it in its window could), and
+    /// stop once the merged pages reach the cap.
+    #[test]
+    fn a_batch_merges_in_order_and_stops_at_a_bad_segment_or_the_cap() {
+        let d = tempfile::tempdir().unwrap();
+        let seg = |n: u8| Segment {
+            page_size: 512,
+            db_pages: 4,
+            pages: [(1, vec![n; 512]), (u32::from(n % 4) + 1, vec![n; 512])].into(),
+        };
+        let names: Vec<String> = (1..=5).map(|n| format!("s{n}")).collect();
+        for (n, name) in (1..=5).zip(&names) {
+            fs::write(d.path().join(name), seg(n).encode().unwrap()).unwrap();
+        }
+        let all = read_batch(d.path(), &names, usize::MAX);
+        assert_eq!((all.taken, all.failed.as_deref()), (5, None));
+        let want = (1..=5).fold(None, |m, n| Segment::join(m, Some(seg(n))));
+        assert_eq!(all.merged, want, "the newest image of each page");
+
+        fs::write(d.path().join("s3"), b"cut short").unwrap();
+        let bad = read_batch(d.path(), &names, usize::MAX);
+        assert_eq!(bad.taken, 2, "s4, read beside s3, is not taken");
+        assert!(bad.failed.is_some());
+        assert_eq!(bad.merged, Segment::join(Some(seg(1)), Some(seg(2))));
+
+        let capped = read_batch(d.path(), &names, 1);
+        assert_eq!((capped.taken, capped.failed), (DECODERS, None));
+    }
 
     #[test]
     fn undo_hashes_the_file_as_it_was_and_puts_it_back() {

@@ -60,7 +60,15 @@ impl Segment {
         }
         let (body, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
         let len = u64::from_be_bytes(trailer[..8].try_into().expect("8 bytes"));
-        let plain = zstd::decode_all(body).map_err(|_| SegmentError::Format)?;
+        // Sized from the trailer, not grown while decoding: a restore
+        // decodes a database's worth of them. Bounded, as the trailer is not
+        // checked yet.
+        let mut plain = Vec::with_capacity(
+            usize::try_from(len)
+                .unwrap_or(usize::MAX)
+                .min(body.len().saturating_mul(4) + (1 << 16)),
+        );
+        zstd::stream::copy_decode(body, &mut plain).map_err(|_| SegmentError::Format)?;
         if plain.len() as u64 != len {
             return Err(SegmentError::Format);
         }
