@@ -143,14 +143,15 @@ pub fn restore_log_level() -> String {
     }
 }
 
-/// With `BENCH_LOG=1`, prints `log` up to its restore's end, for a run by
-/// hand.
+/// With `BENCH_LOG=1`, prints `log` up to its restore's last line, for a
+/// run by hand.
 pub fn print_restore_log(what: &str, log: &str) {
     if std::env::var_os("BENCH_LOG").is_some() {
-        let end = log
-            .find("boot: state restored")
-            .map_or(log.len(), |i| i + 200)
-            .min(log.len());
+        // To the end of that line: a cut 200 bytes on could fall inside a
+        // `µs`, and slicing there panics.
+        let end = log.find("boot: state restored").map_or(log.len(), |i| {
+            log[i..].find('\n').map_or(log.len(), |n| i + n)
+        });
         eprintln!("bench: {what} restore log:\n{}", &log[..end]);
     }
 }
