@@ -159,19 +159,25 @@ pub fn print_restore_log(what: &str, log: &str) {
 /// The restore's own time from cvm-init's log (`boot: state restored …
 /// took=…`): the lease and rclone's start are not the restore.
 pub fn restore_took(log: &str) -> f64 {
+    log_took(log, "boot: state restored").expect("the log says how long the restore took")
+}
+
+/// Seconds in the `took=` of the first line of `log` that contains `what`.
+pub fn log_took(log: &str, what: &str) -> Option<f64> {
     let took = log
         .lines()
-        .find(|l| l.contains("boot: state restored"))
-        .and_then(|l| l.split("took=").nth(1))
-        .and_then(|t| t.split_whitespace().next())
-        .expect("the log says how long the restore took");
-    let (num, unit) = took.split_at(took.find(|c: char| c.is_alphabetic() || c == 'µ').unwrap());
-    let n: f64 = num.parse().unwrap();
+        .find(|l| l.contains(what))?
+        .split("took=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?;
+    let (num, unit) = took.split_at(took.find(|c: char| c.is_alphabetic() || c == 'µ')?);
+    let n: f64 = num.parse().ok()?;
     match unit {
-        "s" => n,
-        "ms" => n / 1e3,
-        "µs" => n / 1e6,
-        "ns" => n / 1e9,
+        "s" => Some(n),
+        "ms" => Some(n / 1e3),
+        "µs" => Some(n / 1e6),
+        "ns" => Some(n / 1e9),
         other => panic!("unit {other} in {took}"),
     }
 }
