@@ -18,6 +18,7 @@
 
 use std::path::{Path, PathBuf};
 
+use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -255,28 +256,71 @@ pub async fn list(socket: &Path, rel: &Path) -> Result<Vec<(String, u64)>, rc::R
 }
 
 /// Every database that has a line: the paths below `.cvm/wal/` that hold a
-/// manifest.
+/// manifest. Walked a level at a time, never into a line's generations and
+/// bases: a recursive listing would read every segment name (thousands
+/// after an hour of saves) only to find a few manifests.
 pub async fn with_manifests(socket: &Path) -> Result<Vec<PathBuf>, rc::RcError> {
     let wal = format!("{META_DIR}/{WAL_DIR}");
-    let listed = rc::list(
-        socket,
-        &json!({
-            "fs": root(), "remote": wal,
-            "opt": { "recurse": true, "filesOnly": true, "noModTime": true, "noMimeType": true },
-        }),
-    )
-    .await?;
-    let (prefix, suffix) = (format!("{wal}/"), format!("/{WAL_MANIFEST}"));
-    Ok(listed
+    let list_one = |rel: PathBuf| {
+        let remote = if rel.as_os_str().is_empty() {
+            wal.clone()
+        } else {
+            format!("{wal}/{}", rel.to_string_lossy())
+        };
+        async move {
+            let listed = rc::list(
+                socket,
+                &json!({ "fs": root(), "remote": remote, "opt": { "noModTime": true, "noMimeType": true } }),
+            )
+            .await?;
+            let entries: Vec<(String, bool)> = listed
+                .iter()
+                .filter_map(|i| Some((i["Name"].as_str()?.to_owned(), i["IsDir"].as_bool()?)))
+                .collect();
+            Ok::<_, rc::RcError>((rel, entries))
+        }
+    };
+    let (mut found, mut level) = (Vec::new(), vec![PathBuf::new()]);
+    while !level.is_empty() {
+        let listed: Vec<_> = futures_util::stream::iter(level.into_iter().map(list_one))
+            .buffer_unordered(8)
+            .try_collect()
+            .await?;
+        level = Vec::new();
+        for (rel, entries) in listed {
+            let (line, below) = walk_step(&entries);
+            if line && !rel.as_os_str().is_empty() {
+                found.push(rel.clone());
+            }
+            level.extend(below.into_iter().map(|d| rel.join(d)));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// One directory of the walk below `.cvm/wal/`, from its entries (name,
+/// whether a directory): whether it is a line (holds a manifest), and the
+/// directories to walk into. A line's bases and generations hold no lines;
+/// anything else in it might (a database once at a path below it).
+fn walk_step(entries: &[(String, bool)]) -> (bool, Vec<String>) {
+    let line = entries.iter().any(|(n, dir)| !dir && n == WAL_MANIFEST);
+    let below = entries
         .iter()
-        .filter_map(|i| {
-            i["Path"]
-                .as_str()?
-                .strip_prefix(&prefix)?
-                .strip_suffix(&suffix)
-        })
-        .map(PathBuf::from)
-        .collect())
+        .filter(|(n, dir)| *dir && !(line && (n == BASES_DIR || is_gen(n))))
+        .map(|(n, _)| n.clone())
+        .collect();
+    (line, below)
+}
+
+/// Whether `name` has the shape of [`new_gen`]'s names.
+fn is_gen(name: &str) -> bool {
+    name.split_once('-').is_some_and(|(ms, r)| {
+        ms.len() == 13
+            && ms.bytes().all(|b| b.is_ascii_digit())
+            && !r.is_empty()
+            && r.bytes().all(|b| b.is_ascii_hexdigit())
+    })
 }
 
 /// `rel`'s line as the trash day `day` holds it (a database deleted or
@@ -523,6 +567,52 @@ mod tests {
             "a crash before base b"
         );
         assert!(m.entry_for(&[3; 32]).is_none());
+    }
+
+    #[test]
+    fn the_walk_for_lines_skips_a_lines_generations_and_bases_only() {
+        let e = |v: &[(&str, bool)]| -> Vec<(String, bool)> {
+            v.iter().map(|(n, d)| (n.to_string(), *d)).collect()
+        };
+        let gen = new_gen();
+        for (entries, want_line, want_below) in [
+            // `.cvm/wal/` itself, or a directory on the way to a database.
+            (
+                e(&[("agents", true), ("state", true)]),
+                false,
+                vec!["agents", "state"],
+            ),
+            // A line: its generations and bases are not walked.
+            (
+                e(&[("manifest", false), ("bases", true), (&gen, true)]),
+                true,
+                vec![],
+            ),
+            // A directory named like a generation that is not in a line is walked.
+            (e(&[(&gen, true)]), false, vec![gen.as_str()]),
+            // In a line, a directory of another shape may hold a line.
+            (
+                e(&[
+                    ("manifest", false),
+                    ("sub", true),
+                    ("0000000000001-zz", true),
+                ]),
+                true,
+                vec!["sub", "0000000000001-zz"],
+            ),
+            (e(&[("manifest", true)]), false, vec!["manifest"]),
+            (e(&[]), false, vec![]),
+        ] {
+            let (line, below) = walk_step(&entries);
+            assert_eq!(
+                (line, below),
+                (
+                    want_line,
+                    want_below.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+                ),
+                "{entries:?}"
+            );
+        }
     }
 
     #[test]

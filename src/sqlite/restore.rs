@@ -366,7 +366,9 @@ async fn read_ahead(
                 stderr: e.to_string(),
             })
     };
+    let started = Instant::now();
     let (stock, lines) = tokio::try_join!(list_below(socket, SQLITE_DIR), lines)?;
+    tracing::debug!(stock = stock.len(), lines = lines.len(), took = ?started.elapsed(), "sqlite: databases and lines listed");
     let stock: BTreeSet<PathBuf> = stock.into_iter().map(PathBuf::from).collect();
     let manifest_only = lines.into_iter().filter(|rel| !stock.contains(rel));
     let live: Vec<Candidate> = stock
@@ -489,6 +491,7 @@ async fn fetch_segments(
     skip: &[String],
 ) -> Result<Plan, RestoreError> {
     let gen_dir = format!("{line_dir}/{}", base.gen);
+    let started = Instant::now();
     let listed = rc::list(
         socket,
         &serde_json::json!({
@@ -504,6 +507,8 @@ async fn fetch_segments(
         .filter(|s| !skip.contains(&s.name))
         .collect();
     let plan = history::segments_to(base, &segs, at);
+    tracing::debug!(db = %rel.display(), listed = listed.len(), to_fetch = plan.0.len(), took = ?started.elapsed(),
+        "sqlite: generation listed");
     let io = |source| RestoreError::Io {
         path: dir.to_owned(),
         source,
