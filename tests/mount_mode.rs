@@ -511,18 +511,67 @@ fn after_a_crash_the_dead_mount_is_replaced_and_cached_writes_are_uploaded() {
         app.log_text()
     );
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
-    let uploader = app.log_text();
 
     let fresh = Dirs::new(tmp.path(), "fresh");
     let mut app = boot(&g, &fresh, idle.to_str().unwrap(), &[]);
     app.wait_ready(T);
-    let back = tree(&fresh.state);
-    if back != written {
-        // Seen once in a dozen runs under load: what the restarted run did
-        // with the cached files says where one went.
-        eprintln!("the run that uploaded the cache:\n{uploader}");
+    same_tree(&tree(&fresh.state), &written);
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}
+
+/// rclone rewrites a cached file's record in place at every close (a
+/// reader's too) and moves a renamed file's data before its record; killed at
+/// either moment, it used to delete the data at its next start, writes never
+/// uploaded included. Seen here once: the test above read its tree just
+/// before the kill and lost the last file read.
+#[test]
+fn cache_records_a_crash_broke_lose_no_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start(tmp.path());
+    let gw = script(tmp.path(), "writer.sh", WRITER);
+    let idle = script(tmp.path(), "idle.sh", "exec sleep 100000");
+    let dirs = Dirs::new(tmp.path(), "box");
+    let mut crashed = boot(&g, &dirs, gw.to_str().unwrap(), &[]);
+    crashed.wait_ready(T);
+    wait_until(T, "the gateway's writes", || {
+        dirs.state.join(".done").exists()
+    });
+    let written = tree(&dirs.state);
+    crashed.kill_all();
+
+    let record = |p: &str| dirs.local.join("rclone-cache/vfsMeta/s3-crypt").join(p);
+    // Killed between the truncate and the write of a record.
+    fs::write(record("workspace/notes/today.md"), "").unwrap();
+    // Killed half-way through writing one.
+    fs::write(
+        record("agents/main/agent/blob.bin"),
+        "{\n\t\"ModTime\": \"2026-",
+    )
+    .unwrap();
+    // Killed between moving a renamed file's data and its record.
+    fs::remove_file(record("openclaw.json")).unwrap();
+
+    let mut app = boot(&g, &dirs, idle.to_str().unwrap(), &[]);
+    app.wait_ready(T);
+    let log = app.log_text();
+    for path in [
+        "workspace/notes/today.md",
+        "agents/main/agent/blob.bin",
+        "openclaw.json",
+    ] {
+        assert!(
+            log.contains(&format!(
+                "rclone cache: a crash broke this file's record; it is uploaded again path={path}"
+            )),
+            "{path} not mended:\n{log}"
+        );
     }
-    same_tree(&back, &written);
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+
+    let fresh = Dirs::new(tmp.path(), "fresh");
+    let mut app = boot(&g, &fresh, idle.to_str().unwrap(), &[]);
+    app.wait_ready(T);
+    same_tree(&tree(&fresh.state), &written);
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
 }
 

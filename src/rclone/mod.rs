@@ -1,6 +1,7 @@
 //! Everything that speaks rclone: the rendered config, the command lines
 //! (which never carry a secret), and the rc client in [`rc`].
 
+pub mod cache;
 pub mod rc;
 pub mod session;
 
@@ -118,6 +119,8 @@ pub struct RunPaths {
     pub rc_socket: PathBuf,
     pub notify_socket: PathBuf,
     pub cache_dir: PathBuf,
+    /// Cached files a crash left partial, moved out of rclone's way ([`cache::mend`]).
+    pub rescued: PathBuf,
     /// Small files on their way to or from the remote (markers, dirs.json).
     pub scratch: PathBuf,
     /// Database snapshots before upload.
@@ -136,6 +139,7 @@ impl RunPaths {
             // Dirty files wait here for upload: local disk, and kept across
             // restarts so rclone can resume uploads it had queued.
             cache_dir: local_dir.join("rclone-cache"),
+            rescued: local_dir.join("rescued"),
             scratch: local_dir.join("scratch"),
             snapshots: local_dir.join("snapshots"),
         }

@@ -142,6 +142,28 @@ fn release(ops: &dyn Mounts, mountpoint: &Path, guarded: bool) -> Vec<StorageErr
     errors
 }
 
+/// Gives back to rclone the cached files a crash left without a readable
+/// record, which it would otherwise delete at start (`rclone::cache`).
+fn mend_cache(paths: &rclone::RunPaths) -> Result<(), StorageError> {
+    let mended = rclone::cache::mend(&paths.cache_dir, &paths.rescued)
+        .map_err(|(path, source)| StorageError::Prepare { path, source })?;
+    for m in mended {
+        match &m.rescued {
+            None => tracing::warn!(
+                path = %m.path.display(),
+                "rclone cache: a crash broke this file's record; it is uploaded again"
+            ),
+            Some(to) => tracing::warn!(
+                path = %m.path.display(),
+                rescued = %to.display(),
+                "rclone cache: a crash broke the record of a partial copy; the bucket's version is served \
+                 and the cached bytes are kept in the rescued path: compare them by hand"
+            ),
+        }
+    }
+    Ok(())
+}
+
 fn rclone_mounted(ops: &dyn Mounts, mountpoint: &Path) -> bool {
     ops.mounts_at(mountpoint)
         .iter()
@@ -290,6 +312,7 @@ impl Mount {
             ),
         }
         let paths = &self.session.paths;
+        mend_cache(paths)?;
         let _ = std::fs::remove_file(&paths.rc_socket);
         let listener = sdnotify::Listener::bind(&paths.notify_socket)
             .map_err(prepare_err(&paths.notify_socket))?;
