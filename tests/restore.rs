@@ -68,8 +68,14 @@ fn boot_writer(s: &Setup, name: &str, extra: &[(&str, &str)]) -> (Appliance, Dir
 fn wait_restorable(s: &Setup, what: &str, done: impl Fn(&Path) -> bool) {
     let mut n = 0;
     wait_until(T, what, || {
-        n += 1;
-        let to = s.tmp.path().join(format!("try-{n}"));
+        // A name no earlier wait used.
+        let to = loop {
+            n += 1;
+            let to = s.tmp.path().join(format!("try-{n}"));
+            if !to.exists() {
+                break to;
+            }
+        };
         let (code, _, _) = restore(s, PASSWORD, &["--to", to.to_str().unwrap()]);
         code == 0 && done(&to)
     });
@@ -347,6 +353,61 @@ fn a_damaged_span_is_passed_over_for_its_segments() {
 
 /// The test writer's 10 commits, spread over 3 s (two segments at least),
 /// on S3, and the appliance stopped.
+/// A generation has one writer. A new container restoring after a clean
+/// stop goes on in the same generation; after a crash (the lease taken
+/// over), in a new one from a new base, so an upload of the dead holder's
+/// that lands late can never carry a number the new holder gives out.
+#[test]
+fn after_a_crash_the_next_writer_goes_on_in_a_new_generation() {
+    let s = Setup::new();
+    let generations = || -> std::collections::BTreeSet<String> {
+        line_objects(&s)
+            .1
+            .iter()
+            .filter_map(|o| o.split_once('/'))
+            .map(|(top, _)| top.to_owned())
+            .filter(|top| top != "bases")
+            .collect()
+    };
+    let ten_more = |name: &str, total: usize| {
+        let (app, _, out) = boot_writer(&s, name, &[("LIMIT", "10"), ("EVERY", "0.1")]);
+        wait_until(T, "ten more commits", || commits(&out).len() >= total);
+        wait_restorable(&s, "every commit on S3", |to| {
+            inspect(&to.join(DB)) == Some((total as i64, total as i64))
+        });
+        app
+    };
+
+    let mut app = ten_more("a", 10);
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let first = generations();
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    // A clean stop released the lease: b goes on in a's generation.
+    let mut app = ten_more("b", 20);
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    assert_eq!(generations(), first, "a clean stop's line goes on");
+
+    // c crashes; d takes the lease over and starts a generation of its own.
+    ten_more("c", 30).kill_all();
+    let mut app = ten_more("d", 40);
+    let log = app.log_text();
+    assert!(log.contains("lease: took over"), "{log}");
+    assert!(
+        log.contains("sqlite: snapshot uploaded (base) db=state/openclaw.sqlite"),
+        "the new generation starts from a base: {log}"
+    );
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    let now = generations();
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(
+        now.is_superset(&first),
+        "the old generation stays for history"
+    );
+    let (latest, _) = restore_latest(&s);
+    assert_eq!(inspect(&latest.join(DB)), Some((40, 40)));
+}
+
 fn ten_commits(s: &Setup) {
     let (mut app, _, out) = boot_writer(s, "a", &[("LIMIT", "10"), ("EVERY", "0.3")]);
     wait_until(T, "10 commits and a second segment", || {

@@ -44,6 +44,8 @@ pub struct Session {
     /// Opens while this instance holds the lease with margin; every upload checks it.
     pub fence: Fence,
     lease: Option<Keeper>,
+    /// Why the lease was taken at boot.
+    taken: Option<lease::Why>,
     /// What the key check found, until the marker is written.
     key: Option<Outcome>,
 }
@@ -68,6 +70,7 @@ impl Session {
             instance,
             fence: Fence::default(),
             lease: None,
+            taken: None,
             key: None,
         })
     }
@@ -155,6 +158,18 @@ impl Session {
         Ok(())
     }
 
+    /// Whether a database's line restored at boot may go on in its
+    /// generation: only when its last writer released the bucket prefix (or
+    /// none held it). After a crash or a takeover, an upload of the old
+    /// holder's may still land (S3 can finish a request whose sender is
+    /// gone) under a segment number the new holder gives out, so each line
+    /// goes on in a new generation from a new base instead: a generation has
+    /// one writer, and a restore need not list every segment to find a
+    /// number written twice (`sqlite::restore::list_generation`).
+    pub fn continues_lines(&self) -> bool {
+        matches!(self.taken, Some(lease::Why::Free | lease::Why::Released))
+    }
+
     /// Takes the bucket prefix's lease (waiting for another holder) and
     /// keeps it renewed; from here the fence opens. Held already: nothing to do.
     pub async fn acquire_lease(&mut self, cfg: &LeaseConfig) -> Result<(), LeaseError> {
@@ -171,6 +186,7 @@ impl Session {
         tracing::info!(?mode, "lease: the bucket has {}", mode.describe());
         let me = lease::record_for(&self.instance, cfg.ttl);
         let held = lease::acquire(io, mode, me, cfg, self.fence.clone()).await?;
+        self.taken.get_or_insert(held.why());
         self.lease = Some(held.keep());
         Ok(())
     }

@@ -675,6 +675,8 @@ pub struct Held {
     last: Duration,
     /// Idle this long, renewals pause (`None`: never).
     pause_after: Option<Duration>,
+    /// Why it could be taken.
+    why: Why,
 }
 
 /// Takes the lease for `me` once it may (see [`verdict`]), reporting the
@@ -788,6 +790,7 @@ pub async fn acquire(
                         WhileIdle::Pause => Some(cfg.ttl),
                         WhileIdle::Renew => None,
                     },
+                    why,
                 });
             }
         }
@@ -811,6 +814,11 @@ pub struct Keeper {
 }
 
 impl Held {
+    /// Why the lease could be taken.
+    pub fn why(&self) -> Why {
+        self.why
+    }
+
     /// Renews in the background until [`Keeper::release`].
     pub fn keep(self) -> Keeper {
         let (stop_tx, stop_rx) = oneshot::channel();

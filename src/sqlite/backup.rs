@@ -89,6 +89,10 @@ pub struct BackupSpec {
     pub trash: Option<String>,
     /// Open while this instance holds the lease: no upload without it.
     pub fence: Fence,
+    /// Restored lines go on in their generations (see
+    /// `Session::continues_lines`); else each starts a new one at its first
+    /// change.
+    pub continue_lines: bool,
 }
 
 impl BackupSpec {
@@ -113,6 +117,7 @@ impl BackupSpec {
             lag,
             trash: None,
             fence,
+            continue_lines: false,
         }
     }
 }
@@ -155,6 +160,11 @@ pub struct Line {
     /// When retention last ran on the line (Unix ms), and its last segment
     /// number then: it runs again an hour later if that moved.
     pub pruned: (u64, u64),
+    /// Restored from a holder that did not release the lease (see
+    /// `Session::continues_lines`): no segment or base goes on in its
+    /// generation. The next change, or a stock copy that falls due, starts
+    /// a new generation from a base; until then S3 holds the database.
+    pub sealed: bool,
 }
 
 /// A WAL database followed page by page.
@@ -241,12 +251,14 @@ pub fn start(spec: BackupSpec, known: BTreeMap<PathBuf, Known>) -> Worker {
         interrupt: Arc::default(),
         stopping: false,
     };
+    let sealed = !engine.spec.continue_lines;
     for (rel, known) in known {
+        let line = known.line.map(|l| Line { sealed, ..l });
         engine.dbs.insert(
             rel,
             DbState {
                 remote_hash: Some(known.sha256),
-                restored_line: known.line,
+                restored_line: line,
                 ..DbState::default()
             },
         );
@@ -256,12 +268,16 @@ pub fn start(spec: BackupSpec, known: BTreeMap<PathBuf, Known>) -> Worker {
     let _ = std::fs::remove_dir_all(engine.spec.scratch.join(MIRROR_DIR));
     for (rel, st) in engine.dbs.iter_mut() {
         let mirror = engine.spec.scratch.join(MIRROR_DIR).join(rel);
-        st.follow = follow(
-            &engine.spec.root.join(rel),
-            st.restored_line.take(),
-            mirror,
-            st.remote_hash,
-        );
+        let live = engine.spec.root.join(rel);
+        st.follow = follow(&live, st.restored_line.take(), mirror, st.remote_hash);
+        // S3 holds it as it is: nothing to save until it changes.
+        if st
+            .follow
+            .as_ref()
+            .is_some_and(|f| f.line.as_ref().is_some_and(|l| l.sealed))
+        {
+            st.saved = Some(Fingerprint::of(&live));
+        }
     }
     Worker::spawn("the database backup loop", engine)
 }
@@ -633,7 +649,7 @@ impl Engine {
             };
             // Everything read is on S3 (nothing queued or pending): the pin
             // is at the line's last segment.
-            let after = f.line.as_ref().map(|l| l.seq);
+            let after = f.line.as_ref().filter(|l| !l.sealed).map(|l| l.seq);
             let _busy = self.spec.fence.busy();
             let r = self.new_base(&rel, &mut f, after).await;
             self.dbs.get_mut(&rel).expect("listed above").follow = Some(f);
@@ -740,7 +756,10 @@ impl Engine {
             let spans = self.spec.scratch.join(SPAN_DIR).join(rel).join(&line.gen);
             for (seq, t) in f.queue.drain(..) {
                 let name = line::remote_segment_name(seq, t);
-                let path = spool.join(rel).join(&line.gen).join(&name);
+                let path = spool
+                    .join(rel)
+                    .join(&line.gen)
+                    .join(line::segment_path(seq, t));
                 let size = std::fs::metadata(&path).map_or(0, |m| m.len());
                 // Kept to make the next span; a span is only ever an
                 // addition, so one not made costs nothing but its speed-up.
@@ -953,7 +972,7 @@ impl Engine {
     /// none, and its new commits spooled as the next segment. Returns the
     /// last segment number before it.
     async fn spool_changes(&mut self, rel: &Path, f: &mut Follow) -> Result<u64, BackupError> {
-        if f.line.is_none() {
+        if f.line.as_ref().is_none_or(|l| l.sealed) {
             self.start_line(rel, f).await?;
         }
         let before = f.line.as_ref().expect("started above").seq;
@@ -982,9 +1001,10 @@ impl Engine {
         let line = f.line.as_mut().expect("started above");
         let seq = line.seq + 1;
         let dir = self.spool(rel).join(&line.gen);
+        let path = dir.join(line::segment_path(seq, read_at));
         let written = seg.encode().and_then(|b| {
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join(line::remote_segment_name(seq, read_at)), b)
+            std::fs::create_dir_all(path.parent().expect("in its directory"))?;
+            std::fs::write(&path, b)
         });
         if let Err(source) = written {
             // Those commits are read and not kept: only a new base has them.
@@ -1133,6 +1153,7 @@ impl Engine {
             base_bytes: snap.bytes,
             after_base: 0,
             pruned: (taken, seq),
+            sealed: false,
         });
         Ok(())
     }
@@ -1232,6 +1253,7 @@ mod tests {
             base_bytes,
             after_base,
             pruned: (T0, seq),
+            sealed: false,
         }
     }
 

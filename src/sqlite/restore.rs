@@ -12,7 +12,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream::{self, StreamExt, TryStreamExt};
 use tokio::time::Instant;
 
 use crate::rclone::{rc, CRYPT_REMOTE};
@@ -286,6 +286,8 @@ enum CatchUp {
 
 /// Databases whose lines are read at once.
 const READ_AHEAD: usize = 8;
+/// Segment directories of one generation listed at once.
+const LIST_AT_ONCE: usize = 8;
 
 /// A database's line, read while the bases download: its manifest, and
 /// the segments of the base a restore to the moment is expected to start
@@ -492,22 +494,12 @@ async fn fetch_segments(
 ) -> Result<Plan, RestoreError> {
     let gen_dir = format!("{line_dir}/{}", base.gen);
     let started = Instant::now();
-    let listed = rc::list(
-        socket,
-        &serde_json::json!({
-            "fs": line::root(), "remote": gen_dir,
-            "opt": { "filesOnly": true, "noModTime": true, "noMimeType": true },
-        }),
-    )
-    .await
-    .map_err(fetch_err(rel))?;
-    let segs: Vec<SegRef> = listed
-        .iter()
-        .filter_map(|i| line::parse_segment(i["Name"].as_str()?))
-        .filter(|s| !skip.contains(&s.name))
-        .collect();
+    let (segs, dirs) = list_generation(socket, &gen_dir, base, at, skip)
+        .await
+        .map_err(fetch_err(rel))?;
+    let listed = segs.len();
     let plan = history::segments_to(base, &segs, at);
-    tracing::debug!(db = %rel.display(), listed = listed.len(), to_fetch = plan.0.len(), took = ?started.elapsed(),
+    tracing::debug!(db = %rel.display(), listed, dirs, to_fetch = plan.0.len(), took = ?started.elapsed(),
         "sqlite: generation listed");
     let io = |source| RestoreError::Io {
         path: dir.to_owned(),
@@ -529,6 +521,80 @@ async fn fetch_segments(
     let _ = fs::remove_file(&list);
     r.map_err(fetch_err(rel))?;
     Ok(plan)
+}
+
+/// The segments and spans of `base`'s generation (at `gen_dir`) a restore
+/// to `at` can use, named by their paths below it, and how many segment
+/// directories were listed: the generation's top (its spans but those in
+/// `skip`, and the segments an older cvm-init put there), then the segment
+/// directories from where those bring the base, in order, until one holds a
+/// segment newer than `at`. The directories before hold only segments the
+/// spans stand in for. Each generation has one writer (a new one after a
+/// crash, see `backup`), so no segment number there is written twice.
+async fn list_generation(
+    socket: &Path,
+    gen_dir: &str,
+    base: &BaseRef,
+    at: Option<u64>,
+    skip: &[String],
+) -> Result<(Vec<SegRef>, usize), rc::RcError> {
+    let list = |remote: String| async move {
+        rc::list(
+            socket,
+            &serde_json::json!({
+                "fs": line::root(), "remote": remote,
+                "opt": { "noModTime": true, "noMimeType": true },
+            }),
+        )
+        .await
+    };
+    let (mut segs, mut dirs) = (Vec::new(), Vec::new());
+    for item in list(gen_dir.to_owned()).await? {
+        let (Some(name), Some(is_dir)) = (item["Name"].as_str(), item["IsDir"].as_bool()) else {
+            continue;
+        };
+        if !is_dir {
+            segs.extend(line::parse_segment(name).filter(|s| !skip.contains(&s.name)));
+        } else if let Some(first) = line::parse_segment_dir(name) {
+            dirs.push((first, name.to_owned()));
+        }
+    }
+    let reach = history::segments_to(base, &segs, at)
+        .0
+        .last()
+        .map_or(base.after, |s| s.seq);
+    let dirs = dirs_after(reach, dirs);
+    let mut listed = 0;
+    for batch in dirs.chunks(LIST_AT_ONCE) {
+        let found: Vec<Vec<SegRef>> = stream::iter(batch.iter().map(|(_, dir)| async move {
+            let items = list(format!("{gen_dir}/{dir}")).await?;
+            Ok::<_, rc::RcError>(
+                items
+                    .iter()
+                    .filter_map(|i| line::parse_in_dir(dir, i["Name"].as_str()?))
+                    .collect(),
+            )
+        }))
+        .buffered(LIST_AT_ONCE)
+        .try_collect()
+        .await?;
+        listed += batch.len();
+        let past = |s: &SegRef| at.is_some_and(|at| s.t_ms.is_some_and(|t| t > at));
+        let done = found.iter().flatten().any(past);
+        segs.extend(found.into_iter().flatten());
+        if done {
+            break;
+        }
+    }
+    Ok((segs, listed))
+}
+
+/// The segment directories (first number, name) holding numbers after
+/// `reach`, in order.
+fn dirs_after(reach: u64, mut dirs: Vec<(u64, String)>) -> Vec<(u64, String)> {
+    dirs.retain(|(first, _)| first + line::SEGMENTS_PER_DIR > reach + 1);
+    dirs.sort();
+    dirs
 }
 
 /// Brings the base at `root/rel` to `at` (`None`: the newest state): the
@@ -683,6 +749,7 @@ fn caught_up(
             base_bytes,
             after_base,
             pruned: (crate::timepoint::now_ms(), seq),
+            sealed: false,
         })
     });
     let stock_hash = line
@@ -1151,6 +1218,35 @@ async fn check_databases(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A restore lists only the directories with numbers after where the
+    /// spans bring the base (`reach`).
+    #[test]
+    fn only_directories_after_the_spans_reach_are_listed() {
+        let dirs: Vec<(u64, String)> = [2u64, 0, 1]
+            .iter()
+            .map(|&d| (d * 256, line::segment_dir(d * 256)))
+            .collect();
+        for (reach, want) in [
+            (0, vec![0, 1, 2]),
+            (254, vec![0, 1, 2]),
+            // Segment 256, the next, is the second directory's first.
+            (255, vec![1, 2]),
+            (511, vec![2]),
+            (700, vec![2]),
+            (767, vec![]),
+            (5_000, vec![]),
+        ] {
+            let got: Vec<u64> = dirs_after(reach, dirs.clone())
+                .iter()
+                .map(|(first, name)| {
+                    assert_eq!(line::parse_segment_dir(name), Some(*first));
+                    first / 256
+                })
+                .collect();
+            assert_eq!(got, want, "reach {reach}");
+        }
+    }
 
     /// Segments read in windows merge in order, stop at the first that
     /// cannot be read (though the one beside it in its window could), and

@@ -252,7 +252,7 @@ impl Mount {
     /// lag reporter.
     pub fn start_workers(&mut self) {
         let paths = &self.session.paths;
-        let spec = BackupSpec::new(
+        let mut spec = BackupSpec::new(
             self.db_root.clone(),
             paths.snapshots.clone(),
             paths.rc_socket.clone(),
@@ -261,6 +261,7 @@ impl Mount {
             self.lag.clone(),
             self.session.fence.clone(),
         );
+        spec.continue_lines = self.session.continues_lines();
         self.backup = Some(backup::start(spec, std::mem::take(&mut self.restored)));
         self.tasks.push(tokio::spawn(queue::watch(
             paths.rc_socket.clone(),

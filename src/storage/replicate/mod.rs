@@ -571,6 +571,7 @@ impl Replicate {
             self.lag.clone(),
             self.session.fence.clone(),
         );
+        backup.continue_lines = self.session.continues_lines();
         // The state dir is the databases' only home: one deleted there is gone.
         backup.trash = Some(format!("{CRYPT_REMOTE}:{TRASH_DIR}"));
         self.backup = Some(backup::start(backup, databases));
