@@ -479,21 +479,41 @@ fn a_non_empty_bare_mountpoint_stops_the_boot_naming_the_files() {
     );
 }
 
-#[test]
-fn after_a_crash_the_dead_mount_is_replaced_and_cached_writes_are_uploaded() {
-    let tmp = tempfile::tempdir().unwrap();
-    let g = Garage::start(tmp.path());
-    let gw = script(tmp.path(), "writer.sh", WRITER);
-    let idle = script(tmp.path(), "idle.sh", "exec sleep 100000");
-    let dirs = Dirs::new(tmp.path(), "box");
-    let mut crashed = boot(&g, &dirs, gw.to_str().unwrap(), &[]);
+/// A crash of a box right after its gateway wrote [`WRITER`]'s tree, all
+/// of it still in rclone's write-back window: returns the tree it had
+/// written, and the box, whose cleanup on drop would detach its dead mount.
+fn crash_after_writes(
+    g: &Garage,
+    tmp: &Path,
+    dirs: &Dirs,
+) -> (BTreeMap<String, Vec<u8>>, Appliance) {
+    let gw = script(tmp, "writer.sh", WRITER);
+    let mut crashed = boot(g, dirs, gw.to_str().unwrap(), &[]);
     crashed.wait_ready(T);
     wait_until(T, "the gateway's writes", || {
         dirs.state.join(".done").exists()
     });
-    // Everything is still in rclone's write-back window when all dies at once.
     let written = tree(&dirs.state);
     crashed.kill_all();
+    (written, crashed)
+}
+
+/// A new container on the same bucket gets exactly `written`.
+fn a_new_container_gets(g: &Garage, tmp: &Path, idle: &Path, written: &BTreeMap<String, Vec<u8>>) {
+    let fresh = Dirs::new(tmp, "fresh");
+    let mut app = boot(g, &fresh, idle.to_str().unwrap(), &[]);
+    app.wait_ready(T);
+    same_tree(&tree(&fresh.state), written);
+    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+}
+
+#[test]
+fn after_a_crash_the_dead_mount_is_replaced_and_cached_writes_are_uploaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start(tmp.path());
+    let idle = script(tmp.path(), "idle.sh", "exec sleep 100000");
+    let dirs = Dirs::new(tmp.path(), "box");
+    let (written, _crashed) = crash_after_writes(&g, tmp.path(), &dirs);
     let dead = fs::metadata(&dirs.state).unwrap_err();
     assert!(
         cvm_init::storage::mount::is_dead_mount_error(&dead),
@@ -511,12 +531,7 @@ fn after_a_crash_the_dead_mount_is_replaced_and_cached_writes_are_uploaded() {
         app.log_text()
     );
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
-
-    let fresh = Dirs::new(tmp.path(), "fresh");
-    let mut app = boot(&g, &fresh, idle.to_str().unwrap(), &[]);
-    app.wait_ready(T);
-    same_tree(&tree(&fresh.state), &written);
-    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    a_new_container_gets(&g, tmp.path(), &idle, &written);
 }
 
 /// rclone rewrites a cached file's record in place at every close (a
@@ -528,16 +543,9 @@ fn after_a_crash_the_dead_mount_is_replaced_and_cached_writes_are_uploaded() {
 fn cache_records_a_crash_broke_lose_no_file() {
     let tmp = tempfile::tempdir().unwrap();
     let g = Garage::start(tmp.path());
-    let gw = script(tmp.path(), "writer.sh", WRITER);
     let idle = script(tmp.path(), "idle.sh", "exec sleep 100000");
     let dirs = Dirs::new(tmp.path(), "box");
-    let mut crashed = boot(&g, &dirs, gw.to_str().unwrap(), &[]);
-    crashed.wait_ready(T);
-    wait_until(T, "the gateway's writes", || {
-        dirs.state.join(".done").exists()
-    });
-    let written = tree(&dirs.state);
-    crashed.kill_all();
+    let (written, _crashed) = crash_after_writes(&g, tmp.path(), &dirs);
 
     let record = |p: &str| dirs.local.join("rclone-cache/vfsMeta/s3-crypt").join(p);
     // Killed between the truncate and the write of a record.
@@ -567,12 +575,7 @@ fn cache_records_a_crash_broke_lose_no_file() {
         );
     }
     assert_eq!(app.stop(T), 0, "{}", app.log_text());
-
-    let fresh = Dirs::new(tmp.path(), "fresh");
-    let mut app = boot(&g, &fresh, idle.to_str().unwrap(), &[]);
-    app.wait_ready(T);
-    same_tree(&tree(&fresh.state), &written);
-    assert_eq!(app.stop(T), 0, "{}", app.log_text());
+    a_new_container_gets(&g, tmp.path(), &idle, &written);
 }
 
 #[test]
