@@ -163,9 +163,10 @@ impl Session {
     /// none held it). After a crash or a takeover, an upload of the old
     /// holder's may still land (S3 can finish a request whose sender is
     /// gone) under a segment number the new holder gives out, so each line
-    /// goes on in a new generation from a new base instead: a generation has
-    /// one writer, and a restore need not list every segment to find a
-    /// number written twice (`sqlite::restore::list_generation`).
+    /// is sealed and goes on in a new generation, from a base taken at its
+    /// first change (`sqlite::backup::Line::sealed`): a generation has one
+    /// writer, and a restore need not list every segment to find a number
+    /// written twice (`sqlite::restore::list_generation`).
     pub fn continues_lines(&self) -> bool {
         matches!(self.taken, Some(lease::Why::Free | lease::Why::Released))
     }
