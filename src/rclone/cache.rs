@@ -47,12 +47,11 @@ fn decide(record: Record, complete: bool) -> Option<Mend> {
     }
 }
 
-/// One data file mended: its path in the state dir and what was done.
+/// One data file mended: its path in the state dir, and where it went if
+/// it was rescued ([`Mend::Rescue`]) rather than marked for upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mended {
     pub path: PathBuf,
-    pub mend: Mend,
-    /// Where a rescued file went.
     pub rescued: Option<PathBuf>,
 }
 
@@ -97,11 +96,7 @@ pub fn mend(cache_dir: &Path, rescue_dir: &Path) -> Result<Vec<Mended>, (PathBuf
                 }
                 Mend::Rescue => Some(rescue(&data, &meta, &rescue_dir.join(&path))?),
             };
-            mended.push(Mended {
-                path,
-                mend,
-                rescued,
-            });
+            mended.push(Mended { path, rescued });
         }
     }
     Ok(mended)
@@ -250,18 +245,18 @@ mod tests {
 
         let mut got = mend(&root, &rescue_dir).unwrap();
         got.sort_by(|a, b| a.path.cmp(&b.path));
-        let summary: Vec<_> = got
+        let rescued: Vec<_> = got
             .iter()
-            .map(|m| (m.path.to_str().unwrap(), m.mend))
+            .map(|m| (m.path.to_str().unwrap(), m.rescued.is_some()))
             .collect();
         assert_eq!(
-            summary,
+            rescued,
             [
-                ("big/partial.bin", Mend::Rescue),
-                ("empty", Mend::Upload),
-                ("notes/cut.md", Mend::Upload),
-                ("notes/empty-record.md", Mend::Upload),
-                ("renamed.json", Mend::Upload),
+                ("big/partial.bin", true),
+                ("empty", false),
+                ("notes/cut.md", false),
+                ("notes/empty-record.md", false),
+                ("renamed.json", false),
             ]
         );
 

@@ -296,6 +296,20 @@ pub async fn list(socket: &Path, rel: &Path) -> Result<Vec<(String, u64)>, rc::R
         .collect())
 }
 
+/// The entries of one directory of the crypt remote (a path from its
+/// root), not below it: name, and whether a directory.
+pub async fn entries(socket: &Path, remote: &str) -> Result<Vec<(String, bool)>, rc::RcError> {
+    let listed = rc::list(
+        socket,
+        &json!({ "fs": root(), "remote": remote, "opt": { "noModTime": true, "noMimeType": true } }),
+    )
+    .await?;
+    Ok(listed
+        .iter()
+        .filter_map(|i| Some((i["Name"].as_str()?.to_owned(), i["IsDir"].as_bool()?)))
+        .collect())
+}
+
 /// Every database that has a line: the paths below `.cvm/wal/` that hold a
 /// manifest. Walked a level at a time, never into a line's generations and
 /// bases: a recursive listing would read every segment name (thousands
@@ -308,18 +322,7 @@ pub async fn with_manifests(socket: &Path) -> Result<Vec<PathBuf>, rc::RcError> 
         } else {
             format!("{wal}/{}", rel.to_string_lossy())
         };
-        async move {
-            let listed = rc::list(
-                socket,
-                &json!({ "fs": root(), "remote": remote, "opt": { "noModTime": true, "noMimeType": true } }),
-            )
-            .await?;
-            let entries: Vec<(String, bool)> = listed
-                .iter()
-                .filter_map(|i| Some((i["Name"].as_str()?.to_owned(), i["IsDir"].as_bool()?)))
-                .collect();
-            Ok::<_, rc::RcError>((rel, entries))
-        }
+        async move { Ok::<_, rc::RcError>((rel, entries(socket, &remote).await?)) }
     };
     let (mut found, mut level) = (Vec::new(), vec![PathBuf::new()]);
     while !level.is_empty() {

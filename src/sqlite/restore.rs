@@ -538,25 +538,12 @@ async fn list_generation(
     at: Option<u64>,
     skip: &[String],
 ) -> Result<(Vec<SegRef>, usize), rc::RcError> {
-    let list = |remote: String| async move {
-        rc::list(
-            socket,
-            &serde_json::json!({
-                "fs": line::root(), "remote": remote,
-                "opt": { "noModTime": true, "noMimeType": true },
-            }),
-        )
-        .await
-    };
     let (mut segs, mut dirs) = (Vec::new(), Vec::new());
-    for item in list(gen_dir.to_owned()).await? {
-        let (Some(name), Some(is_dir)) = (item["Name"].as_str(), item["IsDir"].as_bool()) else {
-            continue;
-        };
+    for (name, is_dir) in line::entries(socket, gen_dir).await? {
         if !is_dir {
-            segs.extend(line::parse_segment(name).filter(|s| !skip.contains(&s.name)));
-        } else if let Some(first) = line::parse_segment_dir(name) {
-            dirs.push((first, name.to_owned()));
+            segs.extend(line::parse_segment(&name).filter(|s| !skip.contains(&s.name)));
+        } else if let Some(first) = line::parse_segment_dir(&name) {
+            dirs.push((first, name));
         }
     }
     let reach = history::segments_to(base, &segs, at)
@@ -567,11 +554,11 @@ async fn list_generation(
     let mut listed = 0;
     for batch in dirs.chunks(LIST_AT_ONCE) {
         let found: Vec<Vec<SegRef>> = stream::iter(batch.iter().map(|(_, dir)| async move {
-            let items = list(format!("{gen_dir}/{dir}")).await?;
+            let items = line::entries(socket, &format!("{gen_dir}/{dir}")).await?;
             Ok::<_, rc::RcError>(
                 items
                     .iter()
-                    .filter_map(|i| line::parse_in_dir(dir, i["Name"].as_str()?))
+                    .filter_map(|(name, _)| line::parse_in_dir(dir, name))
                     .collect(),
             )
         }))
