@@ -160,7 +160,6 @@ pub async fn restore_databases_at(
             read_ahead(socket, &before, &ahead_dir, at).await?,
         ),
     };
-    drop(writeback);
     tracing::debug!(took = ?started.elapsed(), "sqlite: bases and segments downloaded");
     let mut out = Restored::default();
     // A moment's base is often an older one, and a new database's first
@@ -248,6 +247,9 @@ pub async fn restore_databases_at(
         }
         kept.push(rel.clone());
     }
+    // Until here: the pages segments write onto a base go out to disk
+    // while the next are decoded, not all in the check's sync.
+    drop(writeback);
     let _ = fs::remove_dir_all(&ahead_dir);
     let checked = check_databases(root, &kept, &hashed).await?;
     tracing::info!(databases = out.dbs.len() + checked.len(), took = ?started.elapsed(), "sqlite: restore done");
@@ -922,10 +924,11 @@ async fn hash(path: &Path) -> Result<([u8; 32], u64), SqliteError> {
 }
 
 /// Writes what the downloads put under a restore's root out to disk while
-/// they run, every [`WRITEBACK_EVERY`]: a restored database must be on
-/// disk before the restore counts as done, and a base of hundreds of MB
-/// written out only once it is downloaded made a restore wait for its
-/// disk (0.25 s for 280 MB here). Stops when dropped.
+/// they run, and what segments write onto the bases after, every
+/// [`WRITEBACK_EVERY`]: a restored database must be on disk before the
+/// restore counts as done, and a base of hundreds of MB written out only
+/// once it is downloaded made a restore wait for its disk (0.25 s for 280
+/// MB here). Stops when dropped.
 struct WriteBack {
     _stop: std::sync::mpsc::Sender<()>,
 }

@@ -1,8 +1,13 @@
 //! A segment: the pages a run of commits changed, as one object. The
-//! plaintext (before the crypt remote encrypts it) is zstd-compressed and
-//! ends with its length and SHA-256: crypt authenticates each of its blocks,
-//! not a truncation at a block boundary, and a segment cut short must never
-//! be applied.
+//! plaintext (before the crypt remote encrypts it) is one zstd frame with
+//! its content checksum, then the plaintext's length and a magic: crypt
+//! authenticates each of its blocks, not a truncation at a block boundary,
+//! and a segment cut short must never be applied. The frame's checksum
+//! (XXH64, checked by zstd as it decodes) catches damage crypt cannot see,
+//! as a bug of ours would cause. Segments before stop 17 (`CVMSEG1`) end
+//! with the length and a SHA-256 of the plaintext instead, and are still
+//! read: hashing took half of a restore's decoding (73 of 150 ms for 110
+//! MB of spans here), the frame's checksum a tenth of that.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -12,8 +17,15 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-const MAGIC: &[u8; 8] = b"CVMSEG1\n";
-const TRAILER_LEN: usize = 8 + 32;
+const MAGIC: &[u8; 8] = b"CVMSEG2\n";
+/// After the frame: the plaintext's length (a u64), then [`MAGIC`].
+const LEN_BYTES: usize = 8;
+const MAGIC_V1: &[u8; 8] = b"CVMSEG1\n";
+/// A `CVMSEG1` segment's trailer: the plaintext's length, then its SHA-256.
+const TRAILER_LEN_V1: usize = 8 + 32;
+/// A zstd frame header's descriptor bit saying the frame ends with a
+/// checksum of its content (RFC 8878, 3.1.1.1.1).
+const FRAME_CHECKSUM: u8 = 0x04;
 /// The most bytes of consecutive pages [`Segment::apply`] writes at once.
 const RUN_BYTES: usize = 1 << 20;
 /// zstd's default level: fast, and page images compress well.
@@ -39,8 +51,20 @@ pub enum SegmentError {
 
 impl Segment {
     pub fn encode(&self) -> io::Result<Vec<u8>> {
+        let plain = self.plain(MAGIC);
+        let mut z = zstd::stream::Encoder::new(Vec::new(), LEVEL)?;
+        z.include_checksum(true)?;
+        z.write_all(&plain)?;
+        let mut out = z.finish()?;
+        out.write_all(&(plain.len() as u64).to_be_bytes())?;
+        out.write_all(MAGIC)?;
+        Ok(out)
+    }
+
+    /// The plaintext: `magic`, the sizes, then each page after its number.
+    fn plain(&self, magic: &[u8; 8]) -> Vec<u8> {
         let mut plain = Vec::with_capacity(20 + self.pages.len() * (4 + self.page_size as usize));
-        plain.extend_from_slice(MAGIC);
+        plain.extend_from_slice(magic);
         for n in [self.page_size, self.db_pages, self.pages.len() as u32] {
             plain.extend_from_slice(&n.to_be_bytes());
         }
@@ -48,18 +72,29 @@ impl Segment {
             plain.extend_from_slice(&pgno.to_be_bytes());
             plain.extend_from_slice(page);
         }
-        let mut out = zstd::encode_all(plain.as_slice(), LEVEL)?;
-        out.write_all(&(plain.len() as u64).to_be_bytes())?;
-        out.write_all(&Sha256::digest(&plain))?;
-        Ok(out)
+        plain
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Segment, SegmentError> {
-        if bytes.len() < TRAILER_LEN {
+        let (plain, magic) = match bytes.strip_suffix(MAGIC) {
+            Some(rest) => (Self::unframe(rest, LEN_BYTES, true)?, MAGIC),
+            None => (Self::unframe_v1(bytes)?, MAGIC_V1),
+        };
+        Self::parse(&plain, magic)
+    }
+
+    /// The plaintext of a frame followed by its length (`trailer` bytes
+    /// counted from the length on), with the frame's checksum when
+    /// `checksummed` says it must have one.
+    fn unframe(bytes: &[u8], trailer: usize, checksummed: bool) -> Result<Vec<u8>, SegmentError> {
+        if bytes.len() < trailer {
             return Err(SegmentError::Format);
         }
-        let (body, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
-        let len = u64::from_be_bytes(trailer[..8].try_into().expect("8 bytes"));
+        let (body, rest) = bytes.split_at(bytes.len() - trailer);
+        if checksummed && body.get(4).is_none_or(|fhd| fhd & FRAME_CHECKSUM == 0) {
+            return Err(SegmentError::Format);
+        }
+        let len = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
         // Sized from the trailer, not grown while decoding: a restore
         // decodes a database's worth of them. Bounded, as the trailer is not
         // checked yet.
@@ -68,14 +103,24 @@ impl Segment {
                 .unwrap_or(usize::MAX)
                 .min(body.len().saturating_mul(4) + (1 << 16)),
         );
+        // A checksum that does not match is an error here too.
         zstd::stream::copy_decode(body, &mut plain).map_err(|_| SegmentError::Format)?;
         if plain.len() as u64 != len {
             return Err(SegmentError::Format);
         }
-        if Sha256::digest(&plain).as_slice() != &trailer[8..] {
+        Ok(plain)
+    }
+
+    fn unframe_v1(bytes: &[u8]) -> Result<Vec<u8>, SegmentError> {
+        let plain = Self::unframe(bytes, TRAILER_LEN_V1, false)?;
+        if Sha256::digest(&plain).as_slice() != &bytes[bytes.len() - 32..] {
             return Err(SegmentError::Checksum);
         }
-        let rest = plain.strip_prefix(MAGIC).ok_or(SegmentError::Format)?;
+        Ok(plain)
+    }
+
+    fn parse(plain: &[u8], magic: &[u8; 8]) -> Result<Segment, SegmentError> {
+        let rest = plain.strip_prefix(magic).ok_or(SegmentError::Format)?;
         let word = |b: &[u8], i: usize| -> Result<u32, SegmentError> {
             let w = b.get(i * 4..i * 4 + 4).ok_or(SegmentError::Format)?;
             Ok(u32::from_be_bytes(w.try_into().expect("4 bytes")))
@@ -168,8 +213,47 @@ mod tests {
     fn round_trips_and_refuses_a_cut_or_altered_object() {
         let bytes = seg().encode().unwrap();
         assert_eq!(Segment::decode(&bytes).unwrap(), seg());
-        assert!(Segment::decode(&bytes[..bytes.len() - 1]).is_err());
+        for cut in [1, 8, 16, 17, bytes.len() - 1] {
+            assert!(
+                Segment::decode(&bytes[..bytes.len() - cut]).is_err(),
+                "cut {cut}"
+            );
+        }
         assert!(Segment::decode(&bytes[1..]).is_err());
+        // A bit of the frame's header that does not change its content
+        // (its window size) may go unseen; nothing else may.
+        for at in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[at] ^= 1;
+            if let Ok(got) = Segment::decode(&bad) {
+                assert_eq!(got, seg(), "byte {at} altered");
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_without_its_checksum_is_refused() {
+        let plain = seg().plain(MAGIC);
+        let mut bytes = zstd::encode_all(plain.as_slice(), LEVEL).unwrap();
+        bytes.extend_from_slice(&(plain.len() as u64).to_be_bytes());
+        bytes.extend_from_slice(MAGIC);
+        assert!(matches!(Segment::decode(&bytes), Err(SegmentError::Format)));
+    }
+
+    /// A segment as cvm-init wrote them before stop 17.
+    fn encode_v1(s: &Segment) -> Vec<u8> {
+        let plain = s.plain(MAGIC_V1);
+        let mut out = zstd::encode_all(plain.as_slice(), LEVEL).unwrap();
+        out.extend_from_slice(&(plain.len() as u64).to_be_bytes());
+        out.extend_from_slice(&Sha256::digest(&plain));
+        out
+    }
+
+    #[test]
+    fn reads_the_segments_an_older_cvm_init_wrote() {
+        let bytes = encode_v1(&seg());
+        assert_eq!(Segment::decode(&bytes).unwrap(), seg());
+        assert!(Segment::decode(&bytes[..bytes.len() - 1]).is_err());
         let mut bad = bytes.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
