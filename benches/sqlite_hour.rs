@@ -10,7 +10,10 @@
 //! Results: bench/sqlite-hour.md.
 //!
 //! Run with `./scripts/bench sqlite-hour` (~62 min; `BENCH_LOAD_SECS`
-//! shortens it).
+//! shortens it). `BENCH_KEEP=1` leaves cvm-init's Garage running and its
+//! directory in place at the end, with `restore.env` beside it, so that
+//! `env $(cat …/restore.env) cvm-init restore --to DIR` can be timed again
+//! and again on that hour's bucket (stop the Garage with `kill`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -25,8 +28,8 @@ use std::time::{Duration, Instant};
 use common::load::{commits, inspect, DB, WRITER};
 use common::{rclone, script, stock_config, wait_until, Appliance, Dirs, Garage, PASSWORD};
 use support::{
-    litestream_bin, litestream_cmd, litestream_config, print_restore_log, restore_log_level,
-    restore_took, secs, stock_download_secs, write_report,
+    litestream_bin, litestream_cmd, litestream_config, log_took, print_restore_log,
+    restore_log_level, restore_took, secs, stats, stock_download_secs, write_report,
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -200,6 +203,8 @@ fn main() {
     let restored_bytes = fs::metadata(after.state.join(DB)).unwrap().len();
     assert_eq!(restored.stop(T), 0, "{}", restored.log_text());
     let stock_secs = stock_download_secs(&g, &ours, restored_bytes);
+    let (again, stock_again) = restore_runs(&g, &ours, restored_bytes);
+    let (r_med, s_med) = (stats(&again).1, stats(&stock_again).1);
 
     let mut md = String::new();
     let _ = writeln!(md, "# The bucket after an hour of the SQLite load\n");
@@ -235,19 +240,94 @@ fn main() {
     );
     let _ = writeln!(
         md,
+        "\nThe same restore {RUNS} times more with `cvm-init restore --to`, each beside stock rclone's \
+         download (one run varies by a third here, so they alternate): median {r_med:.2} s (runs: {}) \
+         against stock rclone's {s_med:.2} s (runs: {}): **{:.2}×**. The restore's time is its log's \
+         (`sqlite: restore done`, from the listing of the lines to the database checked and synced); \
+         stock rclone's is the whole command's, its start included.",
+        list(&again),
+        list(&stock_again),
+        r_med / s_med.max(0.01)
+    );
+    let _ = writeln!(
+        md,
         "\nHow retention bounds it (docs/durability.md, SQLite history): every restore point of the last 65 \
          minutes is kept (the newest base at or before that window's start with the spans and segments that \
          bring it there, every base after it, every span and segment after those), then one point per UTC \
          hour for `CVM_HISTORY_DAYS` (7), kept as its base and the spans that reach it; the newest base \
          always. Within the first hour nothing is old enough to go, so this table is the whole first hour. \
-         A new base comes once the spans after the last weigh half of it (or after \
-         `CVM_SQLITE_BASE_MAX_AGE`, 24 h); the prune runs after each base and hourly while the line changes, \
-         and deletes the segments under a kept span once they leave the 65 minutes. So the bucket holds \
-         about 65 minutes to 2 hours of segments (here {}/h written in all), the spans since the oldest \
-         base a kept point needs, and those bases: bases and spans grow it by about three times what \
-         changed, up to the 7-day horizon. A kept base and the stock base are one server-side copy: listed \
-         twice, stored once on Garage.",
+         A new base comes once a restore would read 1.5 times the database as it is now (the base, then \
+         the spans and segments after it), or after 128 spans, or after `CVM_SQLITE_BASE_MAX_AGE` (24 h); \
+         the prune runs after each base and hourly while the line changes, and deletes the segments under \
+         a kept span once they leave the 65 minutes. So the bucket holds about 65 minutes to 2 hours of \
+         segments (here {}/h written in all), the spans since the oldest base a kept point needs, and \
+         those bases, up to the 7-day horizon. A database rewritten in place takes a base per half a \
+         database of changes, so bases and spans grow the bucket by about three times what changed; one \
+         that appends, as this one does, keeps its base for 128 spans (about 2.3 hours of saves a second) \
+         or a day, so its spans hold each change about once. A kept base and the stock base are one \
+         server-side copy: listed twice, stored once on Garage.",
         mib((written as f64 * 3600.0 / load.as_secs_f64()) as u64)
     );
     write_report("sqlite-hour", &md);
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        keep(tmp, g, &ours);
+    }
+}
+
+/// More restores of the bucket after the hour, alternating with stock
+/// rclone's download.
+const RUNS: usize = 5;
+
+fn list(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// [`RUNS`] restores of `g`'s bucket by `cvm-init restore`, each followed
+/// by stock rclone downloading an object of `size` bytes: (the restores'
+/// own times, stock rclone's).
+fn restore_runs(g: &Garage, ours: &Path, size: u64) -> (Vec<f64>, Vec<f64>) {
+    let (mut restores, mut stock) = (Vec::new(), Vec::new());
+    for i in 0..RUNS {
+        let to = ours.join(format!("again-{i}"));
+        let out = Command::new(common::BIN)
+            .args(["restore", "--to", to.to_str().unwrap()])
+            .envs(g.s3_env())
+            .env("RCLONE_CRYPT_PASSWORD", PASSWORD)
+            .env("RCLONE_BIN", common::rclone_bin())
+            .env("CVM_LOG", "info")
+            // Stock rclone's test object, not state.
+            .env("CVM_EXCLUDE", "/stock/**")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "cvm-init restore: {log}");
+        restores.push(log_took(&log, "sqlite: restore done").expect("the restore logs its time"));
+        let _ = fs::remove_dir_all(&to);
+        stock.push(stock_download_secs(g, ours, size));
+    }
+    (restores, stock)
+}
+
+/// Leaves the bucket to time restores on: the directory stays and cvm-init's
+/// Garage keeps serving it (its `Drop` would stop it).
+fn keep(tmp: tempfile::TempDir, g: Garage, ours: &Path) {
+    let mut env = g.s3_env();
+    env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
+    env.push((
+        "RCLONE_BIN".into(),
+        common::rclone_bin().display().to_string(),
+    ));
+    let file = ours.join("restore.env");
+    let lines: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    fs::write(&file, lines).unwrap();
+    eprintln!(
+        "bench: kept {} and Garage (pid {:?}); time a restore with: env $(cat {}) cvm-init restore --to DIR",
+        tmp.keep().display(),
+        g.detach(),
+        file.display()
+    );
 }

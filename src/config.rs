@@ -63,8 +63,9 @@ pub const DEFAULT_RUN_DIR: &str = "/run/cvm-init";
 /// 2 s doubles that and cuts snapshot bytes about 3x. Durability first: 1 s.
 pub const DEFAULT_BACKUP_DEBOUNCE: Duration = Duration::from_secs(1);
 /// The stock copy's bound: a changed database's whole copy is at most this
-/// old. Bases are otherwise taken when a restore would read half a base
-/// after one (`sqlite::backup`), so a shorter bound only costs whole copies.
+/// old. Bases are otherwise taken when a restore would read 1.5 times the
+/// database (`sqlite::backup::base_due`), so a shorter bound only costs
+/// whole copies.
 pub const DEFAULT_BASE_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_GATEWAY_CMD: &str = "openclaw gateway run --bind lan --port 18789";
 

@@ -41,11 +41,20 @@ const RESCAN: Duration = Duration::from_secs(1);
 /// waits for the next save.
 const PENDING_MAX: usize = 8 << 20;
 /// A restore reads the base, then the spans and segments after it: a new
-/// base is taken once those weigh the base divided by this (and at least
-/// `AFTER_BASE_MIN`), so a restore reads at most about 1.5 times the
-/// database, however big, and a base costs what the changes since it did.
-const AFTER_BASE_DIVISOR: u64 = 2;
+/// base is taken once it would read half as much again as the database,
+/// or once what follows the base alone weighs a tenth more than the
+/// database (and at least `AFTER_BASE_MIN` after the base), so a restore
+/// reads at most about 1.5 times the database, however big, and a base
+/// costs what the changes since it did. Spans are read more slowly than a
+/// base, which is one download: they are decoded, and written over the
+/// base. A database that grows by appending reads about its own size from
+/// its base and what follows, and needs no base for that; one rewritten in
+/// place needs one after half a base of changes.
 const AFTER_BASE_MIN: u64 = 16 << 20;
+/// Spans a restore reads after the base at most: past them a new base is
+/// taken, so an appending database's restore downloads a bounded number of
+/// objects (128 spans of 64 segments: about 2.3 hours of a save a second).
+const MOST_SPANS: u64 = 128;
 /// How often a line whose database changed is pruned between bases.
 const PRUNE_EVERY_MS: u64 = crate::sqlite::history::HOUR_MS;
 /// Segments waiting for upload, below the scratch dir.
@@ -328,15 +337,29 @@ fn changed_at(db: &Path) -> Instant {
         .unwrap_or(now)
 }
 
-/// Whether `line` takes a new base now: once what a restore reads after
-/// the base weighs a [`AFTER_BASE_DIVISOR`]th of it, or once the base is
-/// `max_age` old (the stock copy's bound) and the database changed since;
-/// a packed base (no stock copy) once it is `max_age` old, changed or not.
-fn base_due(line: &Line, now_ms: u64, max_age: Duration) -> bool {
+/// How big a database is now and how many segments a span merges: what
+/// [`base_due`] weighs a restore against.
+#[derive(Clone, Copy)]
+struct Reads {
+    db_bytes: u64,
+    span_segments: u64,
+}
+
+/// Whether `line` takes a new base now: once a restore of its newest point
+/// would read 1.5 times the database, or 1.1 times it after the base (see
+/// [`AFTER_BASE_MIN`]), or more than [`MOST_SPANS`] spans, or once the
+/// base is `max_age` old (the stock
+/// copy's bound), the database changed since each time; a packed base (no
+/// stock copy) once it is `max_age` old, changed or not.
+fn base_due(line: &Line, reads: Reads, now_ms: u64, max_age: Duration) -> bool {
     let age = Duration::from_millis(now_ms.saturating_sub(line.base.taken_ms()));
-    let changed = line.seq > line.base.after;
-    let heavy = line.after_base >= (line.base_bytes / AFTER_BASE_DIVISOR).max(AFTER_BASE_MIN);
-    (line.base.packed && age >= max_age) || (changed && (age >= max_age || heavy))
+    let segments = line.seq.saturating_sub(line.base.after);
+    let size = reads.db_bytes.max(line.base_bytes);
+    let heavy = line.after_base >= AFTER_BASE_MIN
+        && (line.base_bytes + line.after_base >= size / 2 * 3
+            || line.after_base >= size + size / 10);
+    let many = segments >= MOST_SPANS * reads.span_segments;
+    (line.base.packed && age >= max_age) || (segments > 0 && (age >= max_age || heavy || many))
 }
 
 /// Whether retention runs on `line` now: an hour after it last did, and
@@ -626,6 +649,11 @@ impl Engine {
     async fn stock_bases(&mut self) {
         let (now_ms, now) = (timepoint::now_ms(), Instant::now());
         let max_age = self.spec.base_max_age;
+        // Only a packed base's age counts here: an idle line reads nothing more.
+        let reads = Reads {
+            db_bytes: 0,
+            span_segments: self.spec.span_segments as u64,
+        };
         let due: Vec<PathBuf> = self
             .dbs
             .iter()
@@ -635,9 +663,9 @@ impl Engine {
                 st.retry_at.is_none_or(|t| now >= t)
                     && st.follow.as_ref().is_some_and(|f| {
                         ready(f)
-                            && f.line
-                                .as_ref()
-                                .is_some_and(|l| l.base.packed && base_due(l, now_ms, max_age))
+                            && f.line.as_ref().is_some_and(|l| {
+                                l.base.packed && base_due(l, reads, now_ms, max_age)
+                            })
                     })
             })
             .map(|(rel, _)| rel.clone())
@@ -803,7 +831,13 @@ impl Engine {
         };
         let r = match f.line.as_ref() {
             Some(line) if !stopping => {
-                if base_due(line, timepoint::now_ms(), self.spec.base_max_age) {
+                let reads = Reads {
+                    // The main file: a WAL database's may lag its WAL, which
+                    // only makes the base come sooner.
+                    db_bytes: std::fs::metadata(self.spec.root.join(&s.rel)).map_or(0, |m| m.len()),
+                    span_segments: self.spec.span_segments as u64,
+                };
+                if base_due(line, reads, timepoint::now_ms(), self.spec.base_max_age) {
                     self.new_base(&s.rel, &mut f, Some(s.before)).await
                 } else {
                     Ok(())
@@ -1392,7 +1426,7 @@ mod tests {
     }
 
     #[test]
-    fn a_base_is_due_when_what_follows_it_weighs_half_of_it_or_it_is_old_and_changed() {
+    fn a_base_is_due_when_a_restore_would_read_half_as_much_again_or_it_is_old_and_changed() {
         let min = 60_000;
         let day = Duration::from_secs(86_400);
         for (l, now, due, why) in [
@@ -1463,7 +1497,64 @@ mod tests {
                 "packed, a day old, changed",
             ),
         ] {
-            assert_eq!(base_due(&l, now, day), due, "{why}");
+            // A database rewritten in place: as big as its base.
+            let reads = Reads {
+                db_bytes: l.base_bytes,
+                span_segments: 64,
+            };
+            assert_eq!(base_due(&l, reads, now, day), due, "{why}");
+        }
+        // A database that grows by appending: its base and what follows
+        // read about its size.
+        let grown = |db_bytes| Reads {
+            db_bytes,
+            span_segments: 64,
+        };
+        for (l, reads, due, why) in [
+            (
+                line(0, 5, false, 200 * MIB, 300 * MIB),
+                grown(500 * MIB),
+                false,
+                "appended 300 MiB onto 200: a restore reads the database's size",
+            ),
+            (
+                line(0, 5, false, 200 * MIB, 550 * MIB),
+                grown(500 * MIB),
+                true,
+                "what follows rewrote much of it: 1.5 times the database",
+            ),
+            (
+                line(0, 5, false, 200 * MIB, 300 * MIB),
+                grown(100 * MIB),
+                true,
+                "the database shrank (a VACUUM): weighed against the base",
+            ),
+            (
+                line(0, 5, false, MIB, 549 * MIB),
+                grown(500 * MIB),
+                false,
+                "a tiny first base, then appends and some rewrites",
+            ),
+            (
+                line(0, 5, false, MIB, 550 * MIB),
+                grown(500 * MIB),
+                true,
+                "a tiny first base, then a tenth more than the database: spans are slower to restore than a base",
+            ),
+            (
+                line(0, 128 * 64 - 1, false, 200 * MIB, 300 * MIB),
+                grown(500 * MIB),
+                false,
+                "just under 128 spans",
+            ),
+            (
+                line(0, 128 * 64, false, 200 * MIB, 300 * MIB),
+                grown(500 * MIB),
+                true,
+                "128 spans: a restore's downloads are bounded",
+            ),
+        ] {
+            assert_eq!(base_due(&l, reads, T0 + min, day), due, "{why}");
         }
     }
 

@@ -301,6 +301,12 @@ impl Garage {
         }
     }
 
+    /// Leaves the server running past this handle (a bench's bucket kept
+    /// to work on by hand); returns its pid.
+    pub fn detach(mut self) -> Option<u32> {
+        self.server.take().map(|c| c.id())
+    }
+
     /// Restarts on the same ports (clients keep their endpoint).
     pub fn restart(&mut self) {
         self.stop();
