@@ -294,9 +294,7 @@ fn restore_runs(g: &Garage, ours: &Path, size: u64) -> (Vec<f64>, Vec<f64>) {
         let to = ours.join(format!("again-{i}"));
         let out = Command::new(common::BIN)
             .args(["restore", "--to", to.to_str().unwrap()])
-            .envs(g.s3_env())
-            .env("RCLONE_CRYPT_PASSWORD", PASSWORD)
-            .env("RCLONE_BIN", common::rclone_bin())
+            .envs(restore_env(g))
             .env("CVM_LOG", "info")
             // Stock rclone's test object, not state.
             .env("CVM_EXCLUDE", "/stock/**")
@@ -312,17 +310,25 @@ fn restore_runs(g: &Garage, ours: &Path, size: u64) -> (Vec<f64>, Vec<f64>) {
     (restores, stock)
 }
 
-/// Leaves the bucket to time restores on: the directory stays and cvm-init's
-/// Garage keeps serving it (its `Drop` would stop it).
-fn keep(tmp: tempfile::TempDir, g: Garage, ours: &Path) {
+/// What `cvm-init restore` needs to read `g`'s bucket.
+fn restore_env(g: &Garage) -> Vec<(String, String)> {
     let mut env = g.s3_env();
     env.push(("RCLONE_CRYPT_PASSWORD".into(), PASSWORD.into()));
     env.push((
         "RCLONE_BIN".into(),
         common::rclone_bin().display().to_string(),
     ));
+    env
+}
+
+/// Leaves the bucket to time restores on: the directory stays and cvm-init's
+/// Garage keeps serving it (its `Drop` would stop it).
+fn keep(tmp: tempfile::TempDir, g: Garage, ours: &Path) {
     let file = ours.join("restore.env");
-    let lines: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    let lines: String = restore_env(&g)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}\n"))
+        .collect();
     fs::write(&file, lines).unwrap();
     eprintln!(
         "bench: kept {} and Garage (pid {:?}); time a restore with: env $(cat {}) cvm-init restore --to DIR",
